@@ -1,0 +1,123 @@
+"""Benchmarks: ``drift-policy bench train`` and ``drift-policy bench latency``.
+
+bench train: trains several policies with the same training-time budget on the same machine, at the same time
+(one thread each), evaluates each on the 50 test seeds at fixed training-time intervals, and writes a table
+(Markdown + JSON) and a plot of coverage score against training time into eval/results/.
+
+    drift-policy bench train minutes=30 eval_every=3 policies=drift_unet,diffusion_unet [out=eval/results]
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .paths import REPO_ROOT
+
+
+def _kv(args, allowed):
+    from .cli import _kv as kv
+
+    return kv(args, allowed)
+
+
+def summarize_run(run_dir: Path) -> dict:
+    evals = sorted((run_dir / "eval").glob("step_*.json"))
+    rows = [json.loads(p.read_text()) for p in evals]
+    rows = [{"step": r["step"], "train_minutes": r["train_minutes"], "coverage_score": r["coverage_score"],
+             "success_rate": r["success_rate"]} for r in rows]
+    last = rows[-10:]
+    cfg = json.loads((run_dir / "config.json").read_text())
+    return {
+        "run_dir": str(run_dir),
+        "policy": cfg["policy"],
+        "evals": rows,
+        "max_coverage": max((r["coverage_score"] for r in rows), default=float("nan")),
+        "max_success": max((r["success_rate"] for r in rows), default=float("nan")),
+        "last10_coverage": sum(r["coverage_score"] for r in last) / max(1, len(last)),
+        "last10_success": sum(r["success_rate"] for r in last) / max(1, len(last)),
+        "n_last": len(last),
+        "final_step": rows[-1]["step"] if rows else 0,
+    }
+
+
+def write_report(summaries: dict[str, dict], out: Path, meta: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_train.json").write_text(json.dumps({"meta": meta, "runs": summaries}, indent=2))
+    lines = [f"Push-T keypoints, {meta['minutes']} training minutes per policy, {meta['machine']}; "
+             f"50 test seeds ({meta['start_seed']}..{meta['start_seed'] + 49}), evaluated every "
+             f"{meta['eval_every']} training minutes.", "",
+             "| policy | NFE | steps | coverage max | coverage mean last-k (k) | success max | success mean last-k |",
+             "|---|---|---|---|---|---|---|"]
+    for name, s in summaries.items():
+        p = s["policy"]
+        nfe = 1 if p["type"] == "drift" else p["num_inference_steps"]
+        lines.append(f"| {name} | {nfe} | {s['final_step']} | {s['max_coverage']:.3f} | {s['last10_coverage']:.3f} "
+                     f"({s['n_last']}) | {s['max_success']:.2f} | {s['last10_success']:.2f} |")
+    (out / "bench_train.md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, s in summaries.items():
+        ax.plot([r["train_minutes"] for r in s["evals"]], [r["coverage_score"] for r in s["evals"]], "o-", label=name)
+    ax.set_xlabel("training time (minutes, excluding evaluation)")
+    ax.set_ylabel("coverage score (50 seeds)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(f"Push-T keypoints, {meta['machine']}")
+    fig.tight_layout()
+    fig.savefig(out / "bench_train.png", dpi=120)
+    print("\n".join(lines))
+
+
+def bench_train(args: list[str]) -> None:
+    opts = _kv(args, {"minutes": float, "eval_every": float, "policies": str, "out": str, "runs": str,
+                      "machine": str, "overrides": str, "report_only": int})
+    minutes = opts.get("minutes", 30.0)
+    eval_every = opts.get("eval_every", 3.0)
+    policies = opts.get("policies", "drift_unet,diffusion_unet").split(",")
+    out = Path(opts.get("out", REPO_ROOT / "eval" / "results"))
+    runs = Path(opts.get("runs", Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"))
+    machine = opts.get("machine", f"{os.cpu_count()}-core CPU, 1 thread per policy")
+    extra = opts.get("overrides", "").split() if opts.get("overrides") else []
+    names = {}
+    for spec in policies:
+        # "drift_unet" or "drift_unet:policy.drift_groups=chunk" (name:override,override)
+        pol, _, ov = spec.partition(":")
+        name = pol + ("-" + ov.split("=")[-1] if ov else "")
+        names[name] = (pol, [o for o in ov.split("+") if o])
+    if not opts.get("report_only"):
+        procs = {}
+        for name, (pol, ov) in names.items():
+            cmd = [sys.executable, "-m", "drift_policy", "train", f"policy={pol}", *ov, *extra,
+                   f"train.max_minutes={minutes}", "train.max_steps=1000000", f"train.eval_every_minutes={eval_every}",
+                   "train.eval_every_steps=0", "train.threads=1", "train.eval_workers=0",
+                   f"train.run_dir={runs / name}"]
+            print("launch:", " ".join(cmd))
+            log = open(runs.mkdir(parents=True, exist_ok=True) or runs / f"{name}.log", "w")
+            procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        for name, p in procs.items():
+            if p.wait() != 0:
+                raise SystemExit(f"{name} failed; see {runs / (name + '.log')}")
+    summaries = {name: summarize_run(runs / name) for name in names}
+    write_report(summaries, out, {"minutes": minutes, "eval_every": eval_every, "machine": machine,
+                                  "start_seed": 100000, "runs": str(runs)})
+
+
+def main(args: list[str]) -> None:
+    if not args or args[0] not in ("train", "latency"):
+        raise SystemExit("usage: drift-policy bench {train,latency} [key=value ...]")
+    if args[0] == "train":
+        bench_train(args[1:])
+    else:
+        from .bench_latency import main as latency_main
+
+        latency_main(args[1:])

@@ -1,0 +1,139 @@
+"""Compose the Hydra configs in ``configs/`` and validate them into dataclasses.
+
+Every key is checked: a typo is an error that names the key, and a bad value is an error that names the key
+and the allowed values. Values derived from others (observation size, run folder) are set here, in Python.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .paths import CONFIG_DIR
+from .policies import PolicyConfig, config_from_dict
+from .policies.base import ConfigError, check_keys
+
+# What each environment family fixes about the data; policies read their sizes from here.
+TASK_SPACES = {"pusht": {"obs_dim": 20, "action_dim": 2}}
+
+
+@dataclass
+class TaskConfig:
+    name: str = "pusht_keypoints"
+    env: str = "pusht"
+    data_root: str | None = None
+    val_ratio: float = 0.02
+    max_steps: int = 300
+    start_seed: int = 100000
+
+    def __post_init__(self):
+        if self.env not in TASK_SPACES:
+            raise ConfigError(f"task.env must be one of {sorted(TASK_SPACES)}, got {self.env!r}")
+        if not 0 <= self.val_ratio < 1:
+            raise ConfigError(f"task.val_ratio must be in [0, 1), got {self.val_ratio}")
+        if self.max_steps < 1:
+            raise ConfigError(f"task.max_steps must be >= 1, got {self.max_steps}")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 2
+    batch_size: int = 64
+    lr: float = 3e-4
+    weight_decay: float = 1e-6
+    betas: tuple[float, float] = (0.95, 0.999)
+    warmup_steps: int = 500
+    max_steps: int = 20000
+    max_minutes: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    log_every: int = 50
+    eval_every_steps: int = 2000
+    eval_every_minutes: float = 0.0
+    eval_episodes: int = 50
+    eval_workers: int = 1
+    ckpt_every_steps: int = 500
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 20
+    run_dir: str = ""
+    wandb: str = "disabled"
+    wandb_project: str = "drift-policy"
+
+    def __post_init__(self):
+        self.betas = tuple(float(b) for b in self.betas)
+        positive = ("threads", "batch_size", "max_steps", "log_every", "ckpt_every_steps", "keep_checkpoints",
+                    "max_bad_steps")
+        for k in positive:
+            if getattr(self, k) < 1:
+                raise ConfigError(f"train.{k} must be >= 1, got {getattr(self, k)}")
+        non_negative = ("warmup_steps", "max_minutes", "eval_every_steps", "eval_every_minutes", "eval_episodes",
+                        "eval_workers", "weight_decay", "grad_clip")
+        for k in non_negative:
+            if getattr(self, k) < 0:
+                raise ConfigError(f"train.{k} must be >= 0, got {getattr(self, k)}")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.wandb not in ("disabled", "offline", "online"):
+            raise ConfigError(f"train.wandb must be disabled, offline or online, got {self.wandb!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"train.device must be 'cpu' or 'cuda[:i]', got {self.device!r}")
+
+
+@dataclass
+class Config:
+    task: TaskConfig
+    policy: PolicyConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return {"task": dataclasses.asdict(self.task), "policy": self.policy.to_dict(),
+                "train": dataclasses.asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        check_keys(cls, d, "")
+        for k in ("task", "policy"):
+            if k not in d:
+                raise ConfigError(f"config is missing '{k}'")
+        task = dict(d["task"])
+        check_keys(TaskConfig, task, "task.")
+        task = TaskConfig(**task)
+        policy = dict(d["policy"])
+        # The observation and action sizes come from the task, not from the policy's YAML.
+        for k, v in TASK_SPACES[task.env].items():
+            if k in policy and policy[k] != v:
+                raise ConfigError(f"policy.{k}={policy[k]} contradicts task {task.name} ({k}={v})")
+            policy[k] = v
+        train = dict(d.get("train", {}))
+        check_keys(TrainConfig, train, "train.")
+        return cls(task=task, policy=config_from_dict(policy), train=TrainConfig(**train))
+
+    def default_run_dir(self) -> Path:
+        name = f"{self.task.name}-{self.policy.type}-{self.policy.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return Path("runs") / name
+
+
+def compose(overrides: list[str] | None = None, config_dir: str | Path | None = None) -> Config:
+    """Compose ``configs/config.yaml`` with Hydra-style overrides and validate the result."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    config_dir = Path(config_dir or CONFIG_DIR).resolve()
+    if not (config_dir / "config.yaml").exists():
+        raise ConfigError(f"no config.yaml in {config_dir}")
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(str(e)) from e
+    return Config.from_dict(OmegaConf.to_container(cfg, resolve=True))

@@ -1,0 +1,171 @@
+"""Diffusion Policy's Push-T human demonstrations (``pusht_cchi_v7_replay.zarr``) as low-dim training windows.
+
+Observation per step ("keypoints"): the 9 block keypoints (x, y) followed by the agent position: 20 numbers,
+the same definition as Diffusion Policy's low-dim Push-T and ``drift_policy.envs.pusht``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..paths import pusht_zarr_path
+
+PUSHT_URL = "https://diffusion-policy.cs.columbia.edu/data/training/pusht.zip"
+
+
+class DatasetError(ValueError):
+    """A data file is missing, malformed or inconsistent; the message names the file and the problem."""
+
+
+def download_pusht(root: str | os.PathLike | None = None) -> Path:
+    """Download and unpack Diffusion Policy's ``pusht.zip`` into ``<data root>/pusht/``."""
+    import urllib.error
+    import urllib.request
+    import zipfile
+
+    target = pusht_zarr_path(root)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    zip_path = target.parent / "pusht.zip"
+    tmp = zip_path.with_suffix(".zip.part")
+    try:
+        with urllib.request.urlopen(PUSHT_URL, timeout=30) as r, open(tmp, "wb") as f:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+    except (urllib.error.URLError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(
+            f"could not download {PUSHT_URL} ({e}). Without network access, copy pusht_cchi_v7_replay.zarr to "
+            f"{target} by hand, or point DRIFT_POLICY_DATA_ROOT at a folder that holds pusht/pusht_cchi_v7_replay.zarr"
+        ) from e
+    os.replace(tmp, zip_path)
+    with zipfile.ZipFile(zip_path) as z:
+        # the archive holds pusht/pusht_cchi_v7_replay.zarr/...
+        z.extractall(target.parent.parent)
+    if not target.exists():
+        raise RuntimeError(f"{zip_path} did not contain pusht/pusht_cchi_v7_replay.zarr")
+    return target
+
+
+def _read(group, key: str, path: Path) -> np.ndarray:
+    if key not in group:
+        raise DatasetError(f"{path}: missing array '{key}'")
+    return np.asarray(group[key][:])
+
+
+def load_pusht_lowdim(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read and validate the store. Returns obs [N, 20], action [N, 2] (float32), episode_ends [E] (int64)."""
+    import zarr
+
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(
+            f"{path}: Push-T store not found. Set DRIFT_POLICY_DATA_ROOT (or task.data_root) to the folder holding "
+            f"pusht/pusht_cchi_v7_replay.zarr, or run `python -m drift_policy.data.pusht --download`")
+    try:
+        root = zarr.open(str(path), mode="r")
+    except Exception as e:  # zarr raises several types for a folder that is not a store
+        raise DatasetError(f"{path}: not a readable zarr store ({e})") from e
+    for grp in ("data", "meta"):
+        if grp not in root:
+            raise DatasetError(f"{path}: missing group '{grp}'")
+    state = _read(root["data"], "state", path).astype(np.float32)
+    keypoint = _read(root["data"], "keypoint", path).astype(np.float32)
+    action = _read(root["data"], "action", path).astype(np.float32)
+    ends = _read(root["meta"], "episode_ends", path).astype(np.int64)
+    n = len(state)
+    for name, arr, shape in (("data/state", state, (n, 5)), ("data/keypoint", keypoint, (n, 9, 2)),
+                             ("data/action", action, (n, 2))):
+        if arr.shape != shape:
+            raise DatasetError(f"{path}: '{name}' has shape {arr.shape}, expected {shape}")
+        if not np.isfinite(arr).all():
+            bad = np.argwhere(~np.isfinite(arr.reshape(n, -1)).all(1))[:, 0]
+            raise DatasetError(f"{path}: '{name}' has NaN or inf at {len(bad)} steps (first: {bad[:5].tolist()})")
+    if ends.ndim != 1 or len(ends) == 0:
+        raise DatasetError(f"{path}: 'meta/episode_ends' must be a non-empty 1-D array, got shape {ends.shape}")
+    if ends[0] <= 0 or np.any(np.diff(ends) <= 0):
+        raise DatasetError(f"{path}: 'meta/episode_ends' must be strictly increasing and positive")
+    if ends[-1] != n:
+        raise DatasetError(f"{path}: 'meta/episode_ends' ends at {ends[-1]} but the data has {n} steps")
+    obs = np.concatenate([keypoint.reshape(n, 18), state[:, :2]], axis=1)
+    return {"obs": obs, "action": action, "episode_ends": ends}
+
+
+def sequence_indices(episode_ends: np.ndarray, episodes: np.ndarray, horizon: int, pad_before: int,
+                     pad_after: int) -> np.ndarray:
+    """Index array [W, horizon] into the flat data, one row per training window.
+
+    A window may start up to ``pad_before`` steps before an episode and end up to ``pad_after`` steps after it;
+    out-of-episode steps repeat the episode's first or last step (Diffusion Policy's SequenceSampler).
+    """
+    starts = np.concatenate([[0], episode_ends[:-1]])
+    rows = []
+    for e in episodes:
+        s, t = int(starts[e]), int(episode_ends[e])
+        first = s - pad_before
+        last = t - horizon + pad_after  # inclusive
+        if last < first:
+            continue
+        w0 = np.arange(first, last + 1)[:, None] + np.arange(horizon)[None, :]
+        rows.append(np.clip(w0, s, t - 1))
+    if not rows:
+        raise DatasetError(f"no episode is long enough for horizon {horizon}")
+    return np.concatenate(rows, 0)
+
+
+def split_episodes(n_episodes: int, val_ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if not 0.0 <= val_ratio < 1.0:
+        raise ValueError(f"val_ratio must be in [0, 1), got {val_ratio}")
+    rng = np.random.default_rng(seed)
+    n_val = int(round(n_episodes * val_ratio))
+    if val_ratio > 0:
+        n_val = max(1, n_val)
+    perm = rng.permutation(n_episodes)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+@dataclass
+class WindowDataset:
+    """All training windows held as tensors; sampling a batch is one gather (no DataLoader needed)."""
+
+    obs: torch.Tensor      # [W, To, obs_dim]
+    action: torch.Tensor   # [W, Tp, action_dim]
+
+    def __len__(self) -> int:
+        return self.obs.shape[0]
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        idx = torch.randint(0, len(self), (batch_size,), generator=generator)
+        return {"obs": self.obs[idx], "action": self.action[idx]}
+
+
+def make_pusht_windows(path: str | os.PathLike, horizon: int, n_obs_steps: int, n_action_steps: int,
+                       val_ratio: float = 0.02, seed: int = 42) -> tuple[WindowDataset, WindowDataset | None]:
+    data = load_pusht_lowdim(path)
+    ends = data["episode_ends"]
+    train_eps, val_eps = split_episodes(len(ends), val_ratio, seed)
+
+    def build(episodes):
+        idx = sequence_indices(ends, episodes, horizon, pad_before=n_obs_steps - 1, pad_after=n_action_steps - 1)
+        return WindowDataset(obs=torch.from_numpy(data["obs"][idx[:, :n_obs_steps]]),
+                             action=torch.from_numpy(data["action"][idx]))
+
+    return build(train_eps), (build(val_eps) if len(val_eps) else None)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Fetch or inspect the Push-T demonstrations.")
+    ap.add_argument("--download", action="store_true", help="download pusht.zip into the data root")
+    ap.add_argument("--root", default=None, help="data root (default: $DRIFT_POLICY_DATA_ROOT or ./datasets)")
+    args = ap.parse_args()
+    p = download_pusht(args.root) if args.download else pusht_zarr_path(args.root)
+    d = load_pusht_lowdim(p)
+    print(f"{p}: {len(d['episode_ends'])} episodes, {len(d['obs'])} steps, obs {d['obs'].shape[1]}, "
+          f"action {d['action'].shape[1]}")

@@ -1,0 +1,146 @@
+"""What every policy shares: the backbone, the normaliser, observation conditioning, (de)serialisation."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..models.unet1d import UNET_PRESETS, ConditionalUnet1D
+from ..normalizer import Normalizer
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message names the key."""
+
+
+def check_keys(cls, d: dict, prefix: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)}; known: {sorted(known)}")
+
+
+@dataclass
+class PolicyConfig:
+    type: str = ""
+    backbone: str = "small"          # key of UNET_PRESETS
+    kernel_size: int = 5
+    n_groups: int = 8                 # GroupNorm groups
+    horizon: int = 16                 # Tp: predicted actions per chunk
+    n_obs_steps: int = 2              # To
+    n_action_steps: int = 8           # Ta: executed actions, starting at index To - 1
+    obs_dim: int = 20                 # filled from the task
+    action_dim: int = 2
+
+    def __post_init__(self):
+        if self.backbone not in UNET_PRESETS:
+            raise ConfigError(f"policy.backbone must be one of {sorted(UNET_PRESETS)}, got {self.backbone!r}")
+        for k in ("kernel_size", "n_groups", "horizon", "n_obs_steps", "n_action_steps", "obs_dim", "action_dim"):
+            if int(getattr(self, k)) < 1:
+                raise ConfigError(f"policy.{k} must be >= 1, got {getattr(self, k)}")
+        if self.horizon % 4:
+            raise ConfigError(f"policy.horizon must be a multiple of 4 (the U-Net halves it twice), got {self.horizon}")
+        if self.n_obs_steps - 1 + self.n_action_steps > self.horizon:
+            raise ConfigError(f"policy.n_obs_steps - 1 + policy.n_action_steps must be <= policy.horizon "
+                              f"({self.n_obs_steps} - 1 + {self.n_action_steps} > {self.horizon})")
+        if any(d % self.n_groups for d in UNET_PRESETS[self.backbone]["down_dims"]):
+            raise ConfigError(f"policy.n_groups={self.n_groups} must divide every channel width of {self.backbone}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PolicyConfig":
+        check_keys(cls, d, "policy.")
+        d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Policy(nn.Module):
+    """Base class. Subclasses set ``timestep_dim`` for the backbone and implement compute_loss / sample."""
+
+    timestep_dim = 0
+
+    def __init__(self, config: PolicyConfig, normalizer: Normalizer | None = None):
+        super().__init__()
+        self.config = config
+        c = config
+        self.normalizer = normalizer if normalizer is not None else Normalizer({"obs": c.obs_dim, "action": c.action_dim})
+        self.model = ConditionalUnet1D(c.action_dim, c.n_obs_steps * c.obs_dim, kernel_size=c.kernel_size,
+                                       n_groups=c.n_groups, timestep_dim=self.timestep_dim,
+                                       **UNET_PRESETS[c.backbone])
+
+    # ---- shared pieces -------------------------------------------------------------------------------
+    def global_cond(self, obs_n: Tensor) -> Tensor:
+        return obs_n[:, : self.config.n_obs_steps].flatten(1)           # [B, To * obs_dim]
+
+    def _obs(self, obs) -> Tensor:
+        obs = obs["obs"] if isinstance(obs, dict) else obs
+        obs = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
+        c = self.config
+        if obs.dim() != 3 or obs.shape[1] < c.n_obs_steps or obs.shape[2] != c.obs_dim:
+            raise ValueError(f"obs must be [B, >={c.n_obs_steps}, {c.obs_dim}], got {tuple(obs.shape)}")
+        return obs
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def sample(self, cond: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Normalised action chunk [B, Tp, Da] for conditioning [B, C]."""
+        raise NotImplementedError
+
+    def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict_action(self, obs, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """obs [B, To, obs_dim] (or {"obs": ...}) in data units -> {"action": [B, Ta, Da], "action_pred": [B, Tp, Da]}."""
+        obs_n = self.normalizer.normalize("obs", self._obs(obs))
+        action_pred = self.normalizer.unnormalize("action", self.sample(self.global_cond(obs_n), generator))
+        start = self.config.n_obs_steps - 1
+        return {"action": action_pred[:, start: start + self.config.n_action_steps], "action_pred": action_pred}
+
+    def _noise(self, n: int, generator: torch.Generator | None) -> Tensor:
+        c = self.config
+        return torch.randn(n, c.horizon, c.action_dim, generator=generator, device=self.device)
+
+    # ---- LeRobot-style persistence ---------------------------------------------------------------------
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tmp = path / "config.json.tmp"
+        tmp.write_text(json.dumps(self.config.to_dict(), indent=2))
+        os.replace(tmp, path / "config.json")
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(path / "model.safetensors.tmp"))
+        os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Policy":
+        from safetensors.torch import load_file
+
+        from . import POLICIES, config_from_dict
+
+        path = Path(path)
+        for f in ("config.json", "model.safetensors"):
+            if not (path / f).exists():
+                raise FileNotFoundError(f"{path}: missing {f} (expected a folder written by save_pretrained)")
+        config = config_from_dict(json.loads((path / "config.json").read_text()))
+        state = load_file(str(path / "model.safetensors"), device=str(device))
+        norm = Normalizer.from_state_dict({k[len("normalizer."):]: v for k, v in state.items()
+                                           if k.startswith("normalizer.")})
+        policy_cls = POLICIES[config.type][1]
+        if cls is not Policy and not issubclass(policy_cls, cls):
+            raise TypeError(f"{path} holds a {config.type} policy, not a {cls.__name__}")
+        policy = policy_cls(config, norm)
+        policy.load_state_dict(state)
+        return policy.to(device).eval()

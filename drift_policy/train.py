@@ -1,0 +1,224 @@
+"""The one training loop, for every policy and task. Read it top to bottom.
+
+A policy brings ``compute_loss`` and ``predict_action``; everything else (data, normaliser, optimiser, EMA,
+evaluation, checkpoints, logging) is shared, so the drift policy and the diffusion baseline differ only in
+their loss and sampler.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import latest_good_checkpoint, list_checkpoints, prune_checkpoints, save_checkpoint
+from .config import Config
+from .normalizer import Normalizer
+from .policies import Policy, make_policy
+from .threads import set_threads
+
+
+# ---- task plumbing --------------------------------------------------------------------------------------------
+def make_datasets(cfg: Config):
+    from .data.pusht import make_pusht_windows
+    from .paths import pusht_zarr_path
+
+    if cfg.task.env != "pusht":
+        raise ValueError(f"no dataset for env {cfg.task.env!r}")
+    p = cfg.policy
+    return make_pusht_windows(pusht_zarr_path(cfg.task.data_root), p.horizon, p.n_obs_steps, p.n_action_steps,
+                              val_ratio=cfg.task.val_ratio, seed=42)
+
+
+def evaluate_policy(policy: Policy, cfg: Config, n_episodes: int, num_workers: int, *, video_dir=None,
+                    n_videos: int = 0, progress: bool = True, seed: int = 0) -> dict:
+    """Closed-loop rollouts on the task's test seeds. Sampling noise is seeded, so results are reproducible."""
+    from .evaluation import evaluate_pusht
+
+    gen = torch.Generator(device=policy.device).manual_seed(seed)
+
+    def predict(obs: np.ndarray) -> np.ndarray:
+        return policy.predict_action(torch.from_numpy(obs), generator=gen)["action"].cpu().numpy()
+
+    policy.eval()
+    return evaluate_pusht(predict, n_episodes=n_episodes, start_seed=cfg.task.start_seed,
+                          n_obs_steps=policy.config.n_obs_steps, max_steps=cfg.task.max_steps,
+                          num_workers=num_workers, video_dir=video_dir, n_videos=n_videos, progress=progress)
+
+
+# ---- schedule and EMA -------------------------------------------------------------------------------------------
+def lr_at(cfg: Config, step: int, train_seconds: float) -> float:
+    """Linear warm-up, then cosine decay over max_steps or over the time budget, whichever is further along."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+    if t.max_minutes > 0:
+        progress = max(progress, train_seconds / (60 * t.max_minutes))
+    return t.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def ema_update(ema: Policy, model: Policy, step: int, decay: float) -> None:
+    # Warm-up (1 + step) / (10 + step): early weights are not averaged with the random initialisation for long.
+    d = min(decay, (1 + step) / (10 + step))
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm, 1 - d)
+    for be, bm in zip(ema.buffers(), model.buffers()):
+        be.copy_(bm)
+
+
+# ---- logging ----------------------------------------------------------------------------------------------------
+class Logger:
+    """metrics.jsonl in the run folder, plus wandb (offline or disabled by default: no network needed)."""
+
+    def __init__(self, run_dir: Path, cfg: Config):
+        self.path = run_dir / "metrics.jsonl"
+        self.wandb = None
+        if cfg.train.wandb != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.train.wandb_project, dir=str(run_dir), mode=cfg.train.wandb,
+                                    config=cfg.to_dict(), name=run_dir.name, resume="allow", id=run_dir.name)
+
+    def log(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["step"])
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+# ---- the loop ---------------------------------------------------------------------------------------------------
+def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = False, progress: bool = True) -> Path:
+    t = cfg.train
+    run_dir = Path(run_dir or t.run_dir or cfg.default_run_dir())
+    set_threads(t.threads)
+    device = torch.device(t.device)
+
+    # Resuming takes the config saved with the run, so a resumed run is the same run.
+    ckpt = None
+    if resume:
+        found = latest_good_checkpoint(run_dir)
+        if found is None:
+            raise FileNotFoundError(f"{run_dir}: no usable checkpoint to resume from")
+        ckpt_path, ckpt = found
+        cfg = Config.from_dict(ckpt["config"])
+        t = cfg.train
+        print(f"resuming {run_dir} from {ckpt_path.name} (step {ckpt['step']})")
+    elif list_checkpoints(run_dir):
+        raise FileExistsError(f"{run_dir} already has checkpoints: use `drift-policy resume {run_dir}` or a new run_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    torch.manual_seed(t.seed)
+    np.random.seed(t.seed)
+
+    # Data and normaliser (fitted on the training split only).
+    train_set, val_set = make_datasets(cfg)
+    normalizer = Normalizer().fit("obs", train_set.obs).fit("action", train_set.action)
+
+    # Policy, EMA copy and optimiser.
+    policy = make_policy(cfg.policy, normalizer).to(device)
+    ema = copy.deepcopy(policy).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(policy.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    data_gen = torch.Generator().manual_seed(t.seed)
+    step, train_seconds, next_eval_minutes = 0, 0.0, t.eval_every_minutes
+    if ckpt is not None:
+        policy.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        data_gen.set_state(ckpt["data_rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        step, train_seconds, next_eval_minutes = ckpt["step"], ckpt["train_seconds"], ckpt["next_eval_minutes"]
+    n_params = sum(p.numel() for p in policy.parameters())
+    print(f"{cfg.policy.type} policy, {cfg.policy.backbone} backbone: {n_params / 1e6:.2f}M parameters; "
+          f"{len(train_set)} training windows; run folder {run_dir}")
+
+    logger = Logger(run_dir, cfg)
+
+    def checkpoint():
+        save_checkpoint({"model": policy.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                         "step": step, "train_seconds": train_seconds, "next_eval_minutes": next_eval_minutes,
+                         "config": cfg.to_dict(), "data_rng": data_gen.get_state(),
+                         "torch_rng": torch.get_rng_state()}, run_dir / "checkpoints" / f"step_{step:08d}.pt")
+        prune_checkpoints(run_dir, t.keep_checkpoints)
+
+    def evaluate():
+        res = evaluate_policy(ema, cfg, t.eval_episodes, t.eval_workers, progress=False, seed=t.seed)
+        res.update(step=step, train_minutes=train_seconds / 60)
+        from .evaluation import save_eval_json
+
+        save_eval_json(res, run_dir / "eval" / f"step_{step:08d}.json")
+        logger.log({"step": step, "train_minutes": train_seconds / 60, "eval/coverage_score": res["coverage_score"],
+                    "eval/success_rate": res["success_rate"]})
+        bar.write(f"step {step}: coverage {res['coverage_score']:.3f}, success {res['success_rate']:.2f} "
+                  f"({train_seconds / 60:.1f} train-min, eval {res['wall_s']:.0f}s)")
+
+    def out_of_budget():
+        return step >= t.max_steps or (t.max_minutes > 0 and train_seconds >= 60 * t.max_minutes)
+
+    from tqdm import tqdm
+
+    # With a time budget the step count is open-ended: show a counter, not a bar to max_steps.
+    bar = tqdm(total=None if t.max_minutes > 0 else t.max_steps, initial=step, disable=not progress, dynamic_ncols=True, desc="train")
+    bad_steps = 0
+    policy.train()
+    while not out_of_budget():
+        t0 = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step, train_seconds)
+        batch = {k: v.to(device) for k, v in train_set.sample(t.batch_size, data_gen).items()}
+        loss, info = policy.compute_loss(batch)
+        opt.zero_grad(set_to_none=True)
+        grad_norm = torch.tensor(float("nan"))
+        if torch.isfinite(loss):
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), t.grad_clip if t.grad_clip > 0 else 1e30)
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            # Skip the update, keep the weights; a run that keeps producing non-finite values is broken.
+            bad_steps += 1
+            warnings.warn(f"step {step}: non-finite loss or gradient ({float(loss)}, {float(grad_norm)}); step skipped")
+            if bad_steps >= t.max_bad_steps:
+                checkpoint()
+                raise FloatingPointError(f"{bad_steps} consecutive non-finite steps at step {step}; aborting "
+                                         f"(last good weights saved in {run_dir / 'checkpoints'})")
+            continue
+        bad_steps = 0
+        opt.step()
+        ema_update(ema, policy, step, t.ema_decay)
+        step += 1
+        train_seconds += time.perf_counter() - t0
+        bar.update(1)
+
+        if step % t.log_every == 0:
+            rec = {"step": step, "train_minutes": train_seconds / 60, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"],
+                   "grad_norm": float(grad_norm), **{f"train/{k}": v for k, v in info.items()}}
+            logger.log(rec)
+            bar.set_postfix(loss=f"{float(loss):.3f}", **({"mse": f"{info['mse_to_expert']:.4f}"}
+                                                          if "mse_to_expert" in info else {}))
+        if t.eval_episodes and ((t.eval_every_steps and step % t.eval_every_steps == 0) or
+                                (t.eval_every_minutes and train_seconds >= 60 * next_eval_minutes)):
+            while t.eval_every_minutes and train_seconds >= 60 * next_eval_minutes:
+                next_eval_minutes += t.eval_every_minutes
+            evaluate()
+            policy.train()
+        if step % t.ckpt_every_steps == 0:
+            checkpoint()
+
+    bar.close()
+    checkpoint()
+    if t.eval_episodes and not (run_dir / "eval" / f"step_{step:08d}.json").exists():
+        evaluate()
+    ema.save_pretrained(run_dir / "pretrained")
+    logger.close()
+    print(f"done: {step} steps in {train_seconds / 60:.1f} training minutes; EMA policy saved to {run_dir / 'pretrained'}")
+    return run_dir
