@@ -106,6 +106,37 @@ class Policy(nn.Module):
         start = self.config.n_obs_steps - 1
         return {"action": action_pred[:, start: start + self.config.n_action_steps], "action_pred": action_pred}
 
+    # ---- LeRobot-style control API ----------------------------------------------------------------------
+    def predict_action_chunk(self, obs, generator: torch.Generator | None = None) -> Tensor:
+        """The executable chunk [B, Ta, Da] for obs [B, To, obs_dim]."""
+        return self.predict_action(obs, generator)["action"]
+
+    def reset(self) -> None:
+        """Forget queued actions and observation history (call at the start of every episode)."""
+        self._action_queue: list[Tensor] = []
+        self._obs_history: list[Tensor] = []
+
+    @torch.no_grad()
+    def select_action(self, obs, generator: torch.Generator | None = None) -> Tensor:
+        """One action [B, Da] for the latest single-step obs [B, obs_dim].
+
+        Keeps the last To observations (the first one repeated after ``reset``) and a queue of the current chunk's
+        actions; the generator runs only when the queue is empty, i.e. once every Ta calls.
+        """
+        if not hasattr(self, "_action_queue"):
+            self.reset()
+        obs = torch.as_tensor(obs["obs"] if isinstance(obs, dict) else obs, dtype=torch.float32, device=self.device)
+        if obs.dim() == 1:
+            obs = obs.unsqueeze(0)
+        if obs.dim() != 2 or obs.shape[1] != self.config.obs_dim:
+            raise ValueError(f"select_action takes one step of obs [B, {self.config.obs_dim}], got {tuple(obs.shape)}")
+        To = self.config.n_obs_steps
+        self._obs_history = (self._obs_history + [obs])[-To:] if self._obs_history else [obs] * To
+        if not self._action_queue:
+            chunk = self.predict_action_chunk(torch.stack(self._obs_history, dim=1), generator)   # [B, Ta, Da]
+            self._action_queue = list(chunk.unbind(dim=1))
+        return self._action_queue.pop(0)
+
     def _noise(self, n: int, generator: torch.Generator | None) -> Tensor:
         c = self.config
         return torch.randn(n, c.horizon, c.action_dim, generator=generator, device=self.device)
