@@ -4,6 +4,9 @@
     drift-policy resume runs/<run>
     drift-policy eval checkpoint=runs/<run> [episodes=50 workers=2 videos=2 out=eval.json]
     drift-policy bench latency | bench train   (see drift_policy/bench.py)
+    drift-policy export checkpoint=PATH format=onnx|torchscript out=FILE   (see drift_policy/export.py)
+    drift-policy run checkpoint=PATH rate_hz=10 seconds=60 async=1 ensemble=0 backend=torch out=report.json
+                                               (real-time control loop, see drift_policy/runner.py)
 """
 from __future__ import annotations
 
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="drift-policy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["train", "resume", "eval", "bench"])
+    parser.add_argument("command", choices=["train", "resume", "eval", "bench", "export", "run"])
     parser.add_argument("args", nargs=argparse.REMAINDER)
     ns = parser.parse_args(argv)
     if ns.command == "train":
@@ -113,6 +116,14 @@ def main(argv: list[str] | None = None) -> None:
         from .bench import main as bench_main
 
         bench_main(ns.args)
+    elif ns.command == "export":
+        from .export import cmd_export
+
+        cmd_export(ns.args)
+    elif ns.command == "run":
+        from .runner import cmd_run
+
+        cmd_run(ns.args)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 A policy brings ``compute_loss`` and ``predict_action``; everything else (data, normaliser, optimiser, EMA,
 evaluation, checkpoints, logging) is shared, so the drift policy and the diffusion baseline differ only in
-their loss and sampler.
+their loss and sampler. Under ``torchrun`` the same loop is data-parallel (DDP): see ``distributed.py``.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import torch
 
 from .checkpoint import latest_good_checkpoint, list_checkpoints, prune_checkpoints, save_checkpoint
 from .config import Config
+from .distributed import Distributed
 from .normalizer import Normalizer
 from .policies import Policy, make_policy
 from .threads import set_threads
@@ -78,8 +79,20 @@ def ema_update(ema: Policy, model: Policy, step: int, decay: float) -> None:
 class Logger:
     """metrics.jsonl in the run folder, plus wandb (offline or disabled by default: no network needed)."""
 
-    def __init__(self, run_dir: Path, cfg: Config):
+    def __init__(self, run_dir: Path, cfg: Config, resume_step: int | None = None):
         self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            # Steps after the checkpoint are trained again: drop their records (and a line cut short by a crash).
+            keep = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= resume_step:
+                        keep.append(line + "\n")
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    pass
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(keep))
+            os.replace(tmp, self.path)
         self.wandb = None
         if cfg.train.wandb != "disabled":
             import wandb
@@ -103,7 +116,6 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
     t = cfg.train
     run_dir = Path(run_dir or t.run_dir or cfg.default_run_dir())
     set_threads(t.threads)
-    device = torch.device(t.device)
 
     # Resuming takes the config saved with the run, so a resumed run is the same run.
     ckpt = None
@@ -117,8 +129,13 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
         print(f"resuming {run_dir} from {ckpt_path.name} (step {ckpt['step']})")
     elif list_checkpoints(run_dir):
         raise FileExistsError(f"{run_dir} already has checkpoints: use `drift-policy resume {run_dir}` or a new run_dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    # One process, or one of several under torchrun (then only rank 0 writes files).
+    dist = Distributed(t.device)
+    dist.check_batch_size(t.batch_size)
+    device, is_main = dist.device, dist.is_main
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     torch.manual_seed(t.seed)
     np.random.seed(t.seed)
 
@@ -128,28 +145,34 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
 
     # Policy, EMA copy and optimiser.
     policy = make_policy(cfg.policy, normalizer).to(device)
+    loss_fn = dist.loss_fn(policy)            # policy.compute_loss, through DDP when distributed
     ema = copy.deepcopy(policy).requires_grad_(False).eval()
     opt = torch.optim.AdamW(policy.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-    data_gen = torch.Generator().manual_seed(t.seed)
+    data_gen = torch.Generator().manual_seed(t.seed)   # the same data stream on every rank
+    if dist.enabled:
+        torch.manual_seed(t.seed + dist.rank)  # but each rank its own sampling noise
     step, train_seconds, next_eval_minutes = 0, 0.0, t.eval_every_minutes
     if ckpt is not None:
         policy.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         data_gen.set_state(ckpt["data_rng"])
-        torch.set_rng_state(ckpt["torch_rng"])
+        dist.restore_rng(ckpt["torch_rng"], t.seed, ckpt["step"])
         step, train_seconds, next_eval_minutes = ckpt["step"], ckpt["train_seconds"], ckpt["next_eval_minutes"]
     n_params = sum(p.numel() for p in policy.parameters())
     print(f"{cfg.policy.type} policy, {cfg.policy.backbone} backbone: {n_params / 1e6:.2f}M parameters; "
           f"{len(train_set)} training windows; run folder {run_dir}")
 
-    logger = Logger(run_dir, cfg)
+    logger = Logger(run_dir, cfg, resume_step=step if ckpt is not None else None) if is_main else None
 
     def checkpoint():
+        torch_rng = dist.rng_states()         # every rank's noise stream (a collective: all ranks get here)
+        if not is_main:
+            return
         save_checkpoint({"model": policy.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                          "step": step, "train_seconds": train_seconds, "next_eval_minutes": next_eval_minutes,
                          "config": cfg.to_dict(), "data_rng": data_gen.get_state(),
-                         "torch_rng": torch.get_rng_state()}, run_dir / "checkpoints" / f"step_{step:08d}.pt")
+                         "torch_rng": torch_rng}, run_dir / "checkpoints" / f"step_{step:08d}.pt")
         prune_checkpoints(run_dir, t.keep_checkpoints)
 
     def evaluate():
@@ -169,21 +192,23 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
     from tqdm import tqdm
 
     # With a time budget the step count is open-ended: show a counter, not a bar to max_steps.
-    bar = tqdm(total=None if t.max_minutes > 0 else t.max_steps, initial=step, disable=not progress, dynamic_ncols=True, desc="train")
+    bar = tqdm(total=None if t.max_minutes > 0 else t.max_steps, initial=step, disable=not (progress and is_main),
+               dynamic_ncols=True, desc="train")
     bad_steps = 0
     policy.train()
     while not out_of_budget():
         t0 = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step, train_seconds)
-        batch = {k: v.to(device) for k, v in train_set.sample(t.batch_size, data_gen).items()}
-        loss, info = policy.compute_loss(batch)
+        batch = {k: dist.shard(v).to(device) for k, v in train_set.sample(t.batch_size, data_gen).items()}
+        loss, info = loss_fn(batch)
         opt.zero_grad(set_to_none=True)
         grad_norm = torch.tensor(float("nan"))
-        if torch.isfinite(loss):
+        finite = dist.all_finite(loss)        # on every rank: then all ranks take the same branch
+        if finite:
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), t.grad_clip if t.grad_clip > 0 else 1e30)
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        if not (finite and torch.isfinite(grad_norm)):
             # Skip the update, keep the weights; a run that keeps producing non-finite values is broken.
             bad_steps += 1
             warnings.warn(f"step {step}: non-finite loss or gradient ({float(loss)}, {float(grad_norm)}); step skipped")
@@ -196,17 +221,17 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
         opt.step()
         ema_update(ema, policy, step, t.ema_decay)
         step += 1
-        train_seconds += time.perf_counter() - t0
+        train_seconds += dist.max(time.perf_counter() - t0)   # the slowest rank's time: one schedule for all
         bar.update(1)
 
-        if step % t.log_every == 0:
+        if is_main and step % t.log_every == 0:
             rec = {"step": step, "train_minutes": train_seconds / 60, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"],
                    "grad_norm": float(grad_norm), **{f"train/{k}": v for k, v in info.items()}}
             logger.log(rec)
             bar.set_postfix(loss=f"{float(loss):.3f}", **({"mse": f"{info['mse_to_expert']:.4f}"}
                                                           if "mse_to_expert" in info else {}))
-        if t.eval_episodes and ((t.eval_every_steps and step % t.eval_every_steps == 0) or
-                                (t.eval_every_minutes and train_seconds >= 60 * next_eval_minutes)):
+        if is_main and t.eval_episodes and ((t.eval_every_steps and step % t.eval_every_steps == 0) or
+                                            (t.eval_every_minutes and train_seconds >= 60 * next_eval_minutes)):
             while t.eval_every_minutes and train_seconds >= 60 * next_eval_minutes:
                 next_eval_minutes += t.eval_every_minutes
             evaluate()
@@ -216,6 +241,10 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
 
     bar.close()
     checkpoint()
+    dist.check_in_sync(run_dir, model=policy, ema=ema)
+    dist.close()
+    if not is_main:
+        return run_dir
     if t.eval_episodes and not (run_dir / "eval" / f"step_{step:08d}.json").exists():
         evaluate()
     ema.save_pretrained(run_dir / "pretrained")

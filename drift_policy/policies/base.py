@@ -85,7 +85,7 @@ class Policy(nn.Module):
         c = self.config
         if obs.dim() != 3 or obs.shape[1] < c.n_obs_steps or obs.shape[2] != c.obs_dim:
             raise ValueError(f"obs must be [B, >={c.n_obs_steps}, {c.obs_dim}], got {tuple(obs.shape)}")
-        return obs
+        return obs[:, -c.n_obs_steps:]                                  # a longer history: its latest To steps
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,75 @@
+"""Image-track config: a nested dict from YAML (configs/image/*.yaml) plus ``a.b=value`` overrides.
+
+Kept as plain dicts on purpose: the image track has its own small set of keys (see ``DEFAULTS``).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from ..paths import CONFIG_DIR
+
+__all__ = ["DEFAULTS", "load_config", "apply_overrides"]
+
+DEFAULTS: dict = {
+    "data": {"name": "fashion_mnist", "root": None, "num_classes": 10, "image_size": 64},   # image_size: folder only
+    # latent: none (pixel space) | tiny (autoencoder trained here) | kl (diffusers AutoencoderKL at `path`)
+    "latent": {"kind": "none", "path": None, "scale": None, "tiny_minutes": 3.0},
+    "model": {"preset": "tiny", "patch": 4, "n_context_tokens": 4, "n_style": 32, "style_codebook": 64,
+              "noise_skip": True},
+    "encoder": {"use": True, "path": "runs/image/encoder_fmnist.pt", "widths": [16, 32, 64], "blocks_per_stage": 1,
+                "mae_minutes": 3.0, "mae_max_steps": 10 ** 9, "mae_mask_ratio": 0.5, "stages": [0, 1, 2], "loc_stages": [2],
+                "patches": [2, 4], "max_groups": 64},
+    "drift": {"labels_per_step": 10, "n_gen": 16, "n_pos": 32, "n_unc": 16, "per_class_queue": 128,
+              "global_queue": 1000, "push_per_step": 128, "temperatures": [0.02, 0.05, 0.2], "raw": True,
+              "attraction": 1.0, "cfg": True, "alpha_k": 3.0, "alpha_max": 4.0},
+    "optim": {"lr": 1e-3, "warmup_steps": 100, "betas": [0.9, 0.95], "weight_decay": 0.0, "grad_clip": 2.0,
+              "ema": 0.999},
+    "train": {"minutes": 25.0, "max_steps": 10 ** 9, "seed": 0, "threads": 1, "log_every": 50,
+              "out": "runs/image/fmnist", "save_every_minutes": 5.0},
+    "eval": {"classifier": "runs/image/classifier_fmnist.pt", "n_per_class": 1000, "alphas": [1.0, 1.5, 2.0],
+             "grid_per_class": 10},
+}
+
+
+def _merge(base: dict, new: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (new or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
+    cfg = copy.deepcopy(cfg)
+    for o in overrides:
+        if "=" not in o:
+            raise ValueError(f"expected key=value override, got {o!r}")
+        key, val = o.split("=", 1)
+        parts = key.split(".")
+        d = cfg
+        for p in parts[:-1]:
+            if p not in d or not isinstance(d[p], dict):
+                raise KeyError(f"unknown config section {p!r} in {key!r}")
+            d = d[p]
+        if parts[-1] not in d:
+            raise KeyError(f"unknown config key {key!r} (known: {', '.join(d)})")
+        d[parts[-1]] = yaml.safe_load(val)
+    return cfg
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> dict:
+    """DEFAULTS <- YAML file (a path, or a name under configs/image/) <- overrides."""
+    cfg = DEFAULTS
+    if name_or_path:
+        p = Path(name_or_path)
+        if not p.exists():
+            p = CONFIG_DIR / "image" / (name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml")
+        if not p.exists():
+            raise FileNotFoundError(f"config {name_or_path!r} not found (looked in {CONFIG_DIR / 'image'})")
+        cfg = _merge(cfg, yaml.safe_load(p.read_text()) or {})
+    return apply_overrides(cfg, overrides or [])

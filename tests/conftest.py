@@ -1,0 +1,26 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_root() -> Path:
+    env = os.environ.get("DRIFT_POLICY_DATA_ROOT")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def pusht_zarr() -> Path:
+    p = shared_data_root() / "pusht" / "pusht_cchi_v7_replay.zarr"
+    if not p.exists():
+        pytest.skip(f"Push-T store not found at {p} (set DRIFT_POLICY_DATA_ROOT)")
+    return p
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _threads():
+    import torch
+
+    torch.set_num_threads(1)

@@ -1,0 +1,139 @@
+"""drift-policy bench latency (drift_policy/bench_latency.py): structure, ratios, options, backends. No timings asserted."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from drift_policy import bench_latency as bl
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_bench_tiny_returns_documented_keys(tmp_path):
+    res = bl.bench_latency(presets=["tiny"], batches=[1], repeats=2, warmup=1, budget_s=0.01, verbose=False,
+                           backends=["eager", "jit_trace"], backend_threads=[1], backend_batches=[1], profile=2)
+    assert set(res) == {"meta", "results", "rows", "targets", "backends", "profile"}
+    for k in ("cpu", "torch", "device", "threads_option", "torch_num_threads", "repeats_max", "budget_s"):
+        assert k in res["meta"], k
+    assert res["meta"]["torch_num_threads"] == 1 and res["meta"]["device"] == "cpu"
+
+    assert len(res["results"]) == 3                          # 3 methods x 1 batch size
+    for cell in res["results"]:
+        assert set(bl.RESULT_KEYS) <= set(cell)
+        assert cell["n_repeats"] == 2 and cell["median_ms"] > 0 and cell["p90_ms"] >= cell["min_ms"]
+    assert {c["nfe"] for c in res["results"]} == {1, 10, 100}
+    # the diffusion net has a timestep MLP and wider FiLM inputs: more parameters than the drift net
+    drift = next(c for c in res["results"] if c["method"] == "drift")
+    ddpm = next(c for c in res["results"] if c["method"] == "ddpm100")
+    assert ddpm["params_m"] > drift["params_m"] > 0.5
+
+    assert [(r["preset"], r["batch"]) for r in res["rows"]] == [("tiny", 1)]
+    for r in res["rows"]:
+        assert set(bl.ROW_KEYS) <= set(r)
+        assert r["ddpm100_over_drift"] == pytest.approx(r["ddpm100_ms"] / r["drift_ms"])
+        assert r["ddim10_over_drift"] == pytest.approx(r["ddim10_ms"] / r["drift_ms"])
+    assert "tiny" in res["targets"]["ratio_b1"]
+
+    assert [(b["backend"], b["threads"], b["batch"]) for b in res["backends"]] == [("eager", 1, 1),
+                                                                                  ("jit_trace", 1, 1)]
+    assert all(b["error"] is None and b["max_abs_diff"] < 1e-4 for b in res["backends"])
+    assert res["profile"]["top_ops"] and res["profile"]["calls"] == 2
+
+    js, md = bl.write_results(res, tmp_path / "lat.json")
+    assert json.loads(js.read_text())["rows"][0]["preset"] == "tiny"
+    text = md.read_text()
+    for col in ("preset", "params (M)", "batch", "drift 1-NFE ms", "DDIM-10 ms", "DDPM-100 ms", "DDPM-100/drift",
+                "DDIM-10/drift", "threads 1", "torch " + torch.__version__):
+        assert col in text, col
+
+
+def test_ratios_and_rows():
+    assert bl.speed_ratio(250.0, 2.5) == pytest.approx(100.0)
+    assert bl.speed_ratio(None, 2.5) is None and bl.speed_ratio(3.0, None) is None
+    with pytest.raises(ValueError):
+        bl.speed_ratio(10.0, 0.0)
+    cells = [{"preset": "small", "batch": 1, "method": m, "median_ms": ms, "p90_ms": ms * 1.1, "params_m": p}
+             for m, ms, p in (("drift", 2.0, 4.0), ("ddim10", 25.0, 4.5), ("ddpm100", 230.0, 4.5))]
+    cells.append({"preset": "small", "batch": 50, "method": "drift", "median_ms": 8.0, "p90_ms": 9.0,
+                  "params_m": 4.0})
+    rows = bl.make_rows(cells)
+    assert rows[0]["ddpm100_over_drift"] == pytest.approx(115.0)
+    assert rows[0]["ddim10_over_drift"] == pytest.approx(12.5)
+    assert rows[0]["params_m"] == 4.0 and rows[0]["params_m_diffusion"] == 4.5
+    assert rows[1]["drift_ms"] == 8.0 and rows[1]["ddpm100_over_drift"] is None   # method not run: no ratio
+    t = bl.check_targets(rows)
+    assert t["ratio_b1"]["small"] == {"ratio": pytest.approx(115.0), "met": True}
+    assert t["default_drift_b1_met_eager"] is True                                   # 2.0 ms <= 3 ms
+
+
+def test_time_call_repeats_and_stats():
+    calls = []
+    t = bl.time_call(lambda: calls.append(1), repeats=50, budget_s=1e-9, warmup=2)
+    assert t["n_repeats"] == bl.MIN_REPEATS and t["n_warmup"] >= 1        # budget exhausted: the floor
+    assert len(calls) == t["n_warmup"] + t["n_repeats"]
+    t = bl.time_call(lambda: None, repeats=7, budget_s=10.0, warmup=1)
+    assert t["n_repeats"] == 7                                           # capped by repeats
+    vals = [5.0, 1.0, 3.0, 2.0, 4.0, 10.0]
+    assert bl.percentile(vals, 90) == pytest.approx(np.percentile(vals, 90))
+    assert bl.summarize_times(vals)["median_ms"] == pytest.approx(3.5)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(presets=["huge"]), "unknown backbone preset 'huge'"),
+    (dict(methods=["ddpm50"]), "unknown method 'ddpm50'"),
+    (dict(methods=[]), "methods must name"),
+    (dict(batches=[0]), "batches must be integers >= 1"),
+    (dict(threads=0), "threads must be >= 1"),
+    (dict(repeats=0), "repeats must be >= 1"),
+    (dict(budget_s=0), "budget_s must be > 0"),
+    (dict(device="tpu"), "device must be 'cpu' or 'cuda"),
+    (dict(backend="tensorrt"), "backend 'tensorrt' is not available on cpu"),
+    (dict(backends=["cuda_graph"]), "backend 'cuda_graph' is not available on cpu"),
+])
+def test_bad_options_give_clear_errors(kw, match):
+    with pytest.raises(bl.BenchOptionError, match=match):
+        bl.bench_latency(**{"presets": ["tiny"], "verbose": False, **kw})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_gpu_is_a_clear_error():
+    with pytest.raises(bl.BenchOptionError, match="torch.cuda.is_available"):
+        bl.bench_latency(presets=["tiny"], device="cuda", verbose=False)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["presets=tiny", "colour=red"], "unknown option 'colour'"),
+    (["batches=1,x"], "batches: expected a comma-separated list of int"),
+    (["threads=two"], "bad option value"),
+    (["presets=nope"], "unknown backbone preset 'nope'"),
+    (["xlarge=maybe"], "expected a flag 0/1"),
+])
+def test_cli_bad_options(args, match):
+    with pytest.raises(SystemExit, match=match):
+        bl.main(args)
+
+
+@pytest.mark.parametrize("method", ["drift", "ddim10"])
+@pytest.mark.parametrize("backend", ["jit_trace", "onnxruntime"])
+def test_accelerated_policy_keeps_semantics(method, backend):
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnx")
+    policy = bl.build_policy(method, "tiny")
+    original_model = policy.model
+    fast = bl.accelerated_policy(policy, backend, threads=1)
+    assert policy.model is original_model                     # the original policy is untouched
+    for batch in (1, 3):
+        obs = bl.random_obs(policy, batch)
+        assert bl.max_abs_diff(policy, fast, obs, seed=batch) < 1e-4
+        out = fast.predict_action(obs)
+        assert out["action"].shape == (batch, policy.config.n_action_steps, policy.config.action_dim)
+    with pytest.raises(bl.BenchOptionError, match="backend must be one of"):
+        bl.accelerated_policy(policy, "tvm")

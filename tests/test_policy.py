@@ -1,0 +1,109 @@
+"""Backbone, policies and config validation."""
+import pytest
+import torch
+
+from drift_policy.config import Config, compose
+from drift_policy.models.unet1d import UNET_PRESETS, ConditionalUnet1D
+from drift_policy.normalizer import Normalizer
+from drift_policy.policies import DiffusionConfig, DriftConfig, make_policy
+from drift_policy.policies.base import ConfigError
+
+
+def _norm():
+    g = torch.Generator().manual_seed(0)
+    return Normalizer().fit("obs", torch.rand(100, 20, generator=g) * 512).fit("action", torch.rand(100, 2, generator=g) * 512)
+
+
+def test_unet_shapes_and_film_conditioning():
+    net = ConditionalUnet1D(2, 40, **UNET_PRESETS["tiny"])
+    x, c = torch.randn(3, 16, 2), torch.randn(3, 40)
+    y = net(x, c)
+    assert y.shape == (3, 16, 2)
+    # the conditioning changes the output (FiLM is wired in)
+    assert not torch.allclose(net(x, c), net(x, c + 1.0))
+    with pytest.raises(ValueError, match="timestep"):
+        net(x, c, torch.zeros(3))
+
+
+def test_large_preset_is_diffusion_policys_net():
+    # Diffusion Policy's ConditionalUnet1D for low-dim Push-T has 65.8M parameters (with its 256-d step embedding)
+    net = ConditionalUnet1D(2, 40, timestep_dim=256, **UNET_PRESETS["large"])
+    n = sum(p.numel() for p in net.parameters())
+    assert abs(n / 1e6 - 65.8) < 0.5, n
+
+
+@pytest.mark.parametrize("groups", ["per_step", "chunk"])
+def test_drift_policy_loss_trains_toward_expert(groups):
+    torch.manual_seed(0)
+    cfg = DriftConfig(backbone="tiny", drift_groups=groups, n_noise=4)
+    pol = make_policy(cfg, _norm())
+    g = torch.Generator().manual_seed(1)
+    batch = {"obs": torch.rand(4, 2, 20, generator=g) * 512, "action": torch.rand(4, 16, 2, generator=g) * 512}
+    opt = torch.optim.Adam(pol.parameters(), lr=1e-3)
+    first = None
+    for _ in range(60):
+        loss, info = pol.compute_loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first if first is not None else info["mse_to_expert"]
+    assert loss.shape == () and torch.isfinite(loss)
+    assert {"scale", "v2_tau0.02", "mse_to_expert", "sample_std"} <= set(info)
+    assert info["mse_to_expert"] < 0.5 * first  # memorises the 4 expert chunks
+
+
+def test_predict_action_shapes_and_units():
+    pol = make_policy(DriftConfig(backbone="tiny"), _norm()).eval()
+    out = pol.predict_action(torch.rand(3, 2, 20) * 512)
+    assert out["action"].shape == (3, 8, 2) and out["action_pred"].shape == (3, 16, 2)
+    torch.testing.assert_close(out["action"], out["action_pred"][:, 1:9])   # executed slice starts at To - 1
+    with pytest.raises(ValueError, match="obs must be"):
+        pol.predict_action(torch.rand(3, 2, 19))
+
+
+def test_diffusion_baseline_uses_n_forward_passes():
+    cfg = DiffusionConfig(backbone="tiny", scheduler="ddim", num_inference_steps=10)
+    pol = make_policy(cfg, _norm()).eval()
+    calls = []
+    pol.model.register_forward_hook(lambda *a: calls.append(1))
+    out = pol.predict_action(torch.rand(2, 2, 20) * 512)
+    assert len(calls) == 10 and out["action"].shape == (2, 8, 2)
+    batch = {"obs": torch.rand(4, 2, 20) * 512, "action": torch.rand(4, 16, 2) * 512}
+    loss, info = pol.compute_loss(batch)
+    assert torch.isfinite(loss) and loss > 0
+    assert pol.noise_scheduler.config.beta_schedule == "squaredcos_cap_v2"
+    assert pol.noise_scheduler.config.prediction_type == "epsilon" and pol.noise_scheduler.config.clip_sample
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(backbone="huge"), "policy.backbone"),
+    (dict(n_noise=1), "policy.n_noise"),
+    (dict(drift_groups="flat"), "policy.drift_groups"),
+    (dict(horizon=10), "policy.horizon"),
+    (dict(n_action_steps=16), "n_action_steps"),
+    (dict(temperatures=(0.1, -1.0)), "policy.temperatures"),
+])
+def test_drift_config_validation(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        DriftConfig(**kwargs)
+
+
+def test_compose_defaults_and_errors_name_the_key():
+    cfg = compose([])
+    assert cfg.policy.type == "drift" and cfg.policy.drift_groups == "per_step" and cfg.policy.obs_dim == 20
+    assert compose(["policy=diffusion_unet"]).policy.num_inference_steps == 100
+    with pytest.raises(ConfigError, match="lr_rate"):
+        compose(["train.lr_rate=1"])
+    with pytest.raises(ConfigError, match="train.ema_decay"):
+        compose(["train.ema_decay=1.5"])
+    with pytest.raises(ConfigError, match="task/nope"):
+        compose(["task=nope"])
+    d = cfg.to_dict()
+    d["train"]["bogus"] = 1
+    with pytest.raises(ConfigError, match="train.bogus"):
+        Config.from_dict(d)
+    d = cfg.to_dict()
+    d["policy"]["obs_dim"] = 7   # contradicts the task: derived values are not overridable
+    with pytest.raises(ConfigError, match="contradicts"):
+        Config.from_dict(d)
+    assert Config.from_dict(cfg.to_dict()) == cfg
