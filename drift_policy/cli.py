@@ -42,7 +42,7 @@ def cmd_resume(args: list[str]) -> None:
         raise SystemExit("usage: drift-policy resume RUN_DIR")
     from .config import Config
 
-    # The config is read back from the checkpoint inside train(); this placeholder is replaced there.
+    # train() reloads the config stored in the checkpoint; config.json only has to parse.
     run_dir = Path(args[0])
     cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
     train(cfg, run_dir=run_dir, resume=True)
@@ -88,8 +88,8 @@ def cmd_eval(args: list[str]) -> None:
     policy, cfg = load_policy_for_eval(opts["checkpoint"])
     if cfg is None:
         cfg = compose([f"task={opts.get('task', 'pusht_keypoints')}"])
-    out = Path(opts.get("out") or Path(opts["checkpoint"]) / "eval_50.json" if Path(opts["checkpoint"]).is_dir()
-               else opts.get("out", "eval.json"))
+    ckpt = Path(opts["checkpoint"])
+    out = Path(opts["out"]) if "out" in opts else (ckpt / "eval.json" if ckpt.is_dir() else ckpt.with_suffix(".eval.json"))
     res = evaluate_policy(policy, cfg, opts.get("episodes", 50), opts.get("workers", 2),
                           video_dir=out.parent / "videos" if opts.get("videos") else None,
                           n_videos=opts.get("videos", 0), seed=opts.get("seed", 0))

@@ -107,3 +107,38 @@ def test_compose_defaults_and_errors_name_the_key():
     with pytest.raises(ConfigError, match="contradicts"):
         Config.from_dict(d)
     assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_transformer_backbone_is_causal_and_conditioned():
+    from drift_policy.models.transformer import TRANSFORMER_PRESETS, TimeSeriesTransformer
+
+    torch.manual_seed(0)
+    net = TimeSeriesTransformer(2, 40, n_obs_steps=2, horizon=16, **TRANSFORMER_PRESETS["tiny"]).eval()
+    x, c = torch.randn(2, 16, 2), torch.randn(2, 40)
+    y = net(x, c)
+    assert y.shape == (2, 16, 2)
+    x2 = x.clone()
+    x2[:, 10:] += 1.0                               # change only the future input steps
+    y2 = net(x2, c)
+    torch.testing.assert_close(y2[:, :10], y[:, :10])   # earlier steps cannot see them
+    assert not torch.allclose(y2[:, 10:], y[:, 10:])
+    c2 = c.clone()
+    c2[:, 20:] += 1.0                               # change the second observation step
+    y3 = net(x, c2)
+    torch.testing.assert_close(y3[:, :1], y[:, :1])     # action step 0 only sees observation step 0
+    assert not torch.allclose(y3[:, 1:], y[:, 1:])
+    nc = TimeSeriesTransformer(2, 40, n_obs_steps=2, horizon=16, causal=False, **TRANSFORMER_PRESETS["tiny"]).eval()
+    assert not torch.allclose(nc(x2, c)[:, :10], nc(x, c)[:, :10])
+
+
+def test_transformer_policy_configs_compose_and_train():
+    cfg = compose(["policy=drift_transformer", "policy.backbone=tiny"])
+    pol = make_policy(cfg.policy, _norm())
+    loss, _ = pol.compute_loss({"obs": torch.rand(3, 2, 20) * 512, "action": torch.rand(3, 16, 2) * 512})
+    loss.backward()
+    assert all(p.grad is not None for p in pol.model.parameters() if p.requires_grad)
+    assert compose(["policy=drift_transformer"]).policy.backbone == "small"
+    n = sum(p.numel() for p in make_policy(compose(["policy=drift_transformer"]).policy).parameters())
+    assert 8e6 < n < 10e6        # Diffusion Policy's simulation transformer is about 9M parameters
+    with pytest.raises(ConfigError, match="policy.backbone"):
+        compose(["policy=drift_transformer", "policy.backbone=large"])

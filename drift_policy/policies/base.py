@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..models.transformer import TRANSFORMER_PRESETS, TimeSeriesTransformer
 from ..models.unet1d import UNET_PRESETS, ConditionalUnet1D
 from ..normalizer import Normalizer
 
@@ -28,9 +29,12 @@ def check_keys(cls, d: dict, prefix: str) -> None:
 @dataclass
 class PolicyConfig:
     type: str = ""
-    backbone: str = "small"          # key of UNET_PRESETS
-    kernel_size: int = 5
-    n_groups: int = 8                 # GroupNorm groups
+    architecture: str = "unet"        # "unet" (1-D conv U-Net + FiLM) or "transformer" (time-series transformer)
+    backbone: str = "small"           # size preset of that architecture (UNET_PRESETS / TRANSFORMER_PRESETS)
+    kernel_size: int = 5              # U-Net only
+    n_groups: int = 8                 # U-Net only: GroupNorm groups
+    causal: bool = True               # transformer only: causal self- and cross-attention
+    p_drop: float = 0.0               # transformer only: dropout
     horizon: int = 16                 # Tp: predicted actions per chunk
     n_obs_steps: int = 2              # To
     n_action_steps: int = 8           # Ta: executed actions, starting at index To - 1
@@ -38,8 +42,14 @@ class PolicyConfig:
     action_dim: int = 2
 
     def __post_init__(self):
-        if self.backbone not in UNET_PRESETS:
-            raise ConfigError(f"policy.backbone must be one of {sorted(UNET_PRESETS)}, got {self.backbone!r}")
+        presets = {"unet": UNET_PRESETS, "transformer": TRANSFORMER_PRESETS}
+        if self.architecture not in presets:
+            raise ConfigError(f"policy.architecture must be 'unet' or 'transformer', got {self.architecture!r}")
+        if self.backbone not in presets[self.architecture]:
+            raise ConfigError(f"policy.backbone must be one of {sorted(presets[self.architecture])} for the "
+                              f"{self.architecture}, got {self.backbone!r}")
+        if not 0 <= self.p_drop < 1:
+            raise ConfigError(f"policy.p_drop must be in [0, 1), got {self.p_drop}")
         for k in ("kernel_size", "n_groups", "horizon", "n_obs_steps", "n_action_steps", "obs_dim", "action_dim"):
             if int(getattr(self, k)) < 1:
                 raise ConfigError(f"policy.{k} must be >= 1, got {getattr(self, k)}")
@@ -48,7 +58,7 @@ class PolicyConfig:
         if self.n_obs_steps - 1 + self.n_action_steps > self.horizon:
             raise ConfigError(f"policy.n_obs_steps - 1 + policy.n_action_steps must be <= policy.horizon "
                               f"({self.n_obs_steps} - 1 + {self.n_action_steps} > {self.horizon})")
-        if any(d % self.n_groups for d in UNET_PRESETS[self.backbone]["down_dims"]):
+        if self.architecture == "unet" and any(d % self.n_groups for d in UNET_PRESETS[self.backbone]["down_dims"]):
             raise ConfigError(f"policy.n_groups={self.n_groups} must divide every channel width of {self.backbone}")
 
     @classmethod
@@ -71,9 +81,14 @@ class Policy(nn.Module):
         self.config = config
         c = config
         self.normalizer = normalizer if normalizer is not None else Normalizer({"obs": c.obs_dim, "action": c.action_dim})
-        self.model = ConditionalUnet1D(c.action_dim, c.n_obs_steps * c.obs_dim, kernel_size=c.kernel_size,
-                                       n_groups=c.n_groups, timestep_dim=self.timestep_dim,
-                                       **UNET_PRESETS[c.backbone])
+        if c.architecture == "unet":
+            self.model = ConditionalUnet1D(c.action_dim, c.n_obs_steps * c.obs_dim, kernel_size=c.kernel_size,
+                                           n_groups=c.n_groups, timestep_dim=self.timestep_dim,
+                                           **UNET_PRESETS[c.backbone])
+        else:
+            self.model = TimeSeriesTransformer(c.action_dim, c.n_obs_steps * c.obs_dim, c.n_obs_steps, c.horizon,
+                                               p_drop=c.p_drop, causal=c.causal, timestep_dim=self.timestep_dim,
+                                               **TRANSFORMER_PRESETS[c.backbone])
 
     # ---- shared pieces -------------------------------------------------------------------------------
     def global_cond(self, obs_n: Tensor) -> Tensor:
