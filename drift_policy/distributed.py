@@ -106,9 +106,7 @@ class Distributed:
             return policy.compute_loss
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        # broadcast_buffers=False: the only buffers are the normaliser's statistics, fitted identically everywhere.
-        return DDP(_PolicyLoss(policy), device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                   broadcast_buffers=False)
+        return DDP(_PolicyLoss(policy), device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def check_batch_size(self, batch_size: int) -> None:
         if batch_size % self.world_size:

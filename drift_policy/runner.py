@@ -11,7 +11,8 @@ episode's clock starts (a robot would not start moving without one). Then:
 * receding horizon (``ensemble=0``): each chunk's Ta executable actions are played in order (Diffusion Policy's
   protocol). With ``async=0`` the next chunk is computed inside the tick that needs it, so that tick must fit
   inference and the env step in one period. With ``async=1`` it is computed in a background thread, started
-  ``lead`` ticks before the queue runs out from the observation of that tick; the actions of a chunk are indexed
+  ``lead`` ticks before the queue runs out from the observation of that tick (by default the fewest ticks that
+  cover 1.5 x the slowest warm-up inference, at least 1); the actions of a chunk are indexed
   by time, so a chunk computed from the observation at tick s and first used at tick s + lead starts with its
   action for tick s + lead (``action_pred[To - 1 + lead]``), never with an action whose time has passed.
 * temporal ensembling (``ensemble=1``, ACT / Diffusion Policy style): a new chunk every tick; the action for tick t
@@ -56,7 +57,8 @@ class RunConfig:
     async_: bool = False           # background inference
     ensemble: bool = False         # temporal ensembling instead of receding horizon
     ensemble_k: float = 0.01       # ensemble weights exp(-k * i), i = 0 for the oldest prediction
-    lead: int = 1                  # async receding horizon: start the next chunk this many ticks before it is needed
+    lead: int = 0                  # async receding horizon: start the next chunk this many ticks before it is
+                                   # needed (0: from the warm-up latency, see auto_lead)
     backend: str = "torch"         # torch | torchscript | onnx
     threads: int = 1               # intra-op threads of the inference backend
     max_steps: int = 300           # env steps per episode (Diffusion Policy's Push-T protocol)
@@ -72,7 +74,7 @@ class RunConfig:
         if self.backend not in ("torch", "torchscript", "onnx"):
             raise ValueError(f"backend must be torch, torchscript or onnx, got {self.backend!r}")
         max_lead = horizon - n_obs_steps + 1 - n_action_steps
-        if self.async_ and not self.ensemble and not 1 <= self.lead <= max_lead:
+        if self.async_ and not self.ensemble and self.lead and not 1 <= self.lead <= max_lead:
             raise ValueError(f"lead must be in [1, {max_lead}] (horizon - n_obs_steps + 1 - n_action_steps), got {self.lead}")
 
 
@@ -249,8 +251,13 @@ def run(policy, cfg: RunConfig, checkpoint: str = "") -> dict:
     backend = Backend(policy, cfg)
     ctrl = Controller(backend, cfg, c.n_action_steps)
     dummy = np.zeros((c.n_obs_steps, c.obs_dim), dtype=np.float32)
+    warm = []
     for _ in range(cfg.warmup):
+        t = time.perf_counter()
         backend(dummy)
+        warm.append(time.perf_counter() - t)
+    if cfg.async_ and not cfg.ensemble and not cfg.lead:
+        cfg.lead = auto_lead(warm, cfg.rate_hz, c.horizon - c.n_obs_steps + 1 - c.n_action_steps)
     env = PushTKeypointsEnv(max_steps=cfg.max_steps)
     ticks = {k: [] for k in ("lateness", "work", "act", "env", "age", "waited", "overrun")}
     episodes = []
@@ -300,6 +307,13 @@ def run(policy, cfg: RunConfig, checkpoint: str = "") -> dict:
         "success_rate": float(np.mean([e["success"] for e in done])) if done else None,
         "wall_s": wall,
     }
+
+
+def auto_lead(warmup_latencies: list[float], rate_hz: float, max_lead: int) -> int:
+    """Ticks of head start for a background chunk: 1.5 x the slowest warm-up inference (the first two, which
+    allocate, excluded), in periods, rounded up; between 1 and max_lead."""
+    slowest = max(warmup_latencies[2:], default=0.0)
+    return int(min(max_lead, max(1, math.ceil(1.5 * slowest * rate_hz))))
 
 
 def sustained(report: dict, tolerance: float) -> bool:

@@ -228,7 +228,7 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
             rec = {"step": step, "train_minutes": train_seconds / 60, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"],
                    "grad_norm": float(grad_norm), **{f"train/{k}": v for k, v in info.items()}}
             logger.log(rec)
-            bar.set_postfix(loss=f"{float(loss):.3f}", **({"mse": f"{info['mse_to_expert']:.4f}"}
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", **({"mse": f"{info['mse_to_expert']:.4f}"}
                                                           if "mse_to_expert" in info else {}))
         if is_main and t.eval_episodes and ((t.eval_every_steps and step % t.eval_every_steps == 0) or
                                             (t.eval_every_minutes and train_seconds >= 60 * next_eval_minutes)):

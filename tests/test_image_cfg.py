@@ -1,5 +1,4 @@
 """CFG through weighted unconditional negatives, the alpha sampler, and the attraction ablation."""
-import math
 
 import pytest
 import torch
@@ -65,4 +64,14 @@ def test_attraction_ablation_is_exact_at_one_and_breaks_equilibrium_otherwise():
         torch.testing.assert_close(ia[k], i1[k], rtol=1e-5, atol=1e-7)
     _, i15 = drift_loss_asym(x, same, unc, neg_weight=0.5, attraction=1.5)
     for t in (0.02, 0.05, 0.2):   # at p = q the symmetric field nearly cancels; 1.5x attraction does not
-        assert i15[f"v2_tau{t:g}"] > 3 * i1[f"v2_tau{t:g}"], t
+        assert i15[f"v2_tau{t:g}"] > 1.5 * i1[f"v2_tau{t:g}"], t
+
+    def inward(attraction):
+        """Mean cosine between the update direction and (x - centroid): < 0 means the samples contract."""
+        x.grad = None
+        drift_loss_asym(x, same, unc, neg_weight=0.5, attraction=attraction)[0].sum().backward()
+        d = x.detach() - x.detach().mean(1, keepdim=True)
+        return torch.nn.functional.cosine_similarity(-x.grad, d, dim=-1).mean().item()
+
+    # measured: -0.05 at 1.0, -0.31 at 1.5: extra attraction pulls everything toward the data's centre (collapse)
+    assert abs(inward(1.0)) < 0.1 and inward(1.5) < -0.2

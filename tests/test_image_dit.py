@@ -17,14 +17,17 @@ def _randomize(model, std=0.05, seed=0):
 
 def test_shapes_and_identity_at_init():
     torch.manual_seed(0)
-    m = build_dit("tiny", image_size=28, in_channels=1, patch=4)
+    m = build_dit("tiny", image_size=28, in_channels=1, patch=4, noise_skip=True)
     eps = torch.randn(6, 1, 28, 28)
     y = torch.arange(6)
     x = m(eps, y, torch.linspace(1, 4, 6))
     assert x.shape == eps.shape
-    # adaLN-zero gates and the zero head make f(eps) = eps at init, for any class / alpha / style
+    # noise_skip: adaLN-zero gates and the zero head make f(eps) = eps at init, for any class / alpha / style
     torch.testing.assert_close(x, eps)
     torch.testing.assert_close(m(eps, y.flip(0), 3.0), eps)
+    # default (random head): blocks are still identities, so the output ignores the class at init
+    d = build_dit("tiny", image_size=28, in_channels=1, patch=4)
+    torch.testing.assert_close(d(eps, y, 1.0), d(eps, y.flip(0), 1.0))
 
 
 @pytest.mark.parametrize("noise_skip", [True, False])
@@ -39,7 +42,7 @@ def test_initial_samples_are_spread_not_collapsed(noise_skip):
     pair = torch.pdist(x.flatten(1)).mean()
     if noise_skip:
         assert 0.9 < across < 1.1                  # exactly the noise's spread
-    assert across > 0.1 and across > 2 * centre, (across, centre)
+    assert across > 0.5 and across > centre, (across, centre)
     assert pair > 0.5 * x.flatten(1).norm(dim=1).mean()
 
 

@@ -74,7 +74,7 @@ def test_drift_through_frozen_encoder_moves_samples_toward_the_data():
             return (enc(x)[1].mean(0) - enc(data)[1].mean(0)).norm().item()
 
     before = gap()
-    for _ in range(60):
+    for _ in range(120):
         fg = feature_sets(enc(x), (0, 1), (1,), (2,), None)
         fp = feature_sets(enc(data), (0, 1), (1,), (2,), None)
         fg = {k: v.unsqueeze(0) for k, v in fg.items()}

@@ -144,3 +144,12 @@ def test_run_cli_writes_the_report(policy, tmp_path):
     assert r["config"]["async"] is True and r["config"]["ensemble"] is True and r["ticks"] == 10
     with pytest.raises(ValueError, match="lead"):
         main(["run", f"checkpoint={folder}", "lead=9", "async=1", "episodes=1", f"out={out}"])
+
+
+def test_auto_lead_covers_the_inference_latency():
+    from drift_policy.runner import auto_lead
+
+    assert auto_lead([1.0, 1.0, 0.004, 0.005], rate_hz=10, max_lead=7) == 1      # 7.5 ms of a 100 ms period
+    assert auto_lead([1.0, 1.0, 0.004, 0.005], rate_hz=1000, max_lead=7) == 7    # capped: 7.5 periods
+    assert auto_lead([1.0, 1.0, 0.004, 0.005], rate_hz=500, max_lead=7) == 4     # 3.75 periods, rounded up
+    assert auto_lead([], rate_hz=10, max_lead=7) == 1

@@ -5,6 +5,7 @@
     classifier [config] [k=v ...]   train and cache the evaluation classifier (eval.classifier)
     train      [config] [k=v ...]   train a generator (under torchrun for DDP)
     eval RUN_DIR [n_per_class=N] [alphas=[1,1.5]] [out=DIR]
+    ablate-synthetic [steps=200] [seeds=2] [out=FILE.json]   miniature ablation on the synthetic task
 """
 from __future__ import annotations
 
@@ -58,6 +59,21 @@ def main(argv=None) -> None:
         set_threads(int(kw.pop("threads", 1)))
         evaluate(args[0], n_per_class=int(kw["n_per_class"]) if "n_per_class" in kw else None,
                  alphas=yaml.safe_load(kw["alphas"]) if "alphas" in kw else None, out_dir=kw.get("out"))
+    elif cmd == "ablate-synthetic":
+        import json
+        from pathlib import Path
+
+        from ..threads import set_threads
+        from .ablation import run, table
+
+        kw = dict(a.split("=", 1) for a in args)
+        set_threads(1)
+        res = run(int(kw.get("steps", 200)), int(kw.get("seeds", 2)))
+        print(table(res))
+        if "out" in kw:
+            Path(kw["out"]).parent.mkdir(parents=True, exist_ok=True)
+            Path(kw["out"]).write_text(json.dumps(res, indent=2))
+            Path(kw["out"]).with_suffix(".md").write_text(table(res) + "\n")
     else:
         raise SystemExit(f"unknown command {cmd!r}\n{__doc__}")
 

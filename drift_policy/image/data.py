@@ -65,7 +65,7 @@ def _find(root: Path, stem: str) -> Path:
 
 
 def _to_tensor(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().div(255.0).mul(2).sub(1).unsqueeze(1)  # [N, 1, H, W]
+    x = torch.from_numpy(np.array(images, copy=True)).float().div(255.0).mul(2).sub(1).unsqueeze(1)  # [N, 1, H, W]
     return x, torch.from_numpy(np.asarray(labels, dtype=np.int64))
 
 

@@ -107,7 +107,7 @@ def _patch_stats(f: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
 
 
 def feature_sets(maps: list[Tensor], stages=(0, 1, 2), loc_stages=(2,), patches=(2, 4),
-                 max_groups: int | None = 64) -> dict[str, Tensor]:
+                 max_groups: int | None = 64, global_stats: bool = True) -> dict[str, Tensor]:
     """Drift features from encoder maps. Every value is [B, K, D]: K independent drift problems of dim D.
 
     ``stages`` select which maps give global mean/std and patch stats; ``loc_stages`` which give per-location
@@ -117,8 +117,9 @@ def feature_sets(maps: list[Tensor], stages=(0, 1, 2), loc_stages=(2,), patches=
     out: dict[str, Tensor] = {}
     for i in stages:
         f = maps[i]                                                       # [B, C, H, W]
-        out[f"s{i}.mean"] = f.mean(dim=(2, 3)).unsqueeze(1)               # [B, 1, C]
-        out[f"s{i}.std"] = f.flatten(2).std(dim=2).unsqueeze(1)           # [B, 1, C]
+        if global_stats:
+            out[f"s{i}.mean"] = f.mean(dim=(2, 3)).unsqueeze(1)           # [B, 1, C]
+            out[f"s{i}.std"] = f.flatten(2).std(dim=2).unsqueeze(1)       # [B, 1, C]
         for k in patches:
             ps = _patch_stats(f, k)
             if ps is not None and (max_groups is None or ps[0].shape[1] <= max_groups):

@@ -3,9 +3,7 @@ against held-out real images (with the real-vs-real reference next to it), and P
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from .classifier import SmallCNN, accuracy, train_classifier
@@ -16,8 +14,11 @@ from .train import _path, load_generator
 __all__ = ["ensure_classifier", "generate", "evaluate", "save_grid"]
 
 
-def ensure_classifier(cfg: dict, path=None, minutes: float = 3.0, epochs: float = 2.0, log=print) -> SmallCNN:
+def ensure_classifier(cfg: dict, path=None, minutes: float | None = None, epochs: float | None = None,
+                      log=print) -> SmallCNN:
     path = _path(path or cfg["eval"]["classifier"])
+    minutes = minutes if minutes is not None else cfg["eval"].get("classifier_minutes", 3.0)
+    epochs = epochs if epochs is not None else cfg["eval"].get("classifier_epochs", 2.0)
     x, y = load_dataset(cfg["data"]["name"], "train", cfg["data"]["root"])
     model = SmallCNN(x.shape[1], cfg["data"]["num_classes"])
     if path.exists():
@@ -88,6 +89,10 @@ def evaluate(run_dir, *, n_per_class: int | None = None, alphas=None, out_dir=No
                                        "precision_recall": precision_recall(f_test[:n_pr], f_real[:n_pr])}}
     ck = torch.load(_path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
     res["step"] = ck["step"]
+    hist = _path(run_dir) / "history.jsonl"
+    if hist.exists():
+        lines = hist.read_text().splitlines()
+        res["train_seconds"] = json.loads(lines[-1])["t"] if lines else None
     labels = torch.arange(C).repeat_interleave(n_per_class)
     for a in alphas:
         x = generate(model, labels, a, seed=seed)
@@ -111,3 +116,28 @@ def evaluate(run_dir, *, n_per_class: int | None = None, alphas=None, out_dir=No
     save_grid(xt[idx], out_dir / "real_test.png", e["grid_per_class"])
     (out_dir / "eval.json").write_text(json.dumps(res, indent=2))
     return res
+
+
+def summarize(runs: dict[str, str], alphas=(1.0, 1.5)) -> str:
+    """Markdown table of eval.json files: {label: folder containing eval.json}."""
+    rows = ["| run | steps | train s | alpha | label agreement | FD (clf feats) | KID | precision | recall |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    ref = None
+    for label, folder in runs.items():
+        p = _path(folder) / "eval.json"
+        if not p.exists():
+            rows.append(f"| {label} | (missing) | | | | | | | |")
+            continue
+        r = json.loads(p.read_text())
+        ref = ref or r
+        for a in alphas:
+            m = r.get(f"alpha{a:g}")
+            if m:
+                pr = m["precision_recall"]
+                rows.append(f"| {label} | {r['step']} | {r.get('train_seconds', '')} | {a:g} | {m['label_agreement']:.3f} | "
+                            f"{m['fd_vs_test']:.2f} | {m['kid_vs_test']:.3f} | {pr[0]:.3f} | {pr[1]:.3f} |")
+    if ref:
+        t = ref["reference_train_vs_test"]
+        rows.append(f"| real train vs real test (reference) | | | | {ref['classifier_test_acc']:.3f} (clf acc) | "
+                    f"{t['fd']:.2f} | {t['kid']:.3f} | {t['precision_recall'][0]:.3f} | {t['precision_recall'][1]:.3f} |")
+    return "\n".join(rows)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ def _path(p) -> Path:
 
 
 def build_generator(cfg: dict, image_shape) -> torch.nn.Module:
-    m = dict(cfg["model"])
+    m = {k: v for k, v in cfg["model"].items() if v is not None}
     preset = m.pop("preset")
     C, H, W = image_shape
     return build_dit(preset, image_size=H, in_channels=C, num_classes=cfg["data"]["num_classes"], **m)
@@ -85,7 +84,8 @@ def encode_features(enc, x: torch.Tensor, cfg: dict) -> dict[str, torch.Tensor]:
     """x [B, C, H, W] -> {name: [B, K, D]} (encoder feature sets + the raw sample)."""
     e, out = cfg["encoder"], {}
     if enc is not None:
-        out = feature_sets(enc(x), e["stages"], e["loc_stages"], e["patches"], e["max_groups"])
+        out = feature_sets(enc(x), e["stages"], e["loc_stages"], e["patches"], e["max_groups"],
+                           e["global_stats"])
     if cfg["drift"]["raw"] or enc is None:
         out["raw"] = x.flatten(1).unsqueeze(1)                            # [B, 1, C*H*W]
     return out
@@ -183,14 +183,31 @@ def train(cfg: dict, *, log=None) -> dict:
         hist.append(rec)
         if step % cfg["train"]["log_every"] == 0:
             log(json.dumps(rec))
+        if rank == 0 and (step + 1) in cfg["train"]["snapshot_steps"]:
+            (out / f"step{step + 1}").mkdir(exist_ok=True)
+            _save(out / f"step{step + 1}", model, ema, cfg, shape, step + 1, hist)
         if rank == 0 and time.time() - last_save > cfg["train"]["save_every_minutes"] * 60:
             _save(out, model, ema, cfg, shape, step, hist)
             last_save = time.time()
         step += 1
+    result = {"steps": step, "seconds": time.time() - t0, "history": hist, "model": model, "ema": ema, "out": out}
+    if world > 1:
+        # Check: DDP kept the replicas identical, while each rank drew its own data into its own queues.
+        flat = torch.cat([p.detach().flatten().cpu() for p in model.parameters()])
+        qsum = torch.tensor([queues.glob.buf.sum().item()])
+        flats, qsums = [torch.zeros_like(flat) for _ in range(world)], [torch.zeros_like(qsum) for _ in range(world)]
+        dist.all_gather(flats, flat)
+        dist.all_gather(qsums, qsum)
+        result["ddp"] = {"param_max_diff": max((f - flat).abs().max().item() for f in flats),
+                         "queue_sums": [q.item() for q in qsums], "world": world}
+        log("ddp check " + json.dumps(result["ddp"]))
     if rank == 0:
         _save(out, model, ema, cfg, shape, step, hist)
         log(f"done: {step} steps in {time.time() - t0:.0f}s -> {out}")
-    return {"steps": step, "seconds": time.time() - t0, "history": hist, "model": model, "ema": ema, "out": out}
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
 
 
 def _save(out: Path, model, ema, cfg, shape, step, hist):

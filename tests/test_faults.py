@@ -1,0 +1,162 @@
+"""Training survives faults: kill -9 and resume, corrupted checkpoints, non-finite losses; and is deterministic."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from drift_policy import train as train_mod
+from drift_policy.checkpoint import CheckpointError, latest_good_checkpoint, list_checkpoints, load_checkpoint
+from drift_policy.config import compose
+from drift_policy.policies import DriftPolicy, Policy
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = ["policy.backbone=tiny", "train.batch_size=4", "train.eval_episodes=0", "train.threads=1",
+        "train.log_every=1", "train.warmup_steps=5", "train.wandb=disabled"]
+
+
+def step_of(path) -> int:
+    return int(path.stem.split("_")[1])
+
+
+def logged_steps(run_dir) -> list[int]:
+    """Steps in metrics.jsonl; a last line cut by a kill is ignored."""
+    steps = []
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                steps.append(json.loads(line)["step"])
+            except json.JSONDecodeError:
+                pass
+    return steps
+
+
+@pytest.fixture(scope="module")
+def datasets(pusht_zarr):
+    """The real Push-T windows, loaded once for the in-process tests."""
+    return train_mod.make_datasets(compose([*TINY, f"task.data_root={pusht_zarr.parents[1]}"]))
+
+
+@pytest.fixture
+def tiny(tmp_path, datasets, monkeypatch):
+    monkeypatch.setattr(train_mod, "make_datasets", lambda cfg: datasets)
+
+    def make(name, *overrides):
+        return compose([*TINY, f"train.run_dir={tmp_path / name}", *overrides])
+    return make
+
+
+def test_kill_9_then_resume(tmp_path, pusht_zarr):
+    run = tmp_path / "run"
+    env = {**os.environ, "DRIFT_POLICY_DATA_ROOT": str(pusht_zarr.parents[1]), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO)}
+    every, total = 5, 60
+    cmd = [sys.executable, "-m", "drift_policy", "train", *TINY, f"train.ckpt_every_steps={every}",
+           f"train.max_steps={total}", f"train.run_dir={run}"]
+    with open(tmp_path / "train.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+        try:
+            deadline = time.time() + 300
+            while True:      # wait for a checkpoint and a little progress past it, then kill -9 mid-interval
+                ckpts = list_checkpoints(run)
+                if ckpts and max(logged_steps(run), default=0) >= step_of(ckpts[0]) + 2:
+                    break
+                assert proc.poll() is None, f"training ended before the kill:\n{(tmp_path / 'train.log').read_text()}"
+                assert time.time() < deadline, "no checkpoint within 300 s"
+                time.sleep(0.01)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    ckpts = list_checkpoints(run)
+    newest = step_of(ckpts[0])
+    last_logged = max(logged_steps(run))
+    assert newest < total and 0 <= last_logged - newest <= every       # at most one interval of work lost
+    for p in ckpts:                                                     # what is on disk verifies (sha256)
+        assert load_checkpoint(p)["step"] == step_of(p)
+
+    res = subprocess.run([sys.executable, "-m", "drift_policy", "resume", str(run)], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"from step_{newest:08d}.pt (step {newest})" in res.stdout
+    final = list_checkpoints(run)[0]
+    assert step_of(final) == total and load_checkpoint(final)["step"] == total
+    # every step logged exactly once: records of the redone steps were dropped on resume
+    assert logged_steps(run) == list(range(1, total + 1))
+    pol = Policy.from_pretrained(run / "pretrained")
+    assert torch.isfinite(pol.predict_action(torch.rand(1, 2, 20) * 512)["action"]).all()
+
+
+def test_corrupted_checkpoint_is_reported_and_resume_falls_back(tiny):
+    cfg = tiny("run", "train.max_steps=10", "train.ckpt_every_steps=5", "train.keep_checkpoints=3")
+    run = train_mod.train(cfg, progress=False)
+    p5, p10 = sorted(list_checkpoints(run), key=step_of)
+    reference = load_checkpoint(p10)["model"]
+
+    data = p10.read_bytes()
+    p10.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"step_00000010\.pt: truncated \(\d+ of \d+ bytes\)"):
+        load_checkpoint(p10)
+    p10.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+    with pytest.raises(CheckpointError, match=r"corrupted \(SHA-256 does not match step_00000010\.pt\.json\)"):
+        load_checkpoint(p10)
+    with pytest.warns(UserWarning, match="skipping bad checkpoint: .*step_00000010.pt: corrupted"):
+        path, ckpt = latest_good_checkpoint(run)
+    assert path == p5 and ckpt["step"] == 5
+
+    with pytest.warns(UserWarning, match="skipping bad checkpoint"):
+        train_mod.train(cfg, run_dir=run, resume=True, progress=False)
+    # redone from step 5 with the saved RNG states: bit-identical to the uninterrupted run
+    redone = load_checkpoint(p10)["model"]
+    assert all(torch.equal(redone[k], v) for k, v in reference.items())
+
+    for p in list_checkpoints(run):                                      # nothing usable left
+        p.write_bytes(b"garbage")
+    with pytest.warns(UserWarning), pytest.raises(FileNotFoundError, match="no usable checkpoint"):
+        train_mod.train(cfg, run_dir=run, resume=True, progress=False)
+
+
+def test_nan_loss_skips_the_step_then_aborts(tiny, monkeypatch):
+    original = DriftPolicy.compute_loss
+    calls = []
+
+    def nan_on_third_call(self, batch):
+        loss, info = original(self, batch)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 3 else loss), info
+
+    monkeypatch.setattr(DriftPolicy, "compute_loss", nan_on_third_call)
+    with pytest.warns(UserWarning, match="step 2: non-finite loss or gradient .*step skipped"):
+        run = train_mod.train(tiny("flaky", "train.max_steps=5", "train.ckpt_every_steps=5"), progress=False)
+    assert len(calls) == 6 and logged_steps(run) == [1, 2, 3, 4, 5]     # the bad step was retried, not counted
+    ckpt = load_checkpoint(list_checkpoints(run)[0])
+    assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+    monkeypatch.setattr(DriftPolicy, "compute_loss", lambda self, b: (original(self, b)[0] * float("inf"), {}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(FloatingPointError, match=r"3 consecutive non-finite steps at step 0; aborting "
+                                                     r"\(last good weights saved in .*checkpoints\)"):
+            train_mod.train(tiny("broken", "train.max_bad_steps=3"), progress=False)
+
+
+def test_same_seed_same_evaluation(tiny):
+    results = []
+    for name in ("a", "b"):
+        cfg = tiny(name, "train.max_steps=6", "train.ckpt_every_steps=6", "train.eval_episodes=2",
+                   "train.eval_workers=0", "task.max_steps=16", "train.eval_every_steps=0")
+        run = train_mod.train(cfg, progress=False)
+        res = json.loads((run / "eval" / "step_00000006.json").read_text())
+        res.pop("wall_s"), res.pop("train_minutes")                     # wall-clock times
+        results.append(res)
+    assert results[0] == results[1]
+    assert len(results[0]["per_episode"]) == 2 and results[0]["step"] == 6
