@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="drift-policy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["train", "resume", "eval", "bench", "export", "run"])
+    parser.add_argument("command", choices=["train", "resume", "eval", "bench", "export", "run", "image"])
     parser.add_argument("args", nargs=argparse.REMAINDER)
     ns = parser.parse_args(argv)
     if ns.command == "train":
@@ -124,6 +124,10 @@ def main(argv: list[str] | None = None) -> None:
         from .runner import cmd_run
 
         cmd_run(ns.args)
+    elif ns.command == "image":
+        from .image.__main__ import main as image_main
+
+        image_main(ns.args)
 
 
 if __name__ == "__main__":
