@@ -331,6 +331,7 @@ def find_max_rate(policy, cfg: RunConfig, seconds: float = 5.0, tolerance: float
         r = run(policy, RunConfig(**{**asdict(cfg), "rate_hz": rate, "seconds": seconds, "episodes": 0}))
         ok = sustained(r, tolerance)
         trials.append({"rate_hz": rate, "missed_fraction": r["missed_fraction"], "achieved_rate_hz": r["achieved_rate_hz"],
+                       "waited_for_chunk": r["waited_for_chunk"], "overruns": r["overruns"], "lead": r["config"]["lead"],
                        "inference_latency_ms_p99": r["inference_latency_ms"].get("p99"),
                        "tick_work_ms_p99": r["tick_work_ms"].get("p99"), "ok": ok})
         print(f"  {rate:8.1f} Hz: missed {r['missed_fraction']:.4f}, achieved {r['achieved_rate_hz']:.1f} Hz -> "

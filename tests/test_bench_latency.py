@@ -1,4 +1,7 @@
-"""drift-policy bench latency (drift_policy/bench_latency.py): structure, ratios, options, backends. No timings asserted."""
+"""drift-policy bench latency (drift_policy/bench_latency.py): structure, ratios, options, backends.
+
+No timings are asserted.
+"""
 import json
 
 import numpy as np
@@ -120,8 +123,8 @@ def test_cli_bad_options(args, match):
         bl.main(args)
 
 
-@pytest.mark.parametrize("method", ["drift", "ddim10"])
-@pytest.mark.parametrize("backend", ["jit_trace", "onnxruntime"])
+@pytest.mark.parametrize("method, backend", [("drift", "jit_trace"), ("drift", "jit_gemm"), ("ddim10", "jit_gemm"),
+                                             ("drift", "onnxruntime"), ("ddim10", "onnxruntime")])
 def test_accelerated_policy_keeps_semantics(method, backend):
     if backend == "onnxruntime":
         pytest.importorskip("onnxruntime")
@@ -137,3 +140,14 @@ def test_accelerated_policy_keeps_semantics(method, backend):
         assert out["action"].shape == (batch, policy.config.n_action_steps, policy.config.action_dim)
     with pytest.raises(bl.BenchOptionError, match="backend must be one of"):
         bl.accelerated_policy(policy, "tvm")
+
+
+@pytest.mark.parametrize("c_in, c_out, k, stride, pad, bias", [(3, 8, 5, 1, 2, True), (8, 8, 3, 2, 1, True),
+                                                                (6, 4, 1, 1, 0, True), (4, 6, 3, 1, 0, False)])
+def test_gemm_conv_matches_conv1d(c_in, c_out, k, stride, pad, bias):
+    conv = torch.nn.Conv1d(c_in, c_out, k, stride, pad, bias=bias)
+    x = torch.randn(3, c_in, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(bl._GemmConv1d(conv)(x), conv(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="plain convolutions"):
+        bl._GemmConv1d(torch.nn.Conv1d(4, 4, 3, groups=2))
