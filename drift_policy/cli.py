@@ -58,7 +58,8 @@ def load_policy_for_eval(path: str | Path, device: str = "cpu"):
     path = Path(path)
     if (path / "model.safetensors").exists():
         policy = Policy.from_pretrained(path, device)
-        return policy, None
+        run_config = path.parent / "config.json"      # a run's pretrained/ folder: the run knows its task
+        return policy, (Config.from_dict(json.loads(run_config.read_text())) if run_config.exists() else None)
     if path.is_dir():
         found = latest_good_checkpoint(path)
         if found is None:
@@ -86,7 +87,7 @@ def cmd_eval(args: list[str]) -> None:
         raise SystemExit("usage: drift-policy eval checkpoint=PATH [episodes=50 workers=2 videos=0 out=FILE]")
     set_threads(opts.get("threads", 1))
     policy, cfg = load_policy_for_eval(opts["checkpoint"])
-    if cfg is None:
+    if "task" in opts or cfg is None:
         cfg = compose([f"task={opts.get('task', 'pusht_keypoints')}"])
     ckpt = Path(opts["checkpoint"])
     out = Path(opts["out"]) if "out" in opts else (ckpt / "eval.json" if ckpt.is_dir() else ckpt.with_suffix(".eval.json"))
@@ -95,7 +96,7 @@ def cmd_eval(args: list[str]) -> None:
                           n_videos=opts.get("videos", 0), seed=opts.get("seed", 0))
     res["checkpoint"] = str(opts["checkpoint"])
     save_eval_json(res, out)
-    print(f"coverage score {res['coverage_score']:.3f}, success rate {res['success_rate']:.2f} "
+    print(f"{cfg.task.name}: score {res['mean_score']:.3f}, success rate {res['success_rate']:.2f} "
           f"over {res['n_episodes']} episodes (seeds {res['start_seed']}..); written to {out}")
 
 

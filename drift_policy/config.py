@@ -14,22 +14,32 @@ from .paths import CONFIG_DIR
 from .policies import PolicyConfig, config_from_dict
 from .policies.base import ConfigError, check_keys
 
-# What each environment family fixes about the data; policies read their sizes from here.
-TASK_SPACES = {"pusht": {"obs_dim": 20, "action_dim": 2}}
-
-
 @dataclass
 class TaskConfig:
     name: str = "pusht_keypoints"
-    env: str = "pusht"
+    env: str = "pusht"                  # pusht | robomimic (see tasks.py)
+    dataset: str = "pusht/pusht_cchi_v7_replay.zarr"   # relative to the data root, or absolute
+    obs_keys: tuple[str, ...] = ("keypoint", "agent_pos")   # low-dim keys, concatenated in this order
+    image_keys: tuple[str, ...] = ()    # camera keys, each with its own image encoder
+    image_size: int = 96                # stored frames are image_size x image_size
+    crop_size: int = 84                 # random crop in training, centre crop at evaluation
+    robomimic_task: str = ""            # lift | can | square | tool_hang (robomimic only)
+    abs_action: bool = False            # robomimic: Diffusion Policy's absolute actions (pos + rot6d + gripper)
     data_root: str | None = None
     val_ratio: float = 0.02
     max_steps: int = 300
     start_seed: int = 100000
 
     def __post_init__(self):
-        if self.env not in TASK_SPACES:
-            raise ConfigError(f"task.env must be one of {sorted(TASK_SPACES)}, got {self.env!r}")
+        from .tasks import ENVS, check_task
+
+        self.obs_keys, self.image_keys = tuple(self.obs_keys), tuple(self.image_keys)
+        if self.env not in ENVS:
+            raise ConfigError(f"task.env must be one of {list(ENVS)}, got {self.env!r}")
+        try:
+            check_task(self)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
         if not 0 <= self.val_ratio < 1:
             raise ConfigError(f"task.val_ratio must be in [0, 1), got {self.val_ratio}")
         if self.max_steps < 1:
@@ -107,8 +117,10 @@ class Config:
         task = TaskConfig(**task)
         policy = dict(d["policy"])
         # The observation and action sizes come from the task, not from the policy's YAML.
-        for k, v in TASK_SPACES[task.env].items():
-            if k in policy and policy[k] != v:
+        from .tasks import task_spaces
+
+        for k, v in task_spaces(task).items():
+            if k in policy and _plain(policy[k]) != _plain(v):
                 raise ConfigError(f"policy.{k}={policy[k]} contradicts task {task.name} ({k}={v})")
             policy[k] = v
         train = dict(d.get("train", {}))
@@ -118,6 +130,10 @@ class Config:
     def default_run_dir(self) -> Path:
         name = f"{self.task.name}-{self.policy.type}-{self.policy.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
         return Path("runs") / name
+
+
+def _plain(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
 
 
 def compose(overrides: list[str] | None = None, config_dir: str | Path | None = None) -> Config:

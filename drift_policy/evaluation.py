@@ -1,6 +1,7 @@
-"""Push-T closed-loop evaluation under Diffusion Policy's protocol.
+"""Closed-loop evaluation under Diffusion Policy's protocol, for every task family.
 
-``evaluate_pusht(predict)`` runs ``n_episodes`` episodes seeded ``start_seed, start_seed + 1, ...`` (test seeds
+``evaluate(predict, env_spec)`` runs the environment a ``tasks.env_spec`` describes (Push-T, robomimic);
+``evaluate_pusht(predict)`` is the Push-T keypoints case with an array-in, array-out ``predict``. It runs ``n_episodes`` episodes seeded ``start_seed, start_seed + 1, ...`` (test seeds
 100000..100049 by default), each at most ``max_steps`` env steps (300) at 10 Hz. The policy runs in the calling
 process: every chunk, the observation windows of all still-running episodes go to one ``predict`` call, and
 each episode then executes the returned actions (receding horizon) until they run out, the block covers the
@@ -8,9 +9,11 @@ goal (> 95 %) or the step limit is hit. Env stepping is spread over ``num_worker
 import neither torch nor the caller's ``__main__`` and run single-threaded; ``num_workers=0`` steps in-process.
 Results do not depend on the process layout.
 
-Metrics: ``coverage_score`` is the mean over episodes of the episode's maximum reward
-(reward = clip(coverage / 0.95, 0, 1)), Diffusion Policy's ``test/mean_score``; ``success_rate`` is the
-fraction of episodes whose maximum coverage exceeds 0.95 (LeRobot's ``pc_success`` / 100).
+Metrics: ``mean_score`` is the mean over episodes of the episode's maximum reward, Diffusion Policy's
+``test/mean_score``; for Push-T (reward = clip(coverage / 0.95, 0, 1)) it is also reported as
+``coverage_score``. ``success_rate`` is the fraction of episodes that reached success at some step (Push-T:
+coverage > 0.95, LeRobot's ``pc_success`` / 100; robomimic: the task's success check). An episode ends at
+success or after ``max_steps`` steps.
 """
 from __future__ import annotations
 
@@ -30,45 +33,50 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["evaluate_pusht", "save_eval_json", "VIDEO_SIZE"]
+__all__ = ["evaluate", "evaluate_pusht", "save_eval_json", "VIDEO_SIZE", "PUSHT_KEYPOINTS_SPEC"]
 
 VIDEO_SIZE = 256  # px, square frames of the optional evaluation videos
-VIDEO_FPS = 10  # the control rate, so videos play in real time
+PUSHT_KEYPOINTS_SPEC = {"family": "pusht", "name": "pusht", "kwargs": {"image": False}, "fps": 10}
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
-PredictFn = Callable[[np.ndarray], np.ndarray]
+PredictFn = Callable[[dict[str, np.ndarray]], np.ndarray]
 
 
 # -- one episode (used in workers and in-process) --------------------------------------------------------------
-class _Episode:
-    def __init__(self, index: int, seed: int, n_obs_steps: int, max_steps: int, video_path: str | None):
-        from drift_policy.envs.pusht import SUCCESS_THRESHOLD, PushTKeypointsEnv
+def _as_dict(obs) -> dict[str, np.ndarray]:
+    return dict(obs) if isinstance(obs, dict) else {"obs": obs}
 
-        self.index, self.seed = index, seed
-        self.success_threshold = SUCCESS_THRESHOLD
-        self.env = PushTKeypointsEnv(max_steps=max_steps)
+
+class _Episode:
+    def __init__(self, index: int, seed: int, spec: dict, n_obs_steps: int, max_steps: int, video_path: str | None):
+        from drift_policy.tasks import make_env
+
+        self.index, self.seed, self.family = index, seed, spec["family"]
+        self.env = make_env({**spec, "kwargs": {**spec["kwargs"], "max_steps": max_steps}})
         obs, info = self.env.reset(seed=seed)
-        self.history: deque[np.ndarray] = deque([obs] * n_obs_steps, maxlen=n_obs_steps)
+        self.history: deque[dict] = deque([_as_dict(obs)] * n_obs_steps, maxlen=n_obs_steps)
         self.steps = 0
         self.max_reward = 0.0
-        self.max_coverage = 0.0
+        self.max_coverage = 0.0 if "coverage" in info else None
+        self.success = False
         self.done = False
         self.writer = None
         self.video_path = video_path
         if video_path is not None:
             import cv2
 
-            self.writer = cv2.VideoWriter(video_path, cv2.VideoWriter_fourcc(*"mp4v"), VIDEO_FPS, (VIDEO_SIZE,) * 2)
+            self.writer = cv2.VideoWriter(video_path, cv2.VideoWriter_fourcc(*"mp4v"), spec["fps"], (VIDEO_SIZE,) * 2)
             if not self.writer.isOpened():
                 raise RuntimeError(f"cv2.VideoWriter could not open {video_path}")
             self._write_frame()
 
     def _write_frame(self) -> None:
-        frame = self.env.render(VIDEO_SIZE, draw_action=True)
+        kw = {"draw_action": True} if self.family == "pusht" else {}
+        frame = self.env.render(VIDEO_SIZE, **kw)
         self.writer.write(np.ascontiguousarray(frame[:, :, ::-1]))  # RGB -> BGR
 
-    def window(self) -> np.ndarray:
-        return np.stack(self.history)
+    def window(self) -> dict[str, np.ndarray]:
+        return {k: np.stack([h[k] for h in self.history]) for k in self.history[0]}
 
     def run_chunk(self, actions: np.ndarray) -> dict:
         executed = 0
@@ -78,9 +86,11 @@ class _Episode:
             obs, reward, terminated, truncated, info = self.env.step(action)
             executed += 1
             self.steps += 1
-            self.history.append(obs)
+            self.history.append(_as_dict(obs))
             self.max_reward = max(self.max_reward, float(reward))
-            self.max_coverage = max(self.max_coverage, float(info["coverage"]))
+            self.success = self.success or bool(info.get("is_success", info.get("success", False)))
+            if self.max_coverage is not None:
+                self.max_coverage = max(self.max_coverage, float(info["coverage"]))
             if self.writer is not None:
                 self._write_frame()
             if terminated or truncated:
@@ -90,13 +100,11 @@ class _Episode:
         return {"window": self.window(), "executed": executed, "done": self.done, "summary": self.summary()}
 
     def summary(self) -> dict:
-        return {
-            "seed": int(self.seed),
-            "max_reward": float(self.max_reward),
-            "max_coverage": float(self.max_coverage),
-            "steps": int(self.steps),
-            "success": bool(self.max_coverage > self.success_threshold),
-        }
+        out = {"seed": int(self.seed), "max_reward": float(self.max_reward), "steps": int(self.steps),
+               "success": bool(self.success)}
+        if self.max_coverage is not None:
+            out["max_coverage"] = float(self.max_coverage)
+        return out
 
     def close(self) -> None:
         if self.writer is not None:
@@ -111,11 +119,11 @@ class _EpisodeFailed(Exception):
         self.seed, self.tb = seed, tb
 
 
-def _start_episodes(specs: Sequence[tuple], n_obs_steps: int, max_steps: int) -> dict[int, _Episode]:
+def _start_episodes(specs: Sequence[tuple], env: dict, n_obs_steps: int, max_steps: int) -> dict[int, _Episode]:
     episodes = {}
     for index, seed, video_path in specs:
         try:
-            episodes[index] = _Episode(index, seed, n_obs_steps, max_steps, video_path)
+            episodes[index] = _Episode(index, seed, env, n_obs_steps, max_steps, video_path)
         except Exception:
             for ep in episodes.values():
                 ep.close()
@@ -134,13 +142,13 @@ def _run_chunks(episodes: dict[int, _Episode], actions: dict[int, np.ndarray]) -
 
 
 # -- worker process ---------------------------------------------------------------------------------------------
-def _worker_main(conn, specs, n_obs_steps: int, max_steps: int) -> None:
+def _worker_main(conn, specs, env: dict, n_obs_steps: int, max_steps: int) -> None:
     for var in _THREAD_VARS:
         os.environ[var] = "1"
     episodes: dict[int, _Episode] = {}
     try:
         try:
-            episodes = _start_episodes(specs, n_obs_steps, max_steps)
+            episodes = _start_episodes(specs, env, n_obs_steps, max_steps)
             conn.send(("ready", {i: ep.window() for i, ep in episodes.items()}, {"torch": "torch" in sys.modules}))
         except _EpisodeFailed as exc:
             conn.send(("error", exc.seed, exc.tb))
@@ -190,8 +198,9 @@ def _lean_spawn() -> Iterator[None]:
 class _EnvPool:
     """Episodes stepped in-process (``num_workers == 0``) or by worker processes each owning a slice."""
 
-    def __init__(self, specs: Sequence[tuple], n_obs_steps: int, max_steps: int, num_workers: int):
+    def __init__(self, specs: Sequence[tuple], env: dict, n_obs_steps: int, max_steps: int, num_workers: int):
         self.specs = list(specs)
+        self.env = env
         self.seed_of = {index: seed for index, seed, _ in self.specs}
         self.n_obs_steps, self.max_steps = n_obs_steps, max_steps
         self.num_workers = min(num_workers, len(self.specs))
@@ -216,7 +225,7 @@ class _EnvPool:
     def _start(self) -> None:
         if self.num_workers == 0:
             try:
-                self.episodes = _start_episodes(self.specs, self.n_obs_steps, self.max_steps)
+                self.episodes = _start_episodes(self.specs, self.env, self.n_obs_steps, self.max_steps)
             except _EpisodeFailed as exc:
                 raise self._error(exc.seed, exc.tb, where="in-process") from None
             return
@@ -227,8 +236,8 @@ class _EnvPool:
                 parent, child = ctx.Pipe()
                 proc = ctx.Process(
                     target=_worker_main,
-                    args=(child, part, self.n_obs_steps, self.max_steps),
-                    name=f"pusht-eval-{w}",
+                    args=(child, part, self.env, self.n_obs_steps, self.max_steps),
+                    name=f"{self.env['name']}-eval-{w}",
                     daemon=True,
                 )
                 proc.start()
@@ -277,14 +286,14 @@ class _EnvPool:
         return msg
 
     def _error(self, seed: int, tb: str, where: str) -> RuntimeError:
-        return RuntimeError(f"Push-T evaluation failed on seed {seed} ({where}):\n{tb}")
+        return RuntimeError(f"{self.env['name']} evaluation failed on seed {seed} ({where}):\n{tb}")
 
     def _dead(self, w: int) -> RuntimeError:
         proc = self.procs[w]
         proc.join(timeout=1.0)
         seeds = [self.seed_of[i] for i, owner in self.owner.items() if owner == w]
         return RuntimeError(
-            f"Push-T evaluation worker {w} (pid {proc.pid}) exited unexpectedly (exit code {proc.exitcode}) "
+            f"{self.env['name']} evaluation worker {w} (pid {proc.pid}) exited unexpectedly (exit code {proc.exitcode}) "
             f"while running seeds {seeds}"
         )
 
@@ -307,18 +316,19 @@ class _EnvPool:
 
 
 # -- public API -------------------------------------------------------------------------------------------------
-def _check_actions(actions: Any, n: int, seeds: list[int]) -> np.ndarray:
+def _check_actions(actions: Any, n: int, action_dim: int | None, seeds: list[int]) -> np.ndarray:
     arr = np.asarray(actions, dtype=np.float64)
-    if arr.ndim != 3 or arr.shape[0] != n or arr.shape[2] != 2 or arr.shape[1] < 1:
-        raise ValueError(f"predict must return actions of shape [B={n}, k>=1, 2], got {tuple(arr.shape)}")
+    if arr.ndim != 3 or arr.shape[0] != n or arr.shape[1] < 1 or (action_dim is not None and arr.shape[2] != action_dim):
+        raise ValueError(f"predict must return actions of shape [B={n}, k>=1, {action_dim or 'Da'}], got {tuple(arr.shape)}")
     bad = ~np.isfinite(arr).all(axis=(1, 2))
     if bad.any():
         raise ValueError(f"predict returned non-finite actions for seeds {[seeds[i] for i in np.flatnonzero(bad)]}")
     return arr
 
 
-def evaluate_pusht(
+def evaluate(
     predict: PredictFn,
+    env: dict,
     *,
     n_episodes: int = 50,
     start_seed: int = 100000,
@@ -328,15 +338,17 @@ def evaluate_pusht(
     video_dir: str | os.PathLike | None = None,
     n_videos: int = 0,
     progress: bool = True,
+    action_dim: int | None = None,
 ) -> dict:
-    """Closed-loop Push-T evaluation with Diffusion Policy's protocol; returns a JSON-serialisable dict.
+    """Closed-loop evaluation of the environment ``env`` (a ``tasks.env_spec``); returns a JSON-serialisable dict.
 
-    ``predict(obs)`` gets float32 observation windows [B, n_obs_steps, 20] of the B running episodes (in seed
-    order; at reset the first observation is repeated n_obs_steps times) and returns actions [B, k, 2] to
-    execute, k >= 1. Keys: ``coverage_score``, ``success_rate``, ``n_episodes``, ``start_seed``,
-    ``n_obs_steps``, ``max_steps``, ``num_workers``, ``per_episode`` (list of {seed, max_reward, max_coverage,
-    steps, success}), ``videos`` (paths written), ``wall_s``. Videos (mp4v, VIDEO_SIZE px, 10 fps) of the
-    first ``n_videos`` episodes go to ``video_dir`` as ``pusht_seed<seed>.mp4``.
+    ``predict(obs)`` gets the observation windows of the B running episodes (in seed order; at reset the first
+    observation is repeated n_obs_steps times) as {"obs": float32 [B, n_obs_steps, D], <camera>: uint8
+    [B, n_obs_steps, 3, H, W]} and returns actions [B, k, Da] to execute, k >= 1. Keys: ``mean_score``,
+    ``success_rate`` (and ``coverage_score`` for Push-T), ``n_episodes``, ``start_seed``, ``n_obs_steps``,
+    ``max_steps``, ``num_workers``, ``per_episode`` (list of {seed, max_reward, steps, success[, max_coverage]}),
+    ``videos`` (paths written), ``wall_s``. Videos (mp4v, VIDEO_SIZE px, at the control rate) of the first
+    ``n_videos`` episodes go to ``video_dir`` as ``<task>_seed<seed>.mp4``.
     """
     from tqdm import tqdm
 
@@ -352,24 +364,26 @@ def evaluate_pusht(
     if n_videos and video_dir is None:
         raise ValueError("n_videos > 0 needs a video_dir")
     t0 = time.perf_counter()
+    name = env["name"]
     seeds = [int(start_seed) + i for i in range(n_episodes)]
     videos: list[str] = []
     if n_videos:
         Path(video_dir).mkdir(parents=True, exist_ok=True)
-        videos = [str(Path(video_dir) / f"pusht_seed{seed}.mp4") for seed in seeds[:n_videos]]
+        videos = [str(Path(video_dir) / f"{name}_seed{seed}.mp4") for seed in seeds[:n_videos]]
     specs = [(i, seed, videos[i] if i < n_videos else None) for i, seed in enumerate(seeds)]
 
     summaries: dict[int, dict] = {}
-    bar = tqdm(total=n_episodes * max_steps, unit="step", desc="pusht eval", disable=not progress, leave=False)
+    bar = tqdm(total=n_episodes * max_steps, unit="step", desc=f"{name} eval", disable=not progress, leave=False)
     try:
-        with _EnvPool(specs, n_obs_steps, max_steps, num_workers) as pool:
+        with _EnvPool(specs, env, n_obs_steps, max_steps, num_workers) as pool:
             windows = pool.reset_windows()
             if any(info.get("torch") for info in pool.worker_info):
-                warnings.warn("a Push-T evaluation worker imported torch", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"a {name} evaluation worker imported torch", RuntimeWarning, stacklevel=2)
             active = list(range(n_episodes))
             while active:
-                obs = np.stack([windows[i] for i in active]).astype(np.float32, copy=False)
-                actions = _check_actions(predict(obs), len(active), [seeds[i] for i in active])
+                obs = {k: np.stack([windows[i][k] for i in active]) for k in windows[active[0]]}
+                obs["obs"] = obs["obs"].astype(np.float32, copy=False)
+                actions = _check_actions(predict(obs), len(active), action_dim, [seeds[i] for i in active])
                 results = pool.step({i: actions[j] for j, i in enumerate(active)})
                 still = []
                 for i in active:
@@ -378,7 +392,7 @@ def evaluate_pusht(
                     summaries[i] = res["summary"]
                     bar.update(res["executed"])
                     if res["done"]:
-                        bar.update(max_steps - res["summary"]["steps"])  # early success: skip its remainder
+                        bar.update(max_steps - res["summary"]["steps"])  # early end: skip its remainder
                     else:
                         still.append(i)
                 if len(still) < len(active):
@@ -390,8 +404,11 @@ def evaluate_pusht(
         bar.close()
 
     per_episode = [summaries[i] for i in range(n_episodes)]
+    score = float(np.mean([e["max_reward"] for e in per_episode]))
     return {
-        "coverage_score": float(np.mean([e["max_reward"] for e in per_episode])),
+        "task": name,
+        "mean_score": score,
+        **({"coverage_score": score} if env["family"] == "pusht" else {}),
         "success_rate": float(np.mean([e["success"] for e in per_episode])),
         "n_episodes": int(n_episodes),
         "start_seed": int(start_seed),
@@ -402,6 +419,11 @@ def evaluate_pusht(
         "videos": videos,
         "wall_s": float(time.perf_counter() - t0),
     }
+
+
+def evaluate_pusht(predict: Callable[[np.ndarray], np.ndarray], **kwargs) -> dict:
+    """Push-T keypoints: ``predict`` maps float32 windows [B, n_obs_steps, 20] to actions [B, k, 2]."""
+    return evaluate(lambda obs: predict(obs["obs"]), PUSHT_KEYPOINTS_SPEC, action_dim=2, **kwargs)
 
 
 def _json_default(obj: Any) -> Any:

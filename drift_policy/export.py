@@ -45,6 +45,8 @@ class ExportablePolicy(nn.Module):
         super().__init__()
         if policy.config.type != "drift":
             raise ValueError(f"only one-step drift policies can be exported, got a {policy.config.type!r} policy")
+        if policy.config.image_keys:
+            raise ValueError("exporting image policies is not supported yet (low-dim observations only)")
         for key in ("obs", "action"):
             policy.normalizer._params(key)  # KeyError now, not at deployment, if a field was never fitted
         self.policy = policy.eval()
@@ -54,7 +56,7 @@ class ExportablePolicy(nn.Module):
     def forward(self, obs: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
         p = self.policy
         obs = obs[:, -self.n_obs_steps:]
-        cond = p.global_cond(p.normalizer.normalize("obs", obs))
+        cond = p.condition({"obs": obs})
         action_pred = p.normalizer.unnormalize("action", p.model(noise, cond))
         start = self.n_obs_steps - 1
         return action_pred[:, start: start + self.n_action_steps], action_pred

@@ -247,6 +247,7 @@ def run(policy, cfg: RunConfig, checkpoint: str = "") -> dict:
     from .envs.pusht import PushTKeypointsEnv
 
     c = policy.config
+    cfg = RunConfig(**asdict(cfg))               # a copy: the report records the lead actually used
     cfg.check(c.n_obs_steps, c.n_action_steps, c.horizon)
     backend = Backend(policy, cfg)
     ctrl = Controller(backend, cfg, c.n_action_steps)
@@ -322,9 +323,11 @@ def sustained(report: dict, tolerance: float) -> bool:
 
 def find_max_rate(policy, cfg: RunConfig, seconds: float = 5.0, tolerance: float = 0.01, start: float = 10.0,
                   limit: float = 20000.0, refine: int = 4) -> tuple[float, list[dict]]:
-    """Highest rate (Hz) at which a ``seconds``-long run misses at most ``tolerance`` of its deadlines:
-    doubling from ``start`` until a rate fails, then ``refine`` bisection steps (geometric) between the last
-    sustained and the first failed rate. Returns (rate, [{rate_hz, missed_fraction, achieved_rate_hz, ok}])."""
+    """Highest rate (Hz) at which a ``seconds``-long run misses at most ``tolerance`` of its deadlines (and
+    achieves 99 % of the rate): doubling from ``start`` until a rate fails, then ``refine`` bisection steps
+    (geometric) between the last sustained and the first failed rate. Returns (rate, one record per trial).
+    ``drift-policy run rate_hz=max`` then runs ``seconds`` at that rate, stepping down 5 % (at most 3 times)
+    while the full-length run misses more than ``tolerance``."""
     trials = []
 
     def trial(rate: float) -> bool:
@@ -396,7 +399,15 @@ def cmd_run(args: list[str]) -> None:
         cfg.rate_hz = float(rate)
     report = run(policy, cfg, checkpoint)
     if trials is not None:
-        report["rate_search"] = {**search, "trials": trials, "max_sustained_hz": cfg.rate_hz}
+        # The search's trials are short; if the full-length run misses too many deadlines, step down 5 % at a time.
+        final = [{"rate_hz": cfg.rate_hz, "missed_fraction": report["missed_fraction"]}]
+        while not sustained(report, search["tolerance"]) and len(final) < 4:
+            cfg.rate_hz = float(round(cfg.rate_hz * 0.95))
+            print(f"  {final[-1]['missed_fraction']:.2%} missed over {cfg.seconds:g} s; again at {cfg.rate_hz:g} Hz", flush=True)
+            report = run(policy, cfg, checkpoint)
+            final.append({"rate_hz": cfg.rate_hz, "missed_fraction": report["missed_fraction"]})
+        report["rate_search"] = {**search, "trials": trials, "full_length_runs": final,
+                                 "max_sustained_hz": cfg.rate_hz if sustained(report, search["tolerance"]) else None}
     save_eval_json(report, out)
     lat = report["inference_latency_ms"]
     cov = report["coverage_score"]

@@ -27,30 +27,31 @@ from .threads import set_threads
 
 # ---- task plumbing --------------------------------------------------------------------------------------------
 def make_datasets(cfg: Config):
-    from .data.pusht import make_pusht_windows
-    from .paths import pusht_zarr_path
+    from .data.windows import make_windows
+    from .tasks import load_data
 
-    if cfg.task.env != "pusht":
-        raise ValueError(f"no dataset for env {cfg.task.env!r}")
     p = cfg.policy
-    return make_pusht_windows(pusht_zarr_path(cfg.task.data_root), p.horizon, p.n_obs_steps, p.n_action_steps,
-                              val_ratio=cfg.task.val_ratio, seed=42)
+    return make_windows(load_data(cfg.task), p.horizon, p.n_obs_steps, p.n_action_steps,
+                        val_ratio=cfg.task.val_ratio, seed=42)
 
 
 def evaluate_policy(policy: Policy, cfg: Config, n_episodes: int, num_workers: int, *, video_dir=None,
                     n_videos: int = 0, progress: bool = True, seed: int = 0) -> dict:
     """Closed-loop rollouts on the task's test seeds. Sampling noise is seeded, so results are reproducible."""
-    from .evaluation import evaluate_pusht
+    from .evaluation import evaluate
+    from .tasks import env_spec
 
     gen = torch.Generator(device=policy.device).manual_seed(seed)
 
-    def predict(obs: np.ndarray) -> np.ndarray:
-        return policy.predict_action(torch.from_numpy(obs), generator=gen)["action"].cpu().numpy()
+    def predict(obs: dict[str, np.ndarray]) -> np.ndarray:
+        obs = {k: torch.from_numpy(v) for k, v in obs.items()}
+        return policy.predict_action(obs, generator=gen)["action"].cpu().numpy()
 
     policy.eval()
-    return evaluate_pusht(predict, n_episodes=n_episodes, start_seed=cfg.task.start_seed,
-                          n_obs_steps=policy.config.n_obs_steps, max_steps=cfg.task.max_steps,
-                          num_workers=num_workers, video_dir=video_dir, n_videos=n_videos, progress=progress)
+    return evaluate(predict, env_spec(cfg.task), n_episodes=n_episodes, start_seed=cfg.task.start_seed,
+                    n_obs_steps=policy.config.n_obs_steps, max_steps=cfg.task.max_steps,
+                    num_workers=num_workers, video_dir=video_dir, n_videos=n_videos, progress=progress,
+                    action_dim=policy.config.action_dim)
 
 
 # ---- schedule and EMA -------------------------------------------------------------------------------------------
@@ -141,7 +142,7 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
 
     # Data and normaliser (fitted on the training split only).
     train_set, val_set = make_datasets(cfg)
-    normalizer = Normalizer().fit("obs", train_set.obs).fit("action", train_set.action)
+    normalizer = Normalizer().fit("obs", train_set.steps("obs")).fit("action", train_set.steps("action"))
 
     # Policy, EMA copy and optimiser.
     policy = make_policy(cfg.policy, normalizer).to(device)
@@ -181,9 +182,9 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
         from .evaluation import save_eval_json
 
         save_eval_json(res, run_dir / "eval" / f"step_{step:08d}.json")
-        logger.log({"step": step, "train_minutes": train_seconds / 60, "eval/coverage_score": res["coverage_score"],
+        logger.log({"step": step, "train_minutes": train_seconds / 60, "eval/mean_score": res["mean_score"],
                     "eval/success_rate": res["success_rate"]})
-        bar.write(f"step {step}: coverage {res['coverage_score']:.3f}, success {res['success_rate']:.2f} "
+        bar.write(f"step {step}: score {res['mean_score']:.3f}, success {res['success_rate']:.2f} "
                   f"({train_seconds / 60:.1f} train-min, eval {res['wall_s']:.0f}s)")
 
     def out_of_budget():

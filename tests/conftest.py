@@ -8,7 +8,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def shared_data_root() -> Path:
     env = os.environ.get("DRIFT_POLICY_DATA_ROOT")
-    return Path(env) if env else REPO.parent / "shared" / "data"
+    return Path(env).resolve() if env else REPO.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")

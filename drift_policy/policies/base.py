@@ -38,8 +38,13 @@ class PolicyConfig:
     horizon: int = 16                 # Tp: predicted actions per chunk
     n_obs_steps: int = 2              # To
     n_action_steps: int = 8           # Ta: executed actions, starting at index To - 1
-    obs_dim: int = 20                 # filled from the task
-    action_dim: int = 2
+    obs_dim: int = 20                 # filled from the task: low-dim observation size per step
+    action_dim: int = 2               # filled from the task
+    image_keys: tuple[str, ...] = ()  # filled from the task: cameras, each with its own encoder
+    image_shape: tuple[int, int, int] = (3, 96, 96)   # filled from the task
+    crop_shape: tuple[int, int] = (84, 84)            # filled from the task
+    vision_backbone: str = "resnet18"  # image encoder preset (models/resnet.py RESNET_PRESETS)
+    image_feature_dim: int = 64       # features per camera and step after spatial softmax + linear
 
     def __post_init__(self):
         presets = {"unet": UNET_PRESETS, "transformer": TRANSFORMER_PRESETS}
@@ -58,6 +63,19 @@ class PolicyConfig:
         if self.n_obs_steps - 1 + self.n_action_steps > self.horizon:
             raise ConfigError(f"policy.n_obs_steps - 1 + policy.n_action_steps must be <= policy.horizon "
                               f"({self.n_obs_steps} - 1 + {self.n_action_steps} > {self.horizon})")
+        self.image_keys = tuple(self.image_keys)
+        self.image_shape, self.crop_shape = tuple(self.image_shape), tuple(self.crop_shape)
+        if self.image_keys:
+            from ..models.resnet import RESNET_PRESETS
+
+            if self.vision_backbone not in RESNET_PRESETS:
+                raise ConfigError(f"policy.vision_backbone must be one of {sorted(RESNET_PRESETS)}, "
+                                  f"got {self.vision_backbone!r}")
+            if len(self.image_shape) != 3 or len(self.crop_shape) != 2 or not all(
+                    0 < c <= s for c, s in zip(self.crop_shape, self.image_shape[1:])):
+                raise ConfigError(f"policy.crop_shape {self.crop_shape} must fit in image_shape {self.image_shape}")
+            if self.image_feature_dim < 1:
+                raise ConfigError(f"policy.image_feature_dim must be >= 1, got {self.image_feature_dim}")
         if self.architecture == "unet" and any(d % self.n_groups for d in UNET_PRESETS[self.backbone]["down_dims"]):
             raise ConfigError(f"policy.n_groups={self.n_groups} must divide every channel width of {self.backbone}")
 
@@ -81,26 +99,56 @@ class Policy(nn.Module):
         self.config = config
         c = config
         self.normalizer = normalizer if normalizer is not None else Normalizer({"obs": c.obs_dim, "action": c.action_dim})
+        # Images are encoded once per (sample, step), trained end to end with the generator (no frozen encoder).
+        self.obs_encoder = None
+        step_dim = c.obs_dim
+        if c.image_keys:
+            from ..models.resnet import MultiImageEncoder
+
+            self.obs_encoder = MultiImageEncoder(list(c.image_keys), image_shape=c.image_shape,
+                                                 crop_shape=c.crop_shape, preset=c.vision_backbone,
+                                                 feature_dim=c.image_feature_dim)
+            step_dim += len(c.image_keys) * c.image_feature_dim
         if c.architecture == "unet":
-            self.model = ConditionalUnet1D(c.action_dim, c.n_obs_steps * c.obs_dim, kernel_size=c.kernel_size,
+            self.model = ConditionalUnet1D(c.action_dim, c.n_obs_steps * step_dim, kernel_size=c.kernel_size,
                                            n_groups=c.n_groups, timestep_dim=self.timestep_dim,
                                            **UNET_PRESETS[c.backbone])
         else:
-            self.model = TimeSeriesTransformer(c.action_dim, c.n_obs_steps * c.obs_dim, c.n_obs_steps, c.horizon,
+            self.model = TimeSeriesTransformer(c.action_dim, c.n_obs_steps * step_dim, c.n_obs_steps, c.horizon,
                                                p_drop=c.p_drop, causal=c.causal, timestep_dim=self.timestep_dim,
                                                **TRANSFORMER_PRESETS[c.backbone])
 
     # ---- shared pieces -------------------------------------------------------------------------------
-    def global_cond(self, obs_n: Tensor) -> Tensor:
-        return obs_n[:, : self.config.n_obs_steps].flatten(1)           # [B, To * obs_dim]
-
-    def _obs(self, obs) -> Tensor:
-        obs = obs["obs"] if isinstance(obs, dict) else obs
-        obs = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
+    def condition(self, obs: dict[str, Tensor]) -> Tensor:
+        """Observation windows in data units ({"obs": [B, To, D], <camera>: [B, To, 3, H, W]}) -> the
+        generator's conditioning [B, To * (D + cameras * F)]: normalised low-dim values and image features."""
         c = self.config
-        if obs.dim() != 3 or obs.shape[1] < c.n_obs_steps or obs.shape[2] != c.obs_dim:
-            raise ValueError(f"obs must be [B, >={c.n_obs_steps}, {c.obs_dim}], got {tuple(obs.shape)}")
-        return obs[:, -c.n_obs_steps:]                                  # a longer history: its latest To steps
+        low = self.normalizer.normalize("obs", obs["obs"][:, -c.n_obs_steps:])          # [B, To, D]
+        if self.obs_encoder is None:
+            return low.flatten(1)
+        B, To = low.shape[:2]
+        images = {k: obs[k][:, -To:].flatten(0, 1) for k in c.image_keys}                # [B*To, 3, H, W]
+        feats = self.obs_encoder(images).view(B, To, -1)                                 # [B, To, cams*F]
+        return torch.cat([low, feats], dim=-1).flatten(1)
+
+    def _obs(self, obs) -> dict[str, Tensor]:
+        """Validate and move observation windows to the device; keep the latest To steps."""
+        c = self.config
+        obs = dict(obs) if isinstance(obs, dict) else {"obs": obs}
+        for k in ("obs", *c.image_keys):
+            if k not in obs:
+                raise ValueError(f"observation is missing {k!r} (this policy needs {['obs', *c.image_keys]})")
+        low = torch.as_tensor(obs["obs"], dtype=torch.float32, device=self.device)
+        if low.dim() != 3 or low.shape[1] < c.n_obs_steps or low.shape[2] != c.obs_dim:
+            raise ValueError(f"obs must be [B, >={c.n_obs_steps}, {c.obs_dim}], got {tuple(low.shape)}")
+        out = {"obs": low[:, -c.n_obs_steps:]}                           # a longer history: its latest To steps
+        for k in c.image_keys:
+            img = torch.as_tensor(obs[k], device=self.device)
+            if img.dim() != 5 or img.shape[0] != low.shape[0] or tuple(img.shape[2:]) != tuple(c.image_shape):
+                raise ValueError(f"{k!r} must be [B={low.shape[0]}, To, {', '.join(map(str, c.image_shape))}], "
+                                 f"got {tuple(img.shape)}")
+            out[k] = img[:, -c.n_obs_steps:]
+        return out
 
     @property
     def device(self) -> torch.device:
@@ -115,9 +163,8 @@ class Policy(nn.Module):
 
     @torch.no_grad()
     def predict_action(self, obs, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """obs [B, To, obs_dim] (or {"obs": ...}) in data units -> {"action": [B, Ta, Da], "action_pred": [B, Tp, Da]}."""
-        obs_n = self.normalizer.normalize("obs", self._obs(obs))
-        action_pred = self.normalizer.unnormalize("action", self.sample(self.global_cond(obs_n), generator))
+        """obs [B, To, obs_dim] (or {"obs": ..., <camera>: [B, To, 3, H, W]}) in data units -> {"action": [B, Ta, Da], "action_pred": [B, Tp, Da]}."""
+        action_pred = self.normalizer.unnormalize("action", self.sample(self.condition(self._obs(obs)), generator))
         start = self.config.n_obs_steps - 1
         return {"action": action_pred[:, start: start + self.config.n_action_steps], "action_pred": action_pred}
 
@@ -133,22 +180,25 @@ class Policy(nn.Module):
 
     @torch.no_grad()
     def select_action(self, obs, generator: torch.Generator | None = None) -> Tensor:
-        """One action [B, Da] for the latest single-step obs [B, obs_dim].
+        """One action [B, Da] for the latest single-step obs [B, obs_dim] (or {"obs": [B, D], <camera>: [B, 3, H, W]}).
 
         Keeps the last To observations (the first one repeated after ``reset``) and a queue of the current chunk's
         actions; the generator runs only when the queue is empty, i.e. once every Ta calls.
         """
         if not hasattr(self, "_action_queue"):
             self.reset()
-        obs = torch.as_tensor(obs["obs"] if isinstance(obs, dict) else obs, dtype=torch.float32, device=self.device)
-        if obs.dim() == 1:
-            obs = obs.unsqueeze(0)
-        if obs.dim() != 2 or obs.shape[1] != self.config.obs_dim:
-            raise ValueError(f"select_action takes one step of obs [B, {self.config.obs_dim}], got {tuple(obs.shape)}")
-        To = self.config.n_obs_steps
-        self._obs_history = (self._obs_history + [obs])[-To:] if self._obs_history else [obs] * To
+        c = self.config
+        step = dict(obs) if isinstance(obs, dict) else {"obs": obs}
+        step["obs"] = torch.as_tensor(step["obs"], dtype=torch.float32, device=self.device)
+        if step["obs"].dim() == 1:
+            step = {k: torch.as_tensor(v).unsqueeze(0) for k, v in step.items()}
+        if step["obs"].dim() != 2 or step["obs"].shape[1] != c.obs_dim:
+            raise ValueError(f"select_action takes one step of obs [B, {c.obs_dim}], got {tuple(step['obs'].shape)}")
+        To = c.n_obs_steps
+        self._obs_history = (self._obs_history + [step])[-To:] if self._obs_history else [step] * To
         if not self._action_queue:
-            chunk = self.predict_action_chunk(torch.stack(self._obs_history, dim=1), generator)   # [B, Ta, Da]
+            window = {k: torch.stack([torch.as_tensor(h[k]) for h in self._obs_history], dim=1) for k in step}
+            chunk = self.predict_action_chunk(window, generator)                            # [B, Ta, Da]
             self._action_queue = list(chunk.unbind(dim=1))
         return self._action_queue.pop(0)
 

@@ -52,12 +52,11 @@ class DiffusionPolicy(Policy):
         self.sampler = (DDPM if config.scheduler == "ddpm" else DDIM)(**kw)
 
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
-        obs_n = self.normalizer.normalize("obs", batch["obs"])
         act_n = self.normalizer.normalize("action", batch["action"])           # [B, Tp, Da]
         noise = torch.randn_like(act_n)
         t = torch.randint(0, self.config.num_train_timesteps, (act_n.shape[0],), device=act_n.device)
         noisy = self.noise_scheduler.add_noise(act_n, noise, t)
-        pred = self.model(noisy, self.global_cond(obs_n), t)
+        pred = self.model(noisy, self.condition(batch), t)
         loss = (pred - noise).pow(2).mean()
         return loss, {"eps_mse": float(loss.detach())}
 

@@ -36,10 +36,10 @@ class DriftPolicy(Policy):
 
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
         c = self.config
-        obs_n = self.normalizer.normalize("obs", batch["obs"])
         act_n = self.normalizer.normalize("action", batch["action"])           # [B, Tp, Da]
         B = act_n.shape[0]
-        cond = self.global_cond(obs_n).repeat_interleave(c.n_noise, dim=0)    # [B*N, C]
+        # Observations (and images) are encoded once; the N generated chunks of an observation share them.
+        cond = self.condition(batch).repeat_interleave(c.n_noise, dim=0)      # [B*N, C]
         x = self.model(self._noise(B * c.n_noise, None), cond)                # [B*N, Tp, Da]
         x = x.view(B, c.n_noise, c.horizon, c.action_dim)
         if c.drift_groups == "per_step":
