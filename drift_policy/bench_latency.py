@@ -11,6 +11,7 @@ Runtime; CUDA graphs on a GPU) and thread counts.
         [backend=eager] [backends=eager,eager_no_grad,jit_trace,jit_ofi,gemm,jit_gemm,compile,compile_freezing,
         onnxruntime] (default: all for the device)
         [backend_batches=1] [backend_threads=1,2] [profile=50] [out=eval/results/latency_cpu.json]
+        [task_policies=pusht_keypoints/drift_unet,pusht_image/drift_unet,...] (default: all of TASK_POLICIES)
 
 Measurement: weights are random (latency does not depend on their values); observations are random numbers
 in data units. Each cell is warmed up first (``warmup`` calls, at most ~``budget_s / 2`` seconds, at least
@@ -51,6 +52,14 @@ METHODS: dict[str, tuple[str, list[str], int]] = {
     "ddim10": ("DDIM-10", ["policy=diffusion_unet", "policy.scheduler=ddim", "policy.num_inference_steps=10"], 10),
     "ddpm100": ("DDPM-100", ["policy=diffusion_unet", "policy.scheduler=ddpm", "policy.num_inference_steps=100"],
                 100),
+}
+# Whole policies per task (backbone and image encoder as configured): name -> config overrides.
+TASK_POLICIES: dict[str, list[str]] = {
+    "pusht_keypoints/drift_unet": ["task=pusht_keypoints", "policy=drift_unet"],
+    "pusht_keypoints/drift_transformer": ["task=pusht_keypoints", "policy=drift_transformer"],
+    "pusht_image/drift_unet": ["task=pusht_image", "policy=drift_unet"],
+    "pusht_image/drift_transformer": ["task=pusht_image", "policy=drift_transformer"],
+    "pusht_image/diffusion_unet (DDPM-100)": ["task=pusht_image", "policy=diffusion_unet"],
 }
 DEFAULT_PRESETS = ("small", "medium", "large")
 DEFAULT_BATCHES = (1, 50)
@@ -198,10 +207,15 @@ def n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def random_obs(policy, batch: int, seed: int = 0) -> Tensor:
+def random_obs(policy, batch: int, seed: int = 0) -> Tensor | dict[str, Tensor]:
+    """Random observation windows; a dict with uint8 frames for image policies."""
     c = policy.config
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, c.n_obs_steps, c.obs_dim, generator=g).to(policy.device)
+    low = torch.randn(batch, c.n_obs_steps, c.obs_dim, generator=g).to(policy.device)
+    if not c.image_keys:
+        return low
+    return {"obs": low, **{k: torch.randint(0, 256, (batch, c.n_obs_steps, *c.image_shape), generator=g,
+                                            dtype=torch.uint8).to(policy.device) for k in c.image_keys}}
 
 
 # -- inference backends for the backbone ---------------------------------------------------------------------
@@ -473,17 +487,49 @@ def _check_options(presets, batches, methods, threads, repeats, device, backend,
             raise BenchOptionError(f"backend {b!r} is not available on {device}; choose from {list(allowed)}")
 
 
+def bench_task_policies(names=tuple(TASK_POLICIES), batch: int = 1, *, device: str = "cpu", seed: int = 0,
+                        say=print, **timing_kw) -> list[dict]:
+    """predict_action of whole policies per task, with the image encoder's share timed on its own."""
+    from .config import compose
+    from .policies import make_policy
+
+    rows = []
+    for name in names:
+        if name not in TASK_POLICIES:
+            raise BenchOptionError(f"task policy must be one of {sorted(TASK_POLICIES)}, got {name!r}")
+        cfg = compose(TASK_POLICIES[name])
+        torch.manual_seed(seed)
+        policy = make_policy(cfg.policy).to(device).eval()
+        obs = random_obs(policy, batch, seed)
+        t = time_call(lambda: policy.predict_action(obs), **timing_kw)
+        row = {"name": name, "batch": batch, "params_m": n_params(policy) / 1e6, "predict_ms": t["median_ms"],
+               "predict_p90_ms": t["p90_ms"], "n_repeats": t["n_repeats"], "encoder_ms": None,
+               "encoder_params_m": None, "nfe": getattr(cfg.policy, "num_inference_steps", 1)}
+        if policy.obs_encoder is not None:
+            c = cfg.policy
+            frames = {k: v[:, -c.n_obs_steps:].flatten(0, 1) for k, v in obs.items() if k in c.image_keys}
+            e = time_call(lambda: policy.obs_encoder(frames), **timing_kw)
+            row.update(encoder_ms=e["median_ms"], encoder_params_m=n_params(policy.obs_encoder) / 1e6)
+        rows.append(row)
+        say(f"  {name:>40} batch {batch}: predict {row['predict_ms']:9.3f} ms"
+            + (f" (image encoder {row['encoder_ms']:.3f} ms)" if row["encoder_ms"] is not None else ""), flush=True)
+        del policy
+        gc.collect()
+    return rows
+
+
 def bench_latency(presets=DEFAULT_PRESETS, batches=DEFAULT_BATCHES, methods=tuple(METHODS), threads: int = 1,
                   repeats: int = 200, budget_s: float = 5.0, warmup: int = 10, device: str = "cpu",
                   backend: str = "eager", backends=(), backend_batches=(1,), backend_threads=(1, 2),
-                  profile: int = 0, verbose: bool = True, seed: int = 0) -> dict:
+                  profile: int = 0, verbose: bool = True, seed: int = 0, task_policies=()) -> dict:
     """Time predict_action for every (preset, batch, method); return the documented result dict.
 
     Keys: ``meta`` (machine, threads, torch version, options), ``results`` (one dict per timed cell, keys
     RESULT_KEYS), ``rows`` (one per (preset, batch), keys ROW_KEYS, ratios = baseline ms / drift ms, None
     where a method was not run), ``targets`` (the issue's targets and whether they are met), ``backends`` (the
     default drift policy under each backend and thread count; empty unless ``backends`` is given) and
-    ``profile`` (top ops of the default drift policy at batch 1, eager, over ``profile`` calls; None if 0).
+    ``profile`` (top ops of the default drift policy at batch 1, eager, over ``profile`` calls; None if 0) and
+    ``task_policies`` (whole policies per task at batch 1, image encoder timed separately; see TASK_POLICIES).
     """
     from .threads import set_threads
 
@@ -524,7 +570,9 @@ def bench_latency(presets=DEFAULT_PRESETS, batches=DEFAULT_BATCHES, methods=tupl
             del policy
             gc.collect()
 
-    out = {"meta": meta, "results": results, "rows": make_rows(results), "backends": [], "profile": None}
+    out = {"meta": meta, "results": results, "rows": make_rows(results), "backends": [], "profile": None,
+           "task_policies": bench_task_policies(task_policies, 1, seed=seed, say=say, **timing_kw)
+           if task_policies else []}
     out["targets"] = check_targets(out["rows"])
     if profile:
         out["profile"] = profile_default(device, threads, seed, calls=int(profile))
@@ -726,6 +774,13 @@ def format_report(res: dict) -> str:
                          f"{_ms(r['p90_ms'])} | {_f(e / r['median_ms'] if e else None, '{:.2f}x')} | "
                          f"{r['max_abs_diff']:.1e} | {r['setup_s']:.1f} | {r['n_repeats']} |")
         lines += [""] + [f"- {b}: {BACKEND_NOTES[b]}" for b in dict.fromkeys(r["backend"] for r in res["backends"])]
+    if res.get("task_policies"):
+        lines += ["", "Whole policies per task, batch 1 (eager; image encoder = all cameras x To frames, timed alone):",
+                  "", "| task / policy | NFE | params (M) | predict_action ms | of which image encoder ms | encoder params (M) |",
+                  "|---|---|---|---|---|---|"]
+        for r in res["task_policies"]:
+            lines.append(f"| {r['name']} | {r['nfe']} | {r['params_m']:.2f} | {_ms(r['predict_ms'])} | "
+                         f"{_ms(r['encoder_ms'])} | {_f(r['encoder_params_m'])} |")
     if res.get("profile"):
         p = res["profile"]
         lines += ["", f"Where eager time goes (torch.profiler, default drift policy, batch 1, "
@@ -773,7 +828,7 @@ OPTIONS = {"presets": _list(str, "presets"), "xlarge": _flag, "batches": _list(i
            "methods": _list(str, "methods"), "threads": int, "repeats": int, "budget_s": float, "warmup": int,
            "device": str, "backend": str, "backends": _list(str, "backends"),
            "backend_batches": _list(int, "backend_batches"), "backend_threads": _list(int, "backend_threads"),
-           "profile": int, "out": str, "seed": int}
+           "profile": int, "out": str, "seed": int, "task_policies": _list(str, "task_policies")}
 
 
 def main(args: list[str]) -> dict:
@@ -791,7 +846,8 @@ def main(args: list[str]) -> dict:
     out = opts.pop("out", str(REPO_ROOT / "eval" / "results" / f"latency_{device.split(':')[0]}.json"))
     try:
         res = bench_latency(presets=presets, device=device, backends=opts.pop("backends", default_backends),
-                            profile=opts.pop("profile", 50), **opts)
+                            profile=opts.pop("profile", 50),
+                            task_policies=opts.pop("task_policies", list(TASK_POLICIES)), **opts)
     except BenchOptionError as e:
         raise SystemExit(f"drift-policy bench latency: {e}") from None
     paths = write_results(res, out)

@@ -45,7 +45,7 @@ def test_split_is_by_episode_and_disjoint():
 
 def test_windows_from_real_data(pusht_zarr):
     train, val = make_pusht_windows(pusht_zarr, horizon=16, n_obs_steps=2, n_action_steps=8)
-    assert train.obs.shape[1:] == (2, 20) and train.action.shape[1:] == (16, 2)
+    assert train.steps("obs").shape[1:] == (20,) and train.index.shape[1:] == (16,)
     assert val is not None and len(val) < len(train) / 20
     b = train.sample(5, torch.Generator().manual_seed(0))
     assert b["obs"].shape == (5, 2, 20) and b["action"].shape == (5, 16, 2)

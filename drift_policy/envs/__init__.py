@@ -5,6 +5,7 @@ import importlib
 
 _EXPORTS = {
     "PushTKeypointsEnv": "pusht",
+    "PushTImageEnv": "pusht",
     "PUSHT_LOCAL_KEYPOINTS": "pusht",
     "keypoints_from_state": "pusht",
     "keypoint_obs_from_state": "pusht",

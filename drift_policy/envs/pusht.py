@@ -40,6 +40,7 @@ __all__ = [
     "SUCCESS_THRESHOLD",
     "OBS_DIM",
     "PushTKeypointsEnv",
+    "PushTImageEnv",
     "keypoints_from_state",
     "keypoint_obs_from_state",
     "fit_local_keypoints",
@@ -259,6 +260,47 @@ class PushTKeypointsEnv(_GymPushTEnv):
         size = self.render_size if size is None else int(size)
         img = self._get_img(self._draw(), width=size, height=size, render_action=draw_action)
         return np.ascontiguousarray(img, dtype=np.uint8)
+
+
+class PushTImageEnv(PushTKeypointsEnv):
+    """Push-T with Diffusion Policy's image observation: ``{"obs": float32 [2], "image": uint8 [3, S, S]}``.
+
+    ``obs`` is the agent position (x, y), ``S = render_size`` (96, the data set's frames). The image is rendered
+    as the data set's frames were: the 512x512 pygame drawing (goal T in light green, block, agent) resized with
+    OpenCV, *without* the action cross-hair, of the state after the step (the stored frame t shows state t).
+    Rendering a stored state gives the stored frame up to anti-aliasing on a few edge pixels (mean absolute
+    difference about 0.08 / 255, see tests/test_vision.py). Seeding, ``info``, rewards and the step limit are
+    ``PushTKeypointsEnv``'s.
+    """
+
+    def __init__(self, max_steps: int | None = DEFAULT_MAX_STEPS, render_size: int = 96):
+        super().__init__(max_steps=max_steps, render_size=render_size)
+        s = self.render_size
+        self.observation_space = spaces.Dict({
+            "obs": spaces.Box(low=0.0, high=512.0, shape=(2,), dtype=np.float32),
+            "image": spaces.Box(low=0, high=255, shape=(3, s, s), dtype=np.uint8),
+        })
+        self._defer_obs = False
+
+    def render_obs_image(self) -> np.ndarray:
+        """The observation image, uint8 [3, render_size, render_size] (CHW)."""
+        s = self.render_size
+        img = self._get_img(self._draw(), width=s, height=s, render_action=False)  # [S, S, 3]
+        return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+    def get_obs(self) -> dict[str, np.ndarray] | None:
+        if self._defer_obs:  # inside step(): gym-pusht's step asks for an observation we would throw away
+            return None
+        agent = np.array(tuple(self.agent.position), dtype=np.float32)
+        return {"obs": agent, "image": self.render_obs_image()}
+
+    def step(self, action):
+        self._defer_obs = True
+        try:
+            _, reward, terminated, truncated, info = super().step(action)
+        finally:
+            self._defer_obs = False
+        return self.get_obs(), reward, terminated, truncated, info
 
 
 # -- demo replay diagnostic --------------------------------------------------------------------------------
