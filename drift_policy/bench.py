@@ -5,6 +5,10 @@ bench train: trains several policies with the same training-time budget on the s
 (Markdown + JSON) and a plot of coverage score against training time into eval/results/.
 
     drift-policy bench train minutes=30 eval_every=3 policies=drift_unet,diffusion_unet [out=eval/results]
+    drift-policy bench train policies=drift_unet,drift_transformer,diffusion_unet,diffusion_transformer \
+        overrides="task=pusht_image policy.vision_backbone=resnet18_half"     # both backbones, images
+
+(On a task other than Push-T the "coverage" columns hold the task's mean score, e.g. robomimic success.)
 """
 from __future__ import annotations
 
@@ -27,8 +31,10 @@ def _kv(args, allowed):
 def summarize_run(run_dir: Path) -> dict:
     evals = sorted((run_dir / "eval").glob("step_*.json"))
     rows = [json.loads(p.read_text()) for p in evals]
-    rows = [{"step": r["step"], "train_minutes": r["train_minutes"], "coverage_score": r["coverage_score"],
-             "success_rate": r["success_rate"]} for r in rows]
+    # "coverage_score" is the score's name on Push-T (older eval files have only it); "mean_score" on every task.
+    rows = [{"step": r["step"], "train_minutes": r["train_minutes"],
+             "coverage_score": r.get("mean_score", r.get("coverage_score")), "success_rate": r["success_rate"]}
+            for r in rows]
     last = rows[-10:]
     cfg = json.loads((run_dir / "config.json").read_text())
     return {

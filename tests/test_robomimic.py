@@ -323,3 +323,30 @@ def test_demonstrators_succeed(task):
         assert res["dones"][-1] == 1
     finally:
         env.close()
+
+
+def test_train_and_eval_from_the_cli(lift_file, tmp_path):
+    """hdf5 -> windows -> drift policy -> rollouts in robosuite (a worker process), then `drift-policy eval`."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "run"
+    common = [f"task.dataset={lift_file}", "task.max_steps=12"]
+    subprocess.run([sys.executable, "-m", "drift_policy", "train", "task=lift_lowdim", *common,
+                    "policy.backbone=tiny", "policy.n_noise=4", "train.max_steps=3", "train.max_minutes=0",
+                    "train.batch_size=4", "train.eval_episodes=2", "train.eval_workers=1", "train.threads=1",
+                    f"train.run_dir={run}"], check=True, env=env, capture_output=True, timeout=300)
+    res = json.loads(sorted((run / "eval").glob("step_*.json"))[-1].read_text())
+    assert res["task"] == "lift_lowdim" and res["n_episodes"] == 2 and "coverage_score" not in res
+    assert [e["seed"] for e in res["per_episode"]] == [100000, 100001]
+    assert all(e["steps"] == 12 and not e["success"] for e in res["per_episode"])   # 3 steps: no lift yet
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["policy"]["obs_dim"] == 19 and cfg["policy"]["action_dim"] == 7
+    out = tmp_path / "eval.json"
+    p = subprocess.run([sys.executable, "-m", "drift_policy", "eval", f"checkpoint={run / 'pretrained'}",
+                        "episodes=1", "workers=0", f"out={out}"], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(out.read_text())["task"] == "lift_lowdim" and "lift_lowdim: score" in p.stdout
