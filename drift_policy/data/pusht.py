@@ -20,29 +20,35 @@ class DatasetError(ValueError):
     """A data file is missing, malformed or inconsistent; the message names the file and the problem."""
 
 
-def download_pusht(root: str | os.PathLike | None = None) -> Path:
-    """Download and unpack Diffusion Policy's ``pusht.zip`` into ``<data root>/pusht/``."""
+def fetch(url: str, dest: Path, hint: str) -> Path:
+    """Download ``url`` to ``dest`` via ``dest.part`` (renamed when complete); without network, a RuntimeError
+    that says what failed and ``hint`` (how to get the file by hand)."""
     import urllib.error
     import urllib.request
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+    except (urllib.error.URLError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"could not download {url} ({e}). {hint}") from e
+    os.replace(tmp, dest)
+    return dest
+
+
+def download_pusht(root: str | os.PathLike | None = None) -> Path:
+    """Download and unpack Diffusion Policy's ``pusht.zip`` into ``<data root>/pusht/``."""
     import zipfile
 
     target = pusht_zarr_path(root)
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    zip_path = target.parent / "pusht.zip"
-    tmp = zip_path.with_suffix(".zip.part")
-    try:
-        with urllib.request.urlopen(PUSHT_URL, timeout=30) as r, open(tmp, "wb") as f:
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-    except (urllib.error.URLError, OSError) as e:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(
-            f"could not download {PUSHT_URL} ({e}). Without network access, copy pusht_cchi_v7_replay.zarr to "
-            f"{target} by hand, or point DRIFT_POLICY_DATA_ROOT at a folder that holds pusht/pusht_cchi_v7_replay.zarr"
-        ) from e
-    os.replace(tmp, zip_path)
+    zip_path = fetch(PUSHT_URL, target.parent / "pusht.zip",
+                     f"Without network access, copy pusht_cchi_v7_replay.zarr to {target} by hand, or point "
+                     f"DRIFT_POLICY_DATA_ROOT at a folder that holds pusht/pusht_cchi_v7_replay.zarr")
     with zipfile.ZipFile(zip_path) as z:
         # the archive holds pusht/pusht_cchi_v7_replay.zarr/...
         z.extractall(target.parent.parent)

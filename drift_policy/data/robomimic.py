@@ -279,31 +279,19 @@ def robomimic_url(task: str, dataset_type: str = "ph", filename: str = "low_dim_
 
 def download_robomimic(task: str, dataset_type: str = "ph", root: str | os.PathLike | None = None) -> Path:
     """Download robomimic's low-dim dataset into ``<data root>/robomimic/<task>/<dataset_type>/``."""
-    import urllib.error
-    import urllib.request
+    from .pusht import fetch
 
     if task not in TASKS:
         raise ValueError(f"unknown robomimic task {task!r}; expected one of {list(TASKS)}")
     target = robomimic_path(task, dataset_type, root)
     if target.exists():
         return target
-    url = robomimic_url(task, dataset_type)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-    except (urllib.error.URLError, OSError) as e:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(
-            f"could not download {url} ({e}). Without network access, fetch that file elsewhere (robomimic's "
-            f"v0.1 datasets, e.g. `python -m robomimic.scripts.download_datasets --tasks {task} --dataset_types "
-            f"{dataset_type} --hdf5_types low_dim`) and copy it to {target}, point DRIFT_POLICY_DATA_ROOT at a "
-            f"folder holding robomimic/{task}/{dataset_type}/, or generate scripted demos with "
-            f"`python -m drift_policy.data.robomimic generate --task {task} --out {target}`") from e
-    os.replace(tmp, target)
-    return target
+    return fetch(robomimic_url(task, dataset_type), target,
+                 f"Without network access, fetch that file elsewhere (robomimic's v0.1 datasets, e.g. `python -m "
+                 f"robomimic.scripts.download_datasets --tasks {task} --dataset_types {dataset_type} --hdf5_types "
+                 f"low_dim`) and copy it to {target}, point DRIFT_POLICY_DATA_ROOT at a folder holding "
+                 f"robomimic/{task}/{dataset_type}/, or generate scripted demos with "
+                 f"`python -m drift_policy.data.robomimic generate --task {task} --out {target}`")
 
 
 def _inspect(path: Path) -> str:
