@@ -125,10 +125,41 @@ def bench_train(args: list[str]) -> None:
                                   "start_seed": 100000, "runs": str(runs)})
 
 
+def run_summary(args: list[str]) -> dict:
+    """``drift-policy bench summary run=DIR [out=FILE.json] [machine=TEXT]``: a run's evaluation history (every
+    eval/step_*.json: score and success by step and training minute), its config and max / last-k statistics,
+    as JSON plus a Markdown table on stdout; for committing a run's record next to the README's numbers."""
+    opts = _kv(args, {"run": str, "out": str, "machine": str})
+    if "run" not in opts:
+        raise SystemExit("usage: drift-policy bench summary run=DIR [out=FILE.json] [machine=TEXT]")
+    run = Path(opts["run"])
+    if not (run / "config.json").exists():
+        raise SystemExit(f"{run}: not a run folder (no config.json)")
+    s = summarize_run(run)
+    s["config"] = json.loads((run / "config.json").read_text())
+    s["machine"] = opts.get("machine", f"{os.cpu_count()}-core CPU")
+    lines = [f"{s['config']['task']['name']}, {s['policy']['type']} policy ({s['policy']['architecture']} "
+             f"{s['policy']['backbone']}), {s['machine']}", "",
+             "| step | train min | score | success |", "|---|---|---|---|"]
+    lines += [f"| {r['step']} | {r['train_minutes']:.1f} | {r['coverage_score']:.3f} | {r['success_rate']:.2f} |"
+              for r in s["evals"]]
+    lines += ["", f"max score {s['max_coverage']:.3f}, mean of the last {s['n_last']} evaluations "
+                  f"{s['last10_coverage']:.3f} (success {s['last10_success']:.2f})"]
+    print("\n".join(lines))
+    if "out" in opts:
+        out = Path(opts["out"])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(s, indent=2))
+        out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return s
+
+
 def main(args: list[str]) -> None:
-    if not args or args[0] not in ("train", "latency"):
-        raise SystemExit("usage: drift-policy bench {train,latency} [key=value ...]")
-    if args[0] == "train":
+    if not args or args[0] not in ("train", "latency", "summary"):
+        raise SystemExit("usage: drift-policy bench {train,latency,summary} [key=value ...]")
+    if args[0] == "summary":
+        run_summary(args[1:])
+    elif args[0] == "train":
         bench_train(args[1:])
     else:
         from .bench_latency import main as latency_main

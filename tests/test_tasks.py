@@ -97,3 +97,24 @@ def test_windows_reject_inconsistent_data():
         make_windows({**data, "episode_ends": np.array([5, 9])}, 4, 2, 2)
     with pytest.raises(DatasetError, match="missing 'action'"):
         make_windows({k: v for k, v in data.items() if k != "action"}, 4, 2, 2)
+
+
+def test_bench_summary_reads_a_runs_evaluations(tmp_path, capsys):
+    import json
+
+    from drift_policy.bench import run_summary
+
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    cfg = compose(["task=lift_lowdim"]).to_dict()
+    (run / "config.json").write_text(json.dumps(cfg))
+    for step, score in [(100, 0.5), (200, 0.9), (300, 0.8)]:   # robomimic files: mean_score, no coverage_score
+        (run / "eval" / f"step_{step:08d}.json").write_text(json.dumps(
+            {"step": step, "train_minutes": step / 100, "mean_score": score, "success_rate": score}))
+    s = run_summary([f"run={run}", f"out={tmp_path / 'rec.json'}"])
+    assert [r["step"] for r in s["evals"]] == [100, 200, 300]
+    assert s["max_coverage"] == 0.9 and abs(s["last10_coverage"] - 2.2 / 3) < 1e-9
+    assert json.loads((tmp_path / "rec.json").read_text())["config"]["task"]["name"] == "lift_lowdim"
+    assert "| 300 | 3.0 | 0.800 | 0.80 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="not a run folder"):
+        run_summary([f"run={tmp_path}"])

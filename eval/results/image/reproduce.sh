@@ -5,8 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-MAIN_MIN=${MAIN_MIN:-22}
-ABL_STEPS=${ABL_STEPS:-200}
+MAIN_MIN=${MAIN_MIN:-50}
+ABL_STEPS=${ABL_STEPS:-300}
 RUNS=${RUNS:-runs/image}
 RES=${RES:-eval/results/image}
 EXTRA=${EXTRA:-}          # extra overrides for every command (smoke tests)
