@@ -22,7 +22,8 @@ def _one_thread():
 def test_bench_tiny_returns_documented_keys(tmp_path):
     res = bl.bench_latency(presets=["tiny"], batches=[1], repeats=2, warmup=1, budget_s=0.01, verbose=False,
                            backends=["eager", "jit_trace"], backend_threads=[1], backend_batches=[1], profile=2)
-    assert set(res) == {"meta", "results", "rows", "targets", "backends", "profile"}
+    assert set(res) == {"meta", "results", "rows", "targets", "backends", "profile", "task_policies"}
+    assert res["task_policies"] == []
     for k in ("cpu", "torch", "device", "threads_option", "torch_num_threads", "repeats_max", "budget_s"):
         assert k in res["meta"], k
     assert res["meta"]["torch_num_threads"] == 1 and res["meta"]["device"] == "cpu"
@@ -151,3 +152,19 @@ def test_gemm_conv_matches_conv1d(c_in, c_out, k, stride, pad, bias):
         torch.testing.assert_close(bl._GemmConv1d(conv)(x), conv(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="plain convolutions"):
         bl._GemmConv1d(torch.nn.Conv1d(4, 4, 3, groups=2))
+
+
+def test_task_policies_time_the_image_encoder_separately():
+    rows = bl.bench_task_policies(["pusht_keypoints/drift_unet", "pusht_image/drift_unet"], repeats=2, warmup=1,
+                                  budget_s=0.01, say=lambda *a, **k: None)
+    low, img = rows
+    assert low["encoder_ms"] is None and low["nfe"] == 1
+    assert img["encoder_params_m"] > 11.0                           # the full ResNet-18 trunk (11.2M) + head
+    assert 0 < img["encoder_ms"] < img["predict_ms"]                # the encoder is part of predict_action
+    assert img["params_m"] > low["params_m"] + img["encoder_params_m"] - 0.5
+    with pytest.raises(bl.BenchOptionError):
+        bl.bench_task_policies(["pusht/nonsense"], repeats=1, budget_s=0.01)
+    assert "pusht_image/drift_unet" in bl.format_report(
+        {"meta": {**bl.machine_info("cpu"), "threads_option": 1, "torch_num_threads": 1, "backend": "eager",
+                  "min_repeats": 2, "repeats_max": 2, "budget_s": 0.01},
+         "rows": [], "targets": {}, "task_policies": rows})
