@@ -58,6 +58,8 @@ TASK_POLICIES: dict[str, list[str]] = {
     "pusht_keypoints/drift_unet": ["task=pusht_keypoints", "policy=drift_unet"],
     "pusht_keypoints/drift_transformer": ["task=pusht_keypoints", "policy=drift_transformer"],
     "pusht_image/drift_unet": ["task=pusht_image", "policy=drift_unet"],
+    "pusht_image/drift_unet, resnet18_half": ["task=pusht_image", "policy=drift_unet",
+                                              "policy.vision_backbone=resnet18_half"],
     "pusht_image/drift_transformer": ["task=pusht_image", "policy=drift_transformer"],
     "pusht_image/diffusion_unet (DDPM-100)": ["task=pusht_image", "policy=diffusion_unet"],
 }
