@@ -141,6 +141,21 @@ def _closest_yaw(obj_yaw: float, gripper_yaw: float, period: float) -> float:
     return float((d + period / 2) % period - period / 2)
 
 
+def _hold_targets(state: dict, carry_z: float):
+    """Targets that keep the end effector where it was when first asked (``hold``), or there raised to
+    ``carry_z`` (``up``): used while the gripper closes and then lifts."""
+    def hold(o):
+        state.setdefault("p", np.asarray(o["robot0_eef_pos"], dtype=np.float64).copy())
+        return state["p"]
+
+    def up(o):
+        p = hold(o).copy()
+        p[2] = carry_z
+        return p
+
+    return hold, up
+
+
 def _lift_phases(env, rng: np.random.Generator) -> list[Phase]:
     above = rng.uniform(0.06, 0.10)
     grasp_z = rng.uniform(-0.005, 0.005)
@@ -151,9 +166,7 @@ def _lift_phases(env, rng: np.random.Generator) -> list[Phase]:
     off = lambda dz: np.array([xy[0], xy[1], dz])  # noqa: E731
     state: dict = {}
 
-    def hold(o):
-        state.setdefault("p", np.asarray(o["robot0_eef_pos"], dtype=np.float64).copy())
-        return state["p"]
+    hold, _ = _hold_targets(state, 0.0)
 
     phases = [
         Phase("above", lambda o: cube(o) + off(above), -1.0, tol=0.015, max_steps=60),
@@ -179,14 +192,7 @@ def _can_phases(env, rng: np.random.Generator) -> list[Phase]:
     can = lambda o: np.asarray(o["Can_pos"], dtype=np.float64)  # noqa: E731
     state: dict = {}
 
-    def hold(o):
-        state.setdefault("p", np.asarray(o["robot0_eef_pos"], dtype=np.float64).copy())
-        return state["p"]
-
-    def up(o):
-        p = hold(o).copy()
-        p[2] = carry_z
-        return p
+    hold, up = _hold_targets(state, carry_z)
 
     phases = [
         Phase("above", lambda o: can(o) + np.array([0.0, 0.0, above]), -1.0, tol=0.015, max_steps=70),
@@ -238,14 +244,7 @@ def _square_phases(env, rng: np.random.Generator) -> list[Phase]:
             state["carry"] = grasp_yaw(o) + turn
         return state["carry"]
 
-    def hold(o):
-        state.setdefault("p", np.asarray(o["robot0_eef_pos"], dtype=np.float64).copy())
-        return state["p"]
-
-    def up(o):
-        p = hold(o).copy()
-        p[2] = carry_z
-        return p
+    hold, up = _hold_targets(state, carry_z)
 
     def over_peg(z):
         def f(o):
