@@ -52,7 +52,10 @@ class _Episode:
         from drift_policy.tasks import make_env
 
         self.index, self.seed, self.family = index, seed, spec["family"]
-        self.env = make_env({**spec, "kwargs": {**spec["kwargs"], "max_steps": max_steps}})
+        kwargs = {**spec["kwargs"], "max_steps": max_steps}
+        if video_path is not None and self.family == "robomimic":
+            kwargs["render"] = True                          # robosuite needs its offscreen renderer for frames
+        self.env = make_env({**spec, "kwargs": kwargs})
         obs, info = self.env.reset(seed=seed)
         self.history: deque[dict] = deque([_as_dict(obs)] * n_obs_steps, maxlen=n_obs_steps)
         self.steps = 0

@@ -346,10 +346,13 @@ def test_train_and_eval_from_the_cli(lift_file, tmp_path):
     assert cfg["policy"]["obs_dim"] == 19 and cfg["policy"]["action_dim"] == 7
     out = tmp_path / "eval.json"
     p = subprocess.run([sys.executable, "-m", "drift_policy", "eval", f"checkpoint={run / 'pretrained'}",
-                        "episodes=1", "workers=0", f"out={out}"], env=env, capture_output=True, text=True,
-                       timeout=300)
+                        "episodes=1", "workers=0", "videos=1", f"out={out}"], env=env, capture_output=True,
+                       text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert json.loads(out.read_text())["task"] == "lift_lowdim" and "lift_lowdim: score" in p.stdout
+    res = json.loads(out.read_text())
+    assert res["task"] == "lift_lowdim" and "lift_lowdim: score" in p.stdout
+    video = tmp_path / "videos" / "lift_lowdim_seed100000.mp4"
+    assert res["videos"] == [str(video)] and video.stat().st_size > 1000
 
 
 def test_image_task_trains_and_evaluates_end_to_end(tmp_path):
