@@ -118,3 +118,13 @@ def test_bench_summary_reads_a_runs_evaluations(tmp_path, capsys):
     assert "| 300 | 3.0 | 0.800 | 0.80 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="not a run folder"):
         run_summary([f"run={tmp_path}"])
+
+
+def test_cli_reports_config_and_data_errors_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    for args, needle in [(["train", "task.val_ratio=2"], "task.val_ratio must be in [0, 1)"),
+                         (["train", "task=lift_lowdim", f"task.data_root={tmp_path}"], "robomimic dataset not found")]:
+        p = subprocess.run([sys.executable, "-m", "drift_policy", *args], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, p.stderr[-1500:]
