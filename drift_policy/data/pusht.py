@@ -80,7 +80,7 @@ def _open_store(path: Path):
     return root
 
 
-def _check_arrays(path: Path, n: int, arrays) -> None:
+def check_arrays(path: Path, n: int, arrays) -> None:
     for name, arr, shape in arrays:
         if arr.shape != shape:
             raise DatasetError(f"{path}: '{name}' has shape {arr.shape}, expected {shape}")
@@ -107,7 +107,7 @@ def load_pusht_lowdim(path: str | os.PathLike) -> dict[str, np.ndarray]:
     action = _read(root["data"], "action", path).astype(np.float32)
     ends = _read(root["meta"], "episode_ends", path).astype(np.int64)
     n = len(state)
-    _check_arrays(path, n, (("data/state", state, (n, 5)), ("data/keypoint", keypoint, (n, 9, 2)),
+    check_arrays(path, n, (("data/state", state, (n, 5)), ("data/keypoint", keypoint, (n, 9, 2)),
                             ("data/action", action, (n, 2))))
     _check_episode_ends(path, ends, n)
     obs = np.concatenate([keypoint.reshape(n, 18), state[:, :2]], axis=1)
@@ -132,7 +132,7 @@ def load_pusht_image(path: str | os.PathLike, *, progress: bool = True,
     action = _read(root["data"], "action", path).astype(np.float32)
     ends = _read(root["meta"], "episode_ends", path).astype(np.int64)
     n = len(state)
-    _check_arrays(path, n, (("data/state", state, (n, 5)), ("data/action", action, (n, 2))))
+    check_arrays(path, n, (("data/state", state, (n, 5)), ("data/action", action, (n, 2))))
     _check_episode_ends(path, ends, n)
     if "img" not in root["data"]:
         raise DatasetError(f"{path}: missing array 'img'")
