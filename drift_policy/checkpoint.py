@@ -15,9 +15,7 @@ from pathlib import Path
 
 import torch
 
-
-class CheckpointError(RuntimeError):
-    pass
+from .errors import CheckpointError
 
 
 def _fsync_write(path: Path, data: bytes) -> None:

@@ -107,12 +107,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("command", choices=["train", "resume", "eval", "bench", "export", "run", "image"])
     parser.add_argument("args", nargs=argparse.REMAINDER)
     ns = parser.parse_args(argv)
-    from .data.pusht import DatasetError
-    from .policies.base import ConfigError
+    from .errors import USER_ERRORS
 
     try:
         _dispatch(ns)
-    except (ConfigError, DatasetError) as e:
+    except USER_ERRORS as e:
         # A wrong key or value, or a missing or malformed data file: the message says what and where.
         parser.exit(2, f"drift-policy {ns.command}: error: {e}\n")
 
