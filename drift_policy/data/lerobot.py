@@ -26,7 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .pusht import DatasetError, check_arrays
+from ..errors import DatasetError
+from .pusht import check_arrays
 
 __all__ = ["DatasetError", "LeRobotMeta", "read_meta", "select_features", "camera_name", "load_lerobot",
            "resolve_dataset", "is_hub_id", "CODEBASE_VERSIONS"]
