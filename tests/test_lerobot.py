@@ -74,6 +74,14 @@ def test_frames_match_the_zarr_store(data, zarr3, pusht_zarr):
     assert np.all(err[1:][moving] < shifted[moving])
 
 
+def test_frames_resized_on_decode(data):
+    small = load_lerobot(FIXTURE, obs_keys=["observation.state"], image_size=(48, 64))
+    assert small["obs"].shape == (N, 2) and small["image"].shape == (N, 3, 48, 64)
+    # the same pictures at another size: per-frame mean intensity within a grey level or two
+    diff = small["image"].reshape(N, -1).mean(1) - data["image"].reshape(N, -1).mean(1).astype(np.float64)
+    assert np.abs(diff).max() < 2.0
+
+
 def test_windows_padded_like_the_zarr_path(data, zarr3):
     for val_ratio in (0.0, 0.34):
         a_tr, a_va = make_windows(data, horizon=16, n_obs_steps=2, n_action_steps=8, val_ratio=val_ratio)

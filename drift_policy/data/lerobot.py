@@ -248,7 +248,8 @@ def _read_frames(meta: LeRobotMeta, keys: Sequence[str], episodes: np.ndarray) -
 
 def _decode_video(path: Path, key: str, wanted: np.ndarray, shape: tuple[int, int, int], fps: float,
                   out: np.ndarray, out_rows: np.ndarray) -> None:
-    """Decode ``path`` once and write, for each wanted time (s, sorted), the frame nearest to it into ``out``.
+    """Decode ``path`` once and write, for each wanted time (s, sorted), the frame nearest to it into ``out``
+    (resized to ``out``'s H x W when the stored ``shape`` differs).
 
     A frame more than half a frame period away from its wanted time means the video and the episodes metadata
     disagree (a cut or re-encoded file): that is an error, never a silently shifted frame.
@@ -266,10 +267,10 @@ def _decode_video(path: Path, key: str, wanted: np.ndarray, shape: tuple[int, in
             j = 0
 
             def put(j, t, frame):
-                img = frame.to_ndarray(format="rgb24")                    # [H, W, 3] uint8
-                if img.shape != (shape[1], shape[2], 3):
-                    raise DatasetError(f"{path}: frames are {img.shape[1]}x{img.shape[0]}, but info.json gives "
+                if (frame.height, frame.width) != shape[1:]:
+                    raise DatasetError(f"{path}: frames are {frame.width}x{frame.height}, but info.json gives "
                                        f"camera {key!r} {shape[2]}x{shape[1]}")
+                img = frame.to_ndarray(format="rgb24", height=out.shape[2], width=out.shape[3])   # [H, W, 3]
                 out[out_rows[j]] = img.transpose(2, 0, 1)
                 got[j] = t
 
@@ -302,9 +303,9 @@ def _decode_video(path: Path, key: str, wanted: np.ndarray, shape: tuple[int, in
 
 
 def _read_camera(meta: LeRobotMeta, key: str, episodes: np.ndarray, timestamps: np.ndarray,
-                 ends: np.ndarray) -> np.ndarray:
+                 ends: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
     shape = meta.image_shape(key)
-    out = np.empty((len(timestamps), *shape), dtype=np.uint8)
+    out = np.empty((len(timestamps), 3, *(size or shape[1:])), dtype=np.uint8)
     ep = meta.episodes
     starts = np.concatenate([[0], ends[:-1]])
     by_file: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
@@ -326,11 +327,13 @@ def _read_camera(meta: LeRobotMeta, key: str, episodes: np.ndarray, timestamps: 
 
 def load_lerobot(root: str | os.PathLike, obs_keys: Sequence[str] | None = None,
                  image_keys: Sequence[str] | None = None, action_key: str = "action",
-                 episodes: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+                 episodes: Sequence[int] | None = None,
+                 image_size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     """Read and validate a v3.0 dataset folder into flat arrays (see the module docstring).
 
     ``obs_keys`` / ``image_keys`` are feature keys (``None``: chosen by ``select_features``); ``episodes`` a
-    subset of episode indices (default: all, in order).
+    subset of episode indices (default: all, in order); ``image_size`` (H, W) resizes frames stored at another
+    size as they are decoded (every frame is held in memory as uint8: a 640x480 camera takes 0.9 MB a frame).
     """
     meta = read_meta(root)
     obs_keys, image_keys, action_key = select_features(meta, obs_keys, image_keys, action_key)
@@ -347,7 +350,7 @@ def load_lerobot(root: str | os.PathLike, obs_keys: Sequence[str] | None = None,
     }
     ts = frames["timestamp"].astype(np.float64)
     for k in image_keys:
-        out[camera_name(k)] = _read_camera(meta, k, eps, ts, ends)
+        out[camera_name(k)] = _read_camera(meta, k, eps, ts, ends, image_size)
     return out
 
 
