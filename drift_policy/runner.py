@@ -282,7 +282,7 @@ def run(policy, cfg: RunConfig, checkpoint: str = "") -> dict:
         "checkpoint": str(checkpoint),
         "policy": {"type": c.type, "backbone": c.backbone, "n_obs_steps": c.n_obs_steps,
                    "n_action_steps": c.n_action_steps, "horizon": c.horizon,
-                   "nfe": 1 if c.type == "drift" else getattr(c, "num_inference_steps", None)},
+                   "nfe": c.nfe},
         "config": {("async" if k == "async_" else k): v for k, v in asdict(cfg).items()},
         "machine": {"cpu": _cpu_name(), "logical_cpus": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__, "torch_threads": torch.get_num_threads()},

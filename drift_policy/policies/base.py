@@ -69,6 +69,11 @@ class PolicyConfig:
         if self.architecture == "unet" and any(d % self.n_groups for d in UNET_PRESETS[self.backbone]["down_dims"]):
             raise ConfigError(f"policy.n_groups={self.n_groups} must divide every channel width of {self.backbone}")
 
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per action chunk: what one ``predict_action`` costs (set by each method)."""
+        raise NotImplementedError(f"{type(self).__name__} must define nfe")
+
     @classmethod
     def from_dict(cls, d: dict) -> "PolicyConfig":
         check_keys(cls, d, "policy.")
@@ -144,8 +149,9 @@ class Policy(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def sample(self, cond: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Normalised action chunk [B, Tp, Da] for conditioning [B, C]."""
+    def sample(self, cond: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+        """Normalised action chunk [B, Tp, Da] for conditioning [B, C], from ``noise`` [B, Tp, Da] when given
+        (else drawn from ``generator``)."""
         raise NotImplementedError
 
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
@@ -214,8 +220,6 @@ class Policy(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Policy":
         from safetensors.torch import load_file
 
-        from . import POLICIES, config_from_dict
-
         path = Path(path)
         for f in ("config.json", "model.safetensors"):
             if not (path / f).exists():
@@ -230,3 +234,28 @@ class Policy(nn.Module):
         policy = policy_cls(config, norm)
         policy.load_state_dict(state)
         return policy.to(device).eval()
+
+
+# ---- the registry of policy types ---------------------------------------------------------------------------------
+# type -> (config class, policy class). Each policy module registers itself (``register_policy``), so a new method
+# is one new module; ``drift_policy.policies`` imports the built-in ones.
+POLICIES: dict[str, tuple[type[PolicyConfig], type[Policy]]] = {}
+
+
+def register_policy(config_cls: type[PolicyConfig], policy_cls: type[Policy]) -> None:
+    kind = next(f.default for f in dataclasses.fields(config_cls) if f.name == "type")
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"{config_cls.__name__} needs a default for its 'type' field")
+    POLICIES[kind] = (config_cls, policy_cls)
+
+
+def make_policy(config: PolicyConfig, normalizer=None) -> Policy:
+    return POLICIES[config.type][1](config, normalizer)
+
+
+def config_from_dict(d: dict) -> PolicyConfig:
+    d = dict(d)
+    kind = d.get("type")
+    if kind not in POLICIES:
+        raise ValueError(f"policy.type must be one of {sorted(POLICIES)}, got {kind!r}")
+    return POLICIES[kind][0].from_dict(d)
