@@ -435,8 +435,7 @@ def accelerated_policy(policy, backend: str = "eager", threads: int | None = Non
     fast = copy.copy(policy)
     fast._modules = dict(policy._modules)                 # own module table: the original keeps its backbone
     fast._modules["model"] = make_backbone(policy.model, backend, threads)
-    if hasattr(policy, "_action_queue"):
-        fast.reset()
+    fast.reset()                                          # its own action queue and observation history
     return fast
 
 

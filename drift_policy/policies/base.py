@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, check_keys
+from ..executor import ChunkExecutor, executable
 from ..models.transformer import TRANSFORMER_PRESETS, TimeSeriesTransformer
 from ..models.unet1d import UNET_PRESETS, ConditionalUnet1D
 from ..normalizer import Normalizer
@@ -161,8 +162,8 @@ class Policy(nn.Module):
     def predict_action(self, obs, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """obs [B, To, obs_dim] (or {"obs": ..., <camera>: [B, To, 3, H, W]}) in data units -> {"action": [B, Ta, Da], "action_pred": [B, Tp, Da]}."""
         action_pred = self.normalizer.unnormalize("action", self.sample(self.condition(self._obs(obs)), generator))
-        start = self.config.n_obs_steps - 1
-        return {"action": action_pred[:, start: start + self.config.n_action_steps], "action_pred": action_pred}
+        c = self.config
+        return {"action": action_pred[:, executable(c.n_obs_steps, c.n_action_steps)], "action_pred": action_pred}
 
     # ---- LeRobot-style control API ----------------------------------------------------------------------
     def predict_action_chunk(self, obs, generator: torch.Generator | None = None) -> Tensor:
@@ -171,8 +172,7 @@ class Policy(nn.Module):
 
     def reset(self) -> None:
         """Forget queued actions and observation history (call at the start of every episode)."""
-        self._action_queue: list[Tensor] = []
-        self._obs_history: list[Tensor] = []
+        self.executor = ChunkExecutor(self.config.n_obs_steps, self.config.n_action_steps)
 
     @torch.no_grad()
     def select_action(self, obs, generator: torch.Generator | None = None) -> Tensor:
@@ -181,7 +181,7 @@ class Policy(nn.Module):
         Keeps the last To observations (the first one repeated after ``reset``) and a queue of the current chunk's
         actions; the generator runs only when the queue is empty, i.e. once every Ta calls.
         """
-        if not hasattr(self, "_action_queue"):
+        if getattr(self, "executor", None) is None:
             self.reset()
         c = self.config
         step = dict(obs) if isinstance(obs, dict) else {"obs": obs}
@@ -190,13 +190,12 @@ class Policy(nn.Module):
             step = {k: torch.as_tensor(v).unsqueeze(0) for k, v in step.items()}
         if step["obs"].dim() != 2 or step["obs"].shape[1] != c.obs_dim:
             raise ValueError(f"select_action takes one step of obs [B, {c.obs_dim}], got {tuple(step['obs'].shape)}")
-        To = c.n_obs_steps
-        self._obs_history = (self._obs_history + [step])[-To:] if self._obs_history else [step] * To
-        if not self._action_queue:
-            window = {k: torch.stack([torch.as_tensor(h[k]) for h in self._obs_history], dim=1) for k in step}
-            chunk = self.predict_action_chunk(window, generator)                            # [B, Ta, Da]
-            self._action_queue = list(chunk.unbind(dim=1))
-        return self._action_queue.pop(0)
+        ex = self.executor
+        ex.observe(step)
+        if ex.needs_chunk:
+            window = ex.window(lambda steps: torch.stack([torch.as_tensor(s) for s in steps], dim=1))
+            ex.load(self.predict_action_chunk(window, generator).unbind(dim=1))              # Ta x [B, Da]
+        return ex.pop()
 
     def _noise(self, n: int, generator: torch.Generator | None) -> Tensor:
         c = self.config
