@@ -203,12 +203,9 @@ class Controller:
 
 # ---- the loop ----------------------------------------------------------------------------------------------------
 def run_episode(env, ctrl: Controller, seed: int, cfg: RunConfig, n_obs_steps: int, wall_deadline: float,
-                ticks: dict, family=None) -> dict:
-    """One episode on the wall clock; ``family`` (a ``tasks.TaskFamily``, default Push-T) names the success key
-    and the info keys whose maximum is reported."""
-    from .tasks import family as family_of
-
-    family = family or family_of("pusht")
+                ticks: dict, family) -> dict:
+    """One episode on the wall clock; ``family`` (the task's ``tasks.TaskFamily``) names the success key and the
+    info keys whose maximum is reported."""
     obs, info = env.reset(seed=seed)
     # The history and the To - 1 slice come from the executor; which action plays at a tick is the Controller's
     # choice (its chunks are indexed by tick, for the async lead and temporal ensembling).
