@@ -109,10 +109,11 @@ class Config:
                 raise ConfigError(f"config is missing '{k}'")
         task = _legacy_task(dict(d["task"]))
         check_keys(TaskConfig, task, "task.")
-        task = TaskConfig(**task)
+        from .tasks import resolve_task, task_spaces
+
+        task = resolve_task(TaskConfig(**task))   # every key explicit (LeRobot: read from the dataset's features)
         policy = dict(d["policy"])
         # The observation and action sizes come from the task, not from the policy's YAML.
-        from .tasks import task_spaces
 
         for k, v in task_spaces(task).items():
             if k in policy and _plain(policy[k]) != _plain(v):

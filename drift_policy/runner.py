@@ -265,10 +265,11 @@ def run(policy, cfg: RunConfig, checkpoint: str = "", task=None) -> dict:
     """Run episodes of ``task`` (a TaskConfig; default: Push-T keypoints) at cfg.rate_hz and return the report
     (a JSON-serialisable dict)."""
     from .config import TaskConfig
-    from .tasks import env_spec, family, make_env
+    from .tasks import env_spec, make_env
 
     task = task if task is not None else TaskConfig()
-    fam = family(task)
+    spec = env_spec(task)
+    fam = spec["family"]                         # the family whose env runs (for a LeRobot task, its eval env)
     c = policy.config
     cfg = RunConfig(**asdict(cfg))               # a copy: the report records the lead actually used
     cfg.check(c.n_obs_steps, c.n_action_steps, c.horizon)
@@ -283,7 +284,7 @@ def run(policy, cfg: RunConfig, checkpoint: str = "", task=None) -> dict:
         warm.append(time.perf_counter() - t)
     if cfg.async_ and not cfg.ensemble and not cfg.lead:
         cfg.lead = auto_lead(warm, cfg.rate_hz, c.horizon - c.n_obs_steps + 1 - c.n_action_steps)
-    env = make_env(env_spec(task), max_steps=cfg.max_steps)
+    env = make_env(spec, max_steps=cfg.max_steps)
     ticks = {k: [] for k in ("lateness", "work", "act", "env", "age", "waited", "overrun")}
     episodes = []
     t0 = time.perf_counter()

@@ -161,6 +161,12 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
         data_gen.set_state(ckpt["data_rng"])
         dist.restore_rng(ckpt["torch_rng"], t.seed, ckpt["step"])
         step, train_seconds, next_eval_minutes = ckpt["step"], ckpt["train_seconds"], ckpt["next_eval_minutes"]
+    from .tasks import family, has_env
+
+    evaluating = t.eval_episodes > 0 and has_env(cfg.task)
+    if t.eval_episodes and not evaluating and is_main:
+        print(f"note: task {cfg.task.name} has no evaluation environment ({family(cfg.task).no_env_hint}); "
+              f"training without evaluation (train.eval_episodes={t.eval_episodes} is ignored)")
     n_params = sum(p.numel() for p in policy.parameters())
     print(f"{cfg.policy.type} policy, {cfg.policy.backbone} backbone: {n_params / 1e6:.2f}M parameters; "
           f"{len(train_set)} training windows; run folder {run_dir}")
@@ -232,7 +238,7 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
             logger.log(rec)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", **({"mse": f"{info['mse_to_expert']:.4f}"}
                                                           if "mse_to_expert" in info else {}))
-        if is_main and t.eval_episodes and ((t.eval_every_steps and step % t.eval_every_steps == 0) or
+        if is_main and evaluating and ((t.eval_every_steps and step % t.eval_every_steps == 0) or
                                             (t.eval_every_minutes and train_seconds >= 60 * next_eval_minutes)):
             while t.eval_every_minutes and train_seconds >= 60 * next_eval_minutes:
                 next_eval_minutes += t.eval_every_minutes
@@ -247,7 +253,7 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
     dist.close()
     if not is_main:
         return run_dir
-    if t.eval_episodes and not runs.eval_path(run_dir, step).exists():
+    if evaluating and not runs.eval_path(run_dir, step).exists():
         evaluate()
     ema.save_pretrained(runs.pretrained_dir(run_dir))
     logger.close()

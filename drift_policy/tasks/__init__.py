@@ -1,6 +1,7 @@
 """Task families behind a registry, and the functions the rest of the package calls with a ``TaskConfig``.
 
-Two built-in families: ``pusht`` (``tasks/pusht.py``) and ``robomimic`` (``tasks/robomimic.py``). Adding one
+Built-in families: ``pusht`` (``tasks/pusht.py``), ``robomimic`` (``tasks/robomimic.py``) and ``lerobot``
+(``tasks/lerobot.py``: any LeRobotDataset, evaluated in another family's env or not at all). Adding one
 takes a module with a ``TaskFamily`` subclass, ``register_family(...)`` and a task YAML with ``env: <name>``:
 training, evaluation, the runner and the benchmarks only call the functions below. Policies read their
 input and output sizes from ``task_spaces``, so no YAML repeats them.
@@ -12,13 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
-from ..paths import data_root
 from .base import NoOptions, TaskFamily
+from .lerobot import FAMILY as LEROBOT
 from .pusht import FAMILY as PUSHT
 from .robomimic import FAMILY as ROBOMIMIC
 
-__all__ = ["TaskFamily", "NoOptions", "register_family", "family", "families", "check_task", "task_spaces",
-           "dataset_path", "load_data", "env_spec", "make_env", "control_hz"]
+__all__ = ["TaskFamily", "NoOptions", "register_family", "family", "families", "check_task", "resolve_task",
+           "task_spaces", "dataset_path", "load_data", "has_env", "env_spec", "make_env", "control_hz"]
 
 _FAMILIES: dict[str, TaskFamily] = {}
 
@@ -45,6 +46,7 @@ def family(task) -> TaskFamily:
 
 register_family(PUSHT)
 register_family(ROBOMIMIC)
+register_family(LEROBOT)
 
 
 def check_task(task) -> None:
@@ -55,6 +57,11 @@ def check_task(task) -> None:
         raise ConfigError(f"task.crop_size must be in (0, image_size={task.image_size}], got {task.crop_size}")
 
 
+def resolve_task(task):
+    """The task with every key explicit (``TaskFamily.resolve``)."""
+    return family(task).resolve(task)
+
+
 def task_spaces(task) -> dict:
     """{"obs_dim", "action_dim", "image_keys", "image_shape", "crop_shape"} for the policy config."""
     obs_dim, action_dim = family(task).spaces(task)
@@ -63,8 +70,8 @@ def task_spaces(task) -> dict:
 
 
 def dataset_path(task) -> Path:
-    p = Path(task.dataset).expanduser()
-    return p if p.is_absolute() else data_root(task.data_root) / p
+    """The local path of the task's data (``TaskFamily.locate``)."""
+    return family(task).locate(task)
 
 
 def load_data(task) -> dict[str, np.ndarray]:
@@ -72,16 +79,26 @@ def load_data(task) -> dict[str, np.ndarray]:
     return family(task).load(task, dataset_path(task))
 
 
+def has_env(task) -> bool:
+    """Whether the task has an evaluation environment (a data-only family may have none)."""
+    return family(task).eval_family(task) is not None
+
+
 def control_hz(task) -> float:
-    """Env steps per second of the task's family."""
-    return family(task).control_hz
+    """Env steps per second of the task's evaluation environment."""
+    fam = family(task)
+    return (fam.eval_family(task) or fam).control_hz
 
 
 def env_spec(task) -> dict:
-    """A picklable description of the evaluation environment: {"family": the TaskFamily, "name", "kwargs"}.
-    ``evaluation`` builds it in rollout workers with ``make_env``."""
+    """A picklable description of the evaluation environment: {"family": the TaskFamily that builds it, "name",
+    "kwargs"}. ``evaluation`` builds it in rollout workers with ``make_env``."""
     fam = family(task)
-    return {"family": fam, "name": task.name, "kwargs": fam.env_kwargs(task, dataset_path(task))}
+    env_fam = fam.eval_family(task)
+    if env_fam is None:
+        raise ConfigError(f"task {task.name!r} (task.env={task.env}) has no evaluation environment"
+                          + (f": {fam.no_env_hint}" if fam.no_env_hint else ""))
+    return {"family": env_fam, "name": task.name, "kwargs": fam.env_kwargs(task, dataset_path(task))}
 
 
 def make_env(spec: dict, **extra):

@@ -37,6 +37,7 @@ class TaskFamily:
     track_max: ClassVar[tuple[str, ...]] = ()       # info keys whose per-episode maximum is reported as max_<key>
     success_key: ClassVar[str] = "success"          # the info key that says an env step reached the goal
     options_class: ClassVar[type] = NoOptions       # dataclass of task.options (defaults = the family's defaults)
+    no_env_hint: ClassVar[str] = ""                 # what to do when eval_family() is None (how to name an env)
 
     # ---- config --------------------------------------------------------------------------------------------
     def options(self, task) -> Any:
@@ -53,7 +54,24 @@ class TaskFamily:
         """(obs_dim, action_dim): the low-dim observation and action sizes per step."""
         raise NotImplementedError
 
+    def resolve(self, task):
+        """The task with every key explicit. A family whose keys come from its data (LeRobot: the dataset's
+        features) reads them here; ``Config.from_dict`` calls it once, so a run's config.json records them."""
+        return task
+
     # ---- data and environment ------------------------------------------------------------------------------
+    def locate(self, task) -> Path:
+        """The local path of ``task.dataset``: absolute, or relative to the data root."""
+        from ..paths import data_root
+
+        p = Path(task.dataset).expanduser()
+        return p if p.is_absolute() else data_root(task.data_root) / p
+
+    def eval_family(self, task) -> "TaskFamily | None":
+        """The family whose environment (``make_env``, success key, control rate) evaluates ``task``: this one,
+        another (a data-only family evaluated in a simulator), or None when the task has no environment."""
+        return self
+
     def load(self, task, path: Path) -> dict[str, np.ndarray]:
         """The demonstrations at ``path`` as flat per-step arrays (see ``data/windows.py``)."""
         raise NotImplementedError
