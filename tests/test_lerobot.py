@@ -232,3 +232,95 @@ def test_hub_download_and_offline_message(monkeypatch, tmp_path):
     assert resolve_dataset(str(FIXTURE)) == FIXTURE.resolve()
     with pytest.raises(DatasetError, match="no such dataset folder"):
         resolve_dataset("./nowhere/at/all")
+
+
+# ---- task=lerobot ---------------------------------------------------------------------------------------------
+def test_task_config_resolves_features_from_the_dataset():
+    from drift_policy.config import Config, compose
+    from drift_policy.tasks import has_env
+
+    cfg = compose(["task=lerobot", f"task.dataset={FIXTURE}"])
+    assert cfg.task.obs_keys == ("observation.environment_state", "observation.state")
+    assert cfg.task.image_keys == ("image",) and cfg.task.dataset == str(FIXTURE.resolve())
+    assert (cfg.policy.obs_dim, cfg.policy.action_dim, cfg.policy.image_keys) == (20, 2, ("image",))
+    assert Config.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()     # config.json reads back the same
+    assert not has_env(cfg.task)
+    low = compose(["task=lerobot", f"task.dataset={FIXTURE}", "task.image_keys=[]",
+                   "task.obs_keys=[observation.state]"])
+    assert (low.policy.obs_dim, low.policy.image_keys) == (2, ())
+    by_key = compose(["task=lerobot", f"task.dataset={FIXTURE}", "task.image_keys=[observation.image]"])
+    assert by_key.task.image_keys == ("image",)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ([], "task.dataset must be given"),
+    ([f"task.dataset={FIXTURE}", "task.obs_keys=[observation.velocity]"], "task.obs_keys.*'observation.velocity'"),
+    ([f"task.dataset={FIXTURE}", "task.image_keys=[top]"], "camera 'top' not in the dataset"),
+    ([f"task.dataset={FIXTURE}", "task.obs_keys=[auto,observation.state]"], "'auto' stands alone"),
+    ([f"task.dataset={FIXTURE}", "task.options.eval_env=gazebo"], "task.options.eval_env must be one of"),
+    ([f"task.dataset={FIXTURE}", "task.options.action_key=observation.image"], "dtype 'video'"),
+])
+def test_task_config_errors_name_the_key(overrides, match):
+    from drift_policy.config import compose
+    from drift_policy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        compose(["task=lerobot", *overrides])
+
+
+def test_eval_env_must_observe_what_the_dataset_holds():
+    from drift_policy.config import compose
+    from drift_policy.errors import ConfigError
+    from drift_policy.tasks import env_spec, family
+
+    cfg = compose(["task=lerobot", f"task.dataset={FIXTURE}", "task.image_keys=[]", "task.options.eval_env=pusht"])
+    spec = env_spec(cfg.task)
+    assert spec["family"] is family("pusht") and spec["kwargs"] == {"image": False}
+    bad = compose(["task=lerobot", f"task.dataset={FIXTURE}", "task.image_keys=[]", "task.obs_keys=[observation.state]",
+                   "task.options.eval_env=pusht"])
+    with pytest.raises(ConfigError, match="eval_env=pusht observes"):
+        env_spec(bad.task)
+    with pytest.raises(ConfigError, match="has no evaluation environment.*task.options.eval_env"):
+        env_spec(compose(["task=lerobot", f"task.dataset={FIXTURE}"]).task)
+
+
+def test_task_dataset_from_the_hub(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    from drift_policy.config import compose
+    from drift_policy.tasks import load_data
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: calls.append(kw) or str(FIXTURE))
+    monkeypatch.chdir(tmp_path)
+    cfg = compose(["task=lerobot", "task.dataset=someone/pusht_three", "task.image_keys=[]"])
+    assert cfg.task.dataset == "someone/pusht_three" and cfg.policy.obs_dim == 20      # the id is what is recorded
+    assert load_data(cfg.task)["obs"].shape == (N, 20)
+    assert calls and all(c["repo_id"] == "someone/pusht_three" and c["repo_type"] == "dataset" for c in calls)
+
+
+def test_short_cli_training_writes_pretrained(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from drift_policy.policies import Policy
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "drift_policy", "train", "task=lerobot", f"task.dataset={FIXTURE}",
+           "train.max_steps=3", "train.max_minutes=0", "policy.backbone=tiny", "policy.vision_backbone=tiny",
+           "train.batch_size=4", "train.threads=1", "train.log_every=1", f"train.run_dir={run}"]
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "no evaluation environment" in out.stdout and not (run / "eval").exists()
+    assert (run / "pretrained" / "model.safetensors").exists()
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    policy = Policy.from_pretrained(run / "pretrained")
+    assert policy.config.image_keys == ("image",) and policy.config.obs_dim == 20
+    d = load_lerobot(FIXTURE)
+    obs = {"obs": torch.from_numpy(d["obs"][None, :2]), "image": torch.from_numpy(d["image"][None, :2])}
+    act = policy.predict_action(obs, generator=torch.Generator().manual_seed(0))["action"]
+    assert act.shape == (1, policy.config.n_action_steps, 2) and torch.isfinite(act).all()
