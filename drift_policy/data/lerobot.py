@@ -30,7 +30,7 @@ from ..errors import DatasetError
 from .pusht import check_arrays
 
 __all__ = ["DatasetError", "LeRobotMeta", "read_meta", "select_features", "camera_name", "load_lerobot",
-           "resolve_dataset", "is_hub_id", "CODEBASE_VERSIONS"]
+           "resolve_dataset", "local_dataset", "is_hub_id", "CODEBASE_VERSIONS"]
 
 CODEBASE_VERSIONS = ("v3.0",)
 STATE_KEYS = ("observation.environment_state", "observation.state")   # default low-dim order (see select_features)
@@ -360,6 +360,19 @@ def is_hub_id(spec: str) -> bool:
     return bool(HUB_ID.match(spec)) and not spec.startswith((".", "/", "~"))
 
 
+def _candidates(spec: str, base) -> list[Path]:
+    p = Path(spec).expanduser()
+    return [p] if p.is_absolute() else [p, *([Path(base) / p] if base is not None else [])]
+
+
+def local_dataset(spec: str, base: str | os.PathLike | None = None) -> Path | None:
+    """The existing folder ``spec`` names (absolute, relative to the working directory, or to ``base``), if any."""
+    for c in _candidates(spec, base):
+        if c.is_dir():
+            return c.resolve()
+    return None
+
+
 def resolve_dataset(spec: str, base: str | os.PathLike | None = None,
                     cache_dir: str | os.PathLike | None = None) -> Path:
     """The local folder of ``spec``: an existing path (absolute, or relative to ``base``), else a hub id
@@ -367,11 +380,10 @@ def resolve_dataset(spec: str, base: str | os.PathLike | None = None,
 
     Without network access the error says how to point at a local copy instead.
     """
-    p = Path(spec).expanduser()
-    candidates = [p] if p.is_absolute() else [p, *([Path(base) / p] if base is not None else [])]
-    for c in candidates:
-        if (c / "meta" / "info.json").exists() or c.is_dir():
-            return c.resolve()
+    local = local_dataset(spec, base)
+    if local is not None:
+        return local
+    candidates = _candidates(spec, base)
     if not is_hub_id(spec):
         raise DatasetError(f"{spec}: no such dataset folder (looked in {[str(c) for c in candidates]}) and not a hub "
                            f"id of the form user/name")

@@ -60,6 +60,8 @@ def _open_store(path: Path):
 
 
 def check_arrays(path: Path, n: int, arrays) -> None:
+    """DatasetError naming ``path`` and the array unless each (name, array, shape) has that shape and only finite
+    values (the check every loader makes before a normaliser is fitted)."""
     for name, arr, shape in arrays:
         if arr.shape != shape:
             raise DatasetError(f"{path}: '{name}' has shape {arr.shape}, expected {shape}")

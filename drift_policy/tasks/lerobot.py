@@ -8,7 +8,7 @@ Keys: ``task.obs_keys`` are low-dim feature keys, concatenated in order; ``task.
 key (``observation.images.top``) or by name (``top``); ``[auto]`` takes them from the features
 (``observation.environment_state`` then ``observation.state``; every camera), ``[]`` none. A run's config.json
 records the resolved keys, with cameras by name (the policy's image keys). Frames stored at another size are
-resized to ``task.image_size`` squared as they are decoded. The control rate is the dataset's fps.
+resized to ``task.image_size`` squared as they are decoded. Windows are frames, so they step at the dataset's fps.
 
 Evaluation: a dataset has no simulator of its own, so there is none unless ``task.options.eval_env`` names a
 registered family whose environment produces the same observation (``pusht`` for Push-T data:
@@ -17,7 +17,6 @@ environment_state + state = keypoints + agent position, or state + the camera ``
 from __future__ import annotations
 
 import dataclasses
-import functools
 from pathlib import Path
 
 import numpy as np
@@ -42,16 +41,9 @@ class LeRobotOptions:
                               f"{self.eval_env!r}")
 
 
-@functools.lru_cache(maxsize=8)
-def _meta(spec: str, root: str | None):
-    from ..data.lerobot import read_meta, resolve_dataset
-
-    return read_meta(resolve_dataset(spec, base=data_root(root)))
-
-
 class LeRobot(TaskFamily):
     name = "lerobot"
-    control_hz = 10.0               # a default; control_rate() gives the dataset's fps
+    control_hz = 10.0               # unused: evaluation runs in eval_env's family, at its rate
     score_label = "score"
     options_class = LeRobotOptions
     no_env_hint = ("a LeRobotDataset has no simulator of its own; name one whose observation matches the data "
@@ -74,7 +66,11 @@ class LeRobot(TaskFamily):
                 raise ConfigError(f"task.options.eval_env must be one of {families()} or empty, got {o.eval_env!r}")
 
     def meta(self, task):
-        return _meta(task.dataset, task.data_root)
+        """The dataset's validated metadata (a hub id is fetched, or found in the hub cache, first). Read again at
+        each call (a few ms): no cache that could go stale within a process."""
+        from ..data.lerobot import read_meta, resolve_dataset
+
+        return read_meta(resolve_dataset(task.dataset, base=data_root(task.data_root)))
 
     def features(self, task) -> tuple[list[str], list[str], str]:
         """(low-dim feature keys, camera feature keys, action key), checked against the dataset."""
@@ -92,23 +88,18 @@ class LeRobot(TaskFamily):
             raise ConfigError(f"task.obs_keys / task.image_keys / task.options.action_key: {e}") from e
 
     def resolve(self, task):
-        from ..data.lerobot import camera_name
-
-        from ..data.lerobot import is_hub_id
+        from ..data.lerobot import camera_name, local_dataset
 
         obs, cams, _ = self.features(task)
         # A local folder is recorded as an absolute path (a resumed run finds it from any directory); a hub id stays.
-        dataset = task.dataset if is_hub_id(task.dataset) and not Path(task.dataset).exists() else str(self.meta(task).root)
-        return dataclasses.replace(task, dataset=dataset, obs_keys=tuple(obs),
-                                   image_keys=tuple(camera_name(k) for k in cams))
+        local = local_dataset(task.dataset, data_root(task.data_root))
+        return dataclasses.replace(task, dataset=str(local) if local is not None else task.dataset,
+                                   obs_keys=tuple(obs), image_keys=tuple(camera_name(k) for k in cams))
 
     def spaces(self, task) -> tuple[int, int]:
         obs, _, action = self.features(task)
         meta = self.meta(task)
         return sum(meta.dim(k) for k in obs), meta.dim(action)
-
-    def control_rate(self, task) -> float:
-        return float(self.meta(task).fps)
 
     # ---- data and environment ------------------------------------------------------------------------------
     def locate(self, task) -> Path:
