@@ -114,7 +114,6 @@ class Config:
         task = resolve_task(TaskConfig(**task))   # every key explicit (LeRobot: read from the dataset's features)
         policy = dict(d["policy"])
         # The observation and action sizes come from the task, not from the policy's YAML.
-
         for k, v in task_spaces(task).items():
             if k in policy and _plain(policy[k]) != _plain(v):
                 raise ConfigError(f"policy.{k}={policy[k]} contradicts task {task.name} ({k}={v})")
