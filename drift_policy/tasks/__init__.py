@@ -17,10 +17,12 @@ from .base import NoOptions, TaskFamily
 from .pusht import FAMILY as PUSHT
 from .robomimic import FAMILY as ROBOMIMIC
 
-__all__ = ["TaskFamily", "NoOptions", "register_family", "family", "families", "check_task", "task_spaces",
+__all__ = ["TaskFamily", "NoOptions", "POLICY_KEYS_FROM_TASK", "register_family", "family", "families", "check_task", "task_spaces",
            "dataset_path", "load_data", "env_spec", "make_env", "control_hz"]
 
 _FAMILIES: dict[str, TaskFamily] = {}
+# Policy config keys that come from the task (``task_spaces``), never from a policy's YAML.
+POLICY_KEYS_FROM_TASK = ("obs_dim", "action_dim", "image_keys", "image_shape", "crop_shape")
 
 
 def register_family(fam: TaskFamily) -> TaskFamily:
