@@ -56,7 +56,7 @@ class LeRobot(TaskFamily):
             keys = list(getattr(task, key))
             if AUTO in keys and keys != [AUTO]:
                 raise ConfigError(f"task.{key}: {AUTO!r} stands alone (features chosen from the dataset), got {keys}")
-        if task.dataset in ("", "???"):
+        if not task.dataset:
             raise ConfigError("task.dataset must be given: a LeRobotDataset folder (holding meta/info.json) or a hub "
                               "id user/name, e.g. task.dataset=lerobot/pusht")
         if o.eval_env:
