@@ -202,7 +202,7 @@ def test_not_a_dataset_and_old_format(tmp_path):
 
 
 def test_hub_download_and_offline_message(monkeypatch, tmp_path):
-    import huggingface_hub
+    huggingface_hub = pytest.importorskip("huggingface_hub", reason="the [lerobot] extra (huggingface_hub) is missing")
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     calls = []
@@ -285,7 +285,7 @@ def test_eval_env_must_observe_what_the_dataset_holds():
 
 
 def test_task_dataset_from_the_hub(monkeypatch, tmp_path):
-    import huggingface_hub
+    huggingface_hub = pytest.importorskip("huggingface_hub", reason="the [lerobot] extra (huggingface_hub) is missing")
 
     from drift_policy.config import compose
     from drift_policy.tasks import load_data
