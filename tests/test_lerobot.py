@@ -74,6 +74,17 @@ def test_frames_match_the_zarr_store(data, zarr3, pusht_zarr):
     assert np.all(err[1:][moving] < shifted[moving])
 
 
+def test_frames_match_the_official_reader(data):
+    """The official LeRobotDataset reader (torchcodec) read these frames back when the fixture was written."""
+    ref = np.load(FIXTURE.with_name(FIXTURE.name + ".reference.npz"))
+    idx = ref["index"]
+    assert len(idx) == 4 * N_EPS and str(ref["decoder"]) == "torchcodec"
+    np.testing.assert_array_equal(data["image"][idx], ref["image"])           # the same pixels, to the bit
+    np.testing.assert_array_equal(data["obs"][idx], np.concatenate(
+        [ref["observation_environment_state"], ref["observation_state"]], axis=1))
+    np.testing.assert_array_equal(data["action"][idx], ref["action"])
+
+
 def test_frames_resized_on_decode(data):
     small = load_lerobot(FIXTURE, obs_keys=["observation.state"], image_size=(48, 64))
     assert small["obs"].shape == (N, 2) and small["image"].shape == (N, 3, 48, 64)
