@@ -216,7 +216,6 @@ def _column(table, key: str, width: int, path: Path) -> np.ndarray:
 
 def _read_frames(meta: LeRobotMeta, keys: Sequence[str], episodes: np.ndarray) -> dict[str, np.ndarray]:
     """The numeric ``keys`` and the frame bookkeeping of the selected episodes, in episode order."""
-    pa = _require("pyarrow")
     ep = meta.episodes
     files = sorted({(int(ep["data/chunk_index"][e]), int(ep["data/file_index"][e])) for e in episodes})
     cols = ["index", "episode_index", "frame_index", "timestamp", *keys]
