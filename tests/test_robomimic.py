@@ -13,7 +13,6 @@ h5py = pytest.importorskip("h5py")
 
 from drift_policy.data import robomimic as rm  # noqa: E402
 from drift_policy.data import scripted  # noqa: E402
-from drift_policy.errors import DatasetError  # noqa: E402
 from drift_policy.data.robomimic import load_robomimic, read_env_meta, robomimic_spaces  # noqa: E402
 from drift_policy.envs.robomimic import (  # noqa: E402
     TASK_ENV_NAMES,
@@ -22,6 +21,7 @@ from drift_policy.envs.robomimic import (  # noqa: E402
     matrix_to_rot6d,
     rot6d_to_matrix,
 )
+from drift_policy.errors import DatasetError  # noqa: E402
 
 KEYS = ["object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"]
 
