@@ -55,14 +55,13 @@ def evaluate_policy(policy: Policy, cfg: Config, n_episodes: int, num_workers: i
 
 
 # ---- schedule and EMA -------------------------------------------------------------------------------------------
-def lr_at(cfg: Config, step: int, train_seconds: float) -> float:
-    """Linear warm-up, then cosine decay over max_steps or over the time budget, whichever is further along."""
+def lr_at(cfg: Config, step: int) -> float:
+    """Linear warm-up, then cosine decay to 0 at max_steps. A function of the step alone: the same config gives
+    the same schedule on any machine, and a resumed run continues it exactly."""
     t = cfg.train
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
     progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
-    if t.max_minutes > 0:
-        progress = max(progress, train_seconds / (60 * t.max_minutes))
     return t.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -161,8 +160,10 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
         dist.restore_rng(ckpt["torch_rng"], t.seed, ckpt["step"])
         step, train_seconds, next_eval_minutes = ckpt["step"], ckpt["train_seconds"], ckpt["next_eval_minutes"]
     n_params = sum(p.numel() for p in policy.parameters())
+    per_step = cfg.sample_passes_per_step
     print(f"{cfg.policy.type} policy, {cfg.policy.backbone} backbone: {n_params / 1e6:.2f}M parameters; "
-          f"{len(train_set)} training windows; run folder {run_dir}")
+          f"{len(train_set)} training windows; budget {t.sample_passes:,} sample-passes = {t.max_steps} steps of "
+          f"{per_step}; run folder {run_dir}")
 
     logger = Logger(run_dir, cfg, resume_step=step if ckpt is not None else None) if is_main else None
 
@@ -178,11 +179,12 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
 
     def evaluate():
         res = evaluate_policy(ema, cfg, t.eval_episodes, t.eval_workers, progress=False, seed=t.seed)
-        res.update(step=step, train_minutes=train_seconds / 60)
+        res.update(step=step, sample_passes=step * per_step, train_minutes=train_seconds / 60)
         from .evaluation import save_eval_json
 
         save_eval_json(res, run_dir / "eval" / f"step_{step:08d}.json")
-        logger.log({"step": step, "train_minutes": train_seconds / 60, "eval/mean_score": res["mean_score"],
+        logger.log({"step": step, "sample_passes": step * per_step, "train_minutes": train_seconds / 60,
+                    "eval/mean_score": res["mean_score"],
                     "eval/success_rate": res["success_rate"]})
         bar.write(f"step {step}: score {res['mean_score']:.3f}, success {res['success_rate']:.2f} "
                   f"({train_seconds / 60:.1f} train-min, eval {res['wall_s']:.0f}s)")
@@ -192,15 +194,13 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
 
     from tqdm import tqdm
 
-    # With a time budget the step count is open-ended: show a counter, not a bar to max_steps.
-    bar = tqdm(total=None if t.max_minutes > 0 else t.max_steps, initial=step, disable=not (progress and is_main),
-               dynamic_ncols=True, desc="train")
+    bar = tqdm(total=t.max_steps, initial=step, disable=not (progress and is_main), dynamic_ncols=True, desc="train")
     bad_steps = 0
     policy.train()
     while not out_of_budget():
         t0 = time.perf_counter()
         for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, step, train_seconds)
+            g["lr"] = lr_at(cfg, step)
         batch = {k: dist.shard(v).to(device) for k, v in train_set.sample(t.batch_size, data_gen).items()}
         loss, info = loss_fn(batch)
         opt.zero_grad(set_to_none=True)
@@ -226,7 +226,7 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
         bar.update(1)
 
         if is_main and step % t.log_every == 0:
-            rec = {"step": step, "train_minutes": train_seconds / 60, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"],
+            rec = {"step": step, "sample_passes": step * per_step, "train_minutes": train_seconds / 60, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"],
                    "grad_norm": float(grad_norm), **{f"train/{k}": v for k, v in info.items()}}
             logger.log(rec)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", **({"mse": f"{info['mse_to_expert']:.4f}"}
@@ -241,6 +241,9 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
             checkpoint()
 
     bar.close()
+    if step < t.max_steps:
+        warnings.warn(f"train.max_minutes={t.max_minutes} stopped training at step {step} of {t.max_steps}: the "
+                      f"learning-rate schedule did not finish")
     checkpoint()
     dist.check_in_sync(run_dir, model=policy, ema=ema)
     dist.close()

@@ -79,6 +79,11 @@ class PolicyConfig:
         if self.architecture == "unet" and any(d % self.n_groups for d in UNET_PRESETS[self.backbone]["down_dims"]):
             raise ConfigError(f"policy.n_groups={self.n_groups} must divide every channel width of {self.backbone}")
 
+    @property
+    def sample_passes_per_obs(self) -> int:
+        """Action chunks generated (forward + backward) per training observation: the unit of training compute."""
+        return 1
+
     @classmethod
     def from_dict(cls, d: dict) -> "PolicyConfig":
         check_keys(cls, d, "policy.")

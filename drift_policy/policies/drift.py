@@ -18,6 +18,10 @@ class DriftConfig(PolicyConfig):
                                                        # "chunk": one group per obs over the flat chunk
     temperatures: tuple[float, ...] = (0.02, 0.05, 0.2)
 
+    @property
+    def sample_passes_per_obs(self) -> int:
+        return self.n_noise                            # every generated chunk costs a forward and a backward
+
     def __post_init__(self):
         super().__post_init__()
         if self.type != "drift":
