@@ -142,6 +142,11 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
     # Data and normaliser (fitted on the training split only).
     train_set, val_set = make_datasets(cfg)
     normalizer = Normalizer().fit("obs", train_set.steps("obs")).fit("action", train_set.steps("action"))
+    if getattr(cfg.policy, "neighbor_positives", 0):
+        from .data.windows import NeighborPositives
+
+        train_set.neighbors = NeighborPositives(train_set, lambda o: normalizer.normalize("obs", o),
+                                                cfg.policy.neighbor_positives, cfg.policy.neighbor_bandwidth)
 
     # Policy, EMA copy and optimiser.
     policy = make_policy(cfg.policy, normalizer).to(device)
