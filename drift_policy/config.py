@@ -73,6 +73,8 @@ class TrainConfig:
     ckpt_every_steps: int = 500
     keep_checkpoints: int = 2
     max_bad_steps: int = 20
+    compile: bool = False               # torch.compile the backbone for training (2-2.5x faster steps measured on
+                                        # this CPU; costs minutes of compilation at the start; needs a C++ compiler)
     run_dir: str = ""
     wandb: str = "disabled"
     wandb_project: str = "drift-policy"

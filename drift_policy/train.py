@@ -152,6 +152,8 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
     policy = make_policy(cfg.policy, normalizer).to(device)
     loss_fn = dist.loss_fn(policy)            # policy.compute_loss, through DDP when distributed
     ema = copy.deepcopy(policy).requires_grad_(False).eval()
+    if t.compile:
+        policy.model.compile()                 # in place: parameter names, checkpoints and the EMA copy unchanged
     opt = torch.optim.AdamW(policy.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
     data_gen = torch.Generator().manual_seed(t.seed)   # the same data stream on every rank
     if dist.enabled:
