@@ -20,13 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-from .paths import REPO_ROOT
-
-
-def _kv(args, allowed):
-    from .cli import _kv as kv
-
-    return kv(args, allowed)
+from .policies import config_from_dict
+from . import runs
+from .runs import parse_kv as _kv
+from .tasks import family
 
 
 def summarize_run(run_dir: Path) -> dict:
@@ -75,16 +72,16 @@ def _mean(xs):
 
 def run_record(run_dir: Path) -> dict:
     """One run of ``bench train``: its resolved config, budget and every evaluation, by sample-passes."""
-    cfg = json.loads((run_dir / "config.json").read_text())
+    cfg = json.loads(runs.config_path(run_dir).read_text())
     t, p = cfg["train"], cfg["policy"]
-    per_step = t["batch_size"] * (p["n_noise"] if p["type"] == "drift" else 1)
+    per_step = t["batch_size"] * config_from_dict(p).sample_passes_per_obs
     evals = []
-    for f in sorted((run_dir / "eval").glob("step_*.json")):
+    for f in runs.eval_files(run_dir):
         r = json.loads(f.read_text())
         evals.append({"sample_passes": r["step"] * per_step, "steps": r["step"], "train_minutes": r["train_minutes"],
                       "mean_score": r["mean_score"], "success_rate": r["success_rate"]})
     step, minutes = 0, 0.0
-    metrics = run_dir / "metrics.jsonl"
+    metrics = runs.metrics_path(run_dir)
     if metrics.exists():
         for line in metrics.read_text().splitlines():
             try:
@@ -98,9 +95,9 @@ def run_record(run_dir: Path) -> dict:
     scores, succ = [e["mean_score"] for e in evals], [e["success_rate"] for e in evals]
     rec = {"run_dir": str(run_dir), "policy": p["type"], "seed": t["seed"], "budget_sample_passes": t["sample_passes"],
            "sample_passes": step * per_step, "steps": step, "max_steps": t["max_steps"],
-           "sample_passes_per_step": per_step, "complete": (run_dir / "pretrained" / "model.safetensors").exists(),
+           "sample_passes_per_step": per_step, "complete": (runs.pretrained_dir(run_dir) / "model.safetensors").exists(),
            "seconds_per_step": 60 * minutes / step if step and minutes else None,
-           "nfe": p.get("num_inference_steps", 1) if p["type"] == "diffusion" else 1,
+           "nfe": config_from_dict(p).nfe, "score_label": family(cfg["task"]["env"]).score_label,
            "policy_config": p, "train_config": t, "evals": evals,
            "max_score": max(scores, default=float("nan")), "last5_score": _mean(scores[-5:]),
            "max_success": max(succ, default=float("nan")), "last5_success": _mean(succ[-5:])}
@@ -109,7 +106,7 @@ def run_record(run_dir: Path) -> dict:
     return rec
 
 
-def write_compute_matched(runs: list[dict], out: Path, meta: dict) -> Path:
+def write_compute_matched(records: list[dict], out: Path, meta: dict) -> Path:
     """``<out>/<task>.json`` (+ ``.md``, ``.png``): every run, and each variant's statistics over its seeds."""
     import matplotlib
 
@@ -118,7 +115,7 @@ def write_compute_matched(runs: list[dict], out: Path, meta: dict) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     variants: dict[str, list[dict]] = {}
-    for r in runs:
+    for r in records:
         variants.setdefault(r["label"], []).append(r)
     summary = {}
     for label, rs in variants.items():
@@ -128,7 +125,7 @@ def write_compute_matched(runs: list[dict], out: Path, meta: dict) -> Path:
                              if any(k in r for r in rs)}}
     path = out / f"{meta['task']}.json"
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=2))
+    tmp.write_text(json.dumps({"meta": meta, "summary": summary, "runs": records}, indent=2))
     os.replace(tmp, path)
 
     m = meta["machine"]
@@ -150,21 +147,21 @@ def write_compute_matched(runs: list[dict], out: Path, meta: dict) -> Path:
                      f"{f(s.get('max_success'), 2)} | {f(s.get('last5_success'), 2)} | "
                      f"{'/'.join(f(r['seconds_per_step'], 2) for r in rs)} | {'yes' if s['complete'] else 'no'} |")
     lines += ["", "Per run (seed): score at each evaluation, by sample-passes.", ""]
-    for r in runs:
+    for r in records:
         pts = ", ".join(f"{e['sample_passes'] / 1e6:.2f}M: {e['mean_score']:.3f}/{e['success_rate']:.2f}" for e in r["evals"])
         lines.append(f"- {r['label']} seed {r['seed']}: {pts or 'no evaluation yet'}")
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
     colors = {label: f"C{i}" for i, label in enumerate(variants)}
-    for r in runs:
+    for r in records:
         style = dict(color=colors[r["label"]], ls=["-", "--", ":", "-."][r["seed"] % 4], marker="o", ms=3,
                      label=f"{r['label']} s{r['seed']}")
         axes[0].plot([e["sample_passes"] / 1e6 for e in r["evals"]], [e["mean_score"] for e in r["evals"]], **style)
         axes[1].plot([e["train_minutes"] for e in r["evals"]], [e["mean_score"] for e in r["evals"]], **style)
     axes[0].set_xlabel("generator sample-passes (millions)")
     axes[1].set_xlabel(f"training minutes on this machine (1 thread, {m['concurrent_runs']} runs at a time)")
-    axes[0].set_ylabel("score (Push-T: coverage)")
+    axes[0].set_ylabel(" / ".join(sorted({r["score_label"] for r in records})) + f" ({meta['eval_episodes']} seeds)")
     for a in axes:
         a.grid(alpha=0.3)
         a.set_ylim(0, 1)
@@ -202,31 +199,31 @@ def bench_train(args: list[str]) -> Path:
     n_evals, jobs = opts.get("evals", 10), opts.get("jobs", 2)
     episodes = opts.get("episodes", 50)
     out = Path(opts.get("out", Path("eval") / "results" / "compute_matched"))
-    runs = Path(opts.get("runs", Path("runs") / f"compute_matched-{task}-{budget}"))
+    run_root = Path(opts.get("runs", Path("runs") / f"compute_matched-{task}-{budget}"))
     extra = opts.get("overrides", "").split()
     meta = {"task": task, "budget": budget, "eval_fraction": 1 / n_evals, "eval_episodes": episodes,
-            "start_seed": 100000, "machine": machine_info(jobs), "runs_dir": str(runs),
+            "start_seed": 100000, "machine": machine_info(jobs), "runs_dir": str(run_root),
             "command": "drift-policy bench train " + " ".join(args)}
     todo = [(label, pol, ov, seed) for label, (pol, ov) in variants.items() for seed in seeds]
 
     def record() -> Path:
         recs = []
         for label, _, _, seed in todo:
-            d = runs / _folder(label, seed)
-            if (d / "config.json").exists():
+            d = run_root / _folder(label, seed)
+            if runs.config_path(d).exists():
                 recs.append({"label": label, **run_record(d)})
         return write_compute_matched(recs, out, meta)
 
     if not opts.get("report_only"):
-        runs.mkdir(parents=True, exist_ok=True)
+        run_root.mkdir(parents=True, exist_ok=True)
         pending, active = list(todo), {}
         while pending or active:
             while pending and len(active) < jobs:
                 label, pol, ov, seed = pending.pop(0)
-                d = runs / _folder(label, seed)
-                if (d / "pretrained" / "model.safetensors").exists():
+                d = run_root / _folder(label, seed)
+                if (runs.pretrained_dir(d) / "model.safetensors").exists():
                     continue                                      # finished earlier: the bench can be rerun
-                if (d / "checkpoints").is_dir() and any((d / "checkpoints").glob("step_*.pt")):
+                if runs.list_checkpoints(d):
                     cmd = [sys.executable, "-m", "drift_policy", "resume", str(d)]   # interrupted earlier
                 else:
                     cmd = [sys.executable, "-m", "drift_policy", "train", f"task={task}", f"policy={pol}", *ov, *extra,
@@ -235,7 +232,7 @@ def bench_train(args: list[str]) -> Path:
                            "train.eval_every_minutes=0", "train.max_minutes=0", f"train.eval_episodes={episodes}",
                            "train.threads=1", "train.eval_workers=0", f"train.run_dir={d}"]
                 print("launch:", " ".join(cmd), flush=True)
-                log = open(runs / f"{_folder(label, seed)}.log", "a")
+                log = open(run_root / f"{_folder(label, seed)}.log", "a")
                 active[(label, seed)] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                                          env={**os.environ, "OMP_NUM_THREADS": "1"})
             time.sleep(30)
@@ -243,7 +240,7 @@ def bench_train(args: list[str]) -> Path:
                 if proc.poll() is not None:
                     del active[key]
                     if proc.returncode != 0:
-                        print(f"{key[0]} seed {key[1]} failed (exit {proc.returncode}); see its log in {runs}", flush=True)
+                        print(f"{key[0]} seed {key[1]} failed (exit {proc.returncode}); see its log in {run_root}", flush=True)
             record()                                              # a partial record after every poll: nothing lost
     path = record()
     print(path.with_suffix(".md").read_text())

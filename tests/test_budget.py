@@ -9,10 +9,11 @@ import torch
 
 from drift_policy import train as train_mod
 from drift_policy.bench import run_record
-from drift_policy.checkpoint import list_checkpoints, load_checkpoint
+from drift_policy.checkpoint import load_checkpoint
+from drift_policy.runs import list_checkpoints
 from drift_policy.config import Config, compose
 from drift_policy.data.windows import NeighborPositives, make_windows
-from drift_policy.policies.base import ConfigError
+from drift_policy.errors import ConfigError
 from drift_policy.normalizer import Normalizer
 
 TINY = ["policy.backbone=tiny", "train.batch_size=4", "train.eval_episodes=0", "train.threads=1",

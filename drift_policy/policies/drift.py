@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from ..drift import drift_loss
-from .base import ConfigError, Policy, PolicyConfig
+from ..errors import ConfigError
+from .base import Policy, PolicyConfig, register_policy
 
 
 @dataclass
@@ -24,6 +25,10 @@ class DriftConfig(PolicyConfig):
     @property
     def sample_passes_per_obs(self) -> int:
         return self.n_noise                            # every generated chunk costs a forward and a backward
+
+    @property
+    def nfe(self) -> int:
+        return 1
 
     def __post_init__(self):
         super().__post_init__()
@@ -73,5 +78,9 @@ class DriftPolicy(Policy):
         info["sample_std"] = float(x.detach().std(dim=1).mean())
         return loss.mean(), info
 
-    def sample(self, cond: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return self.model(self._noise(cond.shape[0], generator), cond)      # one forward: 1 NFE
+    def sample(self, cond: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+        noise = self._noise(cond.shape[0], generator) if noise is None else noise
+        return self.model(noise, cond)                                        # one forward: 1 NFE
+
+
+register_policy(DriftConfig, DriftPolicy)
