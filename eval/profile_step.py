@@ -99,7 +99,8 @@ def profile(variant: str, overrides: list[str], steps: int, compiled: bool) -> d
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also time each variant with the backbone compiled")
+    ap.add_argument("--variants", default="", help="comma-separated subset of the variant names (default: all)")
     ap.add_argument("--out", default="eval/results/profile_step_cpu.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -107,13 +108,18 @@ def main():
                 "drift B=128 x G=4": ["policy=drift_unet", "policy.n_noise=4", "train.batch_size=128"],
                 "diffusion B=64": ["policy=diffusion_unet"],
                 "diffusion B=256": ["policy=diffusion_unet", "train.batch_size=256"]}
+    if args.variants:
+        unknown = set(args.variants.split(",")) - set(variants)
+        if unknown:
+            ap.error(f"unknown variants {sorted(unknown)}; known: {sorted(variants)}")
+        variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
     recs = [profile(name, ov, args.steps, False) for name, ov in variants.items()]
     if args.compile:
         recs += [profile(name, ov, args.steps, True) for name, ov in variants.items()]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine_info(jobs=1), "command": "python eval/profile_step.py "
-                               + " ".join(f"--{k}={v}" for k, v in vars(args).items()), "rows": recs}, indent=2))
+                               + " ".join(f"--{k}={v!r}" for k, v in vars(args).items()), "rows": recs}, indent=2))
     print(f"wrote {out}")
 
 
