@@ -1,15 +1,15 @@
-"""Benchmarks: ``drift-policy bench train`` and ``drift-policy bench latency``.
+"""Benchmarks: ``drift-policy bench train``, ``bench latency`` and ``bench summary``.
 
-bench train: trains several policies with the same training-time budget on the same machine, at the same time
-(one thread each), evaluates each on the 50 test seeds at fixed training-time intervals, and writes a table
-(Markdown + JSON) and a plot of coverage score against training time into eval/results/.
+bench train compares policies at equal TRAINING COMPUTE, counted in generator sample-passes (one forward and
+backward of one action chunk through the backbone): the drift policy pays batch_size * n_noise per step, the
+diffusion baseline batch_size. Each variant and seed gets ``budget`` sample-passes, i.e. its own max_steps, with
+its cosine schedule over those steps (never over wall-clock), and is evaluated at the same fractions of the
+budget. Runs go ``jobs`` at a time with one thread each; the record is rewritten after every poll, and a rerun
+skips finished runs and resumes interrupted ones.
 
-    drift-policy bench train minutes=30 eval_every=3 policies=drift_unet,diffusion_unet [out=eval/results]
-    drift-policy bench train policies=drift_unet,drift_transformer,diffusion_unet,diffusion_transformer \
-        overrides="task=pusht_image policy.vision_backbone=resnet18_half"     # both backbones, images
-
-(The score columns are the task's mean score, named by its family: coverage on Push-T, success on robomimic;
-the JSON keeps the historical key ``coverage_score`` for it.)
+    drift-policy bench train budget=1200000 seeds=0,1 policies=drift_unet,diffusion_unet
+    drift-policy bench train budget=300000 policies=drift_unet,drift_unet:policy.n_noise=4+train.batch_size=128
+    -> eval/results/compute_matched/<task>.json (+ .md table, .png score vs sample-passes and vs minutes)
 """
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-from .paths import REPO_ROOT
 from .policies import config_from_dict
+from . import runs
 from .runs import parse_kv as _kv
+from .tasks import family
 
 
 def summarize_run(run_dir: Path) -> dict:
@@ -47,91 +48,203 @@ def summarize_run(run_dir: Path) -> dict:
     }
 
 
-def write_report(summaries: dict[str, dict], out: Path, meta: dict) -> None:
+def machine_info(jobs: int = 1) -> dict:
+    """What a benchmark ran on: CPU model, cores, torch, and how many runs shared the machine."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads_per_run": 1,
+            "concurrent_runs": jobs, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def run_record(run_dir: Path) -> dict:
+    """One run of ``bench train``: its resolved config, budget and every evaluation, by sample-passes."""
+    cfg = json.loads(runs.config_path(run_dir).read_text())
+    t, p = cfg["train"], cfg["policy"]
+    per_step = t["batch_size"] * config_from_dict(p).sample_passes_per_obs
+    evals = []
+    for f in runs.eval_files(run_dir):
+        r = json.loads(f.read_text())
+        evals.append({"sample_passes": r["step"] * per_step, "steps": r["step"], "train_minutes": r["train_minutes"],
+                      "mean_score": r["mean_score"], "success_rate": r["success_rate"]})
+    step, minutes = 0, 0.0
+    metrics = runs.metrics_path(run_dir)
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue                          # a line cut short by a crash
+            if "loss" in rec:
+                step, minutes = rec["step"], rec["train_minutes"]
+    if evals and evals[-1]["steps"] >= step:
+        step, minutes = evals[-1]["steps"], evals[-1]["train_minutes"]
+    scores, succ = [e["mean_score"] for e in evals], [e["success_rate"] for e in evals]
+    rec = {"run_dir": str(run_dir), "policy": p["type"], "seed": t["seed"], "budget_sample_passes": t["sample_passes"],
+           "sample_passes": step * per_step, "steps": step, "max_steps": t["max_steps"],
+           "sample_passes_per_step": per_step, "complete": (runs.pretrained_dir(run_dir) / "model.safetensors").exists(),
+           "seconds_per_step": 60 * minutes / step if step and minutes else None,
+           "nfe": config_from_dict(p).nfe, "score_label": family(cfg["task"]["env"]).score_label,
+           "policy_config": p, "train_config": t, "evals": evals,
+           "max_score": max(scores, default=float("nan")), "last5_score": _mean(scores[-5:]),
+           "max_success": max(succ, default=float("nan")), "last5_success": _mean(succ[-5:])}
+    if len(evals) >= 10:                          # Diffusion Policy's metric: the mean of the last 10 checkpoints
+        rec["last10_score"], rec["last10_success"] = _mean(scores[-10:]), _mean(succ[-10:])
+    return rec
+
+
+def write_compute_matched(records: list[dict], out: Path, meta: dict) -> Path:
+    """``<out>/<task>.json`` (+ ``.md``, ``.png``): every run, and each variant's statistics over its seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_train.json").write_text(json.dumps({"meta": meta, "runs": summaries}, indent=2))
-    task, score = _task_labels(summaries)
-    lines = [f"{task}, {meta['minutes']} training minutes per policy, {meta['machine']}; "
-             f"50 test seeds ({meta['start_seed']}..{meta['start_seed'] + 49}), evaluated every "
-             f"{meta['eval_every']} training minutes.", "",
-             f"| policy | NFE | train min | steps | {score} max | {score} mean last-k (k) | success max | success mean last-k |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, s in summaries.items():
-        p = s["policy"]
-        nfe = config_from_dict(p).nfe
-        minutes_run = s["evals"][-1]["train_minutes"] if s["evals"] else 0.0
-        lines.append(f"| {name} | {nfe} | {minutes_run:.0f} | {s['final_step']} | {s['max_coverage']:.3f} | {s['last10_coverage']:.3f} "
-                     f"({s['n_last']}) | {s['max_success']:.2f} | {s['last10_success']:.2f} |")
-    (out / "bench_train.md").write_text("\n".join(lines) + "\n")
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for name, s in summaries.items():
-        ax.plot([r["train_minutes"] for r in s["evals"]], [r["coverage_score"] for r in s["evals"]], "o-", label=name)
-        ax2.plot([r["step"] for r in s["evals"]], [r["coverage_score"] for r in s["evals"]], "o-", label=name)
-    ax.set_xlabel("training time (minutes, excluding evaluation)")
-    ax2.set_xlabel("optimizer steps")
-    ax2.set_xscale("log")
-    ax2.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_ylabel(f"{score} score (50 seeds)")
-    ax.set_ylim(0, 1)
-    for a in (ax, ax2):
+    variants: dict[str, list[dict]] = {}
+    for r in records:
+        variants.setdefault(r["label"], []).append(r)
+    summary = {}
+    for label, rs in variants.items():
+        summary[label] = {"seeds": [r["seed"] for r in rs], "complete": all(r["complete"] for r in rs),
+                          **{k: _mean([r[k] for r in rs if k in r]) for k in
+                             ("max_score", "last5_score", "last10_score", "max_success", "last5_success", "last10_success")
+                             if any(k in r for r in rs)}}
+    path = out / f"{meta['task']}.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "summary": summary, "runs": records}, indent=2))
+    os.replace(tmp, path)
+
+    m = meta["machine"]
+    lines = [f"# {meta['task']}: drift vs diffusion at equal training compute", "",
+             f"Budget {meta['budget']:,} generator sample-passes per run (one forward + backward of one action chunk; "
+             f"drift pays batch x n_noise per step, diffusion batch). Evaluated every {meta['eval_fraction']:.0%} of the "
+             f"budget on {meta['eval_episodes']} test seeds from {meta['start_seed']}. Machine: {m['cpu']}, "
+             f"{m['cores']} cores, torch {m['torch']}, 1 thread per run, {m['concurrent_runs']} runs at a time. "
+             f"Written by `{meta['command']}`.", "",
+             "| variant | NFE | seeds | steps | sample-passes | score max | score last-5 | score last-10 | success max | "
+             "success last-5 | s/step | done |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    f = lambda v, d=3: "-" if v is None or v != v else f"{v:.{d}f}"
+    for label, rs in variants.items():
+        s = summary[label]
+        passes = "/".join(f"{r['sample_passes']:,}" for r in rs)
+        lines.append(f"| {label} | {rs[0]['nfe']} | {','.join(map(str, s['seeds']))} | "
+                     f"{'/'.join(str(r['steps']) for r in rs)} | {passes} | "
+                     f"{f(s.get('max_score'))} | {f(s.get('last5_score'))} | {f(s.get('last10_score'))} | "
+                     f"{f(s.get('max_success'), 2)} | {f(s.get('last5_success'), 2)} | "
+                     f"{'/'.join(f(r['seconds_per_step'], 2) for r in rs)} | {'yes' if s['complete'] else 'no'} |")
+    lines += ["", "Per run (seed): score at each evaluation, by sample-passes.", ""]
+    for r in records:
+        pts = ", ".join(f"{e['sample_passes'] / 1e6:.2f}M: {e['mean_score']:.3f}/{e['success_rate']:.2f}" for e in r["evals"])
+        lines.append(f"- {r['label']} seed {r['seed']}: {pts or 'no evaluation yet'}")
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+    colors = {label: f"C{i}" for i, label in enumerate(variants)}
+    for r in records:
+        style = dict(color=colors[r["label"]], ls=["-", "--", ":", "-."][r["seed"] % 4], marker="o", ms=3,
+                     label=f"{r['label']} s{r['seed']}")
+        axes[0].plot([e["sample_passes"] / 1e6 for e in r["evals"]], [e["mean_score"] for e in r["evals"]], **style)
+        axes[1].plot([e["train_minutes"] for e in r["evals"]], [e["mean_score"] for e in r["evals"]], **style)
+    axes[0].set_xlabel("generator sample-passes (millions)")
+    axes[1].set_xlabel(f"training minutes on this machine (1 thread, {m['concurrent_runs']} runs at a time)")
+    axes[0].set_ylabel(" / ".join(sorted({r["score_label"] for r in records})) + f" ({meta['eval_episodes']} seeds)")
+    for a in axes:
         a.grid(alpha=0.3)
-    ax.legend()
-    fig.suptitle(f"{task}: {score} at equal training time (left) and per optimizer step (right)")
+        a.set_ylim(0, 1)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{meta['task']}: equal training compute, {meta['budget']:,} sample-passes")
     fig.tight_layout()
-    fig.savefig(out / "bench_train.png", dpi=120)
-    print("\n".join(lines))
+    fig.savefig(path.with_suffix(".png"), dpi=110)
+    plt.close(fig)
+    return path
 
 
-def _task_labels(summaries: dict[str, dict]) -> tuple[str, str]:
-    """(task name, what its score measures) of the benchmarked runs, for the table and the plot."""
-    from .runs import config_path
-    from .tasks import family
+def _variants(spec: str) -> dict[str, tuple[str, list[str]]]:
+    """"drift_unet,diffusion_unet,drift_unet:policy.n_noise=4+train.batch_size=128" -> {label: (policy, overrides)}."""
+    out = {}
+    for item in spec.split(","):
+        pol, _, ov = item.partition(":")
+        overrides = [o for o in ov.split("+") if o]
+        out[pol + (f"[{' '.join(overrides)}]" if overrides else "")] = (pol, overrides)
+    return out
 
-    tasks = [json.loads(config_path(s["run_dir"]).read_text())["task"] for s in summaries.values()]
-    names = sorted({t["name"] for t in tasks})
-    labels = sorted({family(t["env"]).score_label for t in tasks})
-    return " / ".join(names) or "no runs", " / ".join(labels) or "score"
+
+def _folder(label: str, seed: int) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label).strip("_") + f"-s{seed}"
 
 
-def bench_train(args: list[str]) -> None:
-    opts = _kv(args, {"minutes": float, "eval_every": float, "policies": str, "out": str, "runs": str,
-                      "machine": str, "overrides": str, "report_only": int})
-    minutes = opts.get("minutes", 30.0)
-    eval_every = opts.get("eval_every", 3.0)
-    policies = opts.get("policies", "drift_unet,diffusion_unet").split(",")
-    out = Path(opts.get("out", REPO_ROOT / "eval" / "results"))
-    runs = Path(opts.get("runs", Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"))
-    machine = opts.get("machine", f"{os.cpu_count()}-core CPU, 1 thread per policy")
-    extra = opts.get("overrides", "").split() if opts.get("overrides") else []
-    names = {}
-    for spec in policies:
-        # "drift_unet" or "drift_unet:policy.drift_groups=chunk" (name:override,override)
-        pol, _, ov = spec.partition(":")
-        name = pol + ("-" + ov.split("=")[-1] if ov else "")
-        names[name] = (pol, [o for o in ov.split("+") if o])
+def bench_train(args: list[str]) -> Path:
+    """``drift-policy bench train budget=N ...``: every variant and seed trained for the same number of generator
+    sample-passes, with its cosine schedule over the resulting steps, evaluated at the same budget fractions."""
+    opts = _kv(args, {"budget": int, "policies": str, "seeds": str, "task": str, "evals": int, "jobs": int,
+                      "out": str, "runs": str, "overrides": str, "report_only": int, "episodes": int})
+    budget = opts.get("budget", 1_200_000)
+    task = opts.get("task", "pusht_keypoints")
+    variants = _variants(opts.get("policies", "drift_unet,diffusion_unet"))
+    seeds = [int(s) for s in opts.get("seeds", "0").split(",")]
+    n_evals, jobs = opts.get("evals", 10), opts.get("jobs", 2)
+    episodes = opts.get("episodes", 50)
+    out = Path(opts.get("out", Path("eval") / "results" / "compute_matched"))
+    run_root = Path(opts.get("runs", Path("runs") / f"compute_matched-{task}-{budget}"))
+    extra = opts.get("overrides", "").split()
+    meta = {"task": task, "budget": budget, "eval_fraction": 1 / n_evals, "eval_episodes": episodes,
+            "start_seed": 100000, "machine": machine_info(jobs), "runs_dir": str(run_root),
+            "command": "drift-policy bench train " + " ".join(args)}
+    todo = [(label, pol, ov, seed) for label, (pol, ov) in variants.items() for seed in seeds]
+
+    def record() -> Path:
+        recs = []
+        for label, _, _, seed in todo:
+            d = run_root / _folder(label, seed)
+            if runs.config_path(d).exists():
+                recs.append({"label": label, **run_record(d)})
+        return write_compute_matched(recs, out, meta)
+
     if not opts.get("report_only"):
-        procs = {}
-        for name, (pol, ov) in names.items():
-            cmd = [sys.executable, "-m", "drift_policy", "train", f"policy={pol}", *ov, *extra,
-                   f"train.max_minutes={minutes}", "train.max_steps=1000000", f"train.eval_every_minutes={eval_every}",
-                   "train.eval_every_steps=0", "train.threads=1", "train.eval_workers=0",
-                   f"train.run_dir={runs / name}"]
-            print("launch:", " ".join(cmd))
-            log = open(runs.mkdir(parents=True, exist_ok=True) or runs / f"{name}.log", "w")
-            procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-        for name, p in procs.items():
-            if p.wait() != 0:
-                raise SystemExit(f"{name} failed; see {runs / (name + '.log')}")
-    summaries = {name: summarize_run(runs / name) for name in names}
-    write_report(summaries, out, {"minutes": minutes, "eval_every": eval_every, "machine": machine,
-                                  "start_seed": 100000, "runs": str(runs)})
+        run_root.mkdir(parents=True, exist_ok=True)
+        pending, active = list(todo), {}
+        while pending or active:
+            while pending and len(active) < jobs:
+                label, pol, ov, seed = pending.pop(0)
+                d = run_root / _folder(label, seed)
+                if (runs.pretrained_dir(d) / "model.safetensors").exists():
+                    continue                                      # finished earlier: the bench can be rerun
+                if runs.list_checkpoints(d):
+                    cmd = [sys.executable, "-m", "drift_policy", "resume", str(d)]   # interrupted earlier
+                else:
+                    cmd = [sys.executable, "-m", "drift_policy", "train", f"task={task}", f"policy={pol}", *ov, *extra,
+                           f"train.seed={seed}", f"train.sample_passes={budget}", "train.max_steps=0",
+                           f"train.eval_fraction={1 / n_evals}", "train.eval_every_steps=0",
+                           "train.eval_every_minutes=0", "train.max_minutes=0", f"train.eval_episodes={episodes}",
+                           "train.threads=1", "train.eval_workers=0", f"train.run_dir={d}"]
+                print("launch:", " ".join(cmd), flush=True)
+                log = open(run_root / f"{_folder(label, seed)}.log", "a")
+                active[(label, seed)] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+            time.sleep(30)
+            for key, proc in list(active.items()):
+                if proc.poll() is not None:
+                    del active[key]
+                    if proc.returncode != 0:
+                        print(f"{key[0]} seed {key[1]} failed (exit {proc.returncode}); see its log in {run_root}", flush=True)
+            record()                                              # a partial record after every poll: nothing lost
+    path = record()
+    print(path.with_suffix(".md").read_text())
+    return path
 
 
 def run_summary(args: list[str]) -> dict:

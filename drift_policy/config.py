@@ -56,34 +56,45 @@ class TrainConfig:
     weight_decay: float = 1e-6
     betas: tuple[float, float] = (0.95, 0.999)
     warmup_steps: int = 100
-    max_steps: int = 20000              # cosine decay to 0 over max_steps ...
-    max_minutes: float = 45.0           # ... or over this many training minutes when > 0 (whichever ends first)
+    # The budget is counted in generator sample-passes (one forward + backward of one action chunk), so that it
+    # means the same on any machine: the drift policy pays batch_size * n_noise per step, diffusion batch_size.
+    # max_steps = 0 derives the step count from it; max_steps > 0 wins and the budget is recomputed from it.
+    sample_passes: int = 1_200_000
+    max_steps: int = 0
+    max_minutes: float = 0.0            # a stopping guard only (0: none); the LR schedule never depends on time
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     log_every: int = 50
-    eval_every_steps: int = 0           # evaluate every this many steps when > 0
-    eval_every_minutes: float = 5.0     # ... and every this many minutes of training time when > 0
+    eval_every_steps: int = 0           # 0: derived from eval_fraction
+    eval_fraction: float = 0.1          # evaluate every this fraction of max_steps (0.1: 10 evaluations)
+    eval_every_minutes: float = 0.0     # also every this many training minutes (machine-dependent; 0: off)
     eval_episodes: int = 50
     eval_workers: int = 1               # rollout worker processes (0: step the environments in the trainer)
     ckpt_every_steps: int = 500
     keep_checkpoints: int = 2
     max_bad_steps: int = 20             # consecutive non-finite losses/gradients before training aborts
+    compile: bool = False               # torch.compile the backbone for training (faster steps after minutes of
+                                        # compiling at the start; needs a C++ compiler)
     run_dir: str = ""                   # empty: runs/<task>-<policy>-<time>, relative to the working directory
     wandb: str = "disabled"             # disabled | offline | online
     wandb_project: str = "drift-policy"
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
-        positive = ("threads", "batch_size", "max_steps", "log_every", "ckpt_every_steps", "keep_checkpoints",
+        positive = ("threads", "batch_size", "log_every", "ckpt_every_steps", "keep_checkpoints",
                     "max_bad_steps")
         for k in positive:
             if getattr(self, k) < 1:
                 raise ConfigError(f"train.{k} must be >= 1, got {getattr(self, k)}")
-        non_negative = ("warmup_steps", "max_minutes", "eval_every_steps", "eval_every_minutes", "eval_episodes",
+        non_negative = ("warmup_steps", "sample_passes", "max_steps", "max_minutes", "eval_fraction", "eval_every_steps", "eval_every_minutes", "eval_episodes",
                         "eval_workers", "weight_decay", "grad_clip")
         for k in non_negative:
             if getattr(self, k) < 0:
                 raise ConfigError(f"train.{k} must be >= 0, got {getattr(self, k)}")
+        if self.sample_passes == 0 and self.max_steps == 0:
+            raise ConfigError("train.sample_passes or train.max_steps must be > 0 (the training budget)")
+        if self.eval_fraction > 1:
+            raise ConfigError(f"train.eval_fraction must be in [0, 1], got {self.eval_fraction}")
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if not 0 <= self.ema_decay < 1:
@@ -125,7 +136,26 @@ class Config:
             policy[k] = v
         train = dict(d.get("train", {}))
         check_keys(TrainConfig, train, "train.")
-        return cls(task=task, policy=config_from_dict(policy), train=TrainConfig(**train))
+        cfg = cls(task=task, policy=config_from_dict(policy), train=TrainConfig(**train))
+        cfg._resolve_budget()
+        return cfg
+
+    @property
+    def sample_passes_per_step(self) -> int:
+        """Generator sample-passes of one optimizer step: batch_size observations x samples per observation."""
+        return self.train.batch_size * self.policy.sample_passes_per_obs
+
+    def _resolve_budget(self) -> None:
+        """Derive max_steps from the sample-pass budget (or the budget from max_steps), and the eval interval.
+
+        Idempotent: a saved config.json holds the resolved values and resolves to itself, so a resumed run
+        keeps its schedule."""
+        t, per_step = self.train, self.sample_passes_per_step
+        if t.max_steps == 0:
+            t.max_steps = max(1, -(-t.sample_passes // per_step))       # ceil: never under the budget
+        t.sample_passes = t.max_steps * per_step
+        if t.eval_every_steps == 0 and t.eval_fraction > 0:
+            t.eval_every_steps = max(1, round(t.max_steps * t.eval_fraction))
 
     def default_run_dir(self) -> Path:
         name = f"{self.task.name}-{self.policy.type}-{self.policy.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -12,7 +12,7 @@ The trainer is the same program on 1 or N processes. Launched by ``torchrun`` (w
   checkpoints, so a resumed run continues every rank's stream.
 * Gradients are averaged across ranks by DistributedDataParallel (each rank's loss is the mean over its equal
   slice, so the average is the global-batch mean); every rank then takes the same optimiser and EMA step.
-* Training time (which drives the cosine schedule and ``train.max_minutes``) is the slowest rank's, and a
+* Training time (reported, and the ``train.max_minutes`` guard) is the slowest rank's, and a
   non-finite loss on any rank skips the step on all of them, so the ranks never disagree on what to do next.
 * Only rank 0 writes: checkpoints, metrics, evaluations, the ``pretrained`` folder. At the end every rank
   hashes its parameters and EMA parameters; rank 0 writes them to ``<run_dir>/ddp.json`` and the run fails if the

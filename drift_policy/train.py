@@ -57,14 +57,13 @@ def evaluate_policy(policy: Policy, cfg: Config, n_episodes: int, num_workers: i
 
 
 # ---- schedule and EMA -------------------------------------------------------------------------------------------
-def lr_at(cfg: Config, step: int, train_seconds: float) -> float:
-    """Linear warm-up, then cosine decay over max_steps or over the time budget, whichever is further along."""
+def lr_at(cfg: Config, step: int) -> float:
+    """Linear warm-up, then cosine decay to 0 at max_steps. A function of the step alone: the same config gives
+    the same schedule on any machine, and a resumed run continues it exactly."""
     t = cfg.train
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
     progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
-    if t.max_minutes > 0:
-        progress = max(progress, train_seconds / (60 * t.max_minutes))
     return t.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -135,11 +134,18 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
     # Data and normaliser (fitted on the training split only).
     train_set, val_set = make_datasets(cfg)
     normalizer = Normalizer().fit("obs", train_set.steps("obs")).fit("action", train_set.steps("action"))
+    if getattr(cfg.policy, "neighbor_positives", 0):
+        from .data.windows import NeighborPositives
+
+        train_set.neighbors = NeighborPositives(train_set, lambda o: normalizer.normalize("obs", o),
+                                                cfg.policy.neighbor_positives, cfg.policy.neighbor_bandwidth)
 
     # Policy, EMA copy and optimiser.
     policy = make_policy(cfg.policy, normalizer).to(device)
     loss_fn = dist.loss_fn(policy)            # policy.compute_loss, through DDP when distributed
     ema = copy.deepcopy(policy).requires_grad_(False).eval()
+    if t.compile:
+        policy.model.compile()                 # in place: parameter names, checkpoints and the EMA copy unchanged
     opt = torch.optim.AdamW(policy.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
     data_gen = torch.Generator().manual_seed(t.seed)   # the same data stream on every rank
     if dist.enabled:
@@ -159,8 +165,10 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
         print(f"note: task {cfg.task.name} has no evaluation environment ({family(cfg.task).no_env_hint}); "
               f"training without evaluation (train.eval_episodes={t.eval_episodes} is ignored)")
     n_params = sum(p.numel() for p in policy.parameters())
+    per_step = cfg.sample_passes_per_step
     print(f"{cfg.policy.type} policy, {cfg.policy.backbone} backbone: {n_params / 1e6:.2f}M parameters; "
-          f"{len(train_set)} training windows; run folder {run_dir}")
+          f"{len(train_set)} training windows; budget {t.sample_passes:,} sample-passes = {t.max_steps} steps of "
+          f"{per_step}; run folder {run_dir}")
 
     logger = Logger(run_dir, cfg, resume_step=step if ckpt is not None else None) if is_main else None
 
@@ -176,11 +184,12 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
 
     def evaluate():
         res = evaluate_policy(ema, cfg, t.eval_episodes, t.eval_workers, progress=False, seed=t.seed)
-        res.update(step=step, train_minutes=train_seconds / 60)
+        res.update(step=step, sample_passes=step * per_step, train_minutes=train_seconds / 60)
         from .evaluation import save_eval_json
 
         save_eval_json(res, runs.eval_path(run_dir, step))
-        logger.log({"step": step, "train_minutes": train_seconds / 60, "eval/mean_score": res["mean_score"],
+        logger.log({"step": step, "sample_passes": step * per_step, "train_minutes": train_seconds / 60,
+                    "eval/mean_score": res["mean_score"],
                     "eval/success_rate": res["success_rate"]})
         bar.write(f"step {step}: score {res['mean_score']:.3f}, success {res['success_rate']:.2f} "
                   f"({train_seconds / 60:.1f} train-min, eval {res['wall_s']:.0f}s)")
@@ -190,15 +199,13 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
 
     from tqdm import tqdm
 
-    # With a time budget the step count is open-ended: show a counter, not a bar to max_steps.
-    bar = tqdm(total=None if t.max_minutes > 0 else t.max_steps, initial=step, disable=not (progress and is_main),
-               dynamic_ncols=True, desc="train")
+    bar = tqdm(total=t.max_steps, initial=step, disable=not (progress and is_main), dynamic_ncols=True, desc="train")
     bad_steps = 0
     policy.train()
     while not out_of_budget():
         t0 = time.perf_counter()
         for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, step, train_seconds)
+            g["lr"] = lr_at(cfg, step)
         batch = {k: dist.shard(v).to(device) for k, v in train_set.sample(t.batch_size, data_gen).items()}
         loss, info = loss_fn(batch)
         opt.zero_grad(set_to_none=True)
@@ -224,7 +231,7 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
         bar.update(1)
 
         if is_main and step % t.log_every == 0:
-            rec = {"step": step, "train_minutes": train_seconds / 60, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"],
+            rec = {"step": step, "sample_passes": step * per_step, "train_minutes": train_seconds / 60, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"],
                    "grad_norm": float(grad_norm), **{f"train/{k}": v for k, v in info.items()}}
             logger.log(rec)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", **({"mse": f"{info['mse_to_expert']:.4f}"}
@@ -239,6 +246,9 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
             checkpoint()
 
     bar.close()
+    if step < t.max_steps:
+        warnings.warn(f"train.max_minutes={t.max_minutes} stopped training at step {step} of {t.max_steps}: the "
+                      f"learning-rate schedule did not finish")
     checkpoint()
     dist.check_in_sync(runs.ddp_path(run_dir), model=policy, ema=ema)
     dist.close()

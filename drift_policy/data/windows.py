@@ -12,7 +12,7 @@ import torch
 
 from ..errors import DatasetError
 
-__all__ = ["WindowDataset", "make_windows", "sequence_indices", "split_episodes"]
+__all__ = ["WindowDataset", "NeighborPositives", "make_windows", "sequence_indices", "split_episodes"]
 
 
 def sequence_indices(episode_ends: np.ndarray, episodes: np.ndarray, horizon: int, pad_before: int,
@@ -56,6 +56,7 @@ class WindowDataset:
         self.index = torch.from_numpy(np.ascontiguousarray(index, dtype=np.int64))
         self.n_obs_steps = n_obs_steps
         self.keys = [k for k in data if k != "action"]          # "obs" and image keys
+        self.neighbors: NeighborPositives | None = None
 
     def __len__(self) -> int:
         return self.index.shape[0]
@@ -65,11 +66,48 @@ class WindowDataset:
         return self.data[key][torch.unique(self.index)]
 
     def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """{"obs": [B, To, D], <image key>: [B, To, 3, H, W] uint8, "action": [B, Tp, Da]}."""
-        rows = self.index[torch.randint(0, len(self), (batch_size,), generator=generator)]   # [B, Tp]
+        """{"obs": [B, To, D], <image key>: [B, To, 3, H, W] uint8, "action": [B, Tp, Da]}, plus
+        "pos_action" [B, 1 + k, Tp, Da] and "pos_weight" [B, 1 + k] when neighbour positives are attached."""
+        ids = torch.randint(0, len(self), (batch_size,), generator=generator)
+        rows = self.index[ids]                                                                 # [B, Tp]
         out = {k: self.data[k][rows[:, : self.n_obs_steps]] for k in self.keys}
         out["action"] = self.data["action"][rows]
+        if self.neighbors is not None:
+            nb, out["pos_weight"] = self.neighbors.lookup(ids)                                # [B, 1+k]
+            out["pos_action"] = self.data["action"][self.index[nb]]                            # [B, 1+k, Tp, Da]
         return out
+
+
+class NeighborPositives:
+    """More than one positive per observation: the expert chunks of the k training windows whose observations
+    are nearest (in normalised units), weighted by a Gaussian kernel on that distance.
+
+    With one demonstration per observation, the conditional field's only positive is that demonstration's
+    chunk; neighbours give the field an estimate of the local action distribution (Implicit Drifting Policy,
+    arXiv 2606.01098, reports that such neighbour information makes the conditional field well-posed). The
+    index holds the windows of ONE split (the training split), so validation episodes never become positives.
+    A window's own chunk is always its first positive, with weight 1.
+    """
+
+    def __init__(self, windows: WindowDataset, normalize, k: int, bandwidth: float):
+        if k < 1 or not bandwidth > 0:
+            raise ValueError(f"neighbour positives need k >= 1 and bandwidth > 0, got k={k}, bandwidth={bandwidth}")
+        if k >= len(windows):
+            raise ValueError(f"k={k} neighbour positives need more than {len(windows)} training windows")
+        obs = windows.data["obs"][windows.index[:, : windows.n_obs_steps]]                    # [W, To, D]
+        with torch.no_grad():
+            self.keys = normalize(obs.float()).flatten(1).contiguous()                         # [W, To*D]
+        self.k, self.bandwidth = k, bandwidth
+
+    def lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Window ids [B] -> (positive window ids [B, 1+k], kernel weights [B, 1+k]); column 0 is the window itself."""
+        q = self.keys[ids]                                                                     # [B, To*D]
+        # RMS distance per coordinate, so the bandwidth means the same for any observation size.
+        d = torch.cdist(q, self.keys).div_(q.shape[1] ** 0.5)                                 # [B, W]
+        d[torch.arange(len(ids)), ids] = -1.0                 # the window itself first, even among exact ties
+        dist, nb = d.topk(self.k + 1, dim=1, largest=False)                                   # ascending
+        dist = dist.clamp_min(0.0)
+        return nb, torch.exp(-0.5 * (dist / self.bandwidth) ** 2)
 
 
 def make_windows(data: dict[str, np.ndarray], horizon: int, n_obs_steps: int, n_action_steps: int,

@@ -71,6 +71,11 @@ class PolicyConfig:
             raise ConfigError(f"policy.n_groups={self.n_groups} must divide every channel width of {self.backbone}")
 
     @property
+    def sample_passes_per_obs(self) -> int:
+        """Action chunks generated (forward + backward) per training observation: the unit of training compute."""
+        return 1
+
+    @property
     def nfe(self) -> int:
         """Network evaluations per action chunk: what one ``predict_action`` costs (set by each method)."""
         raise NotImplementedError(f"{type(self).__name__} must define nfe")

@@ -18,6 +18,13 @@ class DriftConfig(PolicyConfig):
     drift_groups: str = "per_step"                     # "per_step": one group per (obs, step), D = action_dim;
                                                        # "chunk": one group per obs over the flat chunk
     temperatures: tuple[float, ...] = (0.02, 0.05, 0.2)
+    neighbor_positives: int = 0                        # k extra positives per observation: the expert chunks of
+                                                       # its k nearest training observations (0: its own only)
+    neighbor_bandwidth: float = 0.05                   # Gaussian kernel width on the RMS normalised-obs distance
+
+    @property
+    def sample_passes_per_obs(self) -> int:
+        return self.n_noise                            # every generated chunk costs a forward and a backward
 
     @property
     def nfe(self) -> int:
@@ -31,6 +38,9 @@ class DriftConfig(PolicyConfig):
             raise ConfigError(f"policy.n_noise must be >= 2 (the field needs other samples to repel), got {self.n_noise}")
         if self.drift_groups not in ("per_step", "chunk"):
             raise ConfigError(f"policy.drift_groups must be 'per_step' or 'chunk', got {self.drift_groups!r}")
+        if self.neighbor_positives < 0 or not self.neighbor_bandwidth > 0:
+            raise ConfigError(f"policy.neighbor_positives must be >= 0 and policy.neighbor_bandwidth > 0, got "
+                              f"{self.neighbor_positives} and {self.neighbor_bandwidth}")
         self.temperatures = tuple(float(t) for t in self.temperatures)
         if not self.temperatures or min(self.temperatures) <= 0:
             raise ConfigError(f"policy.temperatures must be positive, got {self.temperatures}")
@@ -47,13 +57,21 @@ class DriftPolicy(Policy):
         cond = self.condition(batch).repeat_interleave(c.n_noise, dim=0)      # [B*N, C]
         x = self.model(self._noise(B * c.n_noise, None), cond)                # [B*N, Tp, Da]
         x = x.view(B, c.n_noise, c.horizon, c.action_dim)
+        # Positives: the observation's own expert chunk, or it and its neighbours' chunks with kernel weights.
+        if "pos_action" in batch:
+            pos_n = self.normalizer.normalize("action", batch["pos_action"])                # [B, P, Tp, Da]
+            w = batch["pos_weight"]                                                         # [B, P]
+        else:
+            pos_n, w = act_n.unsqueeze(1), None
+        P = pos_n.shape[1]
         if c.drift_groups == "per_step":
             gen = x.permute(0, 2, 1, 3).reshape(B * c.horizon, c.n_noise, c.action_dim)   # [B*Tp, N, Da]
-            pos = act_n.reshape(B * c.horizon, 1, c.action_dim)                            # [B*Tp, 1, Da]
+            pos = pos_n.permute(0, 2, 1, 3).reshape(B * c.horizon, P, c.action_dim)       # [B*Tp, P, Da]
+            w = None if w is None else w.repeat_interleave(c.horizon, dim=0)              # [B*Tp, P]
         else:
             gen = x.reshape(B, c.n_noise, c.horizon * c.action_dim)                        # [B, N, Tp*Da]
-            pos = act_n.reshape(B, 1, c.horizon * c.action_dim)
-        loss, info = drift_loss(gen, pos, temperatures=c.temperatures)
+            pos = pos_n.reshape(B, P, c.horizon * c.action_dim)
+        loss, info = drift_loss(gen, pos, pos_weight=w, temperatures=c.temperatures)
         # The loss is ~constant by construction; mse to the expert chunk is a readable progress signal.
         info = {k: float(v) for k, v in info.items()}
         info["mse_to_expert"] = float((x.detach() - act_n.unsqueeze(1)).pow(2).mean())

@@ -1,0 +1,171 @@
+"""Training compute counted in generator sample-passes, a step-based schedule, and neighbour positives (issue 12)."""
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from drift_policy import train as train_mod
+from drift_policy.bench import run_record
+from drift_policy.checkpoint import load_checkpoint
+from drift_policy.runs import list_checkpoints
+from drift_policy.config import Config, compose
+from drift_policy.data.windows import NeighborPositives, make_windows
+from drift_policy.errors import ConfigError
+from drift_policy.normalizer import Normalizer
+
+TINY = ["policy.backbone=tiny", "train.batch_size=4", "train.eval_episodes=0", "train.threads=1",
+        "train.log_every=1", "train.warmup_steps=3", "train.wandb=disabled"]
+
+
+# ---- sample-pass accounting -------------------------------------------------------------------------------------
+def test_budget_turns_into_each_policys_steps():
+    drift = compose(["policy=drift_unet", "train.sample_passes=1200000"])
+    diffusion = compose(["policy=diffusion_unet", "train.sample_passes=1200000"])
+    assert drift.sample_passes_per_step == 64 * 8 and diffusion.sample_passes_per_step == 64
+    assert drift.train.max_steps == math.ceil(1_200_000 / 512) == 2344
+    assert diffusion.train.max_steps == 1_200_000 // 64 == 18750
+    # The budget actually spent is recorded: never under the one asked for, less than one step over it.
+    assert 1_200_000 <= drift.train.sample_passes == 2344 * 512 < 1_200_000 + 512
+    g4 = compose(["train.sample_passes=1200000", "policy.n_noise=4", "train.batch_size=128"])
+    assert g4.train.max_steps == drift.train.max_steps                  # B*G held fixed: the same steps
+    # Evaluations at fractions of the budget: every 10 % by default.
+    assert drift.train.eval_every_steps == round(2344 * 0.1)
+
+
+def test_explicit_max_steps_wins_and_the_budget_follows():
+    cfg = compose(["train.max_steps=10", "train.batch_size=4", "policy.n_noise=2"])
+    assert cfg.train.max_steps == 10 and cfg.train.sample_passes == 10 * 4 * 2
+
+
+def test_resolved_config_resolves_to_itself():
+    cfg = compose(["train.sample_passes=100000", "policy.n_noise=4"])
+    again = Config.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_a_budget_of_nothing_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.sample_passes or train.max_steps must be > 0"):
+        compose(["train.sample_passes=0", "train.max_steps=0"])
+    with pytest.raises(ConfigError, match="train.eval_fraction"):
+        compose(["train.eval_fraction=2"])
+
+
+def test_metrics_and_evaluations_count_sample_passes(tmp_path, pusht_zarr):
+    cfg = compose([*TINY, f"task.data_root={pusht_zarr.parents[1]}", "policy.n_noise=3", "train.max_steps=4",
+                   "train.eval_episodes=1", "train.eval_workers=0", "task.max_steps=8", "train.eval_every_steps=2",
+                   f"train.run_dir={tmp_path / 'run'}"])
+    run = train_mod.train(cfg, progress=False)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["sample_passes"] for r in lines if "loss" in r] == [s * 4 * 3 for s in (1, 2, 3, 4)]
+    ev = json.loads((run / "eval" / "step_00000004.json").read_text())
+    assert ev["sample_passes"] == 4 * 12
+    rec = run_record(run)                       # what bench train records for this run
+    assert rec["steps"] == 4 and rec["sample_passes"] == 48 and rec["complete"]
+    assert [e["sample_passes"] for e in rec["evals"]] == [24, 48]
+    assert rec["policy"] == "drift" and rec["seed"] == 0 and rec["nfe"] == 1
+
+
+# ---- the schedule is a function of the step alone ---------------------------------------------------------------
+def test_lr_schedule_is_warmup_then_cosine_over_steps():
+    cfg = compose(["train.max_steps=100", "train.warmup_steps=10", "train.lr=1e-3"])
+    lrs = [train_mod.lr_at(cfg, s) for s in range(101)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3) and lrs[10] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))              # non-increasing after warm-up
+    assert lrs[55] == pytest.approx(5e-4) and lrs[100] == pytest.approx(0.0, abs=1e-12)
+    guarded = compose(["train.max_steps=100", "train.warmup_steps=10", "train.lr=1e-3", "train.max_minutes=0.001"])
+    assert [train_mod.lr_at(guarded, s) for s in range(101)] == lrs   # a time guard never bends the schedule
+
+
+def test_time_guard_stops_without_changing_the_schedule(tmp_path, pusht_zarr, monkeypatch):
+    clock = iter(range(0, 10**6, 30))                  # every perf_counter() call: 30 s later
+    monkeypatch.setattr(train_mod.time, "perf_counter", lambda: float(next(clock)))
+    cfg = compose([*TINY, f"task.data_root={pusht_zarr.parents[1]}", "train.max_steps=50", "train.max_minutes=1",
+                   f"train.run_dir={tmp_path / 'run'}"])
+    with pytest.warns(UserWarning, match="did not finish"):
+        run = train_mod.train(cfg, progress=False)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert 0 < len(lines) < 50
+    for r in lines:   # the logged LR (set before the step) is the step schedule's
+        assert r["lr"] == pytest.approx(train_mod.lr_at(cfg, r["step"] - 1))
+
+
+def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, pusht_zarr):
+    common = [*TINY, f"task.data_root={pusht_zarr.parents[1]}", "train.max_steps=8", "train.ckpt_every_steps=4",
+              "train.keep_checkpoints=3"]
+    full = train_mod.train(compose([*common, f"train.run_dir={tmp_path / 'full'}"]), progress=False)
+    cut = train_mod.train(compose([*common, f"train.run_dir={tmp_path / 'cut'}"]), progress=False)
+    # Interrupt "cut" after step 4: drop everything it did later, then resume.
+    for p in list_checkpoints(cut):
+        if p.stem.endswith("00000008"):
+            p.unlink()
+            p.with_name(p.name + ".json").unlink(missing_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_mod.train(compose([*common, f"train.run_dir={cut}"]), run_dir=cut, resume=True, progress=False)
+    a = load_checkpoint(full / "checkpoints" / "step_00000008.pt")
+    b = load_checkpoint(cut / "checkpoints" / "step_00000008.pt")
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], v) for k, v in b[key].items())
+
+
+# ---- neighbour positives ------------------------------------------------------------------------------------------
+def _toy_data(n_eps=6, length=20, dim=3):
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(n_eps * length, dim)).astype(np.float32)
+    action = (np.arange(n_eps * length, dtype=np.float32)[:, None] * np.ones((1, 2), np.float32))  # action = step id
+    return {"obs": obs, "action": action, "episode_ends": np.arange(1, n_eps + 1) * length}
+
+
+def test_neighbour_positives_shapes_weights_and_own_chunk_first():
+    train, _ = make_windows(_toy_data(), horizon=4, n_obs_steps=2, n_action_steps=2, val_ratio=0.0)
+    norm = Normalizer().fit("obs", train.steps("obs"))
+    train.neighbors = NeighborPositives(train, lambda o: norm.normalize("obs", o), k=5, bandwidth=0.3)
+    batch = train.sample(7, torch.Generator().manual_seed(0))
+    assert batch["pos_action"].shape == (7, 6, 4, 2) and batch["pos_weight"].shape == (7, 6)
+    assert torch.equal(batch["pos_action"][:, 0], batch["action"])          # the sample's own chunk, first
+    w = batch["pos_weight"]
+    assert torch.all(w[:, 0] == 1) and torch.all((w > 0) & (w <= 1))
+    assert torch.all(w[:, :-1] >= w[:, 1:])                                  # nearer observations weigh more
+    # The weights are the Gaussian kernel of the RMS normalised-observation distance.
+    ids, weights = train.neighbors.lookup(torch.tensor([3]))
+    keys = train.neighbors.keys
+    d = (keys[ids[0]] - keys[3]).pow(2).mean(1).sqrt()
+    assert torch.allclose(weights[0], torch.exp(-0.5 * (d / 0.3) ** 2), atol=1e-5)
+    # Brute force: they are the k nearest.
+    all_d = (keys - keys[3]).pow(2).mean(1).sqrt()
+    assert torch.allclose(d.sort().values, all_d.sort().values[:6], atol=1e-6)
+
+
+def test_validation_episodes_never_become_positives():
+    data = _toy_data(n_eps=10)
+    train, val = make_windows(data, horizon=4, n_obs_steps=2, n_action_steps=2, val_ratio=0.3, seed=1)
+    norm = Normalizer().fit("obs", train.steps("obs"))
+    train.neighbors = NeighborPositives(train, lambda o: norm.normalize("obs", o), k=8, bandwidth=1.0)
+    val_steps = set(torch.unique(val.index).tolist())
+    batch = train.sample(64, torch.Generator().manual_seed(0))
+    used = set(batch["pos_action"][..., 0].long().flatten().tolist())       # action value = flat step id
+    assert used and not used & val_steps
+
+
+def test_drift_loss_uses_the_neighbour_positives(pusht_zarr):
+    from drift_policy.policies import make_policy
+
+    cfg = compose(["policy.backbone=tiny", "policy.neighbor_positives=4", f"task.data_root={pusht_zarr.parents[1]}"])
+    train, _ = train_mod.make_datasets(cfg)
+    norm = Normalizer().fit("obs", train.steps("obs")).fit("action", train.steps("action"))
+    train.neighbors = NeighborPositives(train, lambda o: norm.normalize("obs", o), 4, 0.05)
+    torch.manual_seed(0)
+    policy = make_policy(cfg.policy, norm)
+    batch = train.sample(4, torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    with_nb, _ = policy.compute_loss(batch)
+    with_nb.backward()
+    assert all(torch.isfinite(p.grad).all() for p in policy.parameters() if p.grad is not None)
+    torch.manual_seed(1)
+    own_only, _ = policy.compute_loss({k: v for k, v in batch.items() if not k.startswith("pos_")})
+    assert not torch.allclose(with_nb, own_only)                      # the extra positives change the field
+    with pytest.raises(ConfigError, match="policy.neighbor_positives"):
+        compose(["policy.neighbor_positives=-1"])
