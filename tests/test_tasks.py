@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from drift_policy.config import Config, compose
-from drift_policy.data.windows import DatasetError, make_windows
+from drift_policy.data.windows import make_windows
+from drift_policy.errors import ConfigError, DatasetError
 from drift_policy.paths import CONFIG_DIR
-from drift_policy.policies.base import ConfigError
 from drift_policy.tasks import dataset_path, task_spaces
 
 TASKS = sorted(p.stem for p in (CONFIG_DIR / "task").glob("*.yaml"))
@@ -31,7 +31,7 @@ def test_known_sizes():
     assert compose(["task=pusht_image"]).policy.obs_dim == 2
     lift = compose(["task=lift_lowdim"]).policy
     assert (lift.obs_dim, lift.action_dim) == (19, 7)
-    assert compose(["task=lift_lowdim", "task.abs_action=true"]).policy.action_dim == 10
+    assert compose(["task=lift_lowdim", "task.options.abs_action=true"]).policy.action_dim == 10
     assert compose(["task=can_lowdim"]).policy.obs_dim == 23
 
 
@@ -39,7 +39,7 @@ def test_known_sizes():
     (["task=pusht_keypoints", "task.obs_keys=[agent_pos]"], "image_keys"),
     (["task=pusht_image", "task.crop_size=100"], "crop_size"),
     (["task=pusht_keypoints", "task.env=mujoco"], "task.env"),
-    (["task=lift_lowdim", "task.robomimic_task=stack"], "stack"),
+    (["task=lift_lowdim", "task.options.robomimic_task=stack"], "stack"),
     (["task=lift_lowdim", "task.obs_keys=[object,joint_torque]"], "joint_torque"),
     (["task=pusht_keypoints", "+policy.obs_dim=7"], "contradicts"),
 ])
