@@ -2,7 +2,8 @@
 
 ``time_call`` is the latency benchmark's measurement (warm-up, then as many timed calls as fit a budget, GC
 off, CUDA synchronised around each call); ``percentile`` / ``summarize_times`` / ``latency_stats`` summarise
-samples; ``cpu_model`` / ``machine_info`` describe the machine a record was made on.
+samples; ``profile_ops`` is torch.profiler's top ops per call; ``cpu_model`` / ``machine_info`` describe the machine a
+record was made on.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["MIN_REPEATS", "cpu_model", "machine_info", "sync", "time_call", "percentile", "summarize_times",
+__all__ = ["MIN_REPEATS", "cpu_model", "machine_info", "sync", "time_call", "profile_ops", "percentile", "summarize_times",
            "latency_stats"]
 
 MIN_REPEATS = 3
@@ -116,3 +117,28 @@ def latency_stats(values, scale: float = 1.0) -> dict:
     a = [float(v) * scale for v in values]
     return {"p50": percentile(a, 50), "p99": percentile(a, 99), "max": max(a), "mean": statistics.fmean(a),
             "n": len(a)}
+
+
+def profile_ops(fn: Callable[[], object], *, calls: int = 50, warmup: int = 10, device: str = "cpu",
+                top: int = 12) -> dict:
+    """torch.profiler over ``calls`` calls of ``fn`` (after ``warmup``) under inference_mode: the ``top`` ops by
+    self CPU time, per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        sync(device)
+        with profile(activities=acts) as prof:
+            for _ in range(calls):
+                fn()
+            sync(device)
+    ev = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in ev)
+    ops = sorted(ev, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {"calls": calls, "self_cpu_ms_per_call": total / 1e3 / calls,
+            "ops_per_call": sum(e.count for e in ev if e.key.startswith("aten::")) / calls,
+            "top_ops": [{"op": e.key, "self_cpu_pct": 100 * e.self_cpu_time_total / total,
+                         "self_cpu_ms_per_call": e.self_cpu_time_total / 1e3 / calls,
+                         "calls_per_predict": e.count / calls} for e in ops]}
