@@ -63,8 +63,8 @@ def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
     return torch.cat([args.sin(), args.cos()], dim=-1)       # [B, dim]
 
 
-# The gemm formulation beats PyTorch's own convolution below this batch size only: from 16 on, PyTorch switches
-# the convolutions to oneDNN, which is faster than im2col + addmm at large batch (measured: eval/results/latency_cpu.md).
+# The gemm formulation is used below this batch size only: from batch 16 on, PyTorch's CPU convolution takes
+# oneDNN (its own heuristic), which beat im2col + addmm in our measurements at batch 16-50.
 FAST_MAX_BATCH = 16
 
 
