@@ -75,6 +75,7 @@ class BenchOptionError(ConfigError):
     """An option of the latency benchmark is wrong; the message names it and the allowed values."""
 
 
+TIMED_KEYS = ("median_ms", "p90_ms", "min_ms", "mean_ms", "n_repeats", "cpu_median_ms")
 # Besides the backends of backends.py: the exported ONNX file (not a backbone backend, a whole policy).
 ONNX_FILE = "onnx_file"
 ONNX_FILE_NOTE = ("the file `drift-policy export format=onnx` writes (generator + normaliser, dynamic batch), "
@@ -226,7 +227,7 @@ def bench_latency(presets=DEFAULT_PRESETS, batches=DEFAULT_BATCHES, methods=tupl
                 label = METHODS[method][0]
                 cell = {"preset": preset, "method": method, "label": label, "nfe": policy.config.nfe, "batch": batch,
                         "params_m": params[(preset, method)] / 1e6, "backend": backend,
-                        **{k: t[k] for k in ("median_ms", "p90_ms", "min_ms", "mean_ms", "n_repeats")}}
+                        **{k: t[k] for k in TIMED_KEYS}}
                 results.append(cell)
                 say(f"  {preset:>6} {label:>11} batch {batch:>3}: median {t['median_ms']:9.3f} ms  "
                     f"p90 {t['p90_ms']:9.3f} ms  (n={t['n_repeats']})", flush=True)
@@ -291,7 +292,7 @@ def bench_backends(backends, batches, threads_list, *, device="cpu", seed=0, say
                     t = time_call(lambda: fast.predict_action(obs), device=device,
                                   inference_mode=backend != "eager_no_grad", **timing_kw)
                     r = {**row, "batch": batch, "setup_s": setup_s, "max_abs_diff": diff, "error": None,
-                         **{k: t[k] for k in ("median_ms", "p90_ms", "min_ms", "mean_ms", "n_repeats")}}
+                         **{k: t[k] for k in TIMED_KEYS}}
                     rows.append(r)
                     done.append(batch)
                     say(f"  backend {backend:>17} threads {threads} batch {batch:>3}: median {r['median_ms']:8.3f} ms"
@@ -307,8 +308,9 @@ def bench_backends(backends, batches, threads_list, *, device="cpu", seed=0, say
 def _error_rows(row: dict, threads_list, batches, e: Exception, say) -> list[dict]:
     msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
     say(f"  backend {row['backend']:>17} threads {threads_list}: unavailable ({msg})", flush=True)
-    return [{**row, "threads": t, "batch": b, "setup_s": None, "max_abs_diff": None, "error": msg, "median_ms": None,
-             "p90_ms": None, "min_ms": None, "mean_ms": None, "n_repeats": 0} for t in threads_list for b in batches]
+    empty = {**dict.fromkeys(TIMED_KEYS), "n_repeats": 0}
+    return [{**row, "threads": t, "batch": b, "setup_s": None, "max_abs_diff": None, "error": msg, **empty}
+            for t in threads_list for b in batches]
 
 
 def bench_onnx_file(batches, threads_list, *, seed=0, say=print, **timing_kw) -> list[dict]:
@@ -350,7 +352,7 @@ def bench_onnx_file(batches, threads_list, *, seed=0, say=print, **timing_kw) ->
                               inference_mode=False, **timing_kw)
                 r = {**base, "threads": threads, "batch": batch, "setup_s": export_s + session_s,
                      "max_abs_diff": diff, "error": None,
-                     **{k: t[k] for k in ("median_ms", "p90_ms", "min_ms", "mean_ms", "n_repeats")}}
+                     **{k: t[k] for k in TIMED_KEYS}}
                 rows.append(r)
                 say(f"  backend {ONNX_FILE:>17} threads {threads} batch {batch:>3}: median {r['median_ms']:8.3f} ms"
                     f"  p90 {r['p90_ms']:8.3f} ms  max|diff| {diff:.1e}", flush=True)

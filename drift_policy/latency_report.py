@@ -75,6 +75,7 @@ def check_backend_targets(backend_rows: list[dict]) -> dict:
             ref = next((q for q in ok if q["backend"] == "reference" and q["threads"] == r["threads"]), None)
             default[str(r["threads"])] = {
                 "median_ms": r["median_ms"], "min_ms": r["min_ms"], "p90_ms": r["p90_ms"],
+                "cpu_median_ms": r.get("cpu_median_ms"),
                 "reference_median_ms": ref["median_ms"] if ref else None,
                 "speedup_over_reference": speed_ratio(ref["median_ms"], r["median_ms"]) if ref else None,
                 "met": r["median_ms"] <= TARGET_DEFAULT_DRIFT_MS_B1}
@@ -134,6 +135,8 @@ def format_report(res: dict) -> str:
     for n, d in sorted(t.get("default_path_b1_by_threads", {}).items(), key=lambda kv: int(kv[0])):
         part = (f"{n} thread(s), backend table: median {d['median_ms']:.2f} ms, min {d['min_ms']:.2f} ms "
                 f"({met(d['met'])})")
+        if d.get("cpu_median_ms") is not None:
+            part += f", median thread CPU time {d['cpu_median_ms']:.2f} ms"
         if d["speedup_over_reference"] is not None:
             part += (f", {d['speedup_over_reference']:.2f}x faster than the reference layers "
                      f"({d['reference_median_ms']:.2f} ms) in the same run")
@@ -150,19 +153,22 @@ def format_report(res: dict) -> str:
                if r["backend"] == "reference" and r["median_ms"] is not None}
         lines += ["", f"Default drift policy ({b0['backbone']}, {b0['params_m']:.2f}M params) by inference backend "
                       f"(max abs diff: actions against the reference layers, same noise):",
-                  "", "| backend | threads | batch | median ms | min ms | p90 ms | vs reference | max abs diff | setup s "
-                      "| n |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "", "| backend | threads | batch | median ms | min ms | p90 ms | CPU ms | vs reference | max abs diff "
+                      "| setup s | n |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["backends"]:
             if r["error"]:
                 lines.append(f"| {r['backend']} | {r['threads']} | {r['batch']} | unavailable: {r['error']} "
-                             f"| | | | | | |")
+                             f"| | | | | | | |")
                 continue
             e = ref.get((r["threads"], r["batch"]))
             lines.append(f"| {r['backend']} | {r['threads']} | {r['batch']} | {_ms(r['median_ms'])} | "
-                         f"{_ms(r.get('min_ms'))} | {_ms(r['p90_ms'])} | "
+                         f"{_ms(r.get('min_ms'))} | {_ms(r['p90_ms'])} | {_ms(r.get('cpu_median_ms'))} | "
                          f"{_f(e / r['median_ms'] if e else None, '{:.2f}x')} | "
                          f"{r['max_abs_diff']:.1e} | {r['setup_s']:.1f} | {r['n_repeats']} |")
         notes = dict.fromkeys((r["backend"], r.get("note", "")) for r in res["backends"])
+        lines += ["", "CPU ms: median CPU time of the calling thread per call (time.thread_time): on a shared CPU the "
+                      "wall-clock median includes waiting for a core, this does not (work of other threads, "
+                      "with threads > 1, is not counted)."]
         lines += [""] + [f"- {b}: {n}" for b, n in notes]
     if res.get("task_policies"):
         lines += ["", "Whole policies per task, batch 1 (eager; image encoder = all cameras x To frames, timed alone):",

@@ -61,7 +61,10 @@ def time_call(fn: Callable[[], object], *, device: str = "cpu", repeats: int = 2
     """Warm up, then time ``fn()`` n times: as many as fit in ``budget_s``, at most ``repeats``, at least
     ``min(min_repeats, repeats)``.
 
-    Returns {"median_ms", "p90_ms", "min_ms", "mean_ms", "n_repeats", "n_warmup", "times_ms"}.
+    Returns {"median_ms", "p90_ms", "min_ms", "mean_ms", "n_repeats", "n_warmup", "times_ms", "cpu_median_ms"}.
+    ``cpu_median_ms`` is the median CPU time of the calling thread per call (``time.thread_time``): on a shared
+    CPU, wall time includes the time the thread waited for a core; its CPU time does not (single-threaded
+    calls only: other threads' work is not counted).
     """
     ctx = torch.inference_mode if inference_mode else contextlib.nullcontext
     with ctx():
@@ -78,21 +81,22 @@ def time_call(fn: Callable[[], object], *, device: str = "cpu", repeats: int = 2
                 break
         floor = min(min_repeats, repeats)                  # repeats below MIN_REPEATS: exactly that many
         n = int(min(repeats, max(floor, budget_s / max(first_s, 1e-9))))
-        times = []
+        times, cpu = [], []
         gc.collect()
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
             for _ in range(n):
                 sync(device)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 fn()
                 sync(device)
                 times.append((time.perf_counter() - t0) * 1e3)
+                cpu.append((time.thread_time() - c0) * 1e3)
         finally:
             if gc_was_enabled:
                 gc.enable()
-    return {**summarize_times(times), "n_warmup": n_warm, "times_ms": times}
+    return {**summarize_times(times), "n_warmup": n_warm, "times_ms": times, "cpu_median_ms": statistics.median(cpu)}
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -99,6 +99,9 @@ def test_time_call_repeats_and_stats():
     assert len(calls) == t["n_warmup"] + t["n_repeats"]
     t = timing.time_call(lambda: None, repeats=7, budget_s=10.0, warmup=1)
     assert t["n_repeats"] == 7                                           # capped by repeats
+    import time as _time
+    t = timing.time_call(lambda: _time.sleep(0.005), repeats=3, budget_s=10.0, warmup=1)
+    assert t["median_ms"] >= 5.0 and t["cpu_median_ms"] < 2.0          # waiting is wall time, not CPU time
     vals = [5.0, 1.0, 3.0, 2.0, 4.0, 10.0]
     assert timing.percentile(vals, 90) == pytest.approx(np.percentile(vals, 90))
     assert timing.summarize_times(vals)["median_ms"] == pytest.approx(3.5)
