@@ -7,13 +7,15 @@ scale and bias predicted from the conditioning (FiLM).
 
 Fast CPU inference (the default, see ``ConditionalUnet1D.forward``): at small batch on the CPU, PyTorch runs
 these short 1-D convolutions through its slow im2col path (``_slow_conv2d_forward``: W [C_out, C_in*k] @ cols
-[C_in*k, T] with T = 4..16, a shape the BLAS handles badly), which took ~70 % of an eager call. Without
+[C_in*k, T] with T = 4..16, a shape the BLAS handles badly), which took ~70 % of an eager call at batch 1
+(profile in eval/results/latency_fast_default_cpu.md). Without
 gradients, the net is instead computed as time-major matrix products (cols [B*T, C_in*k] @ W^T, one ``addmm``
 per convolution, the transposed convolutions as one ``mm`` plus two shifted adds), with the FiLM Mish shared by
 all blocks, and run through a TorchScript trace of that formulation (no Python overhead per op). The trace reads
-the live parameters (it is not frozen), so weight updates are always seen; it is cached per input shape and
-dropped whenever a parameter tensor is replaced (device move, ``load_state_dict(assign=True)``). Same sums as
-the convolutions, so the outputs agree to float rounding (~1e-6; tests/test_fast_inference.py).
+the live parameters (it is not frozen), so weight updates, in place or through ``.data``, are always seen; it is
+cached per input shape and dropped on ``.to()`` / dtype moves and whenever a Parameter or module is replaced
+(``load_state_dict(assign=True)``, setattr). Same sums as the convolutions, so the outputs agree to float
+rounding (~1e-6; tests/test_fast_inference.py).
 """
 from __future__ import annotations
 
@@ -241,7 +243,8 @@ def _trace(net: nn.Module, args: tuple[Tensor, ...]):
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")                  # TracerWarnings: shapes are fixed per entry by design
             return torch.jit.trace(_GemmForward(net), tuple(a.clone() for a in args), check_trace=False)
-    except Exception:                                        # a module TorchScript cannot trace: eager is exact too
+    except Exception as e:                                   # a module TorchScript cannot trace: eager is exact too
+        warnings.warn(f"fast inference: tracing failed ({type(e).__name__}: {e}); running the gemm form eagerly")
         return net.gemm_forward
     finally:
         _tracing = False
