@@ -157,10 +157,14 @@ def run_summary(args: list[str]) -> dict:
     lines += ["", f"max score {s['max_coverage']:.3f}, mean of the last {s['n_last']} evaluations "
                   f"{s['last10_coverage']:.3f} (success {s['last10_success']:.2f})"]
     # The run's training plots (plots.py): next to the record as <out stem>_<plot>.png, else in <run>/plots.
+    from .errors import RunFolderError
     from .plots import plot_run
 
     out = Path(opts["out"]) if "out" in opts else None
-    pngs = plot_run(run, out.parent, prefix=f"{out.stem}_") if out else plot_run(run)
+    try:
+        pngs = plot_run(run, out.parent, prefix=f"{out.stem}_") if out else plot_run(run)
+    except RunFolderError:                    # a run with no metrics and no evaluations yet: nothing to plot
+        pngs = []
     base = out.parent if out else run
     s["plots"] = [os.path.relpath(p, base) for p in pngs]
     lines += [""] + [f"![{Path(p).stem}]({p})" for p in s["plots"]]
