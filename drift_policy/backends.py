@@ -6,10 +6,13 @@ while ``predict_action`` stays the policy's own code (same noise from the same g
 scheduler). ``export.py`` writes whole-policy files with the same builders (``jit_trace``, ``onnx_export``,
 ``ort_session``).
 
-Backends: ``eager`` (PyTorch), ``eager_no_grad`` (the same; the benchmark times it without inference_mode),
-``jit_trace`` / ``jit_ofi`` (TorchScript trace + freeze / optimize_for_inference), ``gemm`` / ``jit_gemm`` (each
-Conv1d as one time-major matrix product, eager / traced), ``compile`` / ``compile_freezing`` (torch.compile,
-inductor), ``onnxruntime`` (ONNX Runtime CPU), and on CUDA ``cuda_graph`` and ``compile_reduce_overhead``.
+Backends: ``eager`` (PyTorch as shipped: on the CPU at small batch the U-Net's default fast inference path,
+models/unet1d.py), ``eager_no_grad`` (the same; the benchmark times it without inference_mode), ``reference``
+(the U-Net's layers as written, i.e. the eager path before the fast default, for comparison), ``jit_trace`` /
+``jit_ofi`` (TorchScript trace + freeze / optimize_for_inference), ``compile`` / ``compile_freezing``
+(torch.compile, inductor), ``onnxruntime`` (ONNX Runtime CPU, backbone only), and on CUDA ``cuda_graph`` and
+``compile_reduce_overhead``. Tracing, exporting and compiling see the reference layers (the fast path steps aside
+under ``torch.jit.is_tracing`` / ``torch.compiler.is_compiling``).
 """
 from __future__ import annotations
 
@@ -24,20 +27,19 @@ from torch import Tensor, nn
 from .errors import ConfigError
 
 __all__ = ["CPU_BACKENDS", "CUDA_BACKENDS", "ALL_BACKENDS", "BACKEND_NOTES", "BackendError", "accelerated_policy",
-           "make_backbone", "max_abs_diff", "gemm_conv_copy", "GemmConv1d", "jit_trace", "onnx_export",
-           "ort_session"]
+           "make_backbone", "max_abs_diff", "jit_trace", "onnx_export", "ort_session"]
 
-CPU_BACKENDS = ("eager", "eager_no_grad", "jit_trace", "jit_ofi", "gemm", "jit_gemm", "compile", "compile_freezing",
+CPU_BACKENDS = ("eager", "eager_no_grad", "reference", "jit_trace", "jit_ofi", "compile", "compile_freezing",
                 "onnxruntime")
-CUDA_BACKENDS = ("eager", "eager_no_grad", "cuda_graph", "compile", "compile_reduce_overhead")
+CUDA_BACKENDS = ("eager", "eager_no_grad", "reference", "cuda_graph", "compile", "compile_reduce_overhead")
 ALL_BACKENDS = tuple(dict.fromkeys(CPU_BACKENDS + CUDA_BACKENDS))
 BACKEND_NOTES = {
-    "eager": "PyTorch eager, predict_action under torch.inference_mode",
-    "eager_no_grad": "PyTorch eager, predict_action's own torch.no_grad only",
-    "jit_trace": "torch.jit.trace + torch.jit.freeze of the backbone",
+    "eager": "the default: predict_action as shipped, under torch.inference_mode (on the CPU below batch 16 the "
+             "U-Net runs its fast path: convolutions as time-major GEMMs, TorchScript-traced, not frozen)",
+    "eager_no_grad": "the default, with predict_action's own torch.no_grad only",
+    "reference": "the U-Net's layers as written (nn.Conv1d, ...): the eager path before the fast default",
+    "jit_trace": "torch.jit.trace + torch.jit.freeze of the backbone (reference layers)",
     "jit_ofi": "torch.jit.trace + torch.jit.optimize_for_inference (freeze, oneDNN conv, fusions)",
-    "gemm": "eager, each Conv1d computed as one time-major matrix product (unfold, addmm with W^T pre-transposed)",
-    "jit_gemm": "the gemm form, then torch.jit.trace + torch.jit.freeze",
     "compile": "torch.compile(backbone, dynamic=False), inductor (setup s: with inductor's on-disk cache warm; "
                "a cold compile takes minutes on 2 cores)",
     "compile_freezing": "torch.compile(backbone, dynamic=False, options={'freezing': True}), inductor",
@@ -111,69 +113,31 @@ class _PerShapeBackbone(nn.Module):
         return self._cache[key](*args)
 
 
-class GemmConv1d(nn.Module):
-    """A Conv1d (groups=1, dilation 1, zero padding) computed as one matrix product, time-major.
+class _ReferenceBackbone(nn.Module):
+    """The net's reference layers whatever the grad mode (``reference_forward``; a net without one: forward)."""
 
-    cols [B*T_out, C_in*k] @ W^T [C_in*k, C_out] + bias: the same sums as the convolution (float rounding
-    may differ). At batch 1 this orientation runs the BLAS kernel several times faster than PyTorch's default
-    CPU path for these small 1-D convolutions (im2col with W [C_out, C_in*k] @ cols [C_in*k, T]).
-    """
-
-    def __init__(self, conv: nn.Conv1d):
+    def __init__(self, inner: nn.Module):
         super().__init__()
-        if conv.groups != 1 or conv.dilation != (1,) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError(f"GemmConv1d handles plain convolutions only, got {conv}")
-        self.k, self.stride, self.pad = conv.kernel_size[0], conv.stride[0], conv.padding[0]
-        self.c_out = conv.out_channels
-        w = conv.weight.detach()
-        self.register_buffer("w_t", w.reshape(self.c_out, -1).t().contiguous())          # [C_in*k, C_out]
-        self.register_buffer("bias", conv.bias.detach().clone() if conv.bias is not None
-                             else torch.zeros(self.c_out, dtype=w.dtype, device=w.device))
+        self.inner = inner
 
-    def forward(self, x: Tensor) -> Tensor:
-        B, C, T = x.shape
-        if self.k == 1 and self.stride == 1 and self.pad == 0:
-            t_out, cols = T, x.transpose(1, 2).reshape(B * T, C)
-        else:
-            xp = torch.nn.functional.pad(x, (self.pad, self.pad)) if self.pad else x
-            u = xp.unfold(2, self.k, self.stride)                                    # [B, C, T_out, k]
-            t_out = u.shape[2]
-            cols = u.permute(0, 2, 1, 3).reshape(B * t_out, C * self.k)
-        y = torch.addmm(self.bias, cols, self.w_t)                                   # [B*T_out, C_out]
-        return y.view(B, t_out, self.c_out).transpose(1, 2).contiguous()
+    @property
+    def timestep_dim(self) -> int:
+        return self.inner.timestep_dim
 
-
-def gemm_conv_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with every plain nn.Conv1d replaced by a GemmConv1d (same weights)."""
-    model = copy.deepcopy(model)
-    for mod in list(model.modules()):
-        for name, child in list(mod.named_children()):
-            if type(child) is nn.Conv1d:
-                setattr(mod, name, GemmConv1d(child))
-    return model.eval()
+    def forward(self, *args: Tensor) -> Tensor:
+        return getattr(self.inner, "reference_forward", self.inner.forward)(*args)
 
 
 class _JitBackbone(_PerShapeBackbone):
-    def __init__(self, inner: nn.Module, optimize_for_inference: bool = False, gemm_conv: bool = False):
+    def __init__(self, inner: nn.Module, optimize_for_inference: bool = False):
         super().__init__(inner)
         self.ofi = optimize_for_inference
-        # not registered as a submodule: the policy's parameters stay the original ones
-        self.__dict__["source"] = gemm_conv_copy(inner) if gemm_conv else inner
 
     def _build(self, args):
-        traced = jit_trace(self.source, args)
+        traced = jit_trace(self.inner, args)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.jit.optimize_for_inference(traced) if self.ofi else torch.jit.freeze(traced)
-
-
-class _EagerGemmBackbone(_PerShapeBackbone):
-    def __init__(self, inner: nn.Module):
-        super().__init__(inner)
-        self.__dict__["source"] = gemm_conv_copy(inner)
-
-    def _build(self, args):
-        return self.source
 
 
 class _OrtBackbone(_PerShapeBackbone):
@@ -244,12 +208,10 @@ def make_backbone(model: nn.Module, backend: str, threads: int | None = None) ->
     cuda = next(model.parameters()).is_cuda
     if backend in ("eager", "eager_no_grad"):
         return model
+    if backend == "reference":
+        return _ReferenceBackbone(model)
     if backend in ("jit_trace", "jit_ofi"):
         return _JitBackbone(model, optimize_for_inference=backend == "jit_ofi")
-    if backend == "gemm":
-        return _EagerGemmBackbone(model)
-    if backend == "jit_gemm":
-        return _JitBackbone(model, gemm_conv=True)
     if backend == "onnxruntime":
         if cuda:
             raise BackendError("backend onnxruntime is wired for the CPU only (CPUExecutionProvider)")

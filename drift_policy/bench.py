@@ -250,7 +250,9 @@ def bench_train(args: list[str]) -> Path:
 def run_summary(args: list[str]) -> dict:
     """``drift-policy bench summary run=DIR [out=FILE.json] [machine=TEXT]``: a run's evaluation history (every
     eval/step_*.json: score and success by step and training minute), its config and max / last-k statistics,
-    as JSON plus a Markdown table on stdout; for committing a run's record next to the README's numbers."""
+    as JSON plus a Markdown table on stdout, and its training plots (``plots``: PNG paths relative to the JSON,
+    written beside it as <stem>_<plot>.png; without out=, into <run>/plots); for committing a run's record
+    next to the README's numbers."""
     opts = _kv(args, {"run": str, "out": str, "machine": str})
     if "run" not in opts:
         raise SystemExit("usage: drift-policy bench summary run=DIR [out=FILE.json] [machine=TEXT]")
@@ -267,9 +269,20 @@ def run_summary(args: list[str]) -> dict:
               for r in s["evals"]]
     lines += ["", f"max score {s['max_coverage']:.3f}, mean of the last {s['n_last']} evaluations "
                   f"{s['last10_coverage']:.3f} (success {s['last10_success']:.2f})"]
+    # The run's training plots (plots.py): next to the record as <out stem>_<plot>.png, else in <run>/plots.
+    from .errors import RunFolderError
+    from .plots import plot_run
+
+    out = Path(opts["out"]) if "out" in opts else None
+    try:
+        pngs = plot_run(run, out.parent, prefix=f"{out.stem}_") if out else plot_run(run)
+    except RunFolderError:                    # a run with no metrics and no evaluations yet: nothing to plot
+        pngs = []
+    base = out.parent if out else run
+    s["plots"] = [os.path.relpath(p, base) for p in pngs]
+    lines += [""] + [f"![{Path(p).stem}]({p})" for p in s["plots"]]
     print("\n".join(lines))
-    if "out" in opts:
-        out = Path(opts["out"])
+    if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(s, indent=2))
         out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -3,13 +3,15 @@
 For each backbone size preset and batch size it times the drift policy (1 NFE), Diffusion Policy with DDIM-10
 and with DDPM-100 on the same backbone, and reports the speed ratios DDPM-100 / drift and DDIM-10 / drift.
 A second, smaller table times the default drift policy (``policy=drift_unet``) under several inference
-backends (eager PyTorch, TorchScript, the convolutions as time-major matrix products, torch.compile, ONNX
-Runtime; CUDA graphs on a GPU) and thread counts.
+backends (``eager`` = the default path as shipped, ``reference`` = the U-Net's layers as written, i.e. the old
+eager path, TorchScript, torch.compile, ONNX Runtime; CUDA graphs on a GPU) and thread counts, each with its
+speed-up over ``reference`` measured in the same run, and ``onnx_file``: the file ``drift-policy export
+format=onnx`` writes (generator + normaliser, dynamic batch), run by ONNX Runtime on numpy arrays.
 
     drift-policy bench latency [presets=small,medium,large] [xlarge=0] [batches=1,50]
         [methods=drift,ddim10,ddpm100] [threads=1] [device=cpu] [repeats=200] [budget_s=5] [warmup=10]
-        [backend=eager] [backends=eager,eager_no_grad,jit_trace,jit_ofi,gemm,jit_gemm,compile,compile_freezing,
-        onnxruntime] (default: all for the device)
+        [backend=eager] [backends=eager,eager_no_grad,reference,jit_trace,jit_ofi,compile,compile_freezing,
+        onnxruntime,onnx_file] (default: all for the device)
         [backend_batches=1] [backend_threads=1,2] [profile=50] [out=eval/results/latency_cpu.json]
         [task_policies=pusht_keypoints/drift_unet,pusht_image/drift_unet,...] (default: all of TASK_POLICIES)
 
@@ -19,7 +21,8 @@ one call), then timed ``n`` times with ``time.perf_counter`` under ``torch.infer
 collector off; on CUDA the device is synchronised before and after every call. ``n`` adapts to the cell:
 as many calls as fit in ``budget_s`` seconds, at most ``repeats`` and at least ``MIN_REPEATS`` (3; fewer
 only if ``repeats`` itself is smaller, e.g. in tests). Reported:
-median and p90 (and min/mean) in milliseconds, and ``n``.
+median and p90 (and min/mean) in milliseconds, and ``n``. The CPU may be shared: ``meta`` records the 1-minute
+load average at the start and the end; the min is the least contended call.
 
 Backends (``drift_policy/backends.py``) never change the model's math: ``accelerated_policy`` swaps only the
 backbone call inside the unchanged ``predict_action`` (same noise draw from the same generator, same
@@ -29,6 +32,8 @@ PyTorch. Timing is ``timing.time_call``; rows, targets and tables are ``latency_
 from __future__ import annotations
 
 import gc
+import os
+import tempfile
 import time
 
 import torch
@@ -39,7 +44,7 @@ from .errors import ConfigError
 from .latency_report import check_backend_targets, check_targets, format_report, make_rows, write_results
 from .paths import REPO_ROOT
 from .runs import comma_list, flag, parse_kv
-from .timing import MIN_REPEATS, machine_info, sync, time_call
+from .timing import MIN_REPEATS, machine_info, profile_ops, time_call
 
 __all__ = ["METHODS", "TASK_POLICIES", "RESULT_KEYS", "BenchOptionError", "bench_latency", "bench_backends",
            "bench_task_policies", "profile_default", "build_policy", "random_obs", "n_params", "main"]
@@ -68,6 +73,14 @@ RESULT_KEYS = ("preset", "method", "label", "nfe", "batch", "params_m", "median_
 
 class BenchOptionError(ConfigError):
     """An option of the latency benchmark is wrong; the message names it and the allowed values."""
+
+
+TIMED_KEYS = ("median_ms", "p90_ms", "min_ms", "mean_ms", "n_repeats", "cpu_median_ms")
+# Besides the backends of backends.py: the exported ONNX file (not a backbone backend, a whole policy).
+ONNX_FILE = "onnx_file"
+ONNX_FILE_NOTE = ("the file `drift-policy export format=onnx` writes (generator + normaliser, dynamic batch), "
+                  "ONNX Runtime on numpy obs and noise; noise drawn with numpy inside the timed call")
+BENCH_CPU_BACKENDS = (*CPU_BACKENDS, ONNX_FILE)
 
 
 # -- building policies -------------------------------------------------------------------------------------------
@@ -131,7 +144,7 @@ def _check_options(presets, batches, methods, threads, repeats, device, backend,
         raise BenchOptionError(f"device must be 'cpu' or 'cuda[:i]', got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BenchOptionError(f"device={device} but torch.cuda.is_available() is False on this machine")
-    allowed = CUDA_BACKENDS if device.startswith("cuda") else CPU_BACKENDS
+    allowed = CUDA_BACKENDS if device.startswith("cuda") else BENCH_CPU_BACKENDS
     for b in [backend, *backends]:
         if b not in allowed:
             raise BenchOptionError(f"backend {b!r} is not available on {device}; choose from {list(allowed)}")
@@ -178,7 +191,8 @@ def bench_latency(presets=DEFAULT_PRESETS, batches=DEFAULT_BATCHES, methods=tupl
     RESULT_KEYS), ``rows`` (one per (preset, batch), keys ROW_KEYS, ratios = baseline ms / drift ms, None
     where a method was not run), ``targets`` (the issue's targets and whether they are met), ``backends`` (the
     default drift policy under each backend and thread count; empty unless ``backends`` is given) and
-    ``profile`` (top ops of the default drift policy at batch 1, eager, over ``profile`` calls; None if 0) and
+    ``profile`` / ``profile_reference`` (top ops of the default drift policy at batch 1 over ``profile`` calls,
+    default path / reference layers; None if 0) and
     ``task_policies`` (whole policies per task at batch 1, image encoder timed separately; see TASK_POLICIES).
     """
     from .threads import set_threads
@@ -213,7 +227,7 @@ def bench_latency(presets=DEFAULT_PRESETS, batches=DEFAULT_BATCHES, methods=tupl
                 label = METHODS[method][0]
                 cell = {"preset": preset, "method": method, "label": label, "nfe": policy.config.nfe, "batch": batch,
                         "params_m": params[(preset, method)] / 1e6, "backend": backend,
-                        **{k: t[k] for k in ("median_ms", "p90_ms", "min_ms", "mean_ms", "n_repeats")}}
+                        **{k: t[k] for k in TIMED_KEYS}}
                 results.append(cell)
                 say(f"  {preset:>6} {label:>11} batch {batch:>3}: median {t['median_ms']:9.3f} ms  "
                     f"p90 {t['p90_ms']:9.3f} ms  (n={t['n_repeats']})", flush=True)
@@ -221,17 +235,26 @@ def bench_latency(presets=DEFAULT_PRESETS, batches=DEFAULT_BATCHES, methods=tupl
             gc.collect()
 
     out = {"meta": meta, "results": results, "rows": make_rows(results), "backends": [], "profile": None,
+           "profile_reference": None,
            "task_policies": bench_task_policies(task_policies, 1, seed=seed, say=say, **timing_kw)
            if task_policies else []}
     out["targets"] = check_targets(out["rows"])
-    if profile:
+    if profile:   # where the time goes: the default path, and the reference layers it replaces
         out["profile"] = profile_default(device, threads, seed, calls=int(profile))
+        out["profile_reference"] = profile_default(device, threads, seed, calls=int(profile), backend="reference")
     if backends:
-        out["backends"] = bench_backends(backends, backend_batches, backend_threads, device=device, seed=seed,
-                                         say=say, **{k: v for k, v in timing_kw.items() if k != "device"})
+        kw = {k: v for k, v in timing_kw.items() if k != "device"}
+        out["backends"] = bench_backends([b for b in backends if b != ONNX_FILE], backend_batches, backend_threads,
+                                         device=device, seed=seed, say=say, **kw)
+        if ONNX_FILE in backends:
+            out["backends"] += bench_onnx_file(backend_batches, backend_threads, seed=seed, say=say, **kw)
         set_threads(threads)
         out["targets"].update(check_backend_targets(out["backends"]))
     meta["torch_num_threads"] = torch.get_num_threads()
+    try:
+        meta["load_avg_1min_at_end"] = os.getloadavg()[0]
+    except OSError:
+        pass
     return out
 
 
@@ -250,6 +273,7 @@ def _default_drift_policy(device: str, seed: int):
 def bench_backends(backends, batches, threads_list, *, device="cpu", seed=0, say=print, **timing_kw) -> list[dict]:
     """The default drift policy (``compose([])``) under each backend x thread count x batch size."""
     policy = _default_drift_policy(device, seed)
+    reference = accelerated_policy(policy, "reference")        # every row's actions are compared with these
     rows = []
     for threads in threads_list:
         torch.set_num_threads(threads)
@@ -263,52 +287,86 @@ def bench_backends(backends, batches, threads_list, *, device="cpu", seed=0, say
                 for batch in batches:
                     obs = random_obs(policy, batch, seed)
                     t1 = time.perf_counter()
-                    diff = max_abs_diff(policy, fast, obs, seed)    # also builds/compiles for this shape
+                    diff = max_abs_diff(reference, fast, obs, seed)  # also builds/compiles for this shape
                     setup_s = time.perf_counter() - t1 + (t1 - t0)
                     t = time_call(lambda: fast.predict_action(obs), device=device,
                                   inference_mode=backend != "eager_no_grad", **timing_kw)
                     r = {**row, "batch": batch, "setup_s": setup_s, "max_abs_diff": diff, "error": None,
-                         **{k: t[k] for k in ("median_ms", "p90_ms", "min_ms", "mean_ms", "n_repeats")}}
+                         **{k: t[k] for k in TIMED_KEYS}}
                     rows.append(r)
                     done.append(batch)
                     say(f"  backend {backend:>17} threads {threads} batch {batch:>3}: median {r['median_ms']:8.3f} ms"
                         f"  p90 {r['p90_ms']:8.3f} ms  max|diff| {diff:.1e}  setup {setup_s:.1f} s", flush=True)
                     t0 = time.perf_counter()
             except Exception as e:                             # a backend that does not work here is a result too
-                msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-                for batch in [b for b in batches if b not in done]:
-                    rows.append({**row, "batch": batch, "setup_s": None, "max_abs_diff": None, "error": msg,
-                                 "median_ms": None, "p90_ms": None, "min_ms": None, "mean_ms": None,
-                                 "n_repeats": 0})
-                say(f"  backend {backend:>17} threads {threads}: unavailable ({msg})", flush=True)
+                rows += _error_rows(row, [threads], [b for b in batches if b not in done], e, say)
             if backend.startswith("compile"):
                 torch._dynamo.reset()                          # drop compiled graphs between rows
     return rows
 
 
-def profile_default(device: str = "cpu", threads: int = 1, seed: int = 0, calls: int = 50, top: int = 12) -> dict:
-    """torch.profiler over ``calls`` eager predict_action calls of the default drift policy at batch 1."""
-    from torch.profiler import ProfilerActivity, profile
+def _error_rows(row: dict, threads_list, batches, e: Exception, say) -> list[dict]:
+    msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    say(f"  backend {row['backend']:>17} threads {threads_list}: unavailable ({msg})", flush=True)
+    empty = {**dict.fromkeys(TIMED_KEYS), "n_repeats": 0}
+    return [{**row, "threads": t, "batch": b, "setup_s": None, "max_abs_diff": None, "error": msg, **empty}
+            for t in threads_list for b in batches]
 
-    policy = _default_drift_policy(device, seed)
+
+def bench_onnx_file(batches, threads_list, *, seed=0, say=print, **timing_kw) -> list[dict]:
+    """The default drift policy exported with ``export.export_policy`` (what ``drift-policy export format=onnx``
+    writes: one file, generator + normaliser, dynamic batch), timed per thread count and batch size.
+
+    ``max_abs_diff``: against the reference layers (backends' ``reference``) on the same obs and noise."""
+    import numpy as np
+
+    from .export import ExportablePolicy, OnnxPolicy, export_policy
+
+    policy = _default_drift_policy("cpu", seed)
+    reference = ExportablePolicy(accelerated_policy(policy, "reference"))
+    c = policy.config
+    rows = []
+    base = {"backend": ONNX_FILE, "backbone": c.backbone, "params_m": n_params(policy.model) / 1e6,
+            "note": ONNX_FILE_NOTE}
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        try:
+            path = export_policy(policy, os.path.join(tmp, "policy.onnx"), "onnx")
+        except Exception as e:                                 # e.g. the export extra is not installed
+            return _error_rows(base, threads_list, batches, e, say)
+        export_s = time.perf_counter() - t0
+        for threads in threads_list:
+            torch.set_num_threads(threads)
+            t1 = time.perf_counter()
+            onnx_policy = OnnxPolicy(path, threads)
+            session_s = time.perf_counter() - t1
+            for batch in batches:
+                obs = random_obs(policy, batch, seed)
+                noise = torch.randn(batch, c.horizon, c.action_dim, generator=torch.Generator().manual_seed(seed))
+                with torch.no_grad():
+                    ref = reference(obs, noise)[1]
+                diff = float(np.abs(onnx_policy(obs.numpy(), noise.numpy())[1] - ref.numpy()).max())
+                obs_np, rng = obs.numpy(), np.random.default_rng(seed)
+                shape = (batch, c.horizon, c.action_dim)
+                t = time_call(lambda: onnx_policy(obs_np, rng.standard_normal(shape, dtype=np.float32)),
+                              inference_mode=False, **timing_kw)
+                r = {**base, "threads": threads, "batch": batch, "setup_s": export_s + session_s,
+                     "max_abs_diff": diff, "error": None,
+                     **{k: t[k] for k in TIMED_KEYS}}
+                rows.append(r)
+                say(f"  backend {ONNX_FILE:>17} threads {threads} batch {batch:>3}: median {r['median_ms']:8.3f} ms"
+                    f"  p90 {r['p90_ms']:8.3f} ms  max|diff| {diff:.1e}", flush=True)
+    return rows
+
+
+def profile_default(device: str = "cpu", threads: int = 1, seed: int = 0, calls: int = 50, top: int = 12,
+                    backend: str = "eager") -> dict:
+    """torch.profiler over ``calls`` predict_action calls of the default drift policy at batch 1 through
+    ``backend`` (``eager``: the default path; ``reference``: the layers as written)."""
+    policy = accelerated_policy(_default_drift_policy(device, seed), backend, threads)
     obs = random_obs(policy, 1, seed)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    with torch.inference_mode():
-        for _ in range(10):
-            policy.predict_action(obs)
-        sync(device)
-        with profile(activities=acts) as prof:
-            for _ in range(calls):
-                policy.predict_action(obs)
-            sync(device)
-    ev = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in ev)
-    ops = sorted(ev, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
-    return {"calls": calls, "threads": threads, "self_cpu_ms_per_call": total / 1e3 / calls,
-            "ops_per_call": sum(e.count for e in ev if e.key.startswith("aten::")) / calls,
-            "top_ops": [{"op": e.key, "self_cpu_pct": 100 * e.self_cpu_time_total / total,
-                         "self_cpu_ms_per_call": e.self_cpu_time_total / 1e3 / calls,
-                         "calls_per_predict": e.count / calls} for e in ops]}
+    return {"threads": threads, "backend": backend,
+            **profile_ops(lambda: policy.predict_action(obs), calls=calls, device=device, top=top)}
 
 
 # -- command line ----------------------------------------------------------------------------------------------
@@ -327,7 +385,7 @@ def main(args: list[str]) -> dict:
     presets = opts.pop("presets", list(DEFAULT_PRESETS))
     if opts.pop("xlarge", False) and "xlarge" not in presets:
         presets.append("xlarge")
-    default_backends = list(CUDA_BACKENDS if device.startswith("cuda") else CPU_BACKENDS)
+    default_backends = list(CUDA_BACKENDS if device.startswith("cuda") else BENCH_CPU_BACKENDS)
     out = opts.pop("out", str(REPO_ROOT / "eval" / "results" / f"latency_{device.split(':')[0]}.json"))
     try:
         res = bench_latency(presets=presets, device=device, backends=opts.pop("backends", default_backends),

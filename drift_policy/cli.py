@@ -3,7 +3,8 @@
     drift-policy train task=pusht_keypoints policy=drift_unet train.max_minutes=60
     drift-policy resume runs/<run>
     drift-policy eval checkpoint=runs/<run> [episodes=50 workers=2 videos=2 out=eval.json]
-    drift-policy bench latency | bench train   (see drift_policy/bench.py)
+    drift-policy bench latency | bench train | bench summary   (see drift_policy/bench.py)
+    drift-policy plot run=runs/<run> [out=DIR]   (training plots as PNGs, see drift_policy/plots.py)
     drift-policy export checkpoint=PATH format=onnx|torchscript out=FILE   (see drift_policy/export.py)
     drift-policy run checkpoint=PATH rate_hz=10 seconds=60 async=1 ensemble=0 backend=eager out=report.json
                                                (real-time control loop, see drift_policy/runner.py)
@@ -59,11 +60,22 @@ def cmd_eval(args: list[str]) -> None:
           f"over {res['n_episodes']} episodes (seeds {res['start_seed']}..); written to {out}")
 
 
+def cmd_plot(args: list[str]) -> None:
+    from .plots import plot_run
+    from .runs import parse_kv
+
+    opts = parse_kv(args, {"run": str, "out": str})
+    if "run" not in opts:
+        raise SystemExit("usage: drift-policy plot run=RUN_DIR [out=DIR]")
+    for path in plot_run(opts["run"], opts.get("out")):
+        print(f"written: {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="drift-policy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["train", "resume", "eval", "bench", "export", "run", "image"])
+    parser.add_argument("command", choices=["train", "resume", "eval", "bench", "export", "run", "image", "plot"])
     parser.add_argument("args", nargs=argparse.REMAINDER)
     ns = parser.parse_args(argv)
     from .errors import USER_ERRORS
@@ -94,6 +106,8 @@ def _dispatch(ns: argparse.Namespace) -> None:
         from .runner import cmd_run
 
         cmd_run(ns.args)
+    elif ns.command == "plot":
+        cmd_plot(ns.args)
     elif ns.command == "image":
         from .image.__main__ import main as image_main
 

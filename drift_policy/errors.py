@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["ConfigError", "DatasetError", "CheckpointError", "USER_ERRORS", "check_keys"]
+__all__ = ["ConfigError", "DatasetError", "CheckpointError", "RunFolderError", "USER_ERRORS", "check_keys"]
 
 
 class ConfigError(ValueError):
@@ -22,8 +22,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated or corrupted; the message names the file."""
 
 
+class RunFolderError(FileNotFoundError):
+    """A path is not a run folder (no config.json), or holds nothing the command needs; the message names it."""
+
+
 # What the command line reports as a user's mistake (exit status 2, no traceback).
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DatasetError)
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DatasetError, RunFolderError)
 
 
 def check_keys(cls, d: dict, prefix: str) -> None:

@@ -434,9 +434,15 @@ def _json_default(obj: Any) -> Any:
 
 
 def save_eval_json(result: dict, path: str | os.PathLike) -> Path:
-    """Write ``result`` as JSON atomically (temporary file in the same folder, then ``os.replace``)."""
+    """Write ``result`` as JSON atomically (temporary file in the same folder, then ``os.replace``).
+
+    The JSON names its videos (``videos``) by paths relative to its own folder, so the record and its videos
+    can be moved or committed together: ``Path(json_file).parent / v`` finds each one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if result.get("videos"):
+        here = path.parent.resolve()
+        result = {**result, "videos": [os.path.relpath(Path(v).resolve(), here) for v in result["videos"]]}
     text = json.dumps(result, indent=2, default=_json_default, allow_nan=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

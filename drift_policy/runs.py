@@ -6,6 +6,7 @@
     <run>/eval/step_N.json           closed-loop evaluations during training
     <run>/pretrained/                the final EMA policy (``Policy.save_pretrained``)
     <run>/ddp.json                   DDP runs: every rank's parameter digest at the end
+    <run>/plots/*.png                training plots, written when training ends (``plots.py``)
 
 Also here: ``parse_kv``, the key=value option parser of the eval, export, run and bench commands (a library
 function, so no module needs the command line).
@@ -21,8 +22,9 @@ from typing import Any, Callable
 from .checkpoint import load_checkpoint
 from .errors import CheckpointError, ConfigError
 
-__all__ = ["CONFIG_FILE", "METRICS_FILE", "CHECKPOINTS_DIR", "EVAL_DIR", "PRETRAINED_DIR", "DDP_FILE",
+__all__ = ["CONFIG_FILE", "METRICS_FILE", "CHECKPOINTS_DIR", "EVAL_DIR", "PRETRAINED_DIR", "DDP_FILE", "PLOTS_DIR",
            "config_path", "metrics_path", "checkpoint_path", "eval_path", "eval_files", "pretrained_dir", "ddp_path",
+           "plots_dir",
            "write_config", "read_config", "list_checkpoints", "latest_good_checkpoint", "prune_checkpoints",
            "load_policy_for_eval", "parse_kv", "flag", "comma_list"]
 
@@ -32,6 +34,7 @@ CHECKPOINTS_DIR = "checkpoints"
 EVAL_DIR = "eval"
 PRETRAINED_DIR = "pretrained"
 DDP_FILE = "ddp.json"
+PLOTS_DIR = "plots"
 PathLike = str | os.PathLike
 
 
@@ -63,6 +66,11 @@ def pretrained_dir(run_dir: PathLike) -> Path:
 
 def ddp_path(run_dir: PathLike) -> Path:
     return Path(run_dir) / DDP_FILE
+
+
+def plots_dir(run_dir: PathLike) -> Path:
+    """Where training and ``drift-policy plot`` write the run's PNGs (drift_policy/plots.py)."""
+    return Path(run_dir) / PLOTS_DIR
 
 
 def write_config(run_dir: PathLike, config) -> Path:

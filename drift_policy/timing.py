@@ -2,7 +2,8 @@
 
 ``time_call`` is the latency benchmark's measurement (warm-up, then as many timed calls as fit a budget, GC
 off, CUDA synchronised around each call); ``percentile`` / ``summarize_times`` / ``latency_stats`` summarise
-samples; ``cpu_model`` / ``machine_info`` describe the machine a record was made on.
+samples; ``profile_ops`` is torch.profiler's top ops per call; ``cpu_model`` / ``machine_info`` describe the machine a
+record was made on.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["MIN_REPEATS", "cpu_model", "machine_info", "sync", "time_call", "percentile", "summarize_times",
+__all__ = ["MIN_REPEATS", "cpu_model", "machine_info", "sync", "time_call", "profile_ops", "percentile", "summarize_times",
            "latency_stats"]
 
 MIN_REPEATS = 3
@@ -60,7 +61,10 @@ def time_call(fn: Callable[[], object], *, device: str = "cpu", repeats: int = 2
     """Warm up, then time ``fn()`` n times: as many as fit in ``budget_s``, at most ``repeats``, at least
     ``min(min_repeats, repeats)``.
 
-    Returns {"median_ms", "p90_ms", "min_ms", "mean_ms", "n_repeats", "n_warmup", "times_ms"}.
+    Returns {"median_ms", "p90_ms", "min_ms", "mean_ms", "n_repeats", "n_warmup", "times_ms", "cpu_median_ms"}.
+    ``cpu_median_ms`` is the median CPU time of the calling thread per call (``time.thread_time``): on a shared
+    CPU, wall time includes the time the thread waited for a core; its CPU time does not (single-threaded
+    calls only: other threads' work is not counted).
     """
     ctx = torch.inference_mode if inference_mode else contextlib.nullcontext
     with ctx():
@@ -77,21 +81,22 @@ def time_call(fn: Callable[[], object], *, device: str = "cpu", repeats: int = 2
                 break
         floor = min(min_repeats, repeats)                  # repeats below MIN_REPEATS: exactly that many
         n = int(min(repeats, max(floor, budget_s / max(first_s, 1e-9))))
-        times = []
+        times, cpu = [], []
         gc.collect()
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
             for _ in range(n):
                 sync(device)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 fn()
                 sync(device)
                 times.append((time.perf_counter() - t0) * 1e3)
+                cpu.append((time.thread_time() - c0) * 1e3)
         finally:
             if gc_was_enabled:
                 gc.enable()
-    return {**summarize_times(times), "n_warmup": n_warm, "times_ms": times}
+    return {**summarize_times(times), "n_warmup": n_warm, "times_ms": times, "cpu_median_ms": statistics.median(cpu)}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -116,3 +121,28 @@ def latency_stats(values, scale: float = 1.0) -> dict:
     a = [float(v) * scale for v in values]
     return {"p50": percentile(a, 50), "p99": percentile(a, 99), "max": max(a), "mean": statistics.fmean(a),
             "n": len(a)}
+
+
+def profile_ops(fn: Callable[[], object], *, calls: int = 50, warmup: int = 10, device: str = "cpu",
+                top: int = 12) -> dict:
+    """torch.profiler over ``calls`` calls of ``fn`` (after ``warmup``) under inference_mode: the ``top`` ops by
+    self CPU time, per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        sync(device)
+        with profile(activities=acts) as prof:
+            for _ in range(calls):
+                fn()
+            sync(device)
+    ev = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in ev)
+    ops = sorted(ev, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {"calls": calls, "self_cpu_ms_per_call": total / 1e3 / calls,
+            "ops_per_call": sum(e.count for e in ev if e.key.startswith("aten::")) / calls,
+            "top_ops": [{"op": e.key, "self_cpu_pct": 100 * e.self_cpu_time_total / total,
+                         "self_cpu_ms_per_call": e.self_cpu_time_total / 1e3 / calls,
+                         "calls_per_predict": e.count / calls} for e in ops]}

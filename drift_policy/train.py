@@ -193,13 +193,15 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
                     "eval/success_rate": res["success_rate"]})
         bar.write(f"step {step}: score {res['mean_score']:.3f}, success {res['success_rate']:.2f} "
                   f"({train_seconds / 60:.1f} train-min, eval {res['wall_s']:.0f}s)")
+        bar.set_eval(res["mean_score"], step)
 
     def out_of_budget():
         return step >= t.max_steps or (t.max_minutes > 0 and train_seconds >= 60 * t.max_minutes)
 
-    from tqdm import tqdm
+    from .progress import TrainProgress
 
-    bar = tqdm(total=t.max_steps, initial=step, disable=not (progress and is_main), dynamic_ncols=True, desc="train")
+    # A step budget shows the ETA to max_steps; a time budget, training minutes against the budget.
+    bar = TrainProgress(t.max_steps, t.max_minutes, step, train_seconds, disable=not (progress and is_main))
     bad_steps = 0
     policy.train()
     while not out_of_budget():
@@ -228,14 +230,13 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
         ema_update(ema, policy, step, t.ema_decay)
         step += 1
         train_seconds += dist.max(time.perf_counter() - t0)   # the slowest rank's time: one schedule for all
-        bar.update(1)
+        bar.update(step, train_seconds)
 
         if is_main and step % t.log_every == 0:
             rec = {"step": step, "sample_passes": step * per_step, "train_minutes": train_seconds / 60, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"],
                    "grad_norm": float(grad_norm), **{f"train/{k}": v for k, v in info.items()}}
             logger.log(rec)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", **({"mse": f"{info['mse_to_expert']:.4f}"}
-                                                          if "mse_to_expert" in info else {}))
+            bar.set_train(float(loss.detach()), info.get("mse_to_expert"))
         if is_main and evaluating and ((t.eval_every_steps and step % t.eval_every_steps == 0) or
                                             (t.eval_every_minutes and train_seconds >= 60 * next_eval_minutes)):
             while t.eval_every_minutes and train_seconds >= 60 * next_eval_minutes:
@@ -258,5 +259,18 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
         evaluate()
     ema.save_pretrained(runs.pretrained_dir(run_dir))
     logger.close()
+    _write_plots(run_dir)
     print(f"done: {step} steps in {train_seconds / 60:.1f} training minutes; EMA policy saved to {runs.pretrained_dir(run_dir)}")
     return run_dir
+
+
+def _write_plots(run_dir: Path) -> None:
+    """The run's training plots (plots.py) into <run>/plots; a plotting failure never fails a finished run."""
+    from .plots import plot_run
+
+    try:
+        paths = plot_run(run_dir)
+    except Exception as e:                    # e.g. a broken matplotlib install: the run itself is complete
+        warnings.warn(f"{run_dir}: training plots not written ({type(e).__name__}: {e})")
+        return
+    print(f"plots: {', '.join(p.name for p in paths)} in {runs.plots_dir(run_dir)}")

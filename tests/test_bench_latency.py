@@ -24,9 +24,13 @@ def _one_thread():
 
 
 def test_bench_tiny_returns_documented_keys(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
     res = bl.bench_latency(presets=["tiny"], batches=[1], repeats=2, warmup=1, budget_s=0.01, verbose=False,
-                           backends=["eager", "jit_trace"], backend_threads=[1], backend_batches=[1], profile=2)
-    assert set(res) == {"meta", "results", "rows", "targets", "backends", "profile", "task_policies"}
+                           backends=["eager", "reference", "jit_trace", "onnx_file"], backend_threads=[1],
+                           backend_batches=[1, 2], profile=2)
+    assert set(res) == {"meta", "results", "rows", "targets", "backends", "profile", "profile_reference",
+                        "task_policies"}
     assert res["task_policies"] == []
     for k in ("cpu", "torch", "device", "threads_option", "torch_num_threads", "repeats_max", "budget_s"):
         assert k in res["meta"], k
@@ -49,16 +53,23 @@ def test_bench_tiny_returns_documented_keys(tmp_path):
         assert r["ddim10_over_drift"] == pytest.approx(r["ddim10_ms"] / r["drift_ms"])
     assert "tiny" in res["targets"]["ratio_b1"]
 
-    assert [(b["backend"], b["threads"], b["batch"]) for b in res["backends"]] == [("eager", 1, 1),
-                                                                                  ("jit_trace", 1, 1)]
+    assert [(b["backend"], b["batch"]) for b in res["backends"]] == [
+        (b, n) for b in ("eager", "reference", "jit_trace", "onnx_file") for n in (1, 2)]   # onnx_file: dynamic batch
     assert all(b["error"] is None and b["max_abs_diff"] < 1e-4 for b in res["backends"])
-    assert res["profile"]["top_ops"] and res["profile"]["calls"] == 2
+    default = res["targets"]["default_path_b1_by_threads"]["1"]       # the default path against the old eager path
+    eager, ref = (next(b for b in res["backends"] if b["backend"] == k and b["batch"] == 1) for k in ("eager", "reference"))
+    assert default["median_ms"] == eager["median_ms"] and default["reference_median_ms"] == ref["median_ms"]
+    assert default["speedup_over_reference"] == pytest.approx(ref["median_ms"] / eager["median_ms"])
+    assert res["profile"]["top_ops"] and res["profile"]["calls"] == 2 and res["profile"]["backend"] == "eager"
+    ops = {o["op"] for o in res["profile_reference"]["top_ops"]}
+    assert res["profile_reference"]["backend"] == "reference" and "aten::_slow_conv2d_forward" in ops
 
     js, md = report.write_results(res, tmp_path / "lat.json")
     assert json.loads(js.read_text())["rows"][0]["preset"] == "tiny"
     text = md.read_text()
     for col in ("preset", "params (M)", "batch", "drift 1-NFE ms", "DDIM-10 ms", "DDPM-100 ms", "DDPM-100/drift",
-                "DDIM-10/drift", "threads 1", "torch " + torch.__version__):
+                "DDIM-10/drift", "threads 1", "torch " + torch.__version__, "vs reference", "| onnx_file | 1 | 2 |",
+                "faster than the reference layers"):
         assert col in text, col
 
 
@@ -88,6 +99,9 @@ def test_time_call_repeats_and_stats():
     assert len(calls) == t["n_warmup"] + t["n_repeats"]
     t = timing.time_call(lambda: None, repeats=7, budget_s=10.0, warmup=1)
     assert t["n_repeats"] == 7                                           # capped by repeats
+    import time as _time
+    t = timing.time_call(lambda: _time.sleep(0.005), repeats=3, budget_s=10.0, warmup=1)
+    assert t["median_ms"] >= 5.0 and t["cpu_median_ms"] < 2.0          # waiting is wall time, not CPU time
     vals = [5.0, 1.0, 3.0, 2.0, 4.0, 10.0]
     assert timing.percentile(vals, 90) == pytest.approx(np.percentile(vals, 90))
     assert timing.summarize_times(vals)["median_ms"] == pytest.approx(3.5)
@@ -128,7 +142,7 @@ def test_cli_bad_options(args, match):
         bl.main(args)
 
 
-@pytest.mark.parametrize("method, backend", [("drift", "jit_trace"), ("drift", "jit_gemm"), ("ddim10", "jit_gemm"),
+@pytest.mark.parametrize("method, backend", [("drift", "jit_trace"), ("drift", "reference"), ("ddim10", "reference"),
                                              ("drift", "onnxruntime"), ("ddim10", "onnxruntime")])
 def test_accelerated_policy_keeps_semantics(method, backend):
     if backend == "onnxruntime":
@@ -149,13 +163,26 @@ def test_accelerated_policy_keeps_semantics(method, backend):
 
 @pytest.mark.parametrize("c_in, c_out, k, stride, pad, bias", [(3, 8, 5, 1, 2, True), (8, 8, 3, 2, 1, True),
                                                                 (6, 4, 1, 1, 0, True), (4, 6, 3, 1, 0, False)])
-def test_gemm_conv_matches_conv1d(c_in, c_out, k, stride, pad, bias):
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gemm_conv_matches_conv1d(c_in, c_out, k, stride, pad, bias, batch):
+    from drift_policy.models.unet1d import conv1d_gemm
+
     conv = torch.nn.Conv1d(c_in, c_out, k, stride, pad, bias=bias)
-    x = torch.randn(3, c_in, 16)
+    x = torch.randn(batch, c_in, 16)
     with torch.no_grad():
-        torch.testing.assert_close(backends.GemmConv1d(conv)(x), conv(x), atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="plain convolutions"):
-        backends.GemmConv1d(torch.nn.Conv1d(4, 4, 3, groups=2))
+        torch.testing.assert_close(conv1d_gemm(x, conv), conv(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch, length", [(1, 4), (2, 8)])
+def test_gemm_conv_transpose_matches_conv_transpose1d(batch, length):
+    from drift_policy.models.unet1d import conv_transpose1d_gemm
+
+    conv = torch.nn.ConvTranspose1d(6, 5, 4, 2, 1)
+    x = torch.randn(batch, 6, length)
+    with torch.no_grad():
+        torch.testing.assert_close(conv_transpose1d_gemm(x, conv), conv(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="k=4, stride 2, padding 1"):
+        conv_transpose1d_gemm(x, torch.nn.ConvTranspose1d(6, 5, 3, 2, 1))
 
 
 def test_task_policies_time_the_image_encoder_separately():

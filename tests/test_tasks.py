@@ -122,6 +122,8 @@ def test_bench_summary_reads_a_runs_evaluations(tmp_path, capsys):
     assert [r["step"] for r in s["evals"]] == [100, 200, 300]
     assert s["max_coverage"] == 0.9 and abs(s["last10_coverage"] - 2.2 / 3) < 1e-9
     assert json.loads((tmp_path / "rec.json").read_text())["config"]["task"]["name"] == "lift_lowdim"
+    assert s["plots"] == ["rec_score_steps.png"] and (tmp_path / "rec_score_steps.png").stat().st_size > 1000
+    assert "![rec_score_steps](rec_score_steps.png)" in (tmp_path / "rec.md").read_text()
     assert "| 300 | 3.0 | 0.800 | 0.80 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="not a run folder"):
         run_summary([f"run={tmp_path}"])
