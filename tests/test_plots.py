@@ -43,7 +43,8 @@ def tiny_run(tmp_path_factory, pusht_zarr):
 
 def test_training_writes_the_plots(tiny_run):
     names = sorted(p.name for p in (tiny_run / "plots").glob("*.png"))
-    assert names == ["drift_v2.png", "loss.png", "mse_to_expert.png", "score_steps.png"]
+    # Training records carry sample-pass accounting, so the score is also plotted against it.
+    assert names == ["drift_v2.png", "loss.png", "mse_to_expert.png", "score_sample_passes.png", "score_steps.png"]
     for p in (tiny_run / "plots").glob("*.png"):
         _png_ok(p)
 
@@ -55,7 +56,8 @@ def test_plot_command_writes_pngs(tiny_run, tmp_path):
                        env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     written = sorted(out.glob("*.png"))
-    assert [w.name for w in written] == ["drift_v2.png", "loss.png", "mse_to_expert.png", "score_steps.png"]
+    assert [w.name for w in written] == ["drift_v2.png", "loss.png", "mse_to_expert.png", "score_sample_passes.png",
+                                         "score_steps.png"]
     assert all(f"written: {w}" in p.stdout for w in written)
     for w in written:
         _png_ok(w)
