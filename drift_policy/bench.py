@@ -20,12 +20,7 @@ import time
 from pathlib import Path
 
 from .paths import REPO_ROOT
-
-
-def _kv(args, allowed):
-    from .cli import _kv as kv
-
-    return kv(args, allowed)
+from .runs import parse_kv as _kv
 
 
 def summarize_run(run_dir: Path) -> dict:

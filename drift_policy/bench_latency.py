@@ -834,10 +834,10 @@ OPTIONS = {"presets": _list(str, "presets"), "xlarge": _flag, "batches": _list(i
 
 
 def main(args: list[str]) -> dict:
-    from .cli import _kv
+    from .runs import parse_kv
 
     try:
-        opts = _kv(args, OPTIONS)
+        opts = parse_kv(args, OPTIONS)
     except ValueError as e:  # int("x") and the like
         raise SystemExit(f"bad option value: {e}") from None
     device = opts.pop("device", "cuda" if torch.cuda.is_available() else "cpu")

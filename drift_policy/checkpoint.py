@@ -10,14 +10,11 @@ import hashlib
 import io
 import json
 import os
-import warnings
 from pathlib import Path
 
 import torch
 
-
-class CheckpointError(RuntimeError):
-    pass
+from .errors import CheckpointError
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -60,25 +57,3 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
-
-
-def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Checkpoints of a run, newest step first."""
-    ckpts = Path(run_dir, "checkpoints").glob("step_*.pt")
-    return sorted(ckpts, key=lambda p: int(p.stem.split("_")[1]), reverse=True)
-
-
-def latest_good_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict] | None:
-    """The newest checkpoint that verifies; corrupted ones are reported and skipped, never deleted."""
-    for p in list_checkpoints(run_dir):
-        try:
-            return p, load_checkpoint(p)
-        except CheckpointError as e:
-            warnings.warn(f"skipping bad checkpoint: {e}")
-    return None
-
-
-def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
-    for p in list_checkpoints(run_dir)[keep:]:
-        p.unlink(missing_ok=True)
-        p.with_name(p.name + ".json").unlink(missing_ok=True)

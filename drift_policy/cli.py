@@ -11,21 +11,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-
-
-def _kv(args: list[str], allowed: dict[str, type]) -> dict:
-    out = {}
-    for a in args:
-        if "=" not in a:
-            raise SystemExit(f"expected key=value, got {a!r} (keys: {', '.join(allowed)})")
-        k, v = a.split("=", 1)
-        if k not in allowed:
-            raise SystemExit(f"unknown option {k!r} (keys: {', '.join(allowed)})")
-        out[k] = allowed[k](v)
-    return out
 
 
 def cmd_train(overrides: list[str]) -> None:
@@ -36,52 +23,24 @@ def cmd_train(overrides: list[str]) -> None:
 
 
 def cmd_resume(args: list[str]) -> None:
+    from .runs import read_config
     from .train import train
 
     if len(args) != 1:
         raise SystemExit("usage: drift-policy resume RUN_DIR")
-    from .config import Config
-
     # train() reloads the config stored in the checkpoint; config.json only has to parse.
     run_dir = Path(args[0])
-    cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
-    train(cfg, run_dir=run_dir, resume=True)
-
-
-def load_policy_for_eval(path: str | Path, device: str = "cpu"):
-    """A run folder (its newest good checkpoint's EMA weights), a checkpoint file, or a save_pretrained folder."""
-    from .checkpoint import latest_good_checkpoint, load_checkpoint
-    from .config import Config
-    from .normalizer import Normalizer
-    from .policies import Policy, make_policy
-
-    path = Path(path)
-    if (path / "model.safetensors").exists():
-        policy = Policy.from_pretrained(path, device)
-        run_config = path.parent / "config.json"      # a run's pretrained/ folder: the run knows its task
-        return policy, (Config.from_dict(json.loads(run_config.read_text())) if run_config.exists() else None)
-    if path.is_dir():
-        found = latest_good_checkpoint(path)
-        if found is None:
-            raise SystemExit(f"{path}: no usable checkpoint")
-        ckpt = found[1]
-    else:
-        ckpt = load_checkpoint(path)
-    cfg = Config.from_dict(ckpt["config"])
-    norm = Normalizer.from_state_dict({k[len("normalizer."):]: v for k, v in ckpt["ema"].items()
-                                       if k.startswith("normalizer.")})
-    policy = make_policy(cfg.policy, norm)
-    policy.load_state_dict(ckpt["ema"])
-    return policy.to(device).eval(), cfg
+    train(read_config(run_dir), run_dir=run_dir, resume=True)
 
 
 def cmd_eval(args: list[str]) -> None:
     from .config import compose
     from .evaluation import save_eval_json
+    from .runs import load_policy_for_eval, parse_kv
     from .threads import set_threads
     from .train import evaluate_policy
 
-    opts = _kv(args, {"checkpoint": str, "episodes": int, "workers": int, "videos": int, "out": str, "seed": int,
+    opts = parse_kv(args, {"checkpoint": str, "episodes": int, "workers": int, "videos": int, "out": str, "seed": int,
                       "threads": int, "task": str})
     if "checkpoint" not in opts:
         raise SystemExit("usage: drift-policy eval checkpoint=PATH [episodes=50 workers=2 videos=0 out=FILE]")
@@ -107,12 +66,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("command", choices=["train", "resume", "eval", "bench", "export", "run", "image"])
     parser.add_argument("args", nargs=argparse.REMAINDER)
     ns = parser.parse_args(argv)
-    from .data.pusht import DatasetError
-    from .policies.base import ConfigError
+    from .errors import USER_ERRORS
 
     try:
         _dispatch(ns)
-    except (ConfigError, DatasetError) as e:
+    except USER_ERRORS as e:
         # A wrong key or value, or a missing or malformed data file: the message says what and where.
         parser.exit(2, f"drift-policy {ns.command}: error: {e}\n")
 

@@ -140,9 +140,9 @@ def load_torchscript(path: str | os.PathLike) -> torch.jit.ScriptModule:
 
 # ---- command line ---------------------------------------------------------------------------------------------
 def cmd_export(args: list[str]) -> None:
-    from .cli import _kv, load_policy_for_eval
+    from .runs import load_policy_for_eval, parse_kv
 
-    opts = _kv(args, {"checkpoint": str, "format": str, "out": str})
+    opts = parse_kv(args, {"checkpoint": str, "format": str, "out": str})
     if "checkpoint" not in opts or "out" not in opts:
         raise SystemExit("usage: drift-policy export checkpoint=PATH format=onnx|torchscript out=FILE")
     fmt = opts.get("format", "onnx")

@@ -369,11 +369,11 @@ def _cpu_name() -> str:
 
 # ---- command line ---------------------------------------------------------------------------------------------
 def cmd_run(args: list[str]) -> None:
-    from .cli import _kv, load_policy_for_eval
     from .evaluation import save_eval_json
+    from .runs import load_policy_for_eval, parse_kv
 
     flag = lambda v: bool(int(v))  # noqa: E731
-    opts = _kv(args, {"checkpoint": str, "rate_hz": str, "seconds": float, "episodes": int, "async": flag,
+    opts = parse_kv(args, {"checkpoint": str, "rate_hz": str, "seconds": float, "episodes": int, "async": flag,
                       "ensemble": flag, "ensemble_k": float, "lead": int, "backend": str, "threads": int,
                       "max_steps": int, "start_seed": int, "seed": int, "warmup": int, "out": str,
                       "search_seconds": float, "tolerance": float})

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import latest_good_checkpoint, list_checkpoints, prune_checkpoints, save_checkpoint
+from . import runs
+from .checkpoint import save_checkpoint
 from .config import Config
 from .distributed import Distributed
 from .normalizer import Normalizer
@@ -81,7 +82,7 @@ class Logger:
     """metrics.jsonl in the run folder, plus wandb (offline or disabled by default: no network needed)."""
 
     def __init__(self, run_dir: Path, cfg: Config, resume_step: int | None = None):
-        self.path = run_dir / "metrics.jsonl"
+        self.path = runs.metrics_path(run_dir)
         if resume_step is not None and self.path.exists():
             # Steps after the checkpoint are trained again: drop their records (and a line cut short by a crash).
             keep = []
@@ -121,14 +122,14 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
     # Resuming takes the config saved with the run, so a resumed run is the same run.
     ckpt = None
     if resume:
-        found = latest_good_checkpoint(run_dir)
+        found = runs.latest_good_checkpoint(run_dir)
         if found is None:
             raise FileNotFoundError(f"{run_dir}: no usable checkpoint to resume from")
         ckpt_path, ckpt = found
         cfg = Config.from_dict(ckpt["config"])
         t = cfg.train
         print(f"resuming {run_dir} from {ckpt_path.name} (step {ckpt['step']})")
-    elif list_checkpoints(run_dir):
+    elif runs.list_checkpoints(run_dir):
         raise FileExistsError(f"{run_dir} already has checkpoints: use `drift-policy resume {run_dir}` or a new run_dir")
     # One process, or one of several under torchrun (then only rank 0 writes files).
     dist = Distributed(t.device)
@@ -136,7 +137,7 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
     device, is_main = dist.device, dist.is_main
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        runs.write_config(run_dir, cfg)
     torch.manual_seed(t.seed)
     np.random.seed(t.seed)
 
@@ -173,15 +174,15 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
         save_checkpoint({"model": policy.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                          "step": step, "train_seconds": train_seconds, "next_eval_minutes": next_eval_minutes,
                          "config": cfg.to_dict(), "data_rng": data_gen.get_state(),
-                         "torch_rng": torch_rng}, run_dir / "checkpoints" / f"step_{step:08d}.pt")
-        prune_checkpoints(run_dir, t.keep_checkpoints)
+                         "torch_rng": torch_rng}, runs.checkpoint_path(run_dir, step))
+        runs.prune_checkpoints(run_dir, t.keep_checkpoints)
 
     def evaluate():
         res = evaluate_policy(ema, cfg, t.eval_episodes, t.eval_workers, progress=False, seed=t.seed)
         res.update(step=step, train_minutes=train_seconds / 60)
         from .evaluation import save_eval_json
 
-        save_eval_json(res, run_dir / "eval" / f"step_{step:08d}.json")
+        save_eval_json(res, runs.eval_path(run_dir, step))
         logger.log({"step": step, "train_minutes": train_seconds / 60, "eval/mean_score": res["mean_score"],
                     "eval/success_rate": res["success_rate"]})
         bar.write(f"step {step}: score {res['mean_score']:.3f}, success {res['success_rate']:.2f} "
@@ -216,7 +217,7 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
             if bad_steps >= t.max_bad_steps:
                 checkpoint()
                 raise FloatingPointError(f"{bad_steps} consecutive non-finite steps at step {step}; aborting "
-                                         f"(last good weights saved in {run_dir / 'checkpoints'})")
+                                         f"(last good weights saved in {runs.checkpoint_path(run_dir, step).parent})")
             continue
         bad_steps = 0
         opt.step()
@@ -242,13 +243,13 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
 
     bar.close()
     checkpoint()
-    dist.check_in_sync(run_dir, model=policy, ema=ema)
+    dist.check_in_sync(runs.ddp_path(run_dir), model=policy, ema=ema)
     dist.close()
     if not is_main:
         return run_dir
-    if t.eval_episodes and not (run_dir / "eval" / f"step_{step:08d}.json").exists():
+    if t.eval_episodes and not runs.eval_path(run_dir, step).exists():
         evaluate()
-    ema.save_pretrained(run_dir / "pretrained")
+    ema.save_pretrained(runs.pretrained_dir(run_dir))
     logger.close()
-    print(f"done: {step} steps in {train_seconds / 60:.1f} training minutes; EMA policy saved to {run_dir / 'pretrained'}")
+    print(f"done: {step} steps in {train_seconds / 60:.1f} training minutes; EMA policy saved to {runs.pretrained_dir(run_dir)}")
     return run_dir

@@ -10,20 +10,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError, check_keys
 from ..models.transformer import TRANSFORMER_PRESETS, TimeSeriesTransformer
 from ..models.unet1d import UNET_PRESETS, ConditionalUnet1D
 from ..normalizer import Normalizer
-
-
-class ConfigError(ValueError):
-    """A config value or key is wrong; the message names the key."""
-
-
-def check_keys(cls, d: dict, prefix: str) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)}; known: {sorted(known)}")
 
 
 @dataclass

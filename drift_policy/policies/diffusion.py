@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import ConfigError, Policy, PolicyConfig
+from ..errors import ConfigError
+from .base import Policy, PolicyConfig
 
 
 @dataclass

@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from ..drift import drift_loss
-from .base import ConfigError, Policy, PolicyConfig
+from ..errors import ConfigError
+from .base import Policy, PolicyConfig
 
 
 @dataclass
