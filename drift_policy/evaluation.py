@@ -10,10 +10,12 @@ import neither torch nor the caller's ``__main__`` and run single-threaded; ``nu
 Results do not depend on the process layout.
 
 Metrics: ``mean_score`` is the mean over episodes of the episode's maximum reward, Diffusion Policy's
-``test/mean_score``; for Push-T (reward = clip(coverage / 0.95, 0, 1)) it is also reported as
-``coverage_score``. ``success_rate`` is the fraction of episodes that reached success at some step (Push-T:
-coverage > 0.95, LeRobot's ``pc_success`` / 100; robomimic: the task's success check). An episode ends at
-success or after ``max_steps`` steps.
+``test/mean_score`` (BlockPush: 0.49 once a block is in a target, 1 with both); for Push-T (reward =
+clip(coverage / 0.95, 0, 1)) it is also reported as ``coverage_score``. ``success_rate`` is the fraction of
+episodes that reached success at some step (Push-T: coverage > 0.95, LeRobot's ``pc_success`` / 100; robomimic:
+the task's success check; BlockPush: p2). An env spec's ``flags`` (BlockPush: ``p1``, ``p2``, ``a_first``,
+``b_first``) are info keys that count per episode as true if true at any step; each is reported as the fraction
+of episodes. An episode ends at success or after ``max_steps`` steps.
 """
 from __future__ import annotations
 
@@ -62,6 +64,8 @@ class _Episode:
         self.max_reward = 0.0
         self.max_coverage = 0.0 if "coverage" in info else None
         self.success = False
+        # episode flags the task asks for (BlockPush: p1, p2, a_first, b_first): true if true at any step
+        self.flags = {k: bool(info.get(k, False)) for k in spec.get("flags", ())}
         self.done = False
         self.writer = None
         self.video_path = video_path
@@ -92,6 +96,8 @@ class _Episode:
             self.history.append(_as_dict(obs))
             self.max_reward = max(self.max_reward, float(reward))
             self.success = self.success or bool(info.get("is_success", info.get("success", False)))
+            for k in self.flags:
+                self.flags[k] = self.flags[k] or bool(info.get(k, False))
             if self.max_coverage is not None:
                 self.max_coverage = max(self.max_coverage, float(info["coverage"]))
             if self.writer is not None:
@@ -104,7 +110,7 @@ class _Episode:
 
     def summary(self) -> dict:
         out = {"seed": int(self.seed), "max_reward": float(self.max_reward), "steps": int(self.steps),
-               "success": bool(self.success)}
+               "success": bool(self.success), **self.flags}
         if self.max_coverage is not None:
             out["max_coverage"] = float(self.max_coverage)
         return out
@@ -413,6 +419,7 @@ def evaluate(
         "mean_score": score,
         **({"coverage_score": score} if env["family"] == "pusht" else {}),
         "success_rate": float(np.mean([e["success"] for e in per_episode])),
+        **{k: float(np.mean([e[k] for e in per_episode])) for k in env.get("flags", ())},
         "n_episodes": int(n_episodes),
         "start_seed": int(start_seed),
         "n_obs_steps": int(n_obs_steps),

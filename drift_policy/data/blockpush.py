@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .pusht import DatasetError
+from ..errors import DatasetError
 
 __all__ = ["EVAL_START_SEED", "SCHEMA", "MultimodalPushOracle", "run_oracle_episode", "generate", "load_blockpush",
            "oracle_eval", "check_generation_seeds"]
@@ -278,7 +278,7 @@ def _read(group, key: str, path: Path, where: str) -> np.ndarray:
 
 def load_blockpush(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read and validate a store written by ``generate``. Returns obs float32 [N, 16], action float32 [N, 2],
-    episode_ends int64 [E] (plus first_block [E] when stored). Errors are ``DatasetError`` naming file and key."""
+    episode_ends int64 [E]. Errors are ``DatasetError`` naming the file and the key."""
     import zarr
 
     path = Path(path)
@@ -313,10 +313,7 @@ def load_blockpush(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise DatasetError(f"{path}: 'meta/episode_ends' must be strictly increasing and positive")
     if ends[-1] != n:
         raise DatasetError(f"{path}: 'meta/episode_ends' ends at {ends[-1]} but 'data/obs' has {n} steps")
-    out = {"obs": obs.astype(np.float32), "action": action.astype(np.float32), "episode_ends": ends.astype(np.int64)}
-    if "first_block" in root["meta"]:
-        out["first_block"] = np.asarray(root["meta"]["first_block"][:], np.int64)
-    return out
+    return {"obs": obs.astype(np.float32), "action": action.astype(np.float32), "episode_ends": ends.astype(np.int64)}
 
 
 def oracle_eval(n_episodes: int, start_seed: int = EVAL_START_SEED, progress: bool = True) -> dict:

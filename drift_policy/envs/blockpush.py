@@ -78,8 +78,8 @@ class BlockPushEnv(gym.Env):
     """Gymnasium env; observation float32 [16] (see ``OBS_SLICES``), action float32 [2] (effector target xy, m).
 
     ``info`` after every reset/step: ``p1`` / ``p2`` (so far in the episode), ``is_success`` (= p2),
-    ``first_block`` (0: block A reached a target first, 1: block B, -1: none yet), ``in_target`` (per block,
-    now). ``render(size)`` draws an RGB frame with pybullet's CPU renderer.
+    ``first_block`` (0: block A reached a target first, 1: block B, -1: none yet) and the same as the flags
+    ``a_first`` / ``b_first``, ``in_target`` (per block, now). ``render(size)`` draws an RGB frame with pybullet's CPU renderer.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": CONTROL_HZ}
@@ -217,6 +217,7 @@ class BlockPushEnv(gym.Env):
         # success: each block inside a different target (the targets are 0.24 m apart, more than twice the tolerance)
         self._p2 = self._p2 or bool((inside[0, 0] and inside[1, 1]) or (inside[0, 1] and inside[1, 0]))
         return {"p1": self._p1, "p2": self._p2, "is_success": self._p2, "first_block": self._first_block,
+                "a_first": self._first_block == 0, "b_first": self._first_block == 1,
                 "in_target": inside.any(1).tolist(), "steps": self._steps}
 
     def render(self, size: int = 256) -> np.ndarray:
