@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,10 +185,11 @@ def test_train_and_eval_end_to_end_reports_p1_p2(store, tmp_path):
           "policy.backbone=tiny", "policy.n_noise=2", "train.max_steps=2", "train.max_minutes=0",
           "train.batch_size=4", "train.eval_episodes=1", "train.eval_workers=0", "train.threads=1",
           f"train.run_dir={run}"])
-    main(["eval", f"checkpoint={run}", "episodes=2", "workers=0"])
+    main(["eval", f"checkpoint={run}", "episodes=2", "workers=0", "videos=1"])
     res = json.loads((run / "eval.json").read_text())
     assert res["task"] == "blockpush_lowdim" and res["n_obs_steps"] == 3 and res["n_episodes"] == 2
     for k in ("p1", "p2", "a_first", "b_first", "mean_score", "success_rate"):
         assert 0.0 <= res[k] <= 1.0, k
     assert [e["seed"] for e in res["per_episode"]] == [100000, 100001]
     assert all(e["steps"] == 6 and "p1" in e and "a_first" in e for e in res["per_episode"])
+    assert len(res["videos"]) == 1 and Path(res["videos"][0]).stat().st_size > 0   # rendered with TINY_RENDERER

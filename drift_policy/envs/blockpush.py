@@ -221,10 +221,10 @@ class BlockPushEnv(gym.Env):
                 "in_target": inside.any(1).tolist(), "steps": self._steps}
 
     def render(self, size: int = 256) -> np.ndarray:
-        """uint8 [size, size, 3], seen from above and in front of the table (pybullet's CPU renderer)."""
+        """uint8 [size, size, 3], the table seen from straight above, +x up (pybullet's CPU renderer)."""
         c = self._client
-        view = pybullet.computeViewMatrix([1.0, 0.0, 0.75], [0.42, 0.0, 0.0], [-1, 0, 0], physicsClientId=c)
-        proj = pybullet.computeProjectionMatrixFOV(50, 1.0, 0.05, 3.0, physicsClientId=c)
+        view = pybullet.computeViewMatrix([0.425, 0.0, 1.25], [0.425, 0.0, 0.0], [1, 0, 0], physicsClientId=c)
+        proj = pybullet.computeProjectionMatrixFOV(48, 1.0, 0.05, 3.0, physicsClientId=c)
         _, _, rgba, _, _ = pybullet.getCameraImage(size, size, view, proj, renderer=pybullet.ER_TINY_RENDERER,
                                                    physicsClientId=c)
         return np.asarray(rgba, np.uint8).reshape(size, size, 4)[:, :, :3].copy()
