@@ -73,8 +73,10 @@ class MultimodalPushOracle:
     CORRIDOR = 0.06     # a push line closer than this to another block counts as blocked
 
     def __init__(self, rng: np.random.Generator, obs: np.ndarray):
-        from ..envs.blockpush import BLOCKS, TARGETS
+        # imported here, not at module level: reading a store (training) does not need pybullet
+        from ..envs.blockpush import BLOCKS, OBS_SLICES, TARGETS, WORKSPACE_BOUNDS
 
+        self.slices, self.bounds = OBS_SLICES, WORKSPACE_BOUNDS
         self.rng = rng
         # The 4 plans: which block goes first, and which target each block goes to. Plans whose push lines run
         # into the other block (it would be shoved along and wedge the effector) are left out while a clear one
@@ -98,11 +100,8 @@ class MultimodalPushOracle:
         return (_segment_dist(g(b2), g(b1), g(t1)) > self.CORRIDOR
                 and _segment_dist(g(t1), g(b2) - 0.06 * _unit(g(t2) - g(b2)), g(t2)) > self.CORRIDOR)
 
-    @staticmethod
-    def _get(obs: np.ndarray, name: str) -> np.ndarray:
-        from ..envs.blockpush import OBS_SLICES
-
-        return np.asarray(obs[OBS_SLICES[name]], np.float64)
+    def _get(self, obs: np.ndarray, name: str) -> np.ndarray:
+        return np.asarray(obs[self.slices[name]], np.float64)
 
     def _route(self, ee: np.ndarray, goal: np.ndarray, blocks: list[np.ndarray]) -> np.ndarray:
         """The next point toward ``goal``: ``goal`` itself, or a detour beside the first block in the way."""
@@ -130,8 +129,7 @@ class MultimodalPushOracle:
         return c + normal * sign * self.CLEAR * 1.3 + u * 0.01
 
     def act(self, obs: np.ndarray) -> np.ndarray:
-        from ..envs.blockpush import WORKSPACE_BOUNDS
-
+        """The next absolute effector target [2] for observation ``obs`` [16]."""
         ee = self._get(obs, "effector_target_translation")
         blocks = [self._get(obs, "block_translation"), self._get(obs, "block2_translation")]
         goal = ee
@@ -141,7 +139,9 @@ class MultimodalPushOracle:
             if np.linalg.norm(self._get(obs, f"{blk}_translation") - self._get(obs, f"{tgt}_translation")) > self.KEEP:
                 self.stage, self.phase = i, "approach"
                 break
-        while self.stage < len(self.plan):
+        for _ in range(8):           # phase changes re-enter the loop; bounded, though 3 changes are the most
+            if self.stage >= len(self.plan):
+                break
             block, target = self.plan[self.stage]
             b = self._get(obs, f"{block}_translation")
             t = self._get(obs, f"{target}_translation")
@@ -178,7 +178,7 @@ class MultimodalPushOracle:
         n = float(np.linalg.norm(step))
         if n > max_step:
             step *= max_step / n
-        return np.clip(ee + step, WORKSPACE_BOUNDS[0], WORKSPACE_BOUNDS[1]).astype(np.float32)
+        return np.clip(ee + step, self.bounds[0], self.bounds[1]).astype(np.float32)
 
 
 def run_oracle_episode(env, seed: int, max_steps: int | None = None) -> dict:
