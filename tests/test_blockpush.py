@@ -177,7 +177,8 @@ def test_task_config_fixes_horizons_and_checks_keys():
 
 
 def test_train_and_eval_end_to_end_reports_p1_p2(store, tmp_path):
-    """task=blockpush_lowdim trains a tiny drift policy for 2 steps from the CLI and its evaluation has p1/p2."""
+    """task=blockpush_lowdim trains a tiny drift policy for 2 steps from the CLI; its evaluation, the eval command's
+    record and the bench summary have p1 / p2 and the block-order fractions."""
     from drift_policy.cli import main
 
     run = tmp_path / "run"
@@ -192,4 +193,8 @@ def test_train_and_eval_end_to_end_reports_p1_p2(store, tmp_path):
         assert 0.0 <= res[k] <= 1.0, k
     assert [e["seed"] for e in res["per_episode"]] == [100000, 100001]
     assert all(e["steps"] == 6 and "p1" in e and "a_first" in e for e in res["per_episode"])
+    main(["bench", "summary", f"run={run}", f"out={tmp_path / 'summary.json'}"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {"p1", "p2", "a_first", "b_first"} <= set(summary["evals"][-1])        # the record keeps p1 / p2
+    assert "| p1 |" in (tmp_path / "summary.md").read_text()
     assert len(res["videos"]) == 1 and Path(res["videos"][0]).stat().st_size > 0   # rendered with TINY_RENDERER
