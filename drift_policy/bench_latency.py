@@ -46,12 +46,11 @@ from torch import Tensor, nn
 
 from .paths import REPO_ROOT
 
-# method key -> (label, config overrides, network function evaluations per action chunk)
-METHODS: dict[str, tuple[str, list[str], int]] = {
-    "drift": ("drift 1-NFE", ["policy=drift_unet"], 1),
-    "ddim10": ("DDIM-10", ["policy=diffusion_unet", "policy.scheduler=ddim", "policy.num_inference_steps=10"], 10),
-    "ddpm100": ("DDPM-100", ["policy=diffusion_unet", "policy.scheduler=ddpm", "policy.num_inference_steps=100"],
-                100),
+# method key -> (label, config overrides); the network evaluations per chunk come from the config (``nfe``)
+METHODS: dict[str, tuple[str, list[str]]] = {
+    "drift": ("drift 1-NFE", ["policy=drift_unet"]),
+    "ddim10": ("DDIM-10", ["policy=diffusion_unet", "policy.scheduler=ddim", "policy.num_inference_steps=10"]),
+    "ddpm100": ("DDPM-100", ["policy=diffusion_unet", "policy.scheduler=ddpm", "policy.num_inference_steps=100"]),
 }
 # Whole policies per task (backbone and image encoder as configured): name -> config overrides.
 TASK_POLICIES: dict[str, list[str]] = {
@@ -436,8 +435,7 @@ def accelerated_policy(policy, backend: str = "eager", threads: int | None = Non
     fast = copy.copy(policy)
     fast._modules = dict(policy._modules)                 # own module table: the original keeps its backbone
     fast._modules["model"] = make_backbone(policy.model, backend, threads)
-    if hasattr(policy, "_action_queue"):
-        fast.reset()
+    fast.reset()                                          # its own action queue and observation history
     return fast
 
 
@@ -506,7 +504,7 @@ def bench_task_policies(names=tuple(TASK_POLICIES), batch: int = 1, *, device: s
         t = time_call(lambda: policy.predict_action(obs), **timing_kw)
         row = {"name": name, "batch": batch, "params_m": n_params(policy) / 1e6, "predict_ms": t["median_ms"],
                "predict_p90_ms": t["p90_ms"], "n_repeats": t["n_repeats"], "encoder_ms": None,
-               "encoder_params_m": None, "nfe": getattr(cfg.policy, "num_inference_steps", 1)}
+               "encoder_params_m": None, "nfe": cfg.policy.nfe}
         if policy.obs_encoder is not None:
             c = cfg.policy
             frames = {k: v[:, -c.n_obs_steps:].flatten(0, 1) for k, v in obs.items() if k in c.image_keys}
@@ -562,8 +560,8 @@ def bench_latency(presets=DEFAULT_PRESETS, batches=DEFAULT_BATCHES, methods=tupl
                 torch.manual_seed(seed)
                 t = time_call(lambda: policy.predict_action(obs), inference_mode=backend != "eager_no_grad",
                               **timing_kw)
-                label, _, nfe = METHODS[method]
-                cell = {"preset": preset, "method": method, "label": label, "nfe": nfe, "batch": batch,
+                label = METHODS[method][0]
+                cell = {"preset": preset, "method": method, "label": label, "nfe": policy.config.nfe, "batch": batch,
                         "params_m": params[(preset, method)] / 1e6, "backend": backend,
                         **{k: t[k] for k in ("median_ms", "p90_ms", "min_ms", "mean_ms", "n_repeats")}}
                 results.append(cell)
@@ -650,8 +648,9 @@ def _default_drift_policy(device: str, seed: int):
     from .policies import make_policy
 
     cfg = compose([])
-    if cfg.policy.type != "drift":
-        raise RuntimeError(f"the default config's policy is {cfg.policy.type!r}, expected the drift policy")
+    if cfg.policy.nfe != 1:
+        raise RuntimeError(f"the default config's policy is {cfg.policy.type!r} ({cfg.policy.nfe} NFE), expected "
+                           f"the one-step drift policy")
     torch.manual_seed(seed)
     return make_policy(cfg.policy).to(device).eval()
 

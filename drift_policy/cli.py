@@ -47,7 +47,7 @@ def cmd_eval(args: list[str]) -> None:
     set_threads(opts.get("threads", 1))
     policy, cfg = load_policy_for_eval(opts["checkpoint"])
     if "task" in opts or cfg is None:
-        cfg = compose([f"task={opts.get('task', 'pusht_keypoints')}"])
+        cfg = compose([f"task={opts['task']}"] if "task" in opts else [])   # else the default task
     ckpt = Path(opts["checkpoint"])
     out = Path(opts["out"]) if "out" in opts else (ckpt / "eval.json" if ckpt.is_dir() else ckpt.with_suffix(".eval.json"))
     res = evaluate_policy(policy, cfg, opts.get("episodes", 50), opts.get("workers", 2),

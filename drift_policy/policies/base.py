@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, check_keys
+from ..executor import ChunkExecutor, executable
 from ..models.transformer import TRANSFORMER_PRESETS, TimeSeriesTransformer
 from ..models.unet1d import UNET_PRESETS, ConditionalUnet1D
 from ..normalizer import Normalizer
@@ -68,6 +69,11 @@ class PolicyConfig:
                 raise ConfigError(f"policy.image_feature_dim must be >= 1, got {self.image_feature_dim}")
         if self.architecture == "unet" and any(d % self.n_groups for d in UNET_PRESETS[self.backbone]["down_dims"]):
             raise ConfigError(f"policy.n_groups={self.n_groups} must divide every channel width of {self.backbone}")
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per action chunk: what one ``predict_action`` costs (set by each method)."""
+        raise NotImplementedError(f"{type(self).__name__} must define nfe")
 
     @classmethod
     def from_dict(cls, d: dict) -> "PolicyConfig":
@@ -144,8 +150,9 @@ class Policy(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def sample(self, cond: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Normalised action chunk [B, Tp, Da] for conditioning [B, C]."""
+    def sample(self, cond: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+        """Normalised action chunk [B, Tp, Da] for conditioning [B, C], from ``noise`` [B, Tp, Da] when given
+        (else drawn from ``generator``)."""
         raise NotImplementedError
 
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
@@ -155,8 +162,8 @@ class Policy(nn.Module):
     def predict_action(self, obs, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """obs [B, To, obs_dim] (or {"obs": ..., <camera>: [B, To, 3, H, W]}) in data units -> {"action": [B, Ta, Da], "action_pred": [B, Tp, Da]}."""
         action_pred = self.normalizer.unnormalize("action", self.sample(self.condition(self._obs(obs)), generator))
-        start = self.config.n_obs_steps - 1
-        return {"action": action_pred[:, start: start + self.config.n_action_steps], "action_pred": action_pred}
+        c = self.config
+        return {"action": action_pred[:, executable(c.n_obs_steps, c.n_action_steps)], "action_pred": action_pred}
 
     # ---- LeRobot-style control API ----------------------------------------------------------------------
     def predict_action_chunk(self, obs, generator: torch.Generator | None = None) -> Tensor:
@@ -165,8 +172,7 @@ class Policy(nn.Module):
 
     def reset(self) -> None:
         """Forget queued actions and observation history (call at the start of every episode)."""
-        self._action_queue: list[Tensor] = []
-        self._obs_history: list[Tensor] = []
+        self.executor = ChunkExecutor(self.config.n_obs_steps, self.config.n_action_steps)
 
     @torch.no_grad()
     def select_action(self, obs, generator: torch.Generator | None = None) -> Tensor:
@@ -175,7 +181,7 @@ class Policy(nn.Module):
         Keeps the last To observations (the first one repeated after ``reset``) and a queue of the current chunk's
         actions; the generator runs only when the queue is empty, i.e. once every Ta calls.
         """
-        if not hasattr(self, "_action_queue"):
+        if getattr(self, "executor", None) is None:
             self.reset()
         c = self.config
         step = dict(obs) if isinstance(obs, dict) else {"obs": obs}
@@ -184,13 +190,12 @@ class Policy(nn.Module):
             step = {k: torch.as_tensor(v).unsqueeze(0) for k, v in step.items()}
         if step["obs"].dim() != 2 or step["obs"].shape[1] != c.obs_dim:
             raise ValueError(f"select_action takes one step of obs [B, {c.obs_dim}], got {tuple(step['obs'].shape)}")
-        To = c.n_obs_steps
-        self._obs_history = (self._obs_history + [step])[-To:] if self._obs_history else [step] * To
-        if not self._action_queue:
-            window = {k: torch.stack([torch.as_tensor(h[k]) for h in self._obs_history], dim=1) for k in step}
-            chunk = self.predict_action_chunk(window, generator)                            # [B, Ta, Da]
-            self._action_queue = list(chunk.unbind(dim=1))
-        return self._action_queue.pop(0)
+        ex = self.executor
+        ex.observe(step)
+        if ex.needs_chunk:
+            window = ex.window(lambda steps: torch.stack([torch.as_tensor(s) for s in steps], dim=1))
+            ex.load(self.predict_action_chunk(window, generator).unbind(dim=1))              # Ta x [B, Da]
+        return ex.pop()
 
     def _noise(self, n: int, generator: torch.Generator | None) -> Tensor:
         c = self.config
@@ -214,8 +219,6 @@ class Policy(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Policy":
         from safetensors.torch import load_file
 
-        from . import POLICIES, config_from_dict
-
         path = Path(path)
         for f in ("config.json", "model.safetensors"):
             if not (path / f).exists():
@@ -230,3 +233,28 @@ class Policy(nn.Module):
         policy = policy_cls(config, norm)
         policy.load_state_dict(state)
         return policy.to(device).eval()
+
+
+# ---- the registry of policy types ---------------------------------------------------------------------------------
+# type -> (config class, policy class). Each policy module registers itself (``register_policy``), so a new method
+# is one new module; ``drift_policy.policies`` imports the built-in ones.
+POLICIES: dict[str, tuple[type[PolicyConfig], type[Policy]]] = {}
+
+
+def register_policy(config_cls: type[PolicyConfig], policy_cls: type[Policy]) -> None:
+    kind = next(f.default for f in dataclasses.fields(config_cls) if f.name == "type")
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"{config_cls.__name__} needs a default for its 'type' field")
+    POLICIES[kind] = (config_cls, policy_cls)
+
+
+def make_policy(config: PolicyConfig, normalizer=None) -> Policy:
+    return POLICIES[config.type][1](config, normalizer)
+
+
+def config_from_dict(d: dict) -> PolicyConfig:
+    d = dict(d)
+    kind = d.get("type")
+    if kind not in POLICIES:
+        raise ValueError(f"policy.type must be one of {sorted(POLICIES)}, got {kind!r}")
+    return POLICIES[kind][0].from_dict(d)
