@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..envs.blockpush import ACTION_DIM, BLOCKS, OBS_DIM, OBS_SLICES, TARGETS, WORKSPACE_BOUNDS
 from ..errors import DatasetError
 
 __all__ = ["EVAL_START_SEED", "SCHEMA", "MultimodalPushOracle", "run_oracle_episode", "generate", "load_blockpush",
@@ -40,7 +41,6 @@ __all__ = ["EVAL_START_SEED", "SCHEMA", "MultimodalPushOracle", "run_oracle_epis
 
 EVAL_START_SEED = 100000   # test seeds 100000.. (Diffusion Policy's protocol); training data never uses them
 SCHEMA = "drift_policy.blockpush/1"
-OBS_DIM, ACTION_DIM = 16, 2
 
 
 def _segment_dist(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
@@ -73,10 +73,6 @@ class MultimodalPushOracle:
     CORRIDOR = 0.06     # a push line closer than this to another block counts as blocked
 
     def __init__(self, rng: np.random.Generator, obs: np.ndarray):
-        # imported here, not at module level: reading a store (training) does not need pybullet
-        from ..envs.blockpush import BLOCKS, OBS_SLICES, TARGETS, WORKSPACE_BOUNDS
-
-        self.slices, self.bounds = OBS_SLICES, WORKSPACE_BOUNDS
         self.rng = rng
         # The 4 plans: which block goes first, and which target each block goes to. Plans whose push lines run
         # into the other block (it would be shoved along and wedge the effector) are left out while a clear one
@@ -101,7 +97,7 @@ class MultimodalPushOracle:
                 and _segment_dist(g(t1), g(b2) - 0.06 * _unit(g(t2) - g(b2)), g(t2)) > self.CORRIDOR)
 
     def _get(self, obs: np.ndarray, name: str) -> np.ndarray:
-        return np.asarray(obs[self.slices[name]], np.float64)
+        return np.asarray(obs[OBS_SLICES[name]], np.float64)
 
     def _route(self, ee: np.ndarray, goal: np.ndarray, blocks: list[np.ndarray]) -> np.ndarray:
         """The next point toward ``goal``: ``goal`` itself, or a detour beside the first block in the way."""
@@ -178,7 +174,7 @@ class MultimodalPushOracle:
         n = float(np.linalg.norm(step))
         if n > max_step:
             step *= max_step / n
-        return np.clip(ee + step, self.bounds[0], self.bounds[1]).astype(np.float32)
+        return np.clip(ee + step, WORKSPACE_BOUNDS[0], WORKSPACE_BOUNDS[1]).astype(np.float32)
 
 
 def run_oracle_episode(env, seed: int, max_steps: int | None = None) -> dict:

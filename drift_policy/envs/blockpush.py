@@ -32,11 +32,6 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-try:
-    import pybullet
-except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError(f"drift_policy.envs.blockpush needs pybullet 3.2.7 ({e}); "
-                      'install it with `pip install -e ".[blockpush]"`') from e
 
 __all__ = ["BlockPushEnv", "OBS_DIM", "ACTION_DIM", "OBS_SLICES", "WORKSPACE_BOUNDS", "GOAL_TOLERANCE",
            "MAX_STEPS", "CONTROL_HZ", "BLOCK_SIZE", "EFFECTOR_RADIUS", "P1_SCORE", "P2_SCORE"]
@@ -70,8 +65,20 @@ _EFFECTOR_LENGTH = 0.04
 _MAX_RESET_TRIES = 1000
 
 
+def _pybullet():
+    """pybullet, imported when an env is made: the layout constants above serve the data loader without it."""
+    try:
+        import pybullet
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+        raise ImportError(f"BlockPushEnv needs pybullet 3.2.7 ({e}); install it with "
+                          '`pip install -e ".[blockpush]"`') from e
+    return pybullet
+
+
 def _yaw_of(quat) -> float:
-    return float(pybullet.getEulerFromQuaternion(quat)[2] % math.pi)
+    """Euler z (roll-pitch-yaw convention) of an (x, y, z, w) quaternion, mod pi."""
+    x, y, z, w = quat
+    return float(math.atan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z)) % math.pi)
 
 
 class BlockPushEnv(gym.Env):
@@ -79,7 +86,8 @@ class BlockPushEnv(gym.Env):
 
     ``info`` after every reset/step: ``p1`` / ``p2`` (so far in the episode), ``is_success`` (= p2),
     ``first_block`` (0: block A reached a target first, 1: block B, -1: none yet) and the same as the flags
-    ``a_first`` / ``b_first``, ``in_target`` (per block, now). ``render(size)`` draws an RGB frame with pybullet's CPU renderer.
+    ``a_first`` / ``b_first``, ``in_target`` (per block, now). ``render(size)`` draws an RGB frame with
+    pybullet's CPU renderer. pybullet is imported when the first env is made (``_pybullet``).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": CONTROL_HZ}
@@ -92,49 +100,52 @@ class BlockPushEnv(gym.Env):
         self.observation_space = spaces.Box(low, -low, dtype=np.float32)
         self.action_space = spaces.Box(WORKSPACE_BOUNDS[0].astype(np.float32),
                                        WORKSPACE_BOUNDS[1].astype(np.float32), dtype=np.float32)
-        self._client = pybullet.connect(pybullet.DIRECT)   # headless, one physics server per env
+        self._pb = pb = _pybullet()
+        self._client = pb.connect(pb.DIRECT)   # headless, one physics server per env
         self._rng = np.random.default_rng()
         self._built = False
 
     # -- scene ---------------------------------------------------------------------------------------------
     def _build(self) -> None:
         """A fresh world every reset, so a seed's rollout never depends on what ran before it."""
+        pb = self._pb
         c = self._client
-        pybullet.resetSimulation(physicsClientId=c)
-        pybullet.setGravity(0, 0, -9.8, physicsClientId=c)
-        pybullet.setTimeStep(1.0 / SIM_HZ, physicsClientId=c)
-        plane = pybullet.createCollisionShape(pybullet.GEOM_PLANE, physicsClientId=c)
-        table_vis = pybullet.createVisualShape(pybullet.GEOM_BOX, halfExtents=[0.3, 0.55, 0.0005],
+        pb.resetSimulation(physicsClientId=c)
+        pb.setGravity(0, 0, -9.8, physicsClientId=c)
+        pb.setTimeStep(1.0 / SIM_HZ, physicsClientId=c)
+        plane = pb.createCollisionShape(pb.GEOM_PLANE, physicsClientId=c)
+        table_vis = pb.createVisualShape(pb.GEOM_BOX, halfExtents=[0.3, 0.55, 0.0005],
                                                rgbaColor=[0.85, 0.85, 0.8, 1], physicsClientId=c)
-        self._table = pybullet.createMultiBody(0, plane, table_vis, basePosition=[0.425, 0, 0], physicsClientId=c)
+        self._table = pb.createMultiBody(0, plane, table_vis, basePosition=[0.425, 0, 0], physicsClientId=c)
         half = BLOCK_SIZE / 2
-        box = pybullet.createCollisionShape(pybullet.GEOM_BOX, halfExtents=[half] * 3, physicsClientId=c)
+        box = pb.createCollisionShape(pb.GEOM_BOX, halfExtents=[half] * 3, physicsClientId=c)
         self._blocks, self._targets = [], []
         for color in ([0.2, 0.4, 0.9, 1], [0.9, 0.3, 0.2, 1]):
-            vis = pybullet.createVisualShape(pybullet.GEOM_BOX, halfExtents=[half] * 3, rgbaColor=color,
+            vis = pb.createVisualShape(pb.GEOM_BOX, halfExtents=[half] * 3, rgbaColor=color,
                                              physicsClientId=c)
-            self._blocks.append(pybullet.createMultiBody(0.1, box, vis, basePosition=[0, 0, half], physicsClientId=c))
+            self._blocks.append(pb.createMultiBody(0.1, box, vis, basePosition=[0, 0, half], physicsClientId=c))
         for color in ([0.3, 0.8, 0.3, 1], [0.6, 0.9, 0.4, 1]):
-            vis = pybullet.createVisualShape(pybullet.GEOM_BOX, halfExtents=[TARGET_SIZE / 2] * 2 + [0.0005],
+            vis = pb.createVisualShape(pb.GEOM_BOX, halfExtents=[TARGET_SIZE / 2] * 2 + [0.0005],
                                              rgbaColor=color, physicsClientId=c)
-            self._targets.append(pybullet.createMultiBody(0, -1, vis, basePosition=[0, 0, 0.001], physicsClientId=c))
+            self._targets.append(pb.createMultiBody(0, -1, vis, basePosition=[0, 0, 0.001], physicsClientId=c))
         for body in [self._table, *self._blocks]:
-            pybullet.changeDynamics(body, -1, lateralFriction=0.5, physicsClientId=c)
-        cyl = pybullet.createCollisionShape(pybullet.GEOM_CYLINDER, radius=EFFECTOR_RADIUS, height=_EFFECTOR_LENGTH,
+            pb.changeDynamics(body, -1, lateralFriction=0.5, physicsClientId=c)
+        cyl = pb.createCollisionShape(pb.GEOM_CYLINDER, radius=EFFECTOR_RADIUS, height=_EFFECTOR_LENGTH,
                                             physicsClientId=c)
-        cyl_vis = pybullet.createVisualShape(pybullet.GEOM_CYLINDER, radius=EFFECTOR_RADIUS, length=_EFFECTOR_LENGTH,
+        cyl_vis = pb.createVisualShape(pb.GEOM_CYLINDER, radius=EFFECTOR_RADIUS, length=_EFFECTOR_LENGTH,
                                              rgbaColor=[0.2, 0.2, 0.2, 1], physicsClientId=c)
         start = [*EFFECTOR_START, _EFFECTOR_Z]
-        self._effector = pybullet.createMultiBody(1.0, cyl, cyl_vis, basePosition=start, physicsClientId=c)
-        pybullet.changeDynamics(self._effector, -1, lateralFriction=0.5, physicsClientId=c)
+        self._effector = pb.createMultiBody(1.0, cyl, cyl_vis, basePosition=start, physicsClientId=c)
+        pb.changeDynamics(self._effector, -1, lateralFriction=0.5, physicsClientId=c)
         # The effector hovers above the table: only the blocks touch it.
-        pybullet.setCollisionFilterPair(self._effector, self._table, -1, -1, 0, physicsClientId=c)
-        self._holder = pybullet.createConstraint(self._effector, -1, -1, -1, pybullet.JOINT_FIXED, [0, 0, 0],
+        pb.setCollisionFilterPair(self._effector, self._table, -1, -1, 0, physicsClientId=c)
+        self._holder = pb.createConstraint(self._effector, -1, -1, -1, pb.JOINT_FIXED, [0, 0, 0],
                                                  [0, 0, 0], start, physicsClientId=c)
-        pybullet.changeConstraint(self._holder, start, maxForce=200.0, physicsClientId=c)
+        pb.changeConstraint(self._holder, start, maxForce=200.0, physicsClientId=c)
         self._built = True
 
     def _place(self) -> None:
+        pb = self._pb
         rng, c = self._rng, self._client
         for _ in range(_MAX_RESET_TRIES):
             xy = [np.array([0.4 + rng.uniform(-0.1, 0.1), -0.2 + rng.uniform(-0.15, 0.15)]) for _ in BLOCKS]
@@ -143,26 +154,27 @@ class BlockPushEnv(gym.Env):
         else:  # pragma: no cover - the acceptance rate is high
             raise RuntimeError("could not place the blocks apart")
         for body, p in zip(self._blocks, xy):
-            quat = pybullet.getQuaternionFromEuler([0, 0, rng.uniform(0, math.pi)])
-            pybullet.resetBasePositionAndOrientation(body, [*p, BLOCK_SIZE / 2], quat, physicsClientId=c)
+            quat = pb.getQuaternionFromEuler([0, 0, rng.uniform(0, math.pi)])
+            pb.resetBasePositionAndOrientation(body, [*p, BLOCK_SIZE / 2], quat, physicsClientId=c)
         side = 0.12 * rng.choice([-1.0, 1.0])            # which target is on the left
         self._target_pose = []
         for body, dx in zip(self._targets, (side, -side)):
             p = np.array([0.4 + dx + rng.uniform(-0.005, 0.005), 0.2 + rng.uniform(-0.0075, 0.0075)])
             yaw = math.pi + rng.uniform(-math.pi / 30, math.pi / 30)
-            pybullet.resetBasePositionAndOrientation(body, [*p, 0.001], pybullet.getQuaternionFromEuler([0, 0, yaw]),
+            pb.resetBasePositionAndOrientation(body, [*p, 0.001], pb.getQuaternionFromEuler([0, 0, yaw]),
                                                      physicsClientId=c)
             self._target_pose.append((p, yaw % math.pi))
 
     # -- gymnasium API -------------------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        pb = self._pb
         super().reset(seed=seed)
         if seed is not None:
             self._rng = np.random.default_rng(int(seed))
         self._build()
         self._place()
         for _ in range(SIM_HZ // CONTROL_HZ):           # let the blocks settle on the table
-            pybullet.stepSimulation(physicsClientId=self._client)
+            pb.stepSimulation(physicsClientId=self._client)
         self._effector_target = EFFECTOR_START.copy()
         self._steps = 0
         self._p1 = self._p2 = False
@@ -171,6 +183,7 @@ class BlockPushEnv(gym.Env):
         return obs, self._info(obs)
 
     def step(self, action):
+        pb = self._pb
         if not self._built:
             raise RuntimeError("call reset() before step()")
         a = np.asarray(action, dtype=np.float64).reshape(-1)
@@ -181,8 +194,8 @@ class BlockPushEnv(gym.Env):
         n = SIM_HZ // CONTROL_HZ
         for k in range(1, n + 1):                       # the pivot moves in a straight line over the step
             pivot = start + (goal - start) * (k / n)
-            pybullet.changeConstraint(self._holder, [*pivot, _EFFECTOR_Z], maxForce=200.0, physicsClientId=self._client)
-            pybullet.stepSimulation(physicsClientId=self._client)
+            pb.changeConstraint(self._holder, [*pivot, _EFFECTOR_Z], maxForce=200.0, physicsClientId=self._client)
+            pb.stepSimulation(physicsClientId=self._client)
         self._effector_target = goal
         self._steps += 1
         obs = self._observe()
@@ -191,13 +204,14 @@ class BlockPushEnv(gym.Env):
         return obs, reward, bool(self._p2), self._steps >= self.max_steps and not self._p2, info
 
     def _observe(self) -> np.ndarray:
+        pb = self._pb
         c = self._client
         obs = np.zeros(OBS_DIM, np.float64)
         for name, body in zip(BLOCKS, self._blocks):
-            pos, quat = pybullet.getBasePositionAndOrientation(body, physicsClientId=c)
+            pos, quat = pb.getBasePositionAndOrientation(body, physicsClientId=c)
             obs[OBS_SLICES[f"{name}_translation"]] = pos[:2]
             obs[OBS_SLICES[f"{name}_orientation"]] = _yaw_of(quat)
-        obs[OBS_SLICES["effector_translation"]] = pybullet.getBasePositionAndOrientation(
+        obs[OBS_SLICES["effector_translation"]] = pb.getBasePositionAndOrientation(
             self._effector, physicsClientId=c)[0][:2]
         obs[OBS_SLICES["effector_target_translation"]] = self._effector_target
         for name, (p, yaw) in zip(TARGETS, self._target_pose):
@@ -222,14 +236,16 @@ class BlockPushEnv(gym.Env):
 
     def render(self, size: int = 256) -> np.ndarray:
         """uint8 [size, size, 3], the table seen from straight above, +x up (pybullet's CPU renderer)."""
+        pb = self._pb
         c = self._client
-        view = pybullet.computeViewMatrix([0.425, 0.0, 1.25], [0.425, 0.0, 0.0], [1, 0, 0], physicsClientId=c)
-        proj = pybullet.computeProjectionMatrixFOV(48, 1.0, 0.05, 3.0, physicsClientId=c)
-        _, _, rgba, _, _ = pybullet.getCameraImage(size, size, view, proj, renderer=pybullet.ER_TINY_RENDERER,
+        view = pb.computeViewMatrix([0.425, 0.0, 1.25], [0.425, 0.0, 0.0], [1, 0, 0], physicsClientId=c)
+        proj = pb.computeProjectionMatrixFOV(48, 1.0, 0.05, 3.0, physicsClientId=c)
+        _, _, rgba, _, _ = pb.getCameraImage(size, size, view, proj, renderer=pb.ER_TINY_RENDERER,
                                                    physicsClientId=c)
         return np.asarray(rgba, np.uint8).reshape(size, size, 4)[:, :, :3].copy()
 
     def close(self) -> None:
-        if self._client is not None and pybullet.isConnected(self._client):
-            pybullet.disconnect(self._client)
+        pb = self._pb
+        if self._client is not None and pb.isConnected(self._client):
+            pb.disconnect(self._client)
         self._client = None

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..envs.blockpush import ACTION_DIM, OBS_DIM   # constants only: pybullet is imported when an env is made
 from ..errors import ConfigError
 from .base import TaskFamily
 
 OBS_KEYS = ("obs",)          # the env's 16-d vector, stored as data/obs
-OBS_DIM, ACTION_DIM = 16, 2
 
 
 class BlockPush(TaskFamily):
