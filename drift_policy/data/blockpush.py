@@ -335,10 +335,13 @@ def oracle_eval(n_episodes: int, start_seed: int = EVAL_START_SEED, progress: bo
         "n_episodes": int(n_episodes), "start_seed": int(start_seed),
         "mean_steps": float(np.mean([e["steps"] for e in per])),
         "cpu_s_per_episode": wall / n_episodes, "wall_s": wall,
-        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.python_version()}, 1 thread",
-        "command": "python -m drift_policy.data.blockpush " + " ".join(sys.argv[1:]),
+        "machine": _machine(),
         "per_episode": per,
     }
+
+
+def _machine() -> str:
+    return f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}, 1 thread"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -349,6 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--episodes", type=int, default=1000)
     g.add_argument("--seed", type=int, default=0, help="first env seed; seeds must stay below 100000")
     g.add_argument("--out", required=True)
+    g.add_argument("--record", default=None, help="also write the statistics (success, block order) as JSON here")
     e = sub.add_parser("oracle-eval", help="the oracle's success and block order on the evaluation seeds")
     e.add_argument("--episodes", type=int, default=200)
     e.add_argument("--start-seed", type=int, default=EVAL_START_SEED)
@@ -357,11 +361,18 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.cmd == "generate":
             stats = generate(args.episodes, args.out, args.seed)
+            stats["machine"] = _machine()
+            stats["command"] = "python -m drift_policy.data.blockpush " + " ".join(argv if argv is not None else sys.argv[1:])
+            if args.record:
+                from ..evaluation import save_eval_json
+
+                save_eval_json(stats, args.record)
             print(json.dumps(stats, indent=2))
         else:
             from ..evaluation import save_eval_json
 
             res = oracle_eval(args.episodes, args.start_seed)
+            res["command"] = "python -m drift_policy.data.blockpush " + " ".join(argv if argv is not None else sys.argv[1:])
             save_eval_json(res, args.out)
             print(json.dumps({k: v for k, v in res.items() if k != "per_episode"}, indent=2))
     except (ValueError, DatasetError) as exc:
