@@ -26,8 +26,6 @@ pairs closer than 0.1 m in xy (IBC compares x only).
 from __future__ import annotations
 
 import math
-import os
-import sys
 from typing import Any
 
 import gymnasium as gym
@@ -69,22 +67,11 @@ _MAX_RESET_TRIES = 1000
 
 def _pybullet():
     """pybullet, imported when an env is made: the layout constants above serve the data loader without it."""
-    if "pybullet" in sys.modules:
-        return sys.modules["pybullet"]
-    # Its C extension prints "pybullet build time: ..." to fd 1 on import, which would corrupt the JSON the
-    # commands print to stdout: point fd 1 at /dev/null for the import.
-    sys.stdout.flush()
-    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(null, 1)
         import pybullet
     except ImportError as e:  # pragma: no cover - exercised only without the extra
         raise ImportError(f"BlockPushEnv needs pybullet 3.2.7 ({e}); install it with "
                           '`pip install -e ".[blockpush]"`') from e
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-        os.close(null)
     return pybullet
 
 
