@@ -5,7 +5,7 @@
     drift-policy eval checkpoint=runs/<run> [episodes=50 workers=2 videos=2 out=eval.json]
     drift-policy bench latency | bench train   (see drift_policy/bench.py)
     drift-policy export checkpoint=PATH format=onnx|torchscript out=FILE   (see drift_policy/export.py)
-    drift-policy run checkpoint=PATH rate_hz=10 seconds=60 async=1 ensemble=0 backend=torch out=report.json
+    drift-policy run checkpoint=PATH rate_hz=10 seconds=60 async=1 ensemble=0 backend=eager out=report.json
                                                (real-time control loop, see drift_policy/runner.py)
 """
 from __future__ import annotations

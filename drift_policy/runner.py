@@ -1,7 +1,7 @@
 """Real-time control loop: drive a task's simulator at a target control rate with a wall clock, and report whether
 it kept up. The task is the run's (a bare ``pretrained/`` folder: Push-T keypoints).
 
-    drift-policy run checkpoint=runs/<run>/pretrained rate_hz=10 seconds=120 async=1 ensemble=0 backend=torch \\
+    drift-policy run checkpoint=runs/<run>/pretrained rate_hz=10 seconds=120 async=1 ensemble=0 backend=eager \\
         out=eval/results/runner.json
     drift-policy run checkpoint=... rate_hz=max seconds=60 async=1 out=...   # find the highest sustained rate
 
@@ -31,16 +31,13 @@ the rate the policy was trained at), so at rate_hz above the family's rate the w
 time: such runs measure whether the controller (inference plus env step) keeps up with the period, with the
 task itself unchanged.
 
-Backends: ``torch`` (eager ``predict_action``), ``torchscript`` and ``onnx`` (the graphs of
-``drift_policy.export``, obs in data units + explicit noise; onnxruntime for ONNX). The sampling noise comes
-from one seeded torch.Generator in all three, so they see the same noise sequence.
+Backends: the names of ``drift_policy.backends`` (``eager``, ``jit_trace``, ``onnxruntime``, ...): the policy's own
+``predict_action`` with its backbone run by that engine (``accelerated_policy``). The sampling noise comes from
+one seeded torch.Generator whichever the backend, so every backend sees the same noise sequence.
 """
 from __future__ import annotations
 
 import math
-import os
-import platform
-import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -49,7 +46,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import ConfigError
 from .executor import ChunkExecutor, executable
+from .timing import latency_stats, machine_info
 
 
 @dataclass
@@ -62,7 +61,7 @@ class RunConfig:
     ensemble_k: float = 0.01       # ensemble weights exp(-k * i), i = 0 for the oldest prediction
     lead: int = 0                  # async receding horizon: start the next chunk this many ticks before it is
                                    # needed (0: from the warm-up latency, see auto_lead)
-    backend: str = "torch"         # torch | torchscript | onnx
+    backend: str = "eager"         # an inference backend of backends.py (CPU_BACKENDS): eager | jit_trace | onnxruntime ...
     threads: int = 1               # intra-op threads of the inference backend
     max_steps: int = 300           # env steps per episode (Diffusion Policy's Push-T protocol)
     start_seed: int = 100000       # episode seeds start_seed, start_seed + 1, ...
@@ -71,54 +70,41 @@ class RunConfig:
 
     def check(self, n_obs_steps: int, n_action_steps: int, horizon: int) -> None:
         if not self.rate_hz > 0:
-            raise ValueError(f"rate_hz must be > 0, got {self.rate_hz}")
+            raise ConfigError(f"rate_hz must be > 0, got {self.rate_hz}")
         if self.seconds <= 0 and self.episodes <= 0:
-            raise ValueError("give seconds > 0 or episodes > 0")
-        if self.backend not in ("torch", "torchscript", "onnx"):
-            raise ValueError(f"backend must be torch, torchscript or onnx, got {self.backend!r}")
+            raise ConfigError("give seconds > 0 or episodes > 0")
+        from .backends import CPU_BACKENDS
+
+        if self.backend not in CPU_BACKENDS:
+            raise ConfigError(f"backend must be one of {list(CPU_BACKENDS)}, got {self.backend!r}")
         max_lead = horizon - n_obs_steps + 1 - n_action_steps
         if self.async_ and not self.ensemble and self.lead and not 1 <= self.lead <= max_lead:
-            raise ValueError(f"lead must be in [1, {max_lead}] (horizon - n_obs_steps + 1 - n_action_steps), got {self.lead}")
+            raise ConfigError(f"lead must be in [1, {max_lead}] (horizon - n_obs_steps + 1 - n_action_steps), got {self.lead}")
 
 
-# ---- inference backends: obs window [To, obs_dim] or {"obs": [To, D], <camera>: [To, 3, H, W]} (data units)
-# ---- -> actions [Tp - To + 1, Da] from step To - 1 on
+# ---- inference: obs window [To, obs_dim] or {"obs": [To, D], <camera>: [To, 3, H, W]} (data units)
+# ---- -> actions [Tp - To + 1, Da] from step To - 1 on, through one of backends.py's backends
 class Backend:
     def __init__(self, policy, cfg: RunConfig):
+        from .backends import accelerated_policy
         from .threads import set_threads
 
         set_threads(cfg.threads)
         c = policy.config
-        self.policy, self.kind = policy.eval(), cfg.backend
-        self.slice, self.noise_shape = executable(c.n_obs_steps), (1, c.horizon, c.action_dim)
-        self.gen = torch.Generator().manual_seed(cfg.seed)
-        self._tmp = None
-        if cfg.backend != "torch":
-            from .export import OnnxPolicy, export_policy, load_torchscript
-
-            self._tmp = tempfile.TemporaryDirectory(prefix="drift-runner-")
-            path = export_policy(policy, Path(self._tmp.name) / f"policy.{cfg.backend}", cfg.backend)
-            self.graph = OnnxPolicy(path, threads=cfg.threads) if cfg.backend == "onnx" else load_torchscript(path)
+        self.policy = accelerated_policy(policy.eval(), cfg.backend, cfg.threads)
+        self.slice = executable(c.n_obs_steps)
+        self.gen = torch.Generator().manual_seed(cfg.seed)     # one noise stream, whichever the backend
 
     def __call__(self, window) -> np.ndarray:
         window = window if isinstance(window, dict) else {"obs": window}
-        obs = window["obs"][None].astype(np.float32, copy=False)
+        batch = {k: torch.from_numpy(np.ascontiguousarray(v[None])) for k, v in window.items()}
+        batch["obs"] = batch["obs"].float()
         with torch.inference_mode():
-            if self.kind == "torch":
-                batch = {k: torch.from_numpy(np.ascontiguousarray(v[None])) for k, v in window.items()}
-                batch["obs"] = torch.from_numpy(obs)
-                pred = self.policy.predict_action(batch, generator=self.gen)["action_pred"].numpy()
-            else:
-                noise = torch.randn(self.noise_shape, generator=self.gen)
-                if self.kind == "onnx":
-                    pred = self.graph(obs, noise.numpy())[1]
-                else:
-                    pred = self.graph(torch.from_numpy(obs), noise)[1].numpy()
+            pred = self.policy.predict_action(batch, generator=self.gen)["action_pred"].numpy()
         return pred[0, self.slice]
 
     def close(self) -> None:
-        if self._tmp is not None:
-            self._tmp.cleanup()
+        pass
 
 
 @dataclass
@@ -253,14 +239,6 @@ def _as_dict(obs) -> dict:
     return dict(obs) if isinstance(obs, dict) else {"obs": obs}
 
 
-def _stats(x, scale: float = 1.0) -> dict:
-    if len(x) == 0:
-        return {}
-    a = np.asarray(x, dtype=np.float64) * scale
-    return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)), "max": float(a.max()),
-            "mean": float(a.mean()), "n": int(a.size)}
-
-
 def run(policy, cfg: RunConfig, checkpoint: str = "", task=None) -> dict:
     """Run episodes of ``task`` (a TaskConfig; default: Push-T keypoints) at cfg.rate_hz and return the report
     (a JSON-serialisable dict)."""
@@ -309,8 +287,7 @@ def run(policy, cfg: RunConfig, checkpoint: str = "", task=None) -> dict:
                    "n_action_steps": c.n_action_steps, "horizon": c.horizon,
                    "nfe": c.nfe},
         "config": {("async" if k == "async_" else k): v for k, v in asdict(cfg).items()},
-        "machine": {"cpu": _cpu_name(), "logical_cpus": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
+        "machine": machine_info("cpu"),
         "target_rate_hz": cfg.rate_hz,
         "achieved_rate_hz": n / clock if clock > 0 else 0.0,
         "ticks": n,
@@ -319,12 +296,12 @@ def run(policy, cfg: RunConfig, checkpoint: str = "", task=None) -> dict:
         "waited_for_chunk": int(waited.sum()),
         "overruns": int(overrun.sum()),
         "inferences": len(ctrl.latencies),
-        "inference_latency_ms": _stats(ctrl.latencies, 1e3),
-        "tick_work_ms": _stats(ticks["work"], 1e3),          # action selection + env step
-        "action_ready_ms": _stats(ticks["act"], 1e3),        # from tick start until the action is known
-        "env_step_ms": _stats(ticks["env"], 1e3),
-        "tick_start_lateness_ms": _stats(ticks["lateness"], 1e3),
-        "action_age_ticks": _stats(ticks["age"]),            # tick minus the observation tick of the newest chunk
+        "inference_latency_ms": latency_stats(ctrl.latencies, 1e3),
+        "tick_work_ms": latency_stats(ticks["work"], 1e3),          # action selection + env step
+        "action_ready_ms": latency_stats(ticks["act"], 1e3),        # from tick start until the action is known
+        "env_step_ms": latency_stats(ticks["env"], 1e3),
+        "tick_start_lateness_ms": latency_stats(ticks["lateness"], 1e3),
+        "action_age_ticks": latency_stats(ticks["age"]),            # tick minus the observation tick of the newest chunk
         "task": task.name,
         "sim_seconds_per_tick": 1.0 / fam.control_hz,
         "realtime_factor": cfg.rate_hz / fam.control_hz,     # simulated seconds per wall second while the clock runs
@@ -383,29 +360,18 @@ def find_max_rate(policy, cfg: RunConfig, seconds: float = 5.0, tolerance: float
     return good, trials
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 # ---- command line ---------------------------------------------------------------------------------------------
 def cmd_run(args: list[str]) -> None:
     from .evaluation import save_eval_json
-    from .runs import load_policy_for_eval, parse_kv
+    from .runs import flag, load_policy_for_eval, parse_kv
 
-    flag = lambda v: bool(int(v))  # noqa: E731
     opts = parse_kv(args, {"checkpoint": str, "rate_hz": str, "seconds": float, "episodes": int, "async": flag,
                       "ensemble": flag, "ensemble_k": float, "lead": int, "backend": str, "threads": int,
                       "max_steps": int, "start_seed": int, "seed": int, "warmup": int, "out": str,
                       "search_seconds": float, "tolerance": float})
     if "checkpoint" not in opts:
         raise SystemExit("usage: drift-policy run checkpoint=PATH [rate_hz=10|max seconds=60 episodes=0 async=0 "
-                         "ensemble=0 backend=torch|torchscript|onnx threads=1 out=report.json]")
+                         "ensemble=0 backend=eager|jit_trace|onnxruntime|... threads=1 out=report.json]")
     checkpoint = opts.pop("checkpoint")
     policy, run_cfg = load_policy_for_eval(checkpoint)
     task = run_cfg.task if run_cfg is not None else None      # a bare pretrained folder: Push-T keypoints
