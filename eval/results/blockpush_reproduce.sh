@@ -23,7 +23,7 @@ run() {  # name, overrides...
   $PY -m drift_policy bench summary run=runs/blockpush-$name out=$R/blockpush_$name.json "machine=$M"
 }
 run drift_g2 policy=drift_unet policy.n_noise=2 train.max_steps=800 train.warmup_steps=80
-run drift_g8 policy=drift_unet policy.n_noise=8 train.max_steps=200 train.warmup_steps=20
 # DDIM-10 at evaluation: DDPM-100 would cost ~10x the CPU (training is the same DDPM objective either way).
 run diffusion policy=diffusion_unet policy.scheduler=ddim policy.num_inference_steps=10 train.max_steps=1600 \
     train.warmup_steps=160
+run drift_g8 policy=drift_unet policy.n_noise=8 train.max_steps=200 train.warmup_steps=20
