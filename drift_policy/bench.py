@@ -31,7 +31,8 @@ def summarize_run(run_dir: Path) -> dict:
     rows = [json.loads(p.read_text()) for p in evals]
     # "coverage_score" is the score's name on Push-T (older eval files have only it); "mean_score" on every task.
     rows = [{"step": r["step"], "train_minutes": r["train_minutes"],
-             "coverage_score": r.get("mean_score", r.get("coverage_score")), "success_rate": r["success_rate"]}
+             "coverage_score": r.get("mean_score", r.get("coverage_score")), "success_rate": r["success_rate"],
+             **{k: r[k] for k in r.get("flags", ())}}        # the task's episode flags (BlockPush: p1, p2, ...)
             for r in rows]
     last = rows[-10:]
     cfg = json.loads((run_dir / "config.json").read_text())
@@ -262,11 +263,14 @@ def run_summary(args: list[str]) -> dict:
     s = summarize_run(run)
     s["config"] = json.loads((run / "config.json").read_text())
     s["machine"] = opts.get("machine", f"{os.cpu_count()}-core CPU")
+    flags = [k for k in (s["evals"][-1] if s["evals"] else {}) if k not in
+             ("step", "train_minutes", "coverage_score", "success_rate")]
     lines = [f"{s['config']['task']['name']}, {s['policy']['type']} policy ({s['policy']['architecture']} "
              f"{s['policy']['backbone']}), {s['machine']}", "",
-             "| step | train min | score | success |", "|---|---|---|---|"]
+             "| step | train min | score | success |" + "".join(f" {k} |" for k in flags),
+             "|---|---|---|---|" + "---|" * len(flags)]
     lines += [f"| {r['step']} | {r['train_minutes']:.1f} | {r['coverage_score']:.3f} | {r['success_rate']:.2f} |"
-              for r in s["evals"]]
+              + "".join(f" {r.get(k, float('nan')):.2f} |" for k in flags) for r in s["evals"]]
     lines += ["", f"max score {s['max_coverage']:.3f}, mean of the last {s['n_last']} evaluations "
                   f"{s['last10_coverage']:.3f} (success {s['last10_success']:.2f})"]
     # The run's training plots (plots.py): next to the record as <out stem>_<plot>.png, else in <run>/plots.

@@ -13,11 +13,14 @@ process layout.
 
 Metrics: ``mean_score`` is the mean over episodes of the episode's maximum reward, Diffusion Policy's
 ``test/mean_score``, also reported under the family's ``score_aliases`` (Push-T: ``coverage_score``, as its
-reward is clip(coverage / 0.95, 0, 1)). ``success_rate`` is the fraction of episodes that reached success at
-some step (the family's ``success_key`` in the step info: Push-T coverage > 0.95, LeRobot's ``pc_success`` /
-100; robomimic: the task's success check). Per episode, the maximum of each of the family's ``track_max`` info
-keys is reported as ``max_<key>`` (Push-T: ``max_coverage``). An episode ends at success or after
-``max_steps`` steps.
+reward is clip(coverage / 0.95, 0, 1); BlockPush: 0.49 once a block is in a target, 1 with both).
+``success_rate`` is the fraction of episodes that reached success at some step (the family's ``success_key`` in
+the step info: Push-T coverage > 0.95, LeRobot's ``pc_success`` / 100; robomimic: the task's success check;
+BlockPush: both blocks in targets). Per episode, the maximum of each of the family's ``track_max`` info keys is
+reported as ``max_<key>`` (Push-T: ``max_coverage``), and each of its ``episode_flags`` (info keys, BlockPush:
+``p1``, ``p2``, ``a_first``, ``b_first``) as true if true at any step; the fraction of episodes with each flag
+is a top-level key of the result, and ``flags`` lists them. An episode ends at success or after ``max_steps``
+steps.
 """
 from __future__ import annotations
 
@@ -62,6 +65,8 @@ class _Episode:
         self.max_reward = 0.0
         self.max_info = {k: 0.0 for k in self.family.track_max if k in info}   # e.g. Push-T's coverage
         self.success = False
+        # the family's episode flags (BlockPush: p1, p2, a_first, b_first): true if true at any step
+        self.flags = {k: bool(info.get(k, False)) for k in self.family.episode_flags}
         self.done = False
         self.writer = None
         self.video_path = video_path
@@ -94,6 +99,8 @@ class _Episode:
             self.success = self.success or bool(info.get(self.family.success_key, False))
             for k in self.max_info:
                 self.max_info[k] = max(self.max_info[k], float(info[k]))
+            for k in self.flags:
+                self.flags[k] = self.flags[k] or bool(info.get(k, False))
             if self.writer is not None:
                 self._write_frame()
             if terminated or truncated:
@@ -104,7 +111,7 @@ class _Episode:
 
     def summary(self) -> dict:
         out = {"seed": int(self.seed), "max_reward": float(self.max_reward), "steps": int(self.steps),
-               "success": bool(self.success)}
+               "success": bool(self.success), **self.flags}
         out.update({f"max_{k}": float(v) for k, v in self.max_info.items()})
         return out
 
@@ -412,6 +419,8 @@ def evaluate(
         "mean_score": score,
         **{alias: score for alias in env["family"].score_aliases},
         "success_rate": float(np.mean([e["success"] for e in per_episode])),
+        **{k: float(np.mean([e[k] for e in per_episode])) for k in env["family"].episode_flags},
+        "flags": list(env["family"].episode_flags),
         "n_episodes": int(n_episodes),
         "start_seed": int(start_seed),
         "n_obs_steps": int(n_obs_steps),

@@ -1,7 +1,8 @@
 """Task families behind a registry, and the functions the rest of the package calls with a ``TaskConfig``.
 
-Built-in families: ``pusht`` (``tasks/pusht.py``), ``robomimic`` (``tasks/robomimic.py``) and ``lerobot``
-(``tasks/lerobot.py``: any LeRobotDataset, evaluated in another family's env or not at all). Adding one
+Built-in families: ``pusht`` (``tasks/pusht.py``), ``robomimic`` (``tasks/robomimic.py``), ``blockpush``
+(``tasks/blockpush.py``) and ``lerobot`` (``tasks/lerobot.py``: any LeRobotDataset, evaluated in another family's
+env or not at all). Adding one
 takes a module that defines ``FAMILY = MyFamily()`` (a ``TaskFamily`` subclass) and a task YAML with
 ``env: <name>``: training, evaluation, the runner and the benchmarks only call the functions below. The module
 is found by name: every ``drift_policy/tasks/<name>.py``, or any module listed in ``$DRIFT_POLICY_TASK_MODULES``
@@ -19,6 +20,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from .base import NoOptions, TaskFamily
+from .blockpush import FAMILY as BLOCKPUSH
 from .pusht import FAMILY as PUSHT
 from .robomimic import FAMILY as ROBOMIMIC
 
@@ -78,6 +80,7 @@ def family(task) -> TaskFamily:
 
 register_family(PUSHT)
 register_family(ROBOMIMIC)
+register_family(BLOCKPUSH)
 
 
 def check_task(task) -> None:

@@ -36,6 +36,8 @@ class TaskFamily:
     score_aliases: ClassVar[tuple[str, ...]] = ()   # extra result keys that hold mean_score (Push-T: coverage_score)
     track_max: ClassVar[tuple[str, ...]] = ()       # info keys whose per-episode maximum is reported as max_<key>
     success_key: ClassVar[str] = "success"          # the info key that says an env step reached the goal
+    episode_flags: ClassVar[tuple[str, ...]] = ()   # info keys counted per episode as true at any step, reported
+                                                    # as fractions of episodes (BlockPush: p1, p2, ...)
     options_class: ClassVar[type] = NoOptions       # dataclass of task.options (defaults = the family's defaults)
     no_env_hint: ClassVar[str] = ""                 # what to do when eval_family() is None (how to name an env)
 
