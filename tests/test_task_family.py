@@ -23,7 +23,7 @@ max_steps: 20
 """
 TRAIN = ["policy=drift_unet", "policy.backbone=tiny", "policy.horizon=8", "policy.n_action_steps=4",
          "train.max_steps=12", "train.max_minutes=0", "train.batch_size=16", "train.threads=1", "train.log_every=4",
-         "train.eval_episodes=3", "train.eval_workers=1", "train.eval_every_minutes=0", "train.ckpt_every_steps=1000"]
+         "train.eval_episodes=3", "train.eval_workers=1", "train.eval_every_minutes=0", "train.eval_fraction=0", "train.ckpt_every_steps=1000"]
 
 
 @pytest.fixture()
