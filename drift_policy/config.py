@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .paths import CONFIG_DIR
 from .policies import PolicyConfig, config_from_dict
-from .policies.base import ConfigError, check_keys
+from .policies.base import ConfigError, check_keys, check_types
 
 @dataclass
 class TaskConfig:
@@ -33,7 +33,7 @@ class TaskConfig:
     def __post_init__(self):
         from .tasks import ENVS, check_task
 
-        self.obs_keys, self.image_keys = tuple(self.obs_keys), tuple(self.image_keys)
+        check_types(self, "task.")
         if self.env not in ENVS:
             raise ConfigError(f"task.env must be one of {list(ENVS)}, got {self.env!r}")
         try:
@@ -73,7 +73,7 @@ class TrainConfig:
     wandb_project: str = "drift-policy"
 
     def __post_init__(self):
-        self.betas = tuple(float(b) for b in self.betas)
+        check_types(self, "train.")
         positive = ("threads", "batch_size", "max_steps", "log_every", "ckpt_every_steps", "keep_checkpoints",
                     "max_bad_steps")
         for k in positive:

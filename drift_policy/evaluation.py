@@ -22,7 +22,6 @@ import json
 import multiprocessing as mp
 import os
 import sys
-import tempfile
 import time
 import traceback
 import types
@@ -440,20 +439,7 @@ def _json_default(obj: Any) -> Any:
 
 
 def save_eval_json(result: dict, path: str | os.PathLike) -> Path:
-    """Write ``result`` as JSON atomically (temporary file in the same folder, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(result, indent=2, default=_json_default, allow_nan=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write ``result`` as JSON atomically (see ``fileio.atomic_write_text``)."""
+    from .fileio import atomic_write_text
+
+    return atomic_write_text(path, json.dumps(result, indent=2, default=_json_default, allow_nan=True) + "\n")

@@ -1,5 +1,5 @@
 """Policies: a config dataclass that validates itself, and a module with compute_loss / predict_action."""
-from .base import Policy, PolicyConfig
+from .base import ConfigError, Policy, PolicyConfig
 from .diffusion import DiffusionConfig, DiffusionPolicy
 from .drift import DriftConfig, DriftPolicy
 
@@ -14,7 +14,7 @@ def config_from_dict(d: dict) -> PolicyConfig:
     d = dict(d)
     kind = d.get("type")
     if kind not in POLICIES:
-        raise ValueError(f"policy.type must be one of {sorted(POLICIES)}, got {kind!r}")
+        raise ConfigError(f"policy.type must be one of {sorted(POLICIES)}, got {kind!r}")
     return POLICIES[kind][0].from_dict(d)
 
 
