@@ -40,12 +40,9 @@ def cmd_resume(args: list[str]) -> None:
 
     if len(args) != 1:
         raise SystemExit("usage: drift-policy resume RUN_DIR")
-    from .config import Config
-
-    # train() reloads the config stored in the checkpoint; config.json only has to parse.
-    run_dir = Path(args[0])
-    cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
-    train(cfg, run_dir=run_dir, resume=True)
+    # train() takes the config stored in the checkpoint (config.json is not read: it may be truncated) and
+    # rewrites config.json from it.
+    train(None, run_dir=Path(args[0]), resume=True)
 
 
 def load_policy_for_eval(path: str | Path, device: str = "cpu"):

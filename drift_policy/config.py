@@ -69,6 +69,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_bad_steps: int = 20
     run_dir: str = ""
+    overwrite: bool = False             # replace an existing run in run_dir (else training into it is refused)
     wandb: str = "disabled"
     wandb_project: str = "drift-policy"
 

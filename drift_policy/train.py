@@ -6,6 +6,7 @@ their loss and sampler. Under ``torchrun`` the same loop is data-parallel (DDP):
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -17,11 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import latest_good_checkpoint, list_checkpoints, prune_checkpoints, save_checkpoint
+from .checkpoint import (is_verified, latest_good_checkpoint, list_checkpoints, non_finite_tensors, prune_checkpoints,
+                         save_checkpoint)
 from .config import Config
 from .distributed import Distributed
+from .fileio import atomic_write_text
 from .normalizer import Normalizer
 from .policies import Policy, make_policy
+from .runs import check_run_dir_free, claim_run_dir, write_run_config
 from .threads import set_threads
 
 
@@ -91,9 +95,7 @@ class Logger:
                         keep.append(line + "\n")
                 except (json.JSONDecodeError, KeyError, TypeError):
                     pass
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(keep))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, "".join(keep))
         self.wandb = None
         if cfg.train.wandb != "disabled":
             import wandb
@@ -113,12 +115,22 @@ class Logger:
 
 
 # ---- the loop ---------------------------------------------------------------------------------------------------
-def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = False, progress: bool = True) -> Path:
-    t = cfg.train
-    run_dir = Path(run_dir or t.run_dir or cfg.default_run_dir())
-    set_threads(t.threads)
+def train(cfg: Config | None, run_dir: str | os.PathLike | None = None, resume: bool = False,
+          progress: bool = True) -> Path:
+    """Train ``cfg`` into a new run folder, or (``resume``) continue the run in ``run_dir`` from its newest good
+    checkpoint, with the config stored in that checkpoint (``cfg`` may then be None). The folder is claimed
+    exclusively for the run's life (``runs.claim_run_dir``)."""
+    with contextlib.ExitStack() as hold:
+        return _train(cfg, run_dir, resume, progress, hold)
 
-    # Resuming takes the config saved with the run, so a resumed run is the same run.
+
+def _train(cfg: Config | None, run_dir, resume: bool, progress: bool, hold: contextlib.ExitStack) -> Path:
+    if cfg is None and not (resume and run_dir):
+        raise ValueError("train() needs a config, or resume=True and the run_dir to resume")
+    run_dir = Path(run_dir or cfg.train.run_dir or cfg.default_run_dir())
+
+    # Resuming takes the config saved with the run's checkpoint, so a resumed run is the same run (and a
+    # truncated or edited config.json does not matter).
     ckpt = None
     if resume:
         found = latest_good_checkpoint(run_dir)
@@ -126,23 +138,25 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
             raise FileNotFoundError(f"{run_dir}: no usable checkpoint to resume from")
         ckpt_path, ckpt = found
         cfg = Config.from_dict(ckpt["config"])
-        t = cfg.train
         print(f"resuming {run_dir} from {ckpt_path.name} (step {ckpt['step']})")
-    elif list_checkpoints(run_dir):
-        raise FileExistsError(f"{run_dir} already has checkpoints: use `drift-policy resume {run_dir}` or a new run_dir")
+    else:
+        check_run_dir_free(run_dir, cfg.train.overwrite)    # fail before loading data; writes nothing
+    t = cfg.train
+    set_threads(t.threads)
     # One process, or one of several under torchrun (then only rank 0 writes files).
     dist = Distributed(t.device)
     dist.check_batch_size(t.batch_size)
     device, is_main = dist.device, dist.is_main
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     torch.manual_seed(t.seed)
     np.random.seed(t.seed)
 
-    # Data and normaliser (fitted on the training split only).
+    # Data and normaliser (fitted on the training split only). Validation comes before anything is written: a
+    # run that fails on bad data leaves the folder as it was.
     train_set, val_set = make_datasets(cfg)
     normalizer = Normalizer().fit("obs", train_set.steps("obs")).fit("action", train_set.steps("action"))
+    if is_main:
+        hold.enter_context(claim_run_dir(run_dir, resume=resume, overwrite=t.overwrite))
+        write_run_config(run_dir, cfg.to_dict())
 
     # Policy, EMA copy and optimiser.
     policy = make_policy(cfg.policy, normalizer).to(device)
@@ -168,6 +182,13 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
 
     def checkpoint():
         torch_rng = dist.rng_states()         # every rank's noise stream (a collective: all ranks get here)
+        bad = non_finite_tensors(policy.state_dict()) + non_finite_tensors(ema.state_dict())
+        if bad:
+            # Never stored as "good": resume and eval would pick NaN weights. The newest checkpoint on disk stays
+            # the newest good one.
+            newest = next((p for p in list_checkpoints(run_dir) if is_verified(p)), None)
+            raise FloatingPointError(f"step {step}: the weights hold NaN or inf ({bad[0]}); not saved. Newest good "
+                                     f"checkpoint: {newest or 'none'}")
         if not is_main:
             return
         save_checkpoint({"model": policy.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
@@ -214,7 +235,7 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
             bad_steps += 1
             warnings.warn(f"step {step}: non-finite loss or gradient ({float(loss)}, {float(grad_norm)}); step skipped")
             if bad_steps >= t.max_bad_steps:
-                checkpoint()
+                checkpoint()                  # skipped steps left the weights as they were: save them if finite
                 raise FloatingPointError(f"{bad_steps} consecutive non-finite steps at step {step}; aborting "
                                          f"(last good weights saved in {run_dir / 'checkpoints'})")
             continue
