@@ -51,6 +51,7 @@ def load_policy_for_eval(path: str | Path, device: str = "cpu"):
     from .config import Config
     from .normalizer import Normalizer
     from .policies import Policy, make_policy
+    from .policies.base import load_state
 
     path = Path(path)
     if (path / "model.safetensors").exists():
@@ -68,7 +69,7 @@ def load_policy_for_eval(path: str | Path, device: str = "cpu"):
     norm = Normalizer.from_state_dict({k[len("normalizer."):]: v for k, v in ckpt["ema"].items()
                                        if k.startswith("normalizer.")})
     policy = make_policy(cfg.policy, norm)
-    policy.load_state_dict(ckpt["ema"])
+    load_state(policy, ckpt["ema"], str(path))
     return policy.to(device).eval(), cfg
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -298,36 +299,117 @@ class Policy(nn.Module):
         return torch.randn(n, c.horizon, c.action_dim, generator=generator, device=self.device)
 
     # ---- LeRobot-style persistence ---------------------------------------------------------------------
+    # A pretrained folder: config.json (the policy config), model.safetensors (the weights, with the same config
+    # in their metadata) and manifest.json (SHA-256 and size of both files). from_pretrained verifies all three, so
+    # flipped bytes, a config with missing keys, or a config.json that contradicts the weights (another horizon,
+    # n_action_steps, size or policy type) are refused instead of loading something else than was trained.
+    MANIFEST = "manifest.json"
+
     def save_pretrained(self, path: str | os.PathLike) -> Path:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
+
+        from ..checkpoint import CheckpointError, non_finite_tensors
+        from ..fileio import atomic_write_bytes
 
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tmp = path / "config.json.tmp"
-        tmp.write_text(json.dumps(self.config.to_dict(), indent=2))
-        os.replace(tmp, path / "config.json")
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(path / "model.safetensors.tmp"))
-        os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
+        bad = non_finite_tensors(state)
+        if bad:
+            raise CheckpointError(f"refusing to save {path}: the weights hold NaN or inf (first: {bad[0]})")
+        config = json.dumps(self.config.to_dict(), indent=2)
+        files = {"config.json": config.encode(),
+                 "model.safetensors": save(state, metadata={"config": json.dumps(self.config.to_dict())})}
+        for name, data in files.items():
+            atomic_write_bytes(path / name, data)
+        manifest = {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for name, data in files.items()}
+        atomic_write_bytes(path / self.MANIFEST, json.dumps(manifest, indent=2).encode())  # last: marks it complete
         return path
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Policy":
-        from safetensors.torch import load_file
+    def _read_pretrained(cls, path: Path) -> tuple[dict, bytes]:
+        """config.json as a dict and the weights' bytes, after checking them against manifest.json."""
+        from ..checkpoint import CheckpointError
 
-        from . import POLICIES, config_from_dict
-
-        path = Path(path)
         for f in ("config.json", "model.safetensors"):
             if not (path / f).exists():
                 raise FileNotFoundError(f"{path}: missing {f} (expected a folder written by save_pretrained)")
-        config = config_from_dict(json.loads((path / "config.json").read_text()))
-        state = load_file(str(path / "model.safetensors"), device=str(device))
+        if not (path / cls.MANIFEST).exists():
+            raise CheckpointError(f"{path}: missing {cls.MANIFEST} (the checksums of a folder written by "
+                                  f"save_pretrained): its files cannot be verified")
+        try:
+            manifest = json.loads((path / cls.MANIFEST).read_text())
+            expected = {f: (int(manifest[f]["bytes"]), str(manifest[f]["sha256"]))
+                        for f in ("config.json", "model.safetensors")}
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: {cls.MANIFEST} is corrupted ({type(e).__name__}: {e})") from e
+        data = {}
+        for f, (size, digest) in expected.items():
+            data[f] = (path / f).read_bytes()
+            if len(data[f]) != size:
+                raise CheckpointError(f"{path / f}: truncated or changed ({len(data[f])} bytes, {cls.MANIFEST} "
+                                      f"says {size})")
+            if hashlib.sha256(data[f]).hexdigest() != digest:
+                raise CheckpointError(f"{path / f}: corrupted or changed (SHA-256 does not match {cls.MANIFEST})")
+        try:
+            config = json.loads(data["config.json"])
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({e})") from e
+        return config, data["model.safetensors"]
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Policy":
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        from ..checkpoint import CheckpointError, non_finite_tensors
+        from . import POLICIES, config_from_dict
+
+        path = Path(path)
+        raw, weights = cls._read_pretrained(path)
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{path / 'config.json'}: expected a JSON object")
+        config = config_from_dict(raw)
+        missing = sorted({f.name for f in dataclasses.fields(config)} - set(raw))
+        if missing:   # defaults would silently describe another policy than the one trained
+            raise CheckpointError(f"{path / 'config.json'}: missing key(s) {', '.join('policy.' + k for k in missing)}")
+        try:
+            state = load(weights)
+            n = int.from_bytes(weights[:8], "little")              # safetensors: u64 header size, JSON header
+            meta = json.loads(weights[8: 8 + n]).get("__metadata__") or {}
+        except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise CheckpointError(f"{path / 'model.safetensors'}: not a readable safetensors file ({e})") from e
+        if "config" in meta:
+            trained = json.loads(meta["config"])
+            differ = sorted(k for k in set(trained) | set(raw) if _plain(trained.get(k)) != _plain(raw.get(k)))
+            if differ:
+                raise CheckpointError(f"{path / 'config.json'} contradicts the weights, which were trained with "
+                                      + ", ".join(f"policy.{k}={trained.get(k)!r} (config.json: {raw.get(k)!r})"
+                                                  for k in differ))
+        bad = non_finite_tensors(state)
+        if bad:
+            raise CheckpointError(f"{path / 'model.safetensors'}: weights hold NaN or inf (first: {bad[0]})")
         norm = Normalizer.from_state_dict({k[len("normalizer."):]: v for k, v in state.items()
                                            if k.startswith("normalizer.")})
         policy_cls = POLICIES[config.type][1]
         if cls is not Policy and not issubclass(policy_cls, cls):
             raise TypeError(f"{path} holds a {config.type} policy, not a {cls.__name__}")
         policy = policy_cls(config, norm)
-        policy.load_state_dict(state)
+        load_state(policy, state, str(path / "model.safetensors"))
         return policy.to(device).eval()
+
+
+def load_state(module: nn.Module, state: dict, where: str) -> None:
+    """``load_state_dict`` whose key or shape mismatch is a CheckpointError naming the file (weights of another
+    policy type, size or task), not a RuntimeError deep in torch."""
+    from ..checkpoint import CheckpointError
+
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"{where}: the weights do not fit this {type(module).__name__} "
+                              f"({'; '.join(x.strip() for x in first[:3])})") from e
+
+
+def _plain(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
