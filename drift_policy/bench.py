@@ -22,10 +22,10 @@ from pathlib import Path
 from .paths import REPO_ROOT
 
 
-def _kv(args, allowed):
+def _kv(args, allowed, **kw):
     from .cli import _kv as kv
 
-    return kv(args, allowed)
+    return kv(args, allowed, **kw)
 
 
 def summarize_run(run_dir: Path) -> dict:
@@ -92,7 +92,11 @@ def write_report(summaries: dict[str, dict], out: Path, meta: dict) -> None:
 
 def bench_train(args: list[str]) -> None:
     opts = _kv(args, {"minutes": float, "eval_every": float, "policies": str, "out": str, "runs": str,
-                      "machine": str, "overrides": str, "report_only": int})
+                      "machine": str, "overrides": str, "report_only": int},
+               usage="usage: drift-policy bench train [minutes=30 eval_every=3 policies=drift_unet,diffusion_unet ...]",
+               defaults={"minutes": 30.0, "eval_every": 3.0, "policies": "drift_unet,diffusion_unet",
+                         "out": "eval/results", "runs": "runs/bench-<time>", "machine": "<cores>-core CPU",
+                         "overrides": "''", "report_only": 0})
     minutes = opts.get("minutes", 30.0)
     eval_every = opts.get("eval_every", 3.0)
     policies = opts.get("policies", "drift_unet,diffusion_unet").split(",")
@@ -129,9 +133,11 @@ def run_summary(args: list[str]) -> dict:
     """``drift-policy bench summary run=DIR [out=FILE.json] [machine=TEXT]``: a run's evaluation history (every
     eval/step_*.json: score and success by step and training minute), its config and max / last-k statistics,
     as JSON plus a Markdown table on stdout; for committing a run's record next to the README's numbers."""
-    opts = _kv(args, {"run": str, "out": str, "machine": str})
+    usage = "usage: drift-policy bench summary run=DIR [out=FILE.json] [machine=TEXT]"
+    opts = _kv(args, {"run": str, "out": str, "machine": str}, usage=usage,
+               defaults={"out": "(stdout only)", "machine": "<cores>-core CPU"})
     if "run" not in opts:
-        raise SystemExit("usage: drift-policy bench summary run=DIR [out=FILE.json] [machine=TEXT]")
+        raise SystemExit(usage)
     run = Path(opts["run"])
     if not (run / "config.json").exists():
         raise SystemExit(f"{run}: not a run folder (no config.json)")
@@ -155,8 +161,13 @@ def run_summary(args: list[str]) -> dict:
 
 
 def main(args: list[str]) -> None:
+    usage = ("usage: drift-policy bench {train,latency,summary} [key=value ...]\n"
+             "  drift-policy bench <train|latency|summary> --help   lists that benchmark's keys and defaults")
+    if args and args[0] in ("-h", "--help", "help"):
+        print(usage)
+        return
     if not args or args[0] not in ("train", "latency", "summary"):
-        raise SystemExit("usage: drift-policy bench {train,latency,summary} [key=value ...]")
+        raise SystemExit(usage)
     if args[0] == "summary":
         run_summary(args[1:])
     elif args[0] == "train":

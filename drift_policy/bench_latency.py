@@ -815,6 +815,7 @@ def _list(kind: Callable, name: str):
             return [kind(s) for s in items]
         except ValueError:
             raise SystemExit(f"{name}: expected a comma-separated list of {kind.__name__}, got {v!r}") from None
+    parse.__name__ = f"list[{kind.__name__}]"     # shown by --help
     return parse
 
 
@@ -834,12 +835,14 @@ OPTIONS = {"presets": _list(str, "presets"), "xlarge": _flag, "batches": _list(i
 
 
 def main(args: list[str]) -> dict:
+    import inspect
+
     from .cli import _kv
 
-    try:
-        opts = _kv(args, OPTIONS)
-    except ValueError as e:  # int("x") and the like
-        raise SystemExit(f"bad option value: {e}") from None
+    defaults = {k: p.default for k, p in inspect.signature(bench_latency).parameters.items() if k in OPTIONS}
+    defaults.update(device="cuda if available, else cpu", profile=50, backends="all of the device's backends",
+                    task_policies=",".join(TASK_POLICIES), xlarge=0, out="eval/results/latency_<device>.json")
+    opts = _kv(args, OPTIONS, usage="usage: drift-policy bench latency [key=value ...]", defaults=defaults)
     device = opts.pop("device", "cuda" if torch.cuda.is_available() else "cpu")
     presets = opts.pop("presets", list(DEFAULT_PRESETS))
     if opts.pop("xlarge", False) and "xlarge" not in presets:

@@ -16,19 +16,67 @@ import sys
 from pathlib import Path
 
 
-def _kv(args: list[str], allowed: dict[str, type]) -> dict:
+HELP_FLAGS = ("-h", "--help", "help")
+
+
+def wants_help(args: list[str]) -> bool:
+    return any(a in HELP_FLAGS for a in args)
+
+
+def help_text(usage: str, allowed: dict[str, type], defaults: dict | None = None) -> str:
+    """Usage and one line per key: its type and default (or what it defaults to)."""
+    defaults = defaults or {}
+    lines = [usage, "", "keys (key=value):"]
+    for k, kind in allowed.items():
+        default = defaults.get(k, "required" if k in ("checkpoint", "run") else "-")
+        kind = getattr(kind, "__name__", "value").strip("_<>") or "value"
+        lines.append(f"  {k:<16} {kind:<8} default: {default}")
+    return "\n".join(lines)
+
+
+def _kv(args: list[str], allowed: dict[str, type], *, usage: str = "", defaults: dict | None = None) -> dict:
+    """key=value options; ``--help`` (or ``-h``, ``help``) prints the usage and the keys with their defaults."""
+    if wants_help(args):
+        print(help_text(usage or "keys: " + ", ".join(allowed), allowed, defaults))
+        raise SystemExit(0)
     out = {}
     for a in args:
         if "=" not in a:
-            raise SystemExit(f"expected key=value, got {a!r} (keys: {', '.join(allowed)})")
+            raise SystemExit(f"expected key=value, got {a!r} (keys: {', '.join(allowed)}; --help for defaults)")
         k, v = a.split("=", 1)
         if k not in allowed:
             raise SystemExit(f"unknown option {k!r} (keys: {', '.join(allowed)})")
-        out[k] = allowed[k](v)
+        try:
+            out[k] = allowed[k](v)
+        except (TypeError, ValueError) as e:
+            kind = getattr(allowed[k], "__name__", "value")
+            raise SystemExit(f"option {k}: expected {kind}, got {v!r} ({e})") from None
     return out
 
 
+def train_help() -> str:
+    """``train --help``: the task and policy choices, then every key with its default value."""
+    import dataclasses
+
+    from .config import compose
+    from .paths import CONFIG_DIR
+
+    names = lambda group: sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))  # noqa: E731
+    cfg = compose([])
+    lines = ["usage: drift-policy train [task=NAME] [policy=NAME] [group.key=value ...]", "",
+             f"task=   {' | '.join(names('task'))}   (default {cfg.task.name})",
+             f"policy= {' | '.join(names('policy'))}", "",
+             "keys with their defaults (task and policy keys: for the default task and policy; values derived from "
+             "the task, such as policy.obs_dim, are set in Python):"]
+    for group, obj in (("train", cfg.train), ("task", cfg.task), ("policy", cfg.policy)):
+        lines += [f"  {group}.{f.name}={getattr(obj, f.name)!r}" for f in dataclasses.fields(obj)]
+    return "\n".join(lines)
+
+
 def cmd_train(overrides: list[str]) -> None:
+    if wants_help(overrides):
+        print(train_help())
+        return
     from .config import compose
     from .train import train
 
@@ -38,8 +86,13 @@ def cmd_train(overrides: list[str]) -> None:
 def cmd_resume(args: list[str]) -> None:
     from .train import train
 
+    usage = ("usage: drift-policy resume RUN_DIR\n\nContinue the run in RUN_DIR from its newest checkpoint that "
+             "verifies, with the config stored in that checkpoint (no keys).")
+    if wants_help(args):
+        print(usage)
+        return
     if len(args) != 1:
-        raise SystemExit("usage: drift-policy resume RUN_DIR")
+        raise SystemExit(usage)
     # train() takes the config stored in the checkpoint (config.json is not read: it may be truncated) and
     # rewrites config.json from it.
     train(None, run_dir=Path(args[0]), resume=True)
@@ -79,16 +132,23 @@ def cmd_eval(args: list[str]) -> None:
     from .threads import set_threads
     from .train import evaluate_policy
 
+    from .fileio import check_writable
+
+    usage = "usage: drift-policy eval checkpoint=PATH [episodes=50 workers=2 videos=0 out=FILE]"
     opts = _kv(args, {"checkpoint": str, "episodes": int, "workers": int, "videos": int, "out": str, "seed": int,
-                      "threads": int, "task": str})
+                      "threads": int, "task": str}, usage=usage,
+               defaults={"episodes": 50, "workers": 2, "videos": 0, "seed": 0, "threads": 1,
+                         "out": "<run>/eval.json or <checkpoint>.eval.json",
+                         "task": "the run's task (pusht_keypoints for a bare pretrained folder)"})
     if "checkpoint" not in opts:
-        raise SystemExit("usage: drift-policy eval checkpoint=PATH [episodes=50 workers=2 videos=0 out=FILE]")
+        raise SystemExit(usage)
+    ckpt = Path(opts["checkpoint"])
+    out = Path(opts["out"]) if "out" in opts else (ckpt / "eval.json" if ckpt.is_dir() else ckpt.with_suffix(".eval.json"))
+    check_writable(out, "eval out=")          # before the rollouts, not after
     set_threads(opts.get("threads", 1))
     policy, cfg = load_policy_for_eval(opts["checkpoint"])
     if "task" in opts or cfg is None:
         cfg = compose([f"task={opts.get('task', 'pusht_keypoints')}"])
-    ckpt = Path(opts["checkpoint"])
-    out = Path(opts["out"]) if "out" in opts else (ckpt / "eval.json" if ckpt.is_dir() else ckpt.with_suffix(".eval.json"))
     res = evaluate_policy(policy, cfg, opts.get("episodes", 50), opts.get("workers", 2),
                           video_dir=out.parent / "videos" if opts.get("videos") else None,
                           n_videos=opts.get("videos", 0), seed=opts.get("seed", 0))
@@ -105,14 +165,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("command", choices=["train", "resume", "eval", "bench", "export", "run", "image"])
     parser.add_argument("args", nargs=argparse.REMAINDER)
     ns = parser.parse_args(argv)
-    from .data.pusht import DatasetError
-    from .policies.base import ConfigError
-
     try:
         _dispatch(ns)
-    except (ConfigError, DatasetError) as e:
-        # A wrong key or value, or a missing or malformed data file: the message says what and where.
-        parser.exit(2, f"drift-policy {ns.command}: error: {e}\n")
+    except user_errors() as e:
+        # A wrong key or value, a missing or malformed data file, checkpoint or pretrained folder, a run folder in
+        # use, an output path that cannot be written: the message says what and where, in one line.
+        msg = " ".join(str(e).split()) or type(e).__name__
+        parser.exit(2, f"drift-policy {ns.command}: error: {msg}\n")
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors that mean "bad input", reported in one line with exit code 2 (anything else is a bug and keeps
+    its traceback)."""
+    from json import JSONDecodeError
+
+    from safetensors import SafetensorError
+
+    from .checkpoint import CheckpointError
+    from .data.pusht import DatasetError
+    from .policies.base import ConfigError
+    from .runs import RunDirError
+
+    return (ConfigError, DatasetError, CheckpointError, RunDirError, SafetensorError, JSONDecodeError, OSError)
 
 
 def _dispatch(ns: argparse.Namespace) -> None:

@@ -142,9 +142,14 @@ def load_torchscript(path: str | os.PathLike) -> torch.jit.ScriptModule:
 def cmd_export(args: list[str]) -> None:
     from .cli import _kv, load_policy_for_eval
 
-    opts = _kv(args, {"checkpoint": str, "format": str, "out": str})
+    from .fileio import check_writable
+
+    usage = "usage: drift-policy export checkpoint=PATH format=onnx|torchscript out=FILE"
+    opts = _kv(args, {"checkpoint": str, "format": str, "out": str}, usage=usage,
+               defaults={"format": "onnx", "out": "required"})
     if "checkpoint" not in opts or "out" not in opts:
-        raise SystemExit("usage: drift-policy export checkpoint=PATH format=onnx|torchscript out=FILE")
+        raise SystemExit(usage)
+    check_writable(opts["out"], "export out=")
     fmt = opts.get("format", "onnx")
     if fmt not in ("onnx", "torchscript"):
         raise SystemExit(f"format must be onnx or torchscript, got {fmt!r}")

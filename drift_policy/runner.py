@@ -42,6 +42,7 @@ import tempfile
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -372,17 +373,25 @@ def cmd_run(args: list[str]) -> None:
     from .cli import _kv, load_policy_for_eval
     from .evaluation import save_eval_json
 
-    flag = lambda v: bool(int(v))  # noqa: E731
+    from .fileio import check_writable
+
+    def flag(v: str) -> bool:
+        return bool(int(v))
+
+    usage = ("usage: drift-policy run checkpoint=PATH [rate_hz=10|max seconds=60 episodes=0 async=0 "
+             "ensemble=0 backend=torch|torchscript|onnx threads=1 out=report.json]")
+    defaults = {("async" if f.name == "async_" else f.name): f.default for f in dataclasses.fields(RunConfig)}
+    defaults.update(rate_hz="10 (or max: search the highest sustained rate)", out="runner_report.json",
+                    search_seconds=5.0, tolerance=0.01)
     opts = _kv(args, {"checkpoint": str, "rate_hz": str, "seconds": float, "episodes": int, "async": flag,
                       "ensemble": flag, "ensemble_k": float, "lead": int, "backend": str, "threads": int,
                       "max_steps": int, "start_seed": int, "seed": int, "warmup": int, "out": str,
-                      "search_seconds": float, "tolerance": float})
+                      "search_seconds": float, "tolerance": float}, usage=usage, defaults=defaults)
     if "checkpoint" not in opts:
-        raise SystemExit("usage: drift-policy run checkpoint=PATH [rate_hz=10|max seconds=60 episodes=0 async=0 "
-                         "ensemble=0 backend=torch|torchscript|onnx threads=1 out=report.json]")
+        raise SystemExit(usage)
     checkpoint = opts.pop("checkpoint")
+    out = check_writable(opts.pop("out", "runner_report.json"), "run out=")   # before the run, not after
     policy, _ = load_policy_for_eval(checkpoint)
-    out = Path(opts.pop("out", "runner_report.json"))
     rate = opts.pop("rate_hz", "10")
     search = {"seconds": opts.pop("search_seconds", 5.0), "tolerance": opts.pop("tolerance", 0.01)}
     if "async" in opts:
