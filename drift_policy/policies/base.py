@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..models.transformer import TRANSFORMER_PRESETS, TimeSeriesTransformer
 from ..models.unet1d import UNET_PRESETS, ConditionalUnet1D
 from ..normalizer import Normalizer
+from ..observations import check_chunk, check_observation
 
 
 class ConfigError(ValueError):
@@ -240,6 +241,7 @@ class Policy(nn.Module):
                 raise ValueError(f"{k!r} must be [B={low.shape[0]}, To, {', '.join(map(str, c.image_shape))}], "
                                  f"got {tuple(img.shape)}")
             out[k] = img[:, -c.n_obs_steps:]
+        check_observation(out, c.image_keys)
         return out
 
     @property
@@ -257,6 +259,7 @@ class Policy(nn.Module):
     def predict_action(self, obs, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """obs [B, To, obs_dim] (or {"obs": ..., <camera>: [B, To, 3, H, W]}) in data units -> {"action": [B, Ta, Da], "action_pred": [B, Tp, Da]}."""
         action_pred = self.normalizer.unnormalize("action", self.sample(self.condition(self._obs(obs)), generator))
+        check_chunk(action_pred)
         start = self.config.n_obs_steps - 1
         return {"action": action_pred[:, start: start + self.config.n_action_steps], "action_pred": action_pred}
 
@@ -275,7 +278,10 @@ class Policy(nn.Module):
         """One action [B, Da] for the latest single-step obs [B, obs_dim] (or {"obs": [B, D], <camera>: [B, 3, H, W]}).
 
         Keeps the last To observations (the first one repeated after ``reset``) and a queue of the current chunk's
-        actions; the generator runs only when the queue is empty, i.e. once every Ta calls.
+        actions; the generator runs only when the queue is empty, i.e. once every Ta calls. Every step is checked
+        (``observations.check_observation``: finite values, images in 0..255) before it enters the history, even
+        when the action comes from the queue. The batch size is fixed between ``reset`` calls: a step with another
+        number of rows than the queued actions is a ValueError (call ``reset()`` when the environments change).
         """
         if not hasattr(self, "_action_queue"):
             self.reset()
@@ -286,6 +292,16 @@ class Policy(nn.Module):
             step = {k: torch.as_tensor(v).unsqueeze(0) for k, v in step.items()}
         if step["obs"].dim() != 2 or step["obs"].shape[1] != c.obs_dim:
             raise ValueError(f"select_action takes one step of obs [B, {c.obs_dim}], got {tuple(step['obs'].shape)}")
+        for k in c.image_keys:
+            if k not in step:
+                raise ValueError(f"observation is missing {k!r} (this policy needs {['obs', *c.image_keys]})")
+            step[k] = torch.as_tensor(step[k], device=self.device)
+        check_observation(step, c.image_keys, "select_action")
+        B = step["obs"].shape[0]
+        if self._obs_history and self._obs_history[-1]["obs"].shape[0] != B:
+            raise ValueError(f"select_action got a batch of {B} observations, but this episode's history and queued "
+                             f"actions are for {self._obs_history[-1]['obs'].shape[0]}; call reset() when the number "
+                             f"of environments changes")
         To = c.n_obs_steps
         self._obs_history = (self._obs_history + [step])[-To:] if self._obs_history else [step] * To
         if not self._action_queue:
