@@ -20,12 +20,8 @@ import time
 from pathlib import Path
 
 from .paths import REPO_ROOT
-
-
-def _kv(args, allowed, **kw):
-    from .cli import _kv as kv
-
-    return kv(args, allowed, **kw)
+from .policies import config_from_dict
+from .runs import parse_kv as _kv
 
 
 def summarize_run(run_dir: Path) -> dict:
@@ -66,7 +62,7 @@ def write_report(summaries: dict[str, dict], out: Path, meta: dict) -> None:
              "|---|---|---|---|---|---|---|---|"]
     for name, s in summaries.items():
         p = s["policy"]
-        nfe = 1 if p["type"] == "drift" else p["num_inference_steps"]
+        nfe = config_from_dict(p).nfe
         minutes_run = s["evals"][-1]["train_minutes"] if s["evals"] else 0.0
         lines.append(f"| {name} | {nfe} | {minutes_run:.0f} | {s['final_step']} | {s['max_coverage']:.3f} | {s['last10_coverage']:.3f} "
                      f"({s['n_last']}) | {s['max_success']:.2f} | {s['last10_success']:.2f} |")

@@ -46,12 +46,11 @@ from torch import Tensor, nn
 
 from .paths import REPO_ROOT
 
-# method key -> (label, config overrides, network function evaluations per action chunk)
-METHODS: dict[str, tuple[str, list[str], int]] = {
-    "drift": ("drift 1-NFE", ["policy=drift_unet"], 1),
-    "ddim10": ("DDIM-10", ["policy=diffusion_unet", "policy.scheduler=ddim", "policy.num_inference_steps=10"], 10),
-    "ddpm100": ("DDPM-100", ["policy=diffusion_unet", "policy.scheduler=ddpm", "policy.num_inference_steps=100"],
-                100),
+# method key -> (label, config overrides); the network evaluations per chunk come from the config (``nfe``)
+METHODS: dict[str, tuple[str, list[str]]] = {
+    "drift": ("drift 1-NFE", ["policy=drift_unet"]),
+    "ddim10": ("DDIM-10", ["policy=diffusion_unet", "policy.scheduler=ddim", "policy.num_inference_steps=10"]),
+    "ddpm100": ("DDPM-100", ["policy=diffusion_unet", "policy.scheduler=ddpm", "policy.num_inference_steps=100"]),
 }
 # Whole policies per task (backbone and image encoder as configured): name -> config overrides.
 TASK_POLICIES: dict[str, list[str]] = {
@@ -506,7 +505,7 @@ def bench_task_policies(names=tuple(TASK_POLICIES), batch: int = 1, *, device: s
         t = time_call(lambda: policy.predict_action(obs), **timing_kw)
         row = {"name": name, "batch": batch, "params_m": n_params(policy) / 1e6, "predict_ms": t["median_ms"],
                "predict_p90_ms": t["p90_ms"], "n_repeats": t["n_repeats"], "encoder_ms": None,
-               "encoder_params_m": None, "nfe": getattr(cfg.policy, "num_inference_steps", 1)}
+               "encoder_params_m": None, "nfe": cfg.policy.nfe}
         if policy.obs_encoder is not None:
             c = cfg.policy
             frames = {k: v[:, -c.n_obs_steps:].flatten(0, 1) for k, v in obs.items() if k in c.image_keys}
@@ -562,8 +561,8 @@ def bench_latency(presets=DEFAULT_PRESETS, batches=DEFAULT_BATCHES, methods=tupl
                 torch.manual_seed(seed)
                 t = time_call(lambda: policy.predict_action(obs), inference_mode=backend != "eager_no_grad",
                               **timing_kw)
-                label, _, nfe = METHODS[method]
-                cell = {"preset": preset, "method": method, "label": label, "nfe": nfe, "batch": batch,
+                label = METHODS[method][0]
+                cell = {"preset": preset, "method": method, "label": label, "nfe": policy.config.nfe, "batch": batch,
                         "params_m": params[(preset, method)] / 1e6, "backend": backend,
                         **{k: t[k] for k in ("median_ms", "p90_ms", "min_ms", "mean_ms", "n_repeats")}}
                 results.append(cell)
@@ -650,8 +649,9 @@ def _default_drift_policy(device: str, seed: int):
     from .policies import make_policy
 
     cfg = compose([])
-    if cfg.policy.type != "drift":
-        raise RuntimeError(f"the default config's policy is {cfg.policy.type!r}, expected the drift policy")
+    if cfg.policy.nfe != 1:
+        raise RuntimeError(f"the default config's policy is {cfg.policy.type!r} ({cfg.policy.nfe} NFE), expected "
+                           f"the one-step drift policy")
     torch.manual_seed(seed)
     return make_policy(cfg.policy).to(device).eval()
 
@@ -837,12 +837,15 @@ OPTIONS = {"presets": _list(str, "presets"), "xlarge": _flag, "batches": _list(i
 def main(args: list[str]) -> dict:
     import inspect
 
-    from .cli import _kv
+    from .runs import parse_kv
 
     defaults = {k: p.default for k, p in inspect.signature(bench_latency).parameters.items() if k in OPTIONS}
     defaults.update(device="cuda if available, else cpu", profile=50, backends="all of the device's backends",
                     task_policies=",".join(TASK_POLICIES), xlarge=0, out="eval/results/latency_<device>.json")
-    opts = _kv(args, OPTIONS, usage="usage: drift-policy bench latency [key=value ...]", defaults=defaults)
+    try:
+        opts = parse_kv(args, OPTIONS, usage="usage: drift-policy bench latency [key=value ...]", defaults=defaults)
+    except ValueError as e:  # int("x") and the like
+        raise SystemExit(f"bad option value: {e}") from None
     device = opts.pop("device", "cuda" if torch.cuda.is_available() else "cpu")
     presets = opts.pop("presets", list(DEFAULT_PRESETS))
     if opts.pop("xlarge", False) and "xlarge" not in presets:

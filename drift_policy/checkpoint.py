@@ -11,8 +11,8 @@ What "verified" means here, and where each guarantee lives:
   good state, so resume and eval can trust the newest verified one.
 * ``load_checkpoint`` reads with ``torch.load(weights_only=True)``: a checkpoint holds tensors and plain Python
   values only (dicts, lists, tuples, numbers, strings), so unpickling cannot run code from a ``.pt`` file.
-* ``prune_checkpoints`` counts only checkpoints whose checksum verifies: a corrupt or unverifiable file never
-  takes a keep slot, so pruning never deletes the newest good checkpoint.
+* ``is_verified`` (a cheap checksum check, no unpickling) is what ``runs.prune_checkpoints`` counts: a corrupt or
+  unverifiable file never takes a keep slot, so pruning never deletes the newest good checkpoint.
 """
 from __future__ import annotations
 
@@ -21,18 +21,14 @@ import io
 import json
 import os
 import pickle
-import warnings
 from pathlib import Path
 
 import torch
 
+from .errors import CheckpointError
 from .fileio import atomic_write_bytes
 
 WEIGHT_KEYS = ("model", "ema")   # the state dicts that must be finite in a checkpoint
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def non_finite_tensors(state: dict) -> list[str]:
@@ -106,33 +102,3 @@ def is_verified(path: str | os.PathLike) -> bool:
     except (CheckpointError, OSError):
         return False
     return True
-
-
-def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Checkpoints of a run, newest step first."""
-    ckpts = [p for p in Path(run_dir, "checkpoints").glob("step_*.pt") if p.stem.split("_")[1].isdigit()]
-    return sorted(ckpts, key=lambda p: int(p.stem.split("_")[1]), reverse=True)
-
-
-def latest_good_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict] | None:
-    """The newest checkpoint that verifies; corrupted ones are reported and skipped, never deleted."""
-    for p in list_checkpoints(run_dir):
-        try:
-            return p, load_checkpoint(p)
-        except CheckpointError as e:
-            warnings.warn(f"skipping bad checkpoint: {e}")
-    return None
-
-
-def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
-    """Keep the ``keep`` newest verified checkpoints; delete older verified ones. Files that do not verify are
-    left in place for inspection and never count toward ``keep``, so the newest good checkpoint survives."""
-    kept = 0
-    for p in list_checkpoints(run_dir):
-        if not is_verified(p):
-            continue
-        if kept < max(1, keep):
-            kept += 1
-            continue
-        p.unlink(missing_ok=True)
-        p.with_name(p.name + ".json").unlink(missing_ok=True)

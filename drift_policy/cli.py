@@ -11,47 +11,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-
-
-HELP_FLAGS = ("-h", "--help", "help")
-
-
-def wants_help(args: list[str]) -> bool:
-    return any(a in HELP_FLAGS for a in args)
-
-
-def help_text(usage: str, allowed: dict[str, type], defaults: dict | None = None) -> str:
-    """Usage and one line per key: its type and default (or what it defaults to)."""
-    defaults = defaults or {}
-    lines = [usage, "", "keys (key=value):"]
-    for k, kind in allowed.items():
-        default = defaults.get(k, "required" if k in ("checkpoint", "run") else "-")
-        kind = getattr(kind, "__name__", "value").strip("_<>") or "value"
-        lines.append(f"  {k:<16} {kind:<8} default: {default}")
-    return "\n".join(lines)
-
-
-def _kv(args: list[str], allowed: dict[str, type], *, usage: str = "", defaults: dict | None = None) -> dict:
-    """key=value options; ``--help`` (or ``-h``, ``help``) prints the usage and the keys with their defaults."""
-    if wants_help(args):
-        print(help_text(usage or "keys: " + ", ".join(allowed), allowed, defaults))
-        raise SystemExit(0)
-    out = {}
-    for a in args:
-        if "=" not in a:
-            raise SystemExit(f"expected key=value, got {a!r} (keys: {', '.join(allowed)}; --help for defaults)")
-        k, v = a.split("=", 1)
-        if k not in allowed:
-            raise SystemExit(f"unknown option {k!r} (keys: {', '.join(allowed)})")
-        try:
-            out[k] = allowed[k](v)
-        except (TypeError, ValueError) as e:
-            kind = getattr(allowed[k], "__name__", "value")
-            raise SystemExit(f"option {k}: expected {kind}, got {v!r} ({e})") from None
-    return out
 
 
 def train_help() -> str:
@@ -74,6 +35,8 @@ def train_help() -> str:
 
 
 def cmd_train(overrides: list[str]) -> None:
+    from .runs import wants_help
+
     if wants_help(overrides):
         print(train_help())
         return
@@ -84,6 +47,7 @@ def cmd_train(overrides: list[str]) -> None:
 
 
 def cmd_resume(args: list[str]) -> None:
+    from .runs import wants_help
     from .train import train
 
     usage = ("usage: drift-policy resume RUN_DIR\n\nContinue the run in RUN_DIR from its newest checkpoint that "
@@ -98,48 +62,20 @@ def cmd_resume(args: list[str]) -> None:
     train(None, run_dir=Path(args[0]), resume=True)
 
 
-def load_policy_for_eval(path: str | Path, device: str = "cpu"):
-    """A run folder (its newest good checkpoint's EMA weights), a checkpoint file, or a save_pretrained folder."""
-    from .checkpoint import latest_good_checkpoint, load_checkpoint
-    from .config import Config
-    from .normalizer import Normalizer
-    from .policies import Policy, make_policy
-    from .policies.base import load_state
-
-    path = Path(path)
-    if (path / "model.safetensors").exists():
-        policy = Policy.from_pretrained(path, device)
-        run_config = path.parent / "config.json"      # a run's pretrained/ folder: the run knows its task
-        return policy, (Config.from_dict(json.loads(run_config.read_text())) if run_config.exists() else None)
-    if path.is_dir():
-        found = latest_good_checkpoint(path)
-        if found is None:
-            raise SystemExit(f"{path}: no usable checkpoint")
-        ckpt = found[1]
-    else:
-        ckpt = load_checkpoint(path)
-    cfg = Config.from_dict(ckpt["config"])
-    norm = Normalizer.from_state_dict({k[len("normalizer."):]: v for k, v in ckpt["ema"].items()
-                                       if k.startswith("normalizer.")})
-    policy = make_policy(cfg.policy, norm)
-    load_state(policy, ckpt["ema"], str(path))
-    return policy.to(device).eval(), cfg
-
-
 def cmd_eval(args: list[str]) -> None:
     from .config import compose
     from .evaluation import save_eval_json
+    from .fileio import check_writable
+    from .runs import load_policy_for_eval, parse_kv
     from .threads import set_threads
     from .train import evaluate_policy
 
-    from .fileio import check_writable
-
     usage = "usage: drift-policy eval checkpoint=PATH [episodes=50 workers=2 videos=0 out=FILE]"
-    opts = _kv(args, {"checkpoint": str, "episodes": int, "workers": int, "videos": int, "out": str, "seed": int,
-                      "threads": int, "task": str}, usage=usage,
-               defaults={"episodes": 50, "workers": 2, "videos": 0, "seed": 0, "threads": 1,
-                         "out": "<run>/eval.json or <checkpoint>.eval.json",
-                         "task": "the run's task (pusht_keypoints for a bare pretrained folder)"})
+    opts = parse_kv(args, {"checkpoint": str, "episodes": int, "workers": int, "videos": int, "out": str, "seed": int,
+                           "threads": int, "task": str}, usage=usage,
+                    defaults={"episodes": 50, "workers": 2, "videos": 0, "seed": 0, "threads": 1,
+                              "out": "<run>/eval.json or <checkpoint>.eval.json",
+                              "task": "the run's task (pusht_keypoints for a bare pretrained folder)"})
     if "checkpoint" not in opts:
         raise SystemExit(usage)
     ckpt = Path(opts["checkpoint"])
@@ -165,28 +101,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("command", choices=["train", "resume", "eval", "bench", "export", "run", "image"])
     parser.add_argument("args", nargs=argparse.REMAINDER)
     ns = parser.parse_args(argv)
+    from .errors import USER_ERRORS
+
     try:
         _dispatch(ns)
-    except user_errors() as e:
+    except USER_ERRORS as e:
         # A wrong key or value, a missing or malformed data file, checkpoint or pretrained folder, a run folder in
         # use, an output path that cannot be written: the message says what and where, in one line.
         msg = " ".join(str(e).split()) or type(e).__name__
         parser.exit(2, f"drift-policy {ns.command}: error: {msg}\n")
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """The errors that mean "bad input", reported in one line with exit code 2 (anything else is a bug and keeps
-    its traceback)."""
-    from json import JSONDecodeError
-
-    from safetensors import SafetensorError
-
-    from .checkpoint import CheckpointError
-    from .data.pusht import DatasetError
-    from .policies.base import ConfigError
-    from .runs import RunDirError
-
-    return (ConfigError, DatasetError, CheckpointError, RunDirError, SafetensorError, JSONDecodeError, OSError)
 
 
 def _dispatch(ns: argparse.Namespace) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .paths import CONFIG_DIR
 from .policies import PolicyConfig, config_from_dict
-from .policies.base import ConfigError, check_keys, check_types
+from .errors import ConfigError, check_keys, check_types
 
 @dataclass
 class TaskConfig:

@@ -159,9 +159,9 @@ class Distributed:
             torch.manual_seed(seed + 1000003 * (step + 1) + self.rank)
 
     # ---- end of training ---------------------------------------------------------------------------------------
-    def check_in_sync(self, run_dir: Path, **modules: nn.Module) -> None:
-        """Every rank hashes each module's parameters; rank 0 writes ``run_dir/ddp.json`` and the run fails if
-        any rank differs from rank 0."""
+    def check_in_sync(self, report: Path, **modules: nn.Module) -> None:
+        """Every rank hashes each module's parameters; rank 0 writes them to ``report`` (a run's ``ddp.json``)
+        and the run fails if any rank differs from rank 0."""
         if not self.enabled:
             return
         mine = {name: param_digest(m) for name, m in modules.items()}
@@ -169,11 +169,11 @@ class Distributed:
         torch.distributed.all_gather_object(everyone, mine)
         if self.is_main:
             in_sync = all(d == everyone[0] for d in everyone)
-            (run_dir / "ddp.json").write_text(json.dumps({"world_size": self.world_size, "in_sync": in_sync,
+            report.write_text(json.dumps({"world_size": self.world_size, "in_sync": in_sync,
                                                          "backend": torch.distributed.get_backend(),
                                                          "digests": everyone}, indent=2))
             if not in_sync:
-                raise RuntimeError(f"DDP ranks ended with different parameters; see {run_dir / 'ddp.json'}")
+                raise RuntimeError(f"DDP ranks ended with different parameters; see {report}")
 
     def close(self) -> None:
         if self.enabled and torch.distributed.is_initialized():

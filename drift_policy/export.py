@@ -43,8 +43,9 @@ class ExportablePolicy(nn.Module):
 
     def __init__(self, policy: Policy):
         super().__init__()
-        if policy.config.type != "drift":
-            raise ValueError(f"only one-step drift policies can be exported, got a {policy.config.type!r} policy")
+        if policy.config.nfe != 1:
+            raise ValueError(f"only one-step drift policies can be exported (1 NFE), got a {policy.config.type!r} "
+                             f"policy with {policy.config.nfe} network evaluations per chunk")
         if policy.config.image_keys:
             raise ValueError("exporting image policies is not supported yet (low-dim observations only)")
         for key in ("obs", "action"):
@@ -57,7 +58,7 @@ class ExportablePolicy(nn.Module):
         p = self.policy
         obs = obs[:, -self.n_obs_steps:]
         cond = p.condition({"obs": obs})
-        action_pred = p.normalizer.unnormalize("action", p.model(noise, cond))
+        action_pred = p.normalizer.unnormalize("action", p.sample(cond, noise=noise))
         start = self.n_obs_steps - 1
         return action_pred[:, start: start + self.n_action_steps], action_pred
 
@@ -140,13 +141,13 @@ def load_torchscript(path: str | os.PathLike) -> torch.jit.ScriptModule:
 
 # ---- command line ---------------------------------------------------------------------------------------------
 def cmd_export(args: list[str]) -> None:
-    from .cli import _kv, load_policy_for_eval
+    from .runs import load_policy_for_eval, parse_kv
 
     from .fileio import check_writable
 
     usage = "usage: drift-policy export checkpoint=PATH format=onnx|torchscript out=FILE"
-    opts = _kv(args, {"checkpoint": str, "format": str, "out": str}, usage=usage,
-               defaults={"format": "onnx", "out": "required"})
+    opts = parse_kv(args, {"checkpoint": str, "format": str, "out": str}, usage=usage,
+                    defaults={"format": "onnx", "out": "required"})
     if "checkpoint" not in opts or "out" not in opts:
         raise SystemExit(usage)
     check_writable(opts["out"], "export out=")

@@ -283,7 +283,7 @@ def run(policy, cfg: RunConfig, checkpoint: str = "") -> dict:
         "checkpoint": str(checkpoint),
         "policy": {"type": c.type, "backbone": c.backbone, "n_obs_steps": c.n_obs_steps,
                    "n_action_steps": c.n_action_steps, "horizon": c.horizon,
-                   "nfe": 1 if c.type == "drift" else getattr(c, "num_inference_steps", None)},
+                   "nfe": c.nfe},
         "config": {("async" if k == "async_" else k): v for k, v in asdict(cfg).items()},
         "machine": {"cpu": _cpu_name(), "logical_cpus": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
@@ -370,10 +370,9 @@ def _cpu_name() -> str:
 
 # ---- command line ---------------------------------------------------------------------------------------------
 def cmd_run(args: list[str]) -> None:
-    from .cli import _kv, load_policy_for_eval
     from .evaluation import save_eval_json
-
     from .fileio import check_writable
+    from .runs import load_policy_for_eval, parse_kv
 
     def flag(v: str) -> bool:
         return bool(int(v))
@@ -383,10 +382,10 @@ def cmd_run(args: list[str]) -> None:
     defaults = {("async" if f.name == "async_" else f.name): f.default for f in dataclasses.fields(RunConfig)}
     defaults.update(rate_hz="10 (or max: search the highest sustained rate)", out="runner_report.json",
                     search_seconds=5.0, tolerance=0.01)
-    opts = _kv(args, {"checkpoint": str, "rate_hz": str, "seconds": float, "episodes": int, "async": flag,
-                      "ensemble": flag, "ensemble_k": float, "lead": int, "backend": str, "threads": int,
-                      "max_steps": int, "start_seed": int, "seed": int, "warmup": int, "out": str,
-                      "search_seconds": float, "tolerance": float}, usage=usage, defaults=defaults)
+    opts = parse_kv(args, {"checkpoint": str, "rate_hz": str, "seconds": float, "episodes": int, "async": flag,
+                           "ensemble": flag, "ensemble_k": float, "lead": int, "backend": str, "threads": int,
+                           "max_steps": int, "start_seed": int, "seed": int, "warmup": int, "out": str,
+                           "search_seconds": float, "tolerance": float}, usage=usage, defaults=defaults)
     if "checkpoint" not in opts:
         raise SystemExit(usage)
     checkpoint = opts.pop("checkpoint")

@@ -18,14 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import (is_verified, latest_good_checkpoint, list_checkpoints, non_finite_tensors, prune_checkpoints,
-                         save_checkpoint)
+from . import runs
+from .checkpoint import non_finite_tensors, save_checkpoint
 from .config import Config
 from .distributed import Distributed
 from .fileio import atomic_write_text
 from .normalizer import Normalizer
 from .policies import Policy, make_policy
-from .runs import check_run_dir_free, claim_run_dir, write_run_config
 from .threads import set_threads
 
 
@@ -85,7 +84,7 @@ class Logger:
     """metrics.jsonl in the run folder, plus wandb (offline or disabled by default: no network needed)."""
 
     def __init__(self, run_dir: Path, cfg: Config, resume_step: int | None = None):
-        self.path = run_dir / "metrics.jsonl"
+        self.path = runs.metrics_path(run_dir)
         if resume_step is not None and self.path.exists():
             # Steps after the checkpoint are trained again: drop their records (and a line cut short by a crash).
             keep = []
@@ -133,14 +132,14 @@ def _train(cfg: Config | None, run_dir, resume: bool, progress: bool, hold: cont
     # truncated or edited config.json does not matter).
     ckpt = None
     if resume:
-        found = latest_good_checkpoint(run_dir)
+        found = runs.latest_good_checkpoint(run_dir)
         if found is None:
             raise FileNotFoundError(f"{run_dir}: no usable checkpoint to resume from")
         ckpt_path, ckpt = found
         cfg = Config.from_dict(ckpt["config"])
         print(f"resuming {run_dir} from {ckpt_path.name} (step {ckpt['step']})")
     else:
-        check_run_dir_free(run_dir, cfg.train.overwrite)    # fail before loading data; writes nothing
+        runs.check_run_dir_free(run_dir, cfg.train.overwrite)    # fail before loading data; writes nothing
     t = cfg.train
     set_threads(t.threads)
     # One process, or one of several under torchrun (then only rank 0 writes files).
@@ -155,8 +154,8 @@ def _train(cfg: Config | None, run_dir, resume: bool, progress: bool, hold: cont
     train_set, val_set = make_datasets(cfg)
     normalizer = Normalizer().fit("obs", train_set.steps("obs")).fit("action", train_set.steps("action"))
     if is_main:
-        hold.enter_context(claim_run_dir(run_dir, resume=resume, overwrite=t.overwrite))
-        write_run_config(run_dir, cfg.to_dict())
+        hold.enter_context(runs.claim_run_dir(run_dir, resume=resume, overwrite=t.overwrite))
+        runs.write_config(run_dir, cfg)
 
     # Policy, EMA copy and optimiser.
     policy = make_policy(cfg.policy, normalizer).to(device)
@@ -186,7 +185,7 @@ def _train(cfg: Config | None, run_dir, resume: bool, progress: bool, hold: cont
         if bad:
             # Never stored as "good": resume and eval would pick NaN weights. The newest checkpoint on disk stays
             # the newest good one.
-            newest = next((p for p in list_checkpoints(run_dir) if is_verified(p)), None)
+            newest = runs.newest_verified_checkpoint(run_dir)
             raise FloatingPointError(f"step {step}: the weights hold NaN or inf ({bad[0]}); not saved. Newest good "
                                      f"checkpoint: {newest or 'none'}")
         if not is_main:
@@ -194,15 +193,15 @@ def _train(cfg: Config | None, run_dir, resume: bool, progress: bool, hold: cont
         save_checkpoint({"model": policy.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                          "step": step, "train_seconds": train_seconds, "next_eval_minutes": next_eval_minutes,
                          "config": cfg.to_dict(), "data_rng": data_gen.get_state(),
-                         "torch_rng": torch_rng}, run_dir / "checkpoints" / f"step_{step:08d}.pt")
-        prune_checkpoints(run_dir, t.keep_checkpoints)
+                         "torch_rng": torch_rng}, runs.checkpoint_path(run_dir, step))
+        runs.prune_checkpoints(run_dir, t.keep_checkpoints)
 
     def evaluate():
         res = evaluate_policy(ema, cfg, t.eval_episodes, t.eval_workers, progress=False, seed=t.seed)
         res.update(step=step, train_minutes=train_seconds / 60)
         from .evaluation import save_eval_json
 
-        save_eval_json(res, run_dir / "eval" / f"step_{step:08d}.json")
+        save_eval_json(res, runs.eval_path(run_dir, step))
         logger.log({"step": step, "train_minutes": train_seconds / 60, "eval/mean_score": res["mean_score"],
                     "eval/success_rate": res["success_rate"]})
         bar.write(f"step {step}: score {res['mean_score']:.3f}, success {res['success_rate']:.2f} "
@@ -237,7 +236,7 @@ def _train(cfg: Config | None, run_dir, resume: bool, progress: bool, hold: cont
             if bad_steps >= t.max_bad_steps:
                 checkpoint()                  # skipped steps left the weights as they were: save them if finite
                 raise FloatingPointError(f"{bad_steps} consecutive non-finite steps at step {step}; aborting "
-                                         f"(last good weights saved in {run_dir / 'checkpoints'})")
+                                         f"(last good weights saved in {runs.checkpoint_path(run_dir, step).parent})")
             continue
         bad_steps = 0
         opt.step()
@@ -263,13 +262,13 @@ def _train(cfg: Config | None, run_dir, resume: bool, progress: bool, hold: cont
 
     bar.close()
     checkpoint()
-    dist.check_in_sync(run_dir, model=policy, ema=ema)
+    dist.check_in_sync(runs.ddp_path(run_dir), model=policy, ema=ema)
     dist.close()
     if not is_main:
         return run_dir
-    if t.eval_episodes and not (run_dir / "eval" / f"step_{step:08d}.json").exists():
+    if t.eval_episodes and not runs.eval_path(run_dir, step).exists():
         evaluate()
-    ema.save_pretrained(run_dir / "pretrained")
+    ema.save_pretrained(runs.pretrained_dir(run_dir))
     logger.close()
-    print(f"done: {step} steps in {train_seconds / 60:.1f} training minutes; EMA policy saved to {run_dir / 'pretrained'}")
+    print(f"done: {step} steps in {train_seconds / 60:.1f} training minutes; EMA policy saved to {runs.pretrained_dir(run_dir)}")
     return run_dir

@@ -6,8 +6,9 @@ import pytest
 import torch
 import zarr
 
-from drift_policy.data.pusht import (DatasetError, download_pusht, load_pusht_lowdim, make_pusht_windows,
-                                     sequence_indices, split_episodes)
+from drift_policy.data.pusht import download_pusht, load_pusht_lowdim, make_pusht_windows
+from drift_policy.data.windows import sequence_indices, split_episodes
+from drift_policy.errors import DatasetError
 from drift_policy.normalizer import Normalizer
 
 

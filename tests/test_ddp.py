@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from drift_policy.checkpoint import list_checkpoints, load_checkpoint
+from drift_policy.checkpoint import load_checkpoint
+from drift_policy.runs import list_checkpoints
 from drift_policy.config import Config
 from drift_policy.distributed import Distributed, param_digest
 from drift_policy.policies import make_policy

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from drift_policy import train as train_mod
-from drift_policy.checkpoint import CheckpointError, latest_good_checkpoint, list_checkpoints, load_checkpoint
+from drift_policy.checkpoint import load_checkpoint
+from drift_policy.runs import latest_good_checkpoint, list_checkpoints
+from drift_policy.errors import CheckpointError
 from drift_policy.config import compose
 from drift_policy.policies import DriftPolicy, Policy
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from drift_policy.checkpoint import CheckpointError
+from drift_policy.errors import CheckpointError
 from drift_policy.normalizer import Normalizer
 from drift_policy.policies import DiffusionPolicy, DriftConfig, DriftPolicy, Policy, make_policy
 

@@ -13,7 +13,8 @@ h5py = pytest.importorskip("h5py")
 
 from drift_policy.data import robomimic as rm  # noqa: E402
 from drift_policy.data import scripted  # noqa: E402
-from drift_policy.data.robomimic import DatasetError, load_robomimic, read_env_meta, robomimic_spaces  # noqa: E402
+from drift_policy.errors import DatasetError  # noqa: E402
+from drift_policy.data.robomimic import load_robomimic, read_env_meta, robomimic_spaces  # noqa: E402
 from drift_policy.envs.robomimic import (  # noqa: E402
     TASK_ENV_NAMES,
     RobomimicEnv,

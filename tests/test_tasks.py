@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from drift_policy.config import Config, compose
-from drift_policy.data.windows import DatasetError, make_windows
+from drift_policy.data.windows import make_windows
+from drift_policy.errors import ConfigError, DatasetError
 from drift_policy.paths import CONFIG_DIR
-from drift_policy.policies.base import ConfigError
 from drift_policy.tasks import dataset_path, task_spaces
 
 TASKS = sorted(p.stem for p in (CONFIG_DIR / "task").glob("*.yaml"))

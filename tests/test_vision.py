@@ -5,7 +5,8 @@ import torch
 import zarr
 from torch import nn
 
-from drift_policy.data.pusht import DatasetError, load_pusht_image
+from drift_policy.data.pusht import load_pusht_image
+from drift_policy.errors import DatasetError
 from drift_policy.envs import PushTImageEnv
 from drift_policy.models.resnet import (RESNET_PRESETS, ImageEncoder, MultiImageEncoder, ResNet18GN,
                                         SpatialSoftmax)

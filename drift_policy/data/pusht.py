@@ -11,32 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DatasetError
 from ..paths import pusht_zarr_path
+from .download import fetch
 
 PUSHT_URL = "https://diffusion-policy.cs.columbia.edu/data/training/pusht.zip"
-
-
-class DatasetError(ValueError):
-    """A data file is missing, malformed or inconsistent; the message names the file and the problem."""
-
-
-def fetch(url: str, dest: Path, hint: str) -> Path:
-    """Download ``url`` to ``dest`` via ``dest.part`` (renamed when complete); without network, a RuntimeError
-    that says what failed and ``hint`` (how to get the file by hand)."""
-    import urllib.error
-    import urllib.request
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-    except (urllib.error.URLError, OSError) as e:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"could not download {url} ({e}). {hint}") from e
-    os.replace(tmp, dest)
-    return dest
 
 
 def download_pusht(root: str | os.PathLike | None = None) -> Path:
@@ -163,39 +142,6 @@ def load_pusht_image(path: str | os.PathLike, *, progress: bool = True,
             out[a:b] = block.transpose(0, 3, 1, 2)                        # HWC -> CHW, cast to uint8
             bar.update(b - a)
     return {"obs": np.ascontiguousarray(state[:, :2]), "image": out, "action": action, "episode_ends": ends}
-
-
-def sequence_indices(episode_ends: np.ndarray, episodes: np.ndarray, horizon: int, pad_before: int,
-                     pad_after: int) -> np.ndarray:
-    """Index array [W, horizon] into the flat data, one row per training window.
-
-    A window may start up to ``pad_before`` steps before an episode and end up to ``pad_after`` steps after it;
-    out-of-episode steps repeat the episode's first or last step (Diffusion Policy's SequenceSampler).
-    """
-    starts = np.concatenate([[0], episode_ends[:-1]])
-    rows = []
-    for e in episodes:
-        s, t = int(starts[e]), int(episode_ends[e])
-        first = s - pad_before
-        last = t - horizon + pad_after  # inclusive
-        if last < first:
-            continue
-        w0 = np.arange(first, last + 1)[:, None] + np.arange(horizon)[None, :]
-        rows.append(np.clip(w0, s, t - 1))
-    if not rows:
-        raise DatasetError(f"no episode is long enough for horizon {horizon}")
-    return np.concatenate(rows, 0)
-
-
-def split_episodes(n_episodes: int, val_ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    if not 0.0 <= val_ratio < 1.0:
-        raise ValueError(f"val_ratio must be in [0, 1), got {val_ratio}")
-    rng = np.random.default_rng(seed)
-    n_val = int(round(n_episodes * val_ratio))
-    if val_ratio > 0:
-        n_val = max(1, n_val)
-    perm = rng.permutation(n_episodes)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
 def make_pusht_windows(path: str | os.PathLike, horizon: int, n_obs_steps: int, n_action_steps: int,

@@ -22,11 +22,10 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import DatasetError
 from ..paths import data_root
-from .pusht import DatasetError
 
 __all__ = [
-    "DatasetError",
     "TASKS",
     "OBJECT_DIMS",
     "OBS_KEY_DIMS",
@@ -279,7 +278,7 @@ def robomimic_url(task: str, dataset_type: str = "ph", filename: str = "low_dim_
 
 def download_robomimic(task: str, dataset_type: str = "ph", root: str | os.PathLike | None = None) -> Path:
     """Download robomimic's low-dim dataset into ``<data root>/robomimic/<task>/<dataset_type>/``."""
-    from .pusht import fetch
+    from .download import fetch
 
     if task not in TASKS:
         raise ValueError(f"unknown robomimic task {task!r}; expected one of {list(TASKS)}")

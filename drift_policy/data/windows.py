@@ -10,9 +10,42 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .pusht import DatasetError, sequence_indices, split_episodes
+from ..errors import DatasetError
 
-__all__ = ["WindowDataset", "make_windows", "DatasetError"]
+__all__ = ["WindowDataset", "make_windows", "sequence_indices", "split_episodes"]
+
+
+def sequence_indices(episode_ends: np.ndarray, episodes: np.ndarray, horizon: int, pad_before: int,
+                     pad_after: int) -> np.ndarray:
+    """Index array [W, horizon] into the flat data, one row per training window.
+
+    A window may start up to ``pad_before`` steps before an episode and end up to ``pad_after`` steps after it;
+    out-of-episode steps repeat the episode's first or last step (Diffusion Policy's SequenceSampler).
+    """
+    starts = np.concatenate([[0], episode_ends[:-1]])
+    rows = []
+    for e in episodes:
+        s, t = int(starts[e]), int(episode_ends[e])
+        first = s - pad_before
+        last = t - horizon + pad_after  # inclusive
+        if last < first:
+            continue
+        w0 = np.arange(first, last + 1)[:, None] + np.arange(horizon)[None, :]
+        rows.append(np.clip(w0, s, t - 1))
+    if not rows:
+        raise DatasetError(f"no episode is long enough for horizon {horizon}")
+    return np.concatenate(rows, 0)
+
+
+def split_episodes(n_episodes: int, val_ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if not 0.0 <= val_ratio < 1.0:
+        raise ValueError(f"val_ratio must be in [0, 1), got {val_ratio}")
+    rng = np.random.default_rng(seed)
+    n_val = int(round(n_episodes * val_ratio))
+    if val_ratio > 0:
+        n_val = max(1, n_val)
+    perm = rng.permutation(n_episodes)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
 class WindowDataset:

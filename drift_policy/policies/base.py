@@ -4,118 +4,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from ..errors import CheckpointError, ConfigError, check_keys, check_types
 from ..models.transformer import TRANSFORMER_PRESETS, TimeSeriesTransformer
 from ..models.unet1d import UNET_PRESETS, ConditionalUnet1D
 from ..normalizer import Normalizer
 from ..observations import check_chunk, check_observation
-
-
-class ConfigError(ValueError):
-    """A config value or key is wrong; the message names the key."""
-
-
-def check_keys(cls, d: dict, prefix: str) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)}; known: {sorted(known)}")
-
-
-def check_types(obj, prefix: str) -> None:
-    """Check (and normalise) every field of a config dataclass against its annotation, in place.
-
-    One generic check instead of a ``try/except`` per key: ``train.lr=abc`` or ``train.batch_size=2.5`` is a
-    ConfigError that names the key and the expected type, before any range check compares a string with a
-    number. Floats must be finite (``train.lr=inf`` would train NaN weights). Lists become tuples, numeric
-    strings become numbers, whole floats become ints.
-    """
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        setattr(obj, f.name, _coerce(getattr(obj, f.name), hints[f.name], prefix + f.name))
-
-
-def _type_name(tp) -> str:
-    if typing.get_origin(tp) is tuple:
-        args = typing.get_args(tp)
-        inner = f"{_type_name(args[0])}, ..." if len(args) == 2 and args[1] is Ellipsis else \
-            ", ".join(_type_name(a) for a in args)
-        return f"a list [{inner}]"
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
-            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _coerce(v, tp, key: str):
-    def bad(why: str = ""):
-        return ConfigError(f"{key} must be {_type_name(tp)}, got {v!r}{why}")
-
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        if v is None and type(None) in typing.get_args(tp):
-            return None
-        for a in typing.get_args(tp):
-            if a is not type(None):
-                try:
-                    return _coerce(v, a, key)
-                except ConfigError:
-                    pass
-        raise bad()
-    if origin is tuple:
-        if not isinstance(v, (list, tuple)):
-            raise bad()
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            args = (args[0],) * len(v)
-        elif len(v) != len(args):
-            raise bad(f" ({len(v)} items, expected {len(args)})")
-        return tuple(_coerce(x, a, f"{key}[{i}]") for i, (x, a) in enumerate(zip(v, args)))
-    if tp is bool:
-        if isinstance(v, bool):
-            return v
-        if isinstance(v, int) and v in (0, 1):
-            return bool(v)
-        raise bad()
-    if tp is int:
-        if isinstance(v, str):
-            try:
-                v = float(v) if any(c in v for c in ".eE") else int(v)
-            except ValueError:
-                raise bad() from None
-        if isinstance(v, float) and math.isfinite(v) and v.is_integer():
-            return int(v)
-        if isinstance(v, int) and not isinstance(v, bool):
-            return v
-        raise bad()
-    if tp is float:
-        x = v
-        if isinstance(x, str):
-            try:
-                x = float(x)
-            except ValueError:
-                raise bad() from None
-        if isinstance(x, bool) or not isinstance(x, (int, float)):
-            raise bad()
-        if not math.isfinite(x):
-            raise bad(" (NaN and inf are not allowed)")
-        return float(x)
-    if tp is str:
-        if isinstance(v, str):
-            return v
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return str(v)        # Hydra reads run_dir=2024 as a number
-        raise bad()
-    return v
 
 
 @dataclass
@@ -171,6 +71,11 @@ class PolicyConfig:
                 raise ConfigError(f"policy.image_feature_dim must be >= 1, got {self.image_feature_dim}")
         if self.architecture == "unet" and any(d % self.n_groups for d in UNET_PRESETS[self.backbone]["down_dims"]):
             raise ConfigError(f"policy.n_groups={self.n_groups} must divide every channel width of {self.backbone}")
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per action chunk: what one ``predict_action`` costs (set by each method)."""
+        raise NotImplementedError(f"{type(self).__name__} must define nfe")
 
     @classmethod
     def from_dict(cls, d: dict) -> "PolicyConfig":
@@ -248,8 +153,9 @@ class Policy(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def sample(self, cond: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Normalised action chunk [B, Tp, Da] for conditioning [B, C]."""
+    def sample(self, cond: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+        """Normalised action chunk [B, Tp, Da] for conditioning [B, C], from ``noise`` [B, Tp, Da] when given
+        (else drawn from ``generator``)."""
         raise NotImplementedError
 
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
@@ -324,7 +230,7 @@ class Policy(nn.Module):
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         from safetensors.torch import save
 
-        from ..checkpoint import CheckpointError, non_finite_tensors
+        from ..checkpoint import non_finite_tensors
         from ..fileio import atomic_write_bytes
 
         path = Path(path)
@@ -344,8 +250,6 @@ class Policy(nn.Module):
     @classmethod
     def _read_pretrained(cls, path: Path) -> tuple[dict, bytes]:
         """config.json as a dict and the weights' bytes, after checking them against manifest.json."""
-        from ..checkpoint import CheckpointError
-
         for f in ("config.json", "model.safetensors"):
             if not (path / f).exists():
                 raise FileNotFoundError(f"{path}: missing {f} (expected a folder written by save_pretrained)")
@@ -377,8 +281,7 @@ class Policy(nn.Module):
         from safetensors import SafetensorError
         from safetensors.torch import load
 
-        from ..checkpoint import CheckpointError, non_finite_tensors
-        from . import POLICIES, config_from_dict
+        from ..checkpoint import non_finite_tensors
 
         path = Path(path)
         raw, weights = cls._read_pretrained(path)
@@ -417,8 +320,6 @@ class Policy(nn.Module):
 def load_state(module: nn.Module, state: dict, where: str) -> None:
     """``load_state_dict`` whose key or shape mismatch is a CheckpointError naming the file (weights of another
     policy type, size or task), not a RuntimeError deep in torch."""
-    from ..checkpoint import CheckpointError
-
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
@@ -429,3 +330,28 @@ def load_state(module: nn.Module, state: dict, where: str) -> None:
 
 def _plain(v):
     return list(v) if isinstance(v, (list, tuple)) else v
+
+
+# ---- the registry of policy types ---------------------------------------------------------------------------------
+# type -> (config class, policy class). Each policy module registers itself (``register_policy``), so a new method
+# is one new module; ``drift_policy.policies`` imports the built-in ones.
+POLICIES: dict[str, tuple[type[PolicyConfig], type[Policy]]] = {}
+
+
+def register_policy(config_cls: type[PolicyConfig], policy_cls: type[Policy]) -> None:
+    kind = next(f.default for f in dataclasses.fields(config_cls) if f.name == "type")
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"{config_cls.__name__} needs a default for its 'type' field")
+    POLICIES[kind] = (config_cls, policy_cls)
+
+
+def make_policy(config: PolicyConfig, normalizer=None) -> Policy:
+    return POLICIES[config.type][1](config, normalizer)
+
+
+def config_from_dict(d: dict) -> PolicyConfig:
+    d = dict(d)
+    kind = d.get("type")
+    if kind not in POLICIES:
+        raise ConfigError(f"policy.type must be one of {sorted(POLICIES)}, got {kind!r}")
+    return POLICIES[kind][0].from_dict(d)

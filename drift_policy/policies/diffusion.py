@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import ConfigError, Policy, PolicyConfig
+from ..errors import ConfigError
+from .base import Policy, PolicyConfig, register_policy
 
 
 @dataclass
@@ -17,6 +18,10 @@ class DiffusionConfig(PolicyConfig):
     scheduler: str = "ddpm"              # sampler at inference: "ddpm" or "ddim"
     num_inference_steps: int = 100       # 100 for DDPM (Diffusion Policy's sim setting); 10 for DDIM (its real robot)
     timestep_dim: int = 256
+
+    @property
+    def nfe(self) -> int:
+        return self.num_inference_steps
 
     def __post_init__(self):
         super().__post_init__()
@@ -60,10 +65,13 @@ class DiffusionPolicy(Policy):
         loss = (pred - noise).pow(2).mean()
         return loss, {"eps_mse": float(loss.detach())}
 
-    def sample(self, cond: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        x = self._noise(cond.shape[0], generator)
+    def sample(self, cond: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+        x = self._noise(cond.shape[0], generator) if noise is None else noise
         self.sampler.set_timesteps(self.config.num_inference_steps)
         for t in self.sampler.timesteps:                                       # one forward per step
             eps = self.model(x, cond, t.expand(x.shape[0]).to(x.device))
             x = self.sampler.step(eps, t, x, generator=generator).prev_sample
         return x
+
+
+register_policy(DiffusionConfig, DiffusionPolicy)

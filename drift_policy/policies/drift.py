@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from ..drift import drift_loss
-from .base import ConfigError, Policy, PolicyConfig
+from ..errors import ConfigError
+from .base import Policy, PolicyConfig, register_policy
 
 
 @dataclass
@@ -17,6 +18,10 @@ class DriftConfig(PolicyConfig):
     drift_groups: str = "per_step"                     # "per_step": one group per (obs, step), D = action_dim;
                                                        # "chunk": one group per obs over the flat chunk
     temperatures: tuple[float, ...] = (0.02, 0.05, 0.2)
+
+    @property
+    def nfe(self) -> int:
+        return 1
 
     def __post_init__(self):
         super().__post_init__()
@@ -55,5 +60,9 @@ class DriftPolicy(Policy):
         info["sample_std"] = float(x.detach().std(dim=1).mean())
         return loss.mean(), info
 
-    def sample(self, cond: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return self.model(self._noise(cond.shape[0], generator), cond)      # one forward: 1 NFE
+    def sample(self, cond: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+        noise = self._noise(cond.shape[0], generator) if noise is None else noise
+        return self.model(noise, cond)                                        # one forward: 1 NFE
+
+
+register_policy(DriftConfig, DriftPolicy)
