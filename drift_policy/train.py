@@ -31,11 +31,11 @@ from .threads import set_threads
 # ---- task plumbing --------------------------------------------------------------------------------------------
 def make_datasets(cfg: Config):
     from .data.windows import make_windows
-    from .tasks import load_data
+    from .tasks import dataset_path, load_data
 
     p = cfg.policy
     return make_windows(load_data(cfg.task), p.horizon, p.n_obs_steps, p.n_action_steps,
-                        val_ratio=cfg.task.val_ratio, seed=42)
+                        val_ratio=cfg.task.val_ratio, seed=42, source=str(dataset_path(cfg.task)))
 
 
 def evaluate_policy(policy: Policy, cfg: Config, n_episodes: int, num_workers: int, *, video_dir=None,
