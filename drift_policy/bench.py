@@ -8,7 +8,8 @@ bench train: trains several policies with the same training-time budget on the s
     drift-policy bench train policies=drift_unet,drift_transformer,diffusion_unet,diffusion_transformer \
         overrides="task=pusht_image policy.vision_backbone=resnet18_half"     # both backbones, images
 
-(On a task other than Push-T the "coverage" columns hold the task's mean score, e.g. robomimic success.)
+(The score columns are the task's mean score, named by its family: coverage on Push-T, success on robomimic;
+the JSON keeps the historical key ``coverage_score`` for it.)
 """
 from __future__ import annotations
 
@@ -55,10 +56,11 @@ def write_report(summaries: dict[str, dict], out: Path, meta: dict) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_train.json").write_text(json.dumps({"meta": meta, "runs": summaries}, indent=2))
-    lines = [f"Push-T keypoints, {meta['minutes']} training minutes per policy, {meta['machine']}; "
+    task, score = _task_labels(summaries)
+    lines = [f"{task}, {meta['minutes']} training minutes per policy, {meta['machine']}; "
              f"50 test seeds ({meta['start_seed']}..{meta['start_seed'] + 49}), evaluated every "
              f"{meta['eval_every']} training minutes.", "",
-             "| policy | NFE | train min | steps | coverage max | coverage mean last-k (k) | success max | success mean last-k |",
+             f"| policy | NFE | train min | steps | {score} max | {score} mean last-k (k) | success max | success mean last-k |",
              "|---|---|---|---|---|---|---|---|"]
     for name, s in summaries.items():
         p = s["policy"]
@@ -75,15 +77,26 @@ def write_report(summaries: dict[str, dict], out: Path, meta: dict) -> None:
     ax2.set_xlabel("optimizer steps")
     ax2.set_xscale("log")
     ax2.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_ylabel("coverage score (50 seeds)")
+    ax.set_ylabel(f"{score} score (50 seeds)")
     ax.set_ylim(0, 1)
     for a in (ax, ax2):
         a.grid(alpha=0.3)
     ax.legend()
-    fig.suptitle("Push-T keypoints: coverage at equal training time (left) and per optimizer step (right)")
+    fig.suptitle(f"{task}: {score} at equal training time (left) and per optimizer step (right)")
     fig.tight_layout()
     fig.savefig(out / "bench_train.png", dpi=120)
     print("\n".join(lines))
+
+
+def _task_labels(summaries: dict[str, dict]) -> tuple[str, str]:
+    """(task name, what its score measures) of the benchmarked runs, for the table and the plot."""
+    from .runs import config_path
+    from .tasks import family
+
+    tasks = [json.loads(config_path(s["run_dir"]).read_text())["task"] for s in summaries.values()]
+    names = sorted({t["name"] for t in tasks})
+    labels = sorted({family(t["env"]).score_label for t in tasks})
+    return " / ".join(names) or "no runs", " / ".join(labels) or "score"
 
 
 def bench_train(args: list[str]) -> None:

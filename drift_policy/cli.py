@@ -5,7 +5,7 @@
     drift-policy eval checkpoint=runs/<run> [episodes=50 workers=2 videos=2 out=eval.json]
     drift-policy bench latency | bench train   (see drift_policy/bench.py)
     drift-policy export checkpoint=PATH format=onnx|torchscript out=FILE   (see drift_policy/export.py)
-    drift-policy run checkpoint=PATH rate_hz=10 seconds=60 async=1 ensemble=0 backend=torch out=report.json
+    drift-policy run checkpoint=PATH rate_hz=10 seconds=60 async=1 ensemble=0 backend=eager out=report.json
                                                (real-time control loop, see drift_policy/runner.py)
 """
 from __future__ import annotations
@@ -84,7 +84,7 @@ def cmd_eval(args: list[str]) -> None:
     set_threads(opts.get("threads", 1))
     policy, cfg = load_policy_for_eval(opts["checkpoint"])
     if "task" in opts or cfg is None:
-        cfg = compose([f"task={opts.get('task', 'pusht_keypoints')}"])
+        cfg = compose([f"task={opts['task']}"] if "task" in opts else [])   # else the default task
     res = evaluate_policy(policy, cfg, opts.get("episodes", 50), opts.get("workers", 2),
                           video_dir=out.parent / "videos" if opts.get("videos") else None,
                           n_videos=opts.get("videos", 0), seed=opts.get("seed", 0))

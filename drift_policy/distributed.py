@@ -100,13 +100,19 @@ class Distributed:
         return self.world_size > 1
 
     # ---- model and data -------------------------------------------------------------------------------------
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """``module`` inside DistributedDataParallel when distributed (gradients averaged over ranks), else itself."""
+        if not self.enabled:
+            return module
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
     def loss_fn(self, policy: nn.Module):
         """``batch -> (loss, info)``: policy.compute_loss, through DistributedDataParallel when distributed."""
         if not self.enabled:
             return policy.compute_loss
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        return DDP(_PolicyLoss(policy), device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return self.wrap(_PolicyLoss(policy))
 
     def check_batch_size(self, batch_size: int) -> None:
         if batch_size % self.world_size:
@@ -136,16 +142,24 @@ class Distributed:
             return value
         return self._all_reduce(value, torch.distributed.ReduceOp.MAX)
 
+    def gather(self, obj) -> list:
+        """Every rank's ``obj`` (picklable), in rank order (a collective)."""
+        if not self.enabled:
+            return [obj]
+        out: list = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
     # ---- RNG state in checkpoints ----------------------------------------------------------------------------
     def rng_states(self) -> Tensor | list[Tensor]:
         """The global torch RNG state: one tensor when single-process (the original checkpoint format), the list
         of every rank's state when distributed (a collective: every rank must call it)."""
         state = torch.get_rng_state()
-        if not self.enabled:
-            return state
-        states: list = [None] * self.world_size
-        torch.distributed.all_gather_object(states, state)
-        return states
+        return self.gather(state) if self.enabled else state
 
     def restore_rng(self, saved: Tensor | list[Tensor], seed: int, step: int) -> None:
         if isinstance(saved, list) and len(saved) == self.world_size:
@@ -164,14 +178,11 @@ class Distributed:
         and the run fails if any rank differs from rank 0."""
         if not self.enabled:
             return
-        mine = {name: param_digest(m) for name, m in modules.items()}
-        everyone: list = [None] * self.world_size
-        torch.distributed.all_gather_object(everyone, mine)
+        everyone = self.gather({name: param_digest(m) for name, m in modules.items()})
         if self.is_main:
             in_sync = all(d == everyone[0] for d in everyone)
             report.write_text(json.dumps({"world_size": self.world_size, "in_sync": in_sync,
-                                                         "backend": torch.distributed.get_backend(),
-                                                         "digests": everyone}, indent=2))
+                                          "backend": torch.distributed.get_backend(), "digests": everyone}, indent=2))
             if not in_sync:
                 raise RuntimeError(f"DDP ranks ended with different parameters; see {report}")
 

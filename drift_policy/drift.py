@@ -38,11 +38,13 @@ def _weights(w, shape, like: Tensor) -> Tensor:
 
 
 def drift_field(x: Tensor, y_pos: Tensor, y_neg: Tensor | None = None, *, gen_weight=None,
-                pos_weight=None, neg_weight=None, temperatures=(0.02, 0.05, 0.2)):
+                pos_weight=None, neg_weight=None, temperatures=(0.02, 0.05, 0.2), attraction: float = 1.0):
     """The normalised drift field V at x, in the batch's scaled coordinates.
 
     Returns ``(x_scaled, V, info)``: x_scaled = x / s carries the gradient of x; V = sum_tau V_tau has
-    no gradient. ``info`` holds ``scale`` and each tau's un-normalised ``mean(V_tau^2)``.
+    no gradient. ``info`` holds ``scale`` and each tau's un-normalised ``mean(V_tau^2)``. ``attraction``
+    scales the attraction term (an ablation: any value but 1 breaks the anti-symmetry V_{p,q} = -V_{q,p}, so
+    V no longer vanishes at p = q).
     """
     if x.dim() != 3 or y_pos.dim() != 3:
         raise ValueError(f"gen and pos must be [G, N, D] and [G, P, D], got {tuple(x.shape)} and {tuple(y_pos.shape)}")
@@ -53,6 +55,8 @@ def drift_field(x: Tensor, y_pos: Tensor, y_neg: Tensor | None = None, *, gen_we
         raise ValueError(f"neg must be [G, M, D] matching gen {tuple(x.shape)}, got {tuple(y_neg.shape)}")
     if len(temperatures) == 0 or any(t <= 0 for t in temperatures):
         raise ValueError(f"temperatures must be a non-empty list of positive numbers, got {temperatures}")
+    if not attraction >= 0:
+        raise ValueError(f"attraction must be >= 0, got {attraction}")
 
     # Float32 or higher: softmax over 1/tau-scaled distances loses too much precision in half.
     dtype = torch.promote_types(x.dtype, torch.float32)
@@ -92,7 +96,7 @@ def drift_field(x: Tensor, y_pos: Tensor, y_neg: Tensor | None = None, *, gen_we
             A_neg, A_pos = A[..., :n_neg], A[..., n_neg:]
             # Cross-weighting makes attraction and repulsion balance exactly when p = q (Eq. 8).
             coef = torch.cat([-A_neg * A_pos.sum(-1, keepdim=True),
-                              A_pos * A_neg.sum(-1, keepdim=True)], dim=-1)   # [G, N, T]
+                              attraction * A_pos * A_neg.sum(-1, keepdim=True)], dim=-1)   # [G, N, T]
             V = coef @ y_s - coef.sum(-1, keepdim=True) * x_s                  # [G, N, D]
             v2 = V.pow(2).mean()
             info[f"v2_tau{tau:g}"] = v2
@@ -103,7 +107,7 @@ def drift_field(x: Tensor, y_pos: Tensor, y_neg: Tensor | None = None, *, gen_we
 
 
 def drift_loss(gen: Tensor, pos: Tensor, neg: Tensor | None = None, *, gen_weight=None, pos_weight=None,
-               neg_weight=None, temperatures=(0.02, 0.05, 0.2)):
+               neg_weight=None, temperatures=(0.02, 0.05, 0.2), attraction: float = 1.0):
     """Per-group drifting loss ``||x - stopgrad(x + V)||^2`` in scaled coordinates.
 
     Args:
@@ -112,12 +116,13 @@ def drift_loss(gen: Tensor, pos: Tensor, neg: Tensor | None = None, *, gen_weigh
         neg: [G, M, D] extra negatives, or None.
         *_weight: per-sample weights broadcastable to [G, N] / [G, P] / [G, M]; default 1.
         temperatures: kernel temperatures tau (in units of the batch's mean distance).
+        attraction: scale of the attraction term (1: the paper's field; other values only for ablations).
     Returns:
         loss [G] (mean over N and D) and ``info``: ``scale`` and ``v2_tau*`` = mean(V_tau^2) before
         normalisation. Log v2, not the loss: the loss is ~constant by construction (each V_tau has unit RMS).
     """
     x_s, V, info = drift_field(gen, pos, neg, gen_weight=gen_weight, pos_weight=pos_weight,
-                               neg_weight=neg_weight, temperatures=temperatures)
+                               neg_weight=neg_weight, temperatures=temperatures, attraction=attraction)
     goal = (x_s + V).detach()
     loss = (x_s - goal).pow(2).mean(dim=(1, 2))
     return loss, info

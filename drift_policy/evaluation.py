@@ -1,19 +1,23 @@
 """Closed-loop evaluation under Diffusion Policy's protocol, for every task family.
 
-``evaluate(predict, env_spec)`` runs the environment a ``tasks.env_spec`` describes (Push-T, robomimic);
-``evaluate_pusht(predict)`` is the Push-T keypoints case with an array-in, array-out ``predict``. It runs ``n_episodes`` episodes seeded ``start_seed, start_seed + 1, ...`` (test seeds
-100000..100049 by default), each at most ``max_steps`` env steps (300) at 10 Hz. The policy runs in the calling
-process: every chunk, the observation windows of all still-running episodes go to one ``predict`` call, and
-each episode then executes the returned actions (receding horizon) until they run out, the block covers the
-goal (> 95 %) or the step limit is hit. Env stepping is spread over ``num_workers`` spawned processes that
-import neither torch nor the caller's ``__main__`` and run single-threaded; ``num_workers=0`` steps in-process.
-Results do not depend on the process layout.
+``evaluate(predict, env_spec)`` runs the environment a ``tasks.env_spec`` describes: {"family": a
+``tasks.TaskFamily``, "name", "kwargs"}; this module knows no family (``tasks.pusht.evaluate_pusht`` is the
+Push-T keypoints case with an array-in, array-out ``predict``). It runs ``n_episodes`` episodes seeded
+``start_seed, start_seed + 1, ...`` (test seeds 100000..100049 by default), each at most ``max_steps`` env
+steps at the family's control rate. The policy runs in the calling process: every chunk, the observation
+windows of all still-running episodes go to one ``predict`` call, and each episode then executes the returned
+actions (receding horizon, ``executor.ChunkExecutor``) until they run out, the task succeeds or the step limit
+is hit. Env stepping is spread over ``num_workers`` spawned processes that import neither torch nor the
+caller's ``__main__`` and run single-threaded; ``num_workers=0`` steps in-process. Results do not depend on the
+process layout.
 
 Metrics: ``mean_score`` is the mean over episodes of the episode's maximum reward, Diffusion Policy's
-``test/mean_score``; for Push-T (reward = clip(coverage / 0.95, 0, 1)) it is also reported as
-``coverage_score``. ``success_rate`` is the fraction of episodes that reached success at some step (Push-T:
-coverage > 0.95, LeRobot's ``pc_success`` / 100; robomimic: the task's success check). An episode ends at
-success or after ``max_steps`` steps.
+``test/mean_score``, also reported under the family's ``score_aliases`` (Push-T: ``coverage_score``, as its
+reward is clip(coverage / 0.95, 0, 1)). ``success_rate`` is the fraction of episodes that reached success at
+some step (the family's ``success_key`` in the step info: Push-T coverage > 0.95, LeRobot's ``pc_success`` /
+100; robomimic: the task's success check). Per episode, the maximum of each of the family's ``track_max`` info
+keys is reported as ``max_<key>`` (Push-T: ``max_coverage``). An episode ends at success or after
+``max_steps`` steps.
 """
 from __future__ import annotations
 
@@ -26,16 +30,16 @@ import time
 import traceback
 import types
 import warnings
-from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["evaluate", "evaluate_pusht", "save_eval_json", "VIDEO_SIZE", "PUSHT_KEYPOINTS_SPEC"]
+from .executor import ChunkExecutor
+
+__all__ = ["evaluate", "save_eval_json", "VIDEO_SIZE"]
 
 VIDEO_SIZE = 256  # px, square frames of the optional evaluation videos
-PUSHT_KEYPOINTS_SPEC = {"family": "pusht", "name": "pusht", "kwargs": {"image": False}, "fps": 10}
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 PredictFn = Callable[[dict[str, np.ndarray]], np.ndarray]
@@ -48,18 +52,15 @@ def _as_dict(obs) -> dict[str, np.ndarray]:
 
 class _Episode:
     def __init__(self, index: int, seed: int, spec: dict, n_obs_steps: int, max_steps: int, video_path: str | None):
-        from drift_policy.tasks import make_env
-
         self.index, self.seed, self.family = index, seed, spec["family"]
-        kwargs = {**spec["kwargs"], "max_steps": max_steps}
-        if video_path is not None and self.family == "robomimic":
-            kwargs["render"] = True                          # robosuite needs its offscreen renderer for frames
-        self.env = make_env({**spec, "kwargs": kwargs})
+        self.env = self.family.make_env(**spec["kwargs"], max_steps=max_steps, video=video_path is not None)
         obs, info = self.env.reset(seed=seed)
-        self.history: deque[dict] = deque([_as_dict(obs)] * n_obs_steps, maxlen=n_obs_steps)
+        # The whole chunk predict() returns is executed (it chooses k), so only the history is used here.
+        self.executor = ChunkExecutor(n_obs_steps, 1)
+        self.executor.observe(_as_dict(obs))
         self.steps = 0
         self.max_reward = 0.0
-        self.max_coverage = 0.0 if "coverage" in info else None
+        self.max_info = {k: 0.0 for k in self.family.track_max if k in info}   # e.g. Push-T's coverage
         self.success = False
         self.done = False
         self.writer = None
@@ -67,32 +68,32 @@ class _Episode:
         if video_path is not None:
             import cv2
 
-            self.writer = cv2.VideoWriter(video_path, cv2.VideoWriter_fourcc(*"mp4v"), spec["fps"], (VIDEO_SIZE,) * 2)
+            self.writer = cv2.VideoWriter(video_path, cv2.VideoWriter_fourcc(*"mp4v"), self.family.control_hz,
+                                          (VIDEO_SIZE,) * 2)
             if not self.writer.isOpened():
                 raise RuntimeError(f"cv2.VideoWriter could not open {video_path}")
             self._write_frame()
 
     def _write_frame(self) -> None:
-        kw = {"draw_action": True} if self.family == "pusht" else {}
-        frame = self.env.render(VIDEO_SIZE, **kw)
+        frame = self.env.render(VIDEO_SIZE, **self.family.render_kwargs())
         self.writer.write(np.ascontiguousarray(frame[:, :, ::-1]))  # RGB -> BGR
 
     def window(self) -> dict[str, np.ndarray]:
-        return {k: np.stack([h[k] for h in self.history]) for k in self.history[0]}
+        return self.executor.window(np.stack)
 
     def run_chunk(self, actions: np.ndarray) -> dict:
         executed = 0
-        for action in actions:
-            if self.done:
-                break
-            obs, reward, terminated, truncated, info = self.env.step(action)
+        ex = self.executor
+        ex.load(actions)
+        while len(ex) and not self.done:
+            obs, reward, terminated, truncated, info = self.env.step(ex.pop())
             executed += 1
             self.steps += 1
-            self.history.append(_as_dict(obs))
+            ex.observe(_as_dict(obs))
             self.max_reward = max(self.max_reward, float(reward))
-            self.success = self.success or bool(info.get("is_success", info.get("success", False)))
-            if self.max_coverage is not None:
-                self.max_coverage = max(self.max_coverage, float(info["coverage"]))
+            self.success = self.success or bool(info.get(self.family.success_key, False))
+            for k in self.max_info:
+                self.max_info[k] = max(self.max_info[k], float(info[k]))
             if self.writer is not None:
                 self._write_frame()
             if terminated or truncated:
@@ -104,8 +105,7 @@ class _Episode:
     def summary(self) -> dict:
         out = {"seed": int(self.seed), "max_reward": float(self.max_reward), "steps": int(self.steps),
                "success": bool(self.success)}
-        if self.max_coverage is not None:
-            out["max_coverage"] = float(self.max_coverage)
+        out.update({f"max_{k}": float(v) for k, v in self.max_info.items()})
         return out
 
     def close(self) -> None:
@@ -347,8 +347,8 @@ def evaluate(
     ``predict(obs)`` gets the observation windows of the B running episodes (in seed order; at reset the first
     observation is repeated n_obs_steps times) as {"obs": float32 [B, n_obs_steps, D], <camera>: uint8
     [B, n_obs_steps, 3, H, W]} and returns actions [B, k, Da] to execute, k >= 1. Keys: ``mean_score``,
-    ``success_rate`` (and ``coverage_score`` for Push-T), ``n_episodes``, ``start_seed``, ``n_obs_steps``,
-    ``max_steps``, ``num_workers``, ``per_episode`` (list of {seed, max_reward, steps, success[, max_coverage]}),
+    ``success_rate`` (and the family's score aliases, e.g. ``coverage_score``), ``n_episodes``, ``start_seed``, ``n_obs_steps``,
+    ``max_steps``, ``num_workers``, ``per_episode`` (list of {seed, max_reward, steps, success[, max_<tracked key>]}),
     ``videos`` (paths written), ``wall_s``. Videos (mp4v, VIDEO_SIZE px, at the control rate) of the first
     ``n_videos`` episodes go to ``video_dir`` as ``<task>_seed<seed>.mp4``.
     """
@@ -410,7 +410,7 @@ def evaluate(
     return {
         "task": name,
         "mean_score": score,
-        **({"coverage_score": score} if env["family"] == "pusht" else {}),
+        **{alias: score for alias in env["family"].score_aliases},
         "success_rate": float(np.mean([e["success"] for e in per_episode])),
         "n_episodes": int(n_episodes),
         "start_seed": int(start_seed),
@@ -421,11 +421,6 @@ def evaluate(
         "videos": videos,
         "wall_s": float(time.perf_counter() - t0),
     }
-
-
-def evaluate_pusht(predict: Callable[[np.ndarray], np.ndarray], **kwargs) -> dict:
-    """Push-T keypoints: ``predict`` maps float32 windows [B, n_obs_steps, 20] to actions [B, k, 2]."""
-    return evaluate(lambda obs: predict(obs["obs"]), PUSHT_KEYPOINTS_SPEC, action_dim=2, **kwargs)
 
 
 def _json_default(obj: Any) -> Any:

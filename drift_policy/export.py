@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .backends import jit_trace, onnx_export, ort_session
 from .policies import Policy
 
 INPUT_NAMES = ["obs", "noise"]
@@ -94,22 +94,15 @@ def export_policy(policy: Policy, out: str | os.PathLike, fmt: str) -> Path:
     module = ExportablePolicy(policy.to("cpu").eval())
     args = example_inputs(policy, batch=2)
     tmp = out.with_name(out.name + ".tmp")
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)   # shape checks are Python-side only
-        warnings.filterwarnings("ignore", category=DeprecationWarning)        # torch.jit and the legacy exporter
-        if fmt == "torchscript":
-            traced = torch.jit.trace(module, args, check_trace=False)
-            traced.save(str(tmp))
-        else:
-            try:
-                import onnx  # noqa: F401
-            except ImportError as e:
-                raise ImportError("ONNX export needs the optional extra: pip install 'drift-policy[export]'") from e
-            # The TorchScript-based exporter: no onnxscript dependency, and this graph (convs, GroupNorm, Mish)
-            # needs nothing newer.
-            torch.onnx.export(module, args, str(tmp), dynamo=False, input_names=INPUT_NAMES,
-                              output_names=OUTPUT_NAMES, opset_version=ONNX_OPSET,
-                              dynamic_axes={n: {0: "batch"} for n in INPUT_NAMES + OUTPUT_NAMES})
+    if fmt == "torchscript":
+        jit_trace(module, args).save(str(tmp))
+    else:
+        try:
+            import onnx  # noqa: F401
+        except ImportError as e:
+            raise ImportError("ONNX export needs the optional extra: pip install 'drift-policy[export]'") from e
+        onnx_export(module, args, str(tmp), INPUT_NAMES, OUTPUT_NAMES, ONNX_OPSET,
+                    dynamic_axes={n: {0: "batch"} for n in INPUT_NAMES + OUTPUT_NAMES})
     os.replace(tmp, out)
     Path(str(out) + ".json").write_text(json.dumps(metadata(policy, fmt), indent=2))
     return out
@@ -120,14 +113,7 @@ class OnnxPolicy:
     """An exported ONNX file run with onnxruntime: ``(obs, noise) -> (action, action_pred)`` as numpy."""
 
     def __init__(self, path: str | os.PathLike, threads: int = 1):
-        try:
-            import onnxruntime as ort
-        except ImportError as e:
-            raise ImportError("running ONNX exports needs the optional extra: pip install 'drift-policy[export]'") from e
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.session = ort_session(path, threads)
 
     def __call__(self, obs: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         action, action_pred = self.session.run(OUTPUT_NAMES, {"obs": np.ascontiguousarray(obs, dtype=np.float32),

@@ -1,6 +1,7 @@
-"""Real-time control loop: drive Push-T at a target control rate with a wall clock, and report whether it kept up.
+"""Real-time control loop: drive a task's simulator at a target control rate with a wall clock, and report whether
+it kept up. The task is the run's (a bare ``pretrained/`` folder: Push-T keypoints).
 
-    drift-policy run checkpoint=runs/<run>/pretrained rate_hz=10 seconds=120 async=1 ensemble=0 backend=torch \\
+    drift-policy run checkpoint=runs/<run>/pretrained rate_hz=10 seconds=120 async=1 ensemble=0 backend=eager \\
         out=eval/results/runner.json
     drift-policy run checkpoint=... rate_hz=max seconds=60 async=1 out=...   # find the highest sustained rate
 
@@ -25,22 +26,19 @@ a background chunk) or when the tick's work ended after the next tick's start ti
 the loop does not try to catch up: the next tick starts immediately and the schedule restarts from there, so the
 achieved rate falls below the target.
 
-The simulator always advances 0.1 s per tick (Push-T's 10 Hz control, the rate the policy was trained at), so at
-rate_hz above 10 the world runs faster than real time: such runs measure whether the controller (inference plus
-env step) keeps up with the period, with the task itself unchanged.
+The simulator always advances one control period of its task family per tick (Push-T: 0.1 s, its 10 Hz control,
+the rate the policy was trained at), so at rate_hz above the family's rate the world runs faster than real
+time: such runs measure whether the controller (inference plus env step) keeps up with the period, with the
+task itself unchanged.
 
-Backends: ``torch`` (eager ``predict_action``), ``torchscript`` and ``onnx`` (the graphs of
-``drift_policy.export``, obs in data units + explicit noise; onnxruntime for ONNX). The sampling noise comes
-from one seeded torch.Generator in all three, so they see the same noise sequence.
+Backends: the names of ``drift_policy.backends`` (``eager``, ``jit_trace``, ``onnxruntime``, ...): the policy's own
+``predict_action`` with its backbone run by that engine (``accelerated_policy``). The sampling noise comes from
+one seeded torch.Generator whichever the backend, so every backend sees the same noise sequence.
 """
 from __future__ import annotations
 
 import math
-import os
-import platform
-import tempfile
 import time
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 import dataclasses
 from dataclasses import asdict, dataclass
@@ -48,6 +46,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .errors import ConfigError
+from .executor import ChunkExecutor, executable
+from .timing import latency_stats, machine_info
 
 
 @dataclass
@@ -60,7 +62,7 @@ class RunConfig:
     ensemble_k: float = 0.01       # ensemble weights exp(-k * i), i = 0 for the oldest prediction
     lead: int = 0                  # async receding horizon: start the next chunk this many ticks before it is
                                    # needed (0: from the warm-up latency, see auto_lead)
-    backend: str = "torch"         # torch | torchscript | onnx
+    backend: str = "eager"         # an inference backend of backends.py (CPU_BACKENDS): eager | jit_trace | onnxruntime ...
     threads: int = 1               # intra-op threads of the inference backend
     max_steps: int = 300           # env steps per episode (Diffusion Policy's Push-T protocol)
     start_seed: int = 100000       # episode seeds start_seed, start_seed + 1, ...
@@ -69,50 +71,41 @@ class RunConfig:
 
     def check(self, n_obs_steps: int, n_action_steps: int, horizon: int) -> None:
         if not self.rate_hz > 0:
-            raise ValueError(f"rate_hz must be > 0, got {self.rate_hz}")
+            raise ConfigError(f"rate_hz must be > 0, got {self.rate_hz}")
         if self.seconds <= 0 and self.episodes <= 0:
-            raise ValueError("give seconds > 0 or episodes > 0")
-        if self.backend not in ("torch", "torchscript", "onnx"):
-            raise ValueError(f"backend must be torch, torchscript or onnx, got {self.backend!r}")
+            raise ConfigError("give seconds > 0 or episodes > 0")
+        from .backends import CPU_BACKENDS
+
+        if self.backend not in CPU_BACKENDS:
+            raise ConfigError(f"backend must be one of {list(CPU_BACKENDS)}, got {self.backend!r}")
         max_lead = horizon - n_obs_steps + 1 - n_action_steps
         if self.async_ and not self.ensemble and self.lead and not 1 <= self.lead <= max_lead:
-            raise ValueError(f"lead must be in [1, {max_lead}] (horizon - n_obs_steps + 1 - n_action_steps), got {self.lead}")
+            raise ConfigError(f"lead must be in [1, {max_lead}] (horizon - n_obs_steps + 1 - n_action_steps), got {self.lead}")
 
 
-# ---- inference backends: obs window [To, obs_dim] (data units) -> actions [Tp - To + 1, Da] from step To - 1 ----
+# ---- inference: obs window [To, obs_dim] or {"obs": [To, D], <camera>: [To, 3, H, W]} (data units)
+# ---- -> actions [Tp - To + 1, Da] from step To - 1 on, through one of backends.py's backends
 class Backend:
     def __init__(self, policy, cfg: RunConfig):
+        from .backends import accelerated_policy
         from .threads import set_threads
 
         set_threads(cfg.threads)
         c = policy.config
-        self.policy, self.kind = policy.eval(), cfg.backend
-        self.start, self.noise_shape = c.n_obs_steps - 1, (1, c.horizon, c.action_dim)
-        self.gen = torch.Generator().manual_seed(cfg.seed)
-        self._tmp = None
-        if cfg.backend != "torch":
-            from .export import OnnxPolicy, export_policy, load_torchscript
+        self.policy = accelerated_policy(policy.eval(), cfg.backend, cfg.threads)
+        self.slice = executable(c.n_obs_steps)
+        self.gen = torch.Generator().manual_seed(cfg.seed)     # one noise stream, whichever the backend
 
-            self._tmp = tempfile.TemporaryDirectory(prefix="drift-runner-")
-            path = export_policy(policy, Path(self._tmp.name) / f"policy.{cfg.backend}", cfg.backend)
-            self.graph = OnnxPolicy(path, threads=cfg.threads) if cfg.backend == "onnx" else load_torchscript(path)
-
-    def __call__(self, window: np.ndarray) -> np.ndarray:
-        obs = window[None].astype(np.float32, copy=False)
+    def __call__(self, window) -> np.ndarray:
+        window = window if isinstance(window, dict) else {"obs": window}
+        batch = {k: torch.from_numpy(np.ascontiguousarray(v[None])) for k, v in window.items()}
+        batch["obs"] = batch["obs"].float()
         with torch.inference_mode():
-            if self.kind == "torch":
-                pred = self.policy.predict_action(torch.from_numpy(obs), generator=self.gen)["action_pred"].numpy()
-            else:
-                noise = torch.randn(self.noise_shape, generator=self.gen)
-                if self.kind == "onnx":
-                    pred = self.graph(obs, noise.numpy())[1]
-                else:
-                    pred = self.graph(torch.from_numpy(obs), noise)[1].numpy()
-        return pred[0, self.start:]
+            pred = self.policy.predict_action(batch, generator=self.gen)["action_pred"].numpy()
+        return pred[0, self.slice]
 
     def close(self) -> None:
-        if self._tmp is not None:
-            self._tmp.cleanup()
+        pass
 
 
 @dataclass
@@ -197,12 +190,18 @@ class Controller:
 
 # ---- the loop ----------------------------------------------------------------------------------------------------
 def run_episode(env, ctrl: Controller, seed: int, cfg: RunConfig, n_obs_steps: int, wall_deadline: float,
-                ticks: dict) -> dict:
+                ticks: dict, family) -> dict:
+    """One episode on the wall clock; ``family`` (the task's ``tasks.TaskFamily``) names the success key and the
+    info keys whose maximum is reported."""
     obs, info = env.reset(seed=seed)
-    history = deque([obs] * n_obs_steps, maxlen=n_obs_steps)
-    ctrl.begin_episode(np.stack(history))
+    # The history and the To - 1 slice come from the executor; which action plays at a tick is the Controller's
+    # choice (its chunks are indexed by tick, for the async lead and temporal ensembling).
+    ex = ChunkExecutor(n_obs_steps, 1)
+    ex.observe(_as_dict(obs))
+    ctrl.begin_episode(ex.window(np.stack))
     period = 1.0 / cfg.rate_hz
-    max_reward = max_coverage = 0.0
+    max_reward, success = 0.0, False
+    max_info = {k: 0.0 for k in family.track_max if k in info}
     steps, complete = 0, True
     t_clock = t_next = time.perf_counter()
     end = t_clock
@@ -214,13 +213,15 @@ def run_episode(env, ctrl: Controller, seed: int, cfg: RunConfig, n_obs_steps: i
         if delay > 0:
             time.sleep(delay)
         start = time.perf_counter()
-        action, waited, age = ctrl.act(tick, np.stack(history))
+        action, waited, age = ctrl.act(tick, ex.window(np.stack))
         ready = time.perf_counter()
         obs, reward, terminated, truncated, info = env.step(action)
         end = time.perf_counter()
-        history.append(obs)
+        ex.observe(_as_dict(obs))
         steps += 1
-        max_reward, max_coverage = max(max_reward, reward), max(max_coverage, info["coverage"])
+        max_reward, success = max(max_reward, reward), success or bool(info.get(family.success_key, False))
+        for k in max_info:
+            max_info[k] = max(max_info[k], float(info[k]))
         deadline = t_next + period
         overrun = end > deadline
         for k, v in (("lateness", start - t_next), ("work", end - start), ("act", ready - start),
@@ -230,29 +231,30 @@ def run_episode(env, ctrl: Controller, seed: int, cfg: RunConfig, n_obs_steps: i
         if terminated or truncated:
             break
     # The clock ran until the last tick's period ended (or until its overrun ended).
-    return {"seed": int(seed), "steps": steps, "max_reward": float(max_reward), "max_coverage": float(max_coverage),
-            "success": bool(max_coverage > env.success_threshold), "complete": complete,
+    return {"seed": int(seed), "steps": steps, "max_reward": float(max_reward),
+            **{f"max_{k}": float(v) for k, v in max_info.items()}, "success": success, "complete": complete,
             "clock_s": float(max(end, t_next) - t_clock)}
 
 
-def _stats(x, scale: float = 1.0) -> dict:
-    if len(x) == 0:
-        return {}
-    a = np.asarray(x, dtype=np.float64) * scale
-    return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)), "max": float(a.max()),
-            "mean": float(a.mean()), "n": int(a.size)}
+def _as_dict(obs) -> dict:
+    return dict(obs) if isinstance(obs, dict) else {"obs": obs}
 
 
-def run(policy, cfg: RunConfig, checkpoint: str = "") -> dict:
-    """Run episodes at cfg.rate_hz and return the report (a JSON-serialisable dict)."""
-    from .envs.pusht import PushTKeypointsEnv
+def run(policy, cfg: RunConfig, checkpoint: str = "", task=None) -> dict:
+    """Run episodes of ``task`` (a TaskConfig; default: Push-T keypoints) at cfg.rate_hz and return the report
+    (a JSON-serialisable dict)."""
+    from .config import TaskConfig
+    from .tasks import env_spec, family, make_env
 
+    task = task if task is not None else TaskConfig()
+    fam = family(task)
     c = policy.config
     cfg = RunConfig(**asdict(cfg))               # a copy: the report records the lead actually used
     cfg.check(c.n_obs_steps, c.n_action_steps, c.horizon)
     backend = Backend(policy, cfg)
     ctrl = Controller(backend, cfg, c.n_action_steps)
-    dummy = np.zeros((c.n_obs_steps, c.obs_dim), dtype=np.float32)
+    dummy = {"obs": np.zeros((c.n_obs_steps, c.obs_dim), dtype=np.float32),
+             **{k: np.zeros((c.n_obs_steps, *c.image_shape), dtype=np.uint8) for k in c.image_keys}}
     warm = []
     for _ in range(cfg.warmup):
         t = time.perf_counter()
@@ -260,7 +262,7 @@ def run(policy, cfg: RunConfig, checkpoint: str = "") -> dict:
         warm.append(time.perf_counter() - t)
     if cfg.async_ and not cfg.ensemble and not cfg.lead:
         cfg.lead = auto_lead(warm, cfg.rate_hz, c.horizon - c.n_obs_steps + 1 - c.n_action_steps)
-    env = PushTKeypointsEnv(max_steps=cfg.max_steps)
+    env = make_env(env_spec(task), max_steps=cfg.max_steps)
     ticks = {k: [] for k in ("lateness", "work", "act", "env", "age", "waited", "overrun")}
     episodes = []
     t0 = time.perf_counter()
@@ -268,7 +270,7 @@ def run(policy, cfg: RunConfig, checkpoint: str = "") -> dict:
     try:
         while (cfg.episodes <= 0 or len(episodes) < cfg.episodes) and time.perf_counter() < wall_deadline:
             episodes.append(run_episode(env, ctrl, cfg.start_seed + len(episodes), cfg, c.n_obs_steps,
-                                        wall_deadline, ticks))
+                                        wall_deadline, ticks, fam))
     finally:
         ctrl.close()
         backend.close()
@@ -279,14 +281,14 @@ def run(policy, cfg: RunConfig, checkpoint: str = "") -> dict:
     missed = int((waited | overrun).sum())
     clock = sum(e["clock_s"] for e in episodes)
     done = [e for e in episodes if e["complete"]]
+    score = float(np.mean([e["max_reward"] for e in done])) if done else None
     return {
         "checkpoint": str(checkpoint),
         "policy": {"type": c.type, "backbone": c.backbone, "n_obs_steps": c.n_obs_steps,
                    "n_action_steps": c.n_action_steps, "horizon": c.horizon,
                    "nfe": c.nfe},
         "config": {("async" if k == "async_" else k): v for k, v in asdict(cfg).items()},
-        "machine": {"cpu": _cpu_name(), "logical_cpus": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
+        "machine": machine_info("cpu"),
         "target_rate_hz": cfg.rate_hz,
         "achieved_rate_hz": n / clock if clock > 0 else 0.0,
         "ticks": n,
@@ -295,17 +297,18 @@ def run(policy, cfg: RunConfig, checkpoint: str = "") -> dict:
         "waited_for_chunk": int(waited.sum()),
         "overruns": int(overrun.sum()),
         "inferences": len(ctrl.latencies),
-        "inference_latency_ms": _stats(ctrl.latencies, 1e3),
-        "tick_work_ms": _stats(ticks["work"], 1e3),          # action selection + env step
-        "action_ready_ms": _stats(ticks["act"], 1e3),        # from tick start until the action is known
-        "env_step_ms": _stats(ticks["env"], 1e3),
-        "tick_start_lateness_ms": _stats(ticks["lateness"], 1e3),
-        "action_age_ticks": _stats(ticks["age"]),            # tick minus the observation tick of the newest chunk
-        "sim_seconds_per_tick": 0.1,
-        "realtime_factor": 0.1 * cfg.rate_hz,                # simulated seconds per wall second while the clock runs
+        "inference_latency_ms": latency_stats(ctrl.latencies, 1e3),
+        "tick_work_ms": latency_stats(ticks["work"], 1e3),          # action selection + env step
+        "action_ready_ms": latency_stats(ticks["act"], 1e3),        # from tick start until the action is known
+        "env_step_ms": latency_stats(ticks["env"], 1e3),
+        "tick_start_lateness_ms": latency_stats(ticks["lateness"], 1e3),
+        "action_age_ticks": latency_stats(ticks["age"]),            # tick minus the observation tick of the newest chunk
+        "task": task.name,
+        "sim_seconds_per_tick": 1.0 / fam.control_hz,
+        "realtime_factor": cfg.rate_hz / fam.control_hz,     # simulated seconds per wall second while the clock runs
         "episodes": episodes,
         "n_complete_episodes": len(done),
-        "coverage_score": float(np.mean([e["max_reward"] for e in done])) if done else None,
+        **{k: score for k in ("mean_score", *fam.score_aliases)},
         "success_rate": float(np.mean([e["success"] for e in done])) if done else None,
         "wall_s": wall,
     }
@@ -323,7 +326,7 @@ def sustained(report: dict, tolerance: float) -> bool:
 
 
 def find_max_rate(policy, cfg: RunConfig, seconds: float = 5.0, tolerance: float = 0.01, start: float = 10.0,
-                  limit: float = 20000.0, refine: int = 4) -> tuple[float, list[dict]]:
+                  limit: float = 20000.0, refine: int = 4, task=None) -> tuple[float, list[dict]]:
     """Highest rate (Hz) at which a ``seconds``-long run misses at most ``tolerance`` of its deadlines (and
     achieves 99 % of the rate): doubling from ``start`` until a rate fails, then ``refine`` bisection steps
     (geometric) between the last sustained and the first failed rate. Returns (rate, one record per trial).
@@ -332,7 +335,7 @@ def find_max_rate(policy, cfg: RunConfig, seconds: float = 5.0, tolerance: float
     trials = []
 
     def trial(rate: float) -> bool:
-        r = run(policy, RunConfig(**{**asdict(cfg), "rate_hz": rate, "seconds": seconds, "episodes": 0}))
+        r = run(policy, RunConfig(**{**asdict(cfg), "rate_hz": rate, "seconds": seconds, "episodes": 0}), task=task)
         ok = sustained(r, tolerance)
         trials.append({"rate_hz": rate, "missed_fraction": r["missed_fraction"], "achieved_rate_hz": r["achieved_rate_hz"],
                        "waited_for_chunk": r["waited_for_chunk"], "overruns": r["overruns"], "lead": r["config"]["lead"],
@@ -358,27 +361,14 @@ def find_max_rate(policy, cfg: RunConfig, seconds: float = 5.0, tolerance: float
     return good, trials
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 # ---- command line ---------------------------------------------------------------------------------------------
 def cmd_run(args: list[str]) -> None:
     from .evaluation import save_eval_json
     from .fileio import check_writable
-    from .runs import load_policy_for_eval, parse_kv
-
-    def flag(v: str) -> bool:
-        return bool(int(v))
+    from .runs import flag, load_policy_for_eval, parse_kv
 
     usage = ("usage: drift-policy run checkpoint=PATH [rate_hz=10|max seconds=60 episodes=0 async=0 "
-             "ensemble=0 backend=torch|torchscript|onnx threads=1 out=report.json]")
+             "ensemble=0 backend=eager|jit_trace|onnxruntime|... threads=1 out=report.json]")
     defaults = {("async" if f.name == "async_" else f.name): f.default for f in dataclasses.fields(RunConfig)}
     defaults.update(rate_hz="10 (or max: search the highest sustained rate)", out="runner_report.json",
                     search_seconds=5.0, tolerance=0.01)
@@ -390,7 +380,8 @@ def cmd_run(args: list[str]) -> None:
         raise SystemExit(usage)
     checkpoint = opts.pop("checkpoint")
     out = check_writable(opts.pop("out", "runner_report.json"), "run out=")   # before the run, not after
-    policy, _ = load_policy_for_eval(checkpoint)
+    policy, run_cfg = load_policy_for_eval(checkpoint)
+    task = run_cfg.task if run_cfg is not None else None      # a bare pretrained folder: Push-T keypoints
     rate = opts.pop("rate_hz", "10")
     search = {"seconds": opts.pop("search_seconds", 5.0), "tolerance": opts.pop("tolerance", 0.01)}
     if "async" in opts:
@@ -400,27 +391,27 @@ def cmd_run(args: list[str]) -> None:
     if rate == "max":
         print(f"searching the highest sustained rate ({search['seconds']:.0f} s per trial, at most "
               f"{search['tolerance']:.1%} missed deadlines)", flush=True)
-        cfg.rate_hz, trials = find_max_rate(policy, cfg, **search)
+        cfg.rate_hz, trials = find_max_rate(policy, cfg, **search, task=task)
         if cfg.rate_hz <= 0:
             raise SystemExit("not even 10 Hz is sustained on this machine")
     else:
         cfg.rate_hz = float(rate)
-    report = run(policy, cfg, checkpoint)
+    report = run(policy, cfg, checkpoint, task)
     if trials is not None:
         # The search's trials are short; if the full-length run misses too many deadlines, step down 5 % at a time.
         final = [{"rate_hz": cfg.rate_hz, "missed_fraction": report["missed_fraction"]}]
         while not sustained(report, search["tolerance"]) and len(final) < 4:
             cfg.rate_hz = float(round(cfg.rate_hz * 0.95))
             print(f"  {final[-1]['missed_fraction']:.2%} missed over {cfg.seconds:g} s; again at {cfg.rate_hz:g} Hz", flush=True)
-            report = run(policy, cfg, checkpoint)
+            report = run(policy, cfg, checkpoint, task)
             final.append({"rate_hz": cfg.rate_hz, "missed_fraction": report["missed_fraction"]})
         report["rate_search"] = {**search, "trials": trials, "full_length_runs": final,
                                  "max_sustained_hz": cfg.rate_hz if sustained(report, search["tolerance"]) else None}
     save_eval_json(report, out)
     lat = report["inference_latency_ms"]
-    cov = report["coverage_score"]
+    score = report["mean_score"]
     print(f"{report['ticks']} ticks at {report['achieved_rate_hz']:.1f} Hz (target {cfg.rate_hz:g}); missed deadlines "
           f"{report['missed_deadlines']} ({report['missed_fraction']:.2%}); inference p50 {lat['p50']:.2f} ms, "
-          f"p99 {lat['p99']:.2f} ms, max {lat['max']:.2f} ms; coverage "
-          f"{'n/a' if cov is None else f'{cov:.3f}'} over {report['n_complete_episodes']} complete episodes; "
+          f"p99 {lat['p99']:.2f} ms, max {lat['max']:.2f} ms; {report['task']} score "
+          f"{'n/a' if score is None else f'{score:.3f}'} over {report['n_complete_episodes']} complete episodes; "
           f"written to {out}")

@@ -35,8 +35,8 @@ from .fileio import atomic_write_text
 __all__ = ["CONFIG_FILE", "METRICS_FILE", "CHECKPOINTS_DIR", "EVAL_DIR", "PRETRAINED_DIR", "DDP_FILE",
            "config_path", "metrics_path", "checkpoint_path", "eval_path", "eval_files", "pretrained_dir", "ddp_path",
            "write_config", "read_config", "list_checkpoints", "latest_good_checkpoint", "prune_checkpoints",
-           "load_policy_for_eval", "parse_kv", "RUN_ENTRIES", "existing_run_entries", "check_run_dir_free", "RunLock",
-           "claim_run_dir", "RunDirError", "wants_help", "help_text"]
+           "load_policy_for_eval", "parse_kv", "flag", "comma_list", "RUN_ENTRIES", "existing_run_entries",
+           "check_run_dir_free", "RunLock", "claim_run_dir", "RunDirError", "wants_help", "help_text"]
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -264,5 +264,26 @@ def parse_kv(args: list[str], allowed: dict[str, Callable[[str], Any]], *, usage
         try:
             out[k] = allowed[k](v)
         except ValueError as e:
-            raise ConfigError(f"bad option value {k}={v!r}: {e}") from None
+            raise ConfigError(f"{k}: {e} (bad option value {v!r})") from None
     return out
+
+
+def flag(v: str) -> bool:
+    """An on/off option: 1/0, true/false, yes/no, on/off."""
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected a flag 0/1, got {v!r}")
+
+
+def comma_list(kind: Callable[[str], Any]) -> Callable[[str], list]:
+    """A comma-separated list option, each item parsed by ``kind``."""
+    def parse(v: str) -> list:
+        try:
+            return [kind(s.strip()) for s in v.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"expected a comma-separated list of {getattr(kind, '__name__', 'values')}, "
+                             f"got {v!r}") from None
+    parse.__name__ = f"list[{getattr(kind, '__name__', 'value')}]"     # what --help shows
+    return parse

@@ -22,6 +22,7 @@ from . import runs
 from .checkpoint import non_finite_tensors, save_checkpoint
 from .config import Config
 from .distributed import Distributed
+from .ema import ema_update
 from .fileio import atomic_write_text
 from .normalizer import Normalizer
 from .policies import Policy, make_policy
@@ -67,16 +68,6 @@ def lr_at(cfg: Config, step: int, train_seconds: float) -> float:
     if t.max_minutes > 0:
         progress = max(progress, train_seconds / (60 * t.max_minutes))
     return t.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-@torch.no_grad()
-def ema_update(ema: Policy, model: Policy, step: int, decay: float) -> None:
-    # Warm-up (1 + step) / (10 + step): early weights are not averaged with the random initialisation for long.
-    d = min(decay, (1 + step) / (10 + step))
-    for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(pm, 1 - d)
-    for be, bm in zip(ema.buffers(), model.buffers()):
-        be.copy_(bm)
 
 
 # ---- logging ----------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""drift-policy bench latency (drift_policy/bench_latency.py): structure, ratios, options, backends.
+"""drift-policy bench latency (bench_latency.py, latency_report.py, timing.py) and the inference backends
+(backends.py): structure, ratios, options, backend semantics.
 
 No timings are asserted.
 """
@@ -8,7 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from drift_policy import backends
 from drift_policy import bench_latency as bl
+from drift_policy import latency_report as report
+from drift_policy import timing
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +44,7 @@ def test_bench_tiny_returns_documented_keys(tmp_path):
 
     assert [(r["preset"], r["batch"]) for r in res["rows"]] == [("tiny", 1)]
     for r in res["rows"]:
-        assert set(bl.ROW_KEYS) <= set(r)
+        assert set(report.ROW_KEYS) <= set(r)
         assert r["ddpm100_over_drift"] == pytest.approx(r["ddpm100_ms"] / r["drift_ms"])
         assert r["ddim10_over_drift"] == pytest.approx(r["ddim10_ms"] / r["drift_ms"])
     assert "tiny" in res["targets"]["ratio_b1"]
@@ -50,7 +54,7 @@ def test_bench_tiny_returns_documented_keys(tmp_path):
     assert all(b["error"] is None and b["max_abs_diff"] < 1e-4 for b in res["backends"])
     assert res["profile"]["top_ops"] and res["profile"]["calls"] == 2
 
-    js, md = bl.write_results(res, tmp_path / "lat.json")
+    js, md = report.write_results(res, tmp_path / "lat.json")
     assert json.loads(js.read_text())["rows"][0]["preset"] == "tiny"
     text = md.read_text()
     for col in ("preset", "params (M)", "batch", "drift 1-NFE ms", "DDIM-10 ms", "DDPM-100 ms", "DDPM-100/drift",
@@ -59,34 +63,34 @@ def test_bench_tiny_returns_documented_keys(tmp_path):
 
 
 def test_ratios_and_rows():
-    assert bl.speed_ratio(250.0, 2.5) == pytest.approx(100.0)
-    assert bl.speed_ratio(None, 2.5) is None and bl.speed_ratio(3.0, None) is None
+    assert report.speed_ratio(250.0, 2.5) == pytest.approx(100.0)
+    assert report.speed_ratio(None, 2.5) is None and report.speed_ratio(3.0, None) is None
     with pytest.raises(ValueError):
-        bl.speed_ratio(10.0, 0.0)
+        report.speed_ratio(10.0, 0.0)
     cells = [{"preset": "small", "batch": 1, "method": m, "median_ms": ms, "p90_ms": ms * 1.1, "params_m": p}
              for m, ms, p in (("drift", 2.0, 4.0), ("ddim10", 25.0, 4.5), ("ddpm100", 230.0, 4.5))]
     cells.append({"preset": "small", "batch": 50, "method": "drift", "median_ms": 8.0, "p90_ms": 9.0,
                   "params_m": 4.0})
-    rows = bl.make_rows(cells)
+    rows = report.make_rows(cells)
     assert rows[0]["ddpm100_over_drift"] == pytest.approx(115.0)
     assert rows[0]["ddim10_over_drift"] == pytest.approx(12.5)
     assert rows[0]["params_m"] == 4.0 and rows[0]["params_m_diffusion"] == 4.5
     assert rows[1]["drift_ms"] == 8.0 and rows[1]["ddpm100_over_drift"] is None   # method not run: no ratio
-    t = bl.check_targets(rows)
+    t = report.check_targets(rows)
     assert t["ratio_b1"]["small"] == {"ratio": pytest.approx(115.0), "met": True}
     assert t["default_drift_b1_met_eager"] is True                                   # 2.0 ms <= 3 ms
 
 
 def test_time_call_repeats_and_stats():
     calls = []
-    t = bl.time_call(lambda: calls.append(1), repeats=50, budget_s=1e-9, warmup=2)
-    assert t["n_repeats"] == bl.MIN_REPEATS and t["n_warmup"] >= 1        # budget exhausted: the floor
+    t = timing.time_call(lambda: calls.append(1), repeats=50, budget_s=1e-9, warmup=2)
+    assert t["n_repeats"] == timing.MIN_REPEATS and t["n_warmup"] >= 1        # budget exhausted: the floor
     assert len(calls) == t["n_warmup"] + t["n_repeats"]
-    t = bl.time_call(lambda: None, repeats=7, budget_s=10.0, warmup=1)
+    t = timing.time_call(lambda: None, repeats=7, budget_s=10.0, warmup=1)
     assert t["n_repeats"] == 7                                           # capped by repeats
     vals = [5.0, 1.0, 3.0, 2.0, 4.0, 10.0]
-    assert bl.percentile(vals, 90) == pytest.approx(np.percentile(vals, 90))
-    assert bl.summarize_times(vals)["median_ms"] == pytest.approx(3.5)
+    assert timing.percentile(vals, 90) == pytest.approx(np.percentile(vals, 90))
+    assert timing.summarize_times(vals)["median_ms"] == pytest.approx(3.5)
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -132,15 +136,15 @@ def test_accelerated_policy_keeps_semantics(method, backend):
         pytest.importorskip("onnx")
     policy = bl.build_policy(method, "tiny")
     original_model = policy.model
-    fast = bl.accelerated_policy(policy, backend, threads=1)
+    fast = backends.accelerated_policy(policy, backend, threads=1)
     assert policy.model is original_model                     # the original policy is untouched
     for batch in (1, 3):
         obs = bl.random_obs(policy, batch)
-        assert bl.max_abs_diff(policy, fast, obs, seed=batch) < 1e-4
+        assert backends.max_abs_diff(policy, fast, obs, seed=batch) < 1e-4
         out = fast.predict_action(obs)
         assert out["action"].shape == (batch, policy.config.n_action_steps, policy.config.action_dim)
-    with pytest.raises(bl.BenchOptionError, match="backend must be one of"):
-        bl.accelerated_policy(policy, "tvm")
+    with pytest.raises(backends.BackendError, match="backend must be one of"):
+        backends.accelerated_policy(policy, "tvm")
 
 
 @pytest.mark.parametrize("c_in, c_out, k, stride, pad, bias", [(3, 8, 5, 1, 2, True), (8, 8, 3, 2, 1, True),
@@ -149,9 +153,9 @@ def test_gemm_conv_matches_conv1d(c_in, c_out, k, stride, pad, bias):
     conv = torch.nn.Conv1d(c_in, c_out, k, stride, pad, bias=bias)
     x = torch.randn(3, c_in, 16)
     with torch.no_grad():
-        torch.testing.assert_close(bl._GemmConv1d(conv)(x), conv(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(backends.GemmConv1d(conv)(x), conv(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="plain convolutions"):
-        bl._GemmConv1d(torch.nn.Conv1d(4, 4, 3, groups=2))
+        backends.GemmConv1d(torch.nn.Conv1d(4, 4, 3, groups=2))
 
 
 def test_task_policies_time_the_image_encoder_separately():
@@ -164,7 +168,7 @@ def test_task_policies_time_the_image_encoder_separately():
     assert img["params_m"] > low["params_m"] + img["encoder_params_m"] - 0.5
     with pytest.raises(bl.BenchOptionError):
         bl.bench_task_policies(["pusht/nonsense"], repeats=1, budget_s=0.01)
-    assert "pusht_image/drift_unet" in bl.format_report(
-        {"meta": {**bl.machine_info("cpu"), "threads_option": 1, "torch_num_threads": 1, "backend": "eager",
+    assert "pusht_image/drift_unet" in report.format_report(
+        {"meta": {**timing.machine_info("cpu"), "threads_option": 1, "torch_num_threads": 1, "backend": "eager",
                   "min_repeats": 2, "repeats_max": 2, "budget_s": 0.01},
          "rows": [], "targets": {}, "task_policies": rows})

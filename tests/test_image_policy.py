@@ -59,7 +59,7 @@ def test_predict_select_and_round_trip(tmp_path):
     policy.reset()
     a = policy.select_action({"obs": b["obs"][:, -1], "image": b["image"][:, -1]})
     assert a.shape == (3, 2)
-    assert len(policy._action_queue) == 7
+    assert len(policy.executor) == 7
 
 
 def test_image_observations_are_validated():

@@ -119,7 +119,7 @@ def test_reset_clears_queue_and_history(policy):
         policy.select_action(torch.ones(1, OBS) * 100, gen())
     assert len(calls) == 1
     policy.reset()
-    assert policy._action_queue == [] and policy._obs_history == []
+    assert len(policy.executor) == 0 and not policy.executor.history
     again = policy.select_action(torch.zeros(1, OBS), gen(7))             # a fresh chunk, from a fresh history
     assert len(calls) == 2 and torch.equal(first, again)
 

@@ -17,7 +17,8 @@ from drift_policy.envs.pusht import (
     keypoints_from_state,
     replay_episode,
 )
-from drift_policy.evaluation import evaluate_pusht, save_eval_json
+from drift_policy.evaluation import save_eval_json
+from drift_policy.tasks.pusht import evaluate_pusht
 from drift_policy.paths import pusht_zarr_path
 
 REPO = Path(__file__).resolve().parents[1]

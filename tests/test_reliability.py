@@ -286,7 +286,7 @@ def test_item7_non_finite_observations_are_rejected(bad):
     assert torch.isfinite(first).all()
     with pytest.raises(ValueError, match="select_action: observation 'obs' holds NaN or inf"):
         policy.select_action(torch.full((1, 20), bad))
-    assert all(torch.isfinite(a).all() for a in policy._action_queue)
+    assert all(torch.isfinite(a).all() for a in policy.executor.queue)
 
 
 def test_item7_a_non_finite_chunk_is_never_queued(monkeypatch):
@@ -297,9 +297,29 @@ def test_item7_a_non_finite_chunk_is_never_queued(monkeypatch):
     monkeypatch.setattr(DriftPolicy, "sample", lambda self, *a, **k: real(self, *a, **k) * float("nan"))
     with pytest.raises(FloatingPointError, match="nothing was queued"):
         policy.select_action(torch.rand(1, 20) * 512)
-    assert policy._action_queue == []
+    assert len(policy.executor) == 0
     monkeypatch.setattr(DriftPolicy, "sample", real)
     assert torch.isfinite(policy.select_action(torch.rand(1, 20) * 512)).all()
+
+
+def test_items7_8_the_chunk_executor_checks_what_enters_history_and_queue():
+    """Items 7 and 8 where the queue lives (executor.ChunkExecutor, also used by the evaluation episode and the
+    runner, on numpy arrays): non-finite steps and chunks are refused, a shape change needs reset()."""
+    from drift_policy.executor import ChunkExecutor
+
+    ex = ChunkExecutor(2, 4, where="runner")
+    ex.observe({"obs": np.zeros(20, np.float32), "image": np.zeros((3, 8, 8), np.uint8)})
+    with pytest.raises(ValueError, match="runner: observation 'obs' holds NaN or inf"):
+        ex.observe({"obs": np.full(20, np.nan, np.float32), "image": np.zeros((3, 8, 8), np.uint8)})
+    with pytest.raises(ValueError, match="runner: image 'image' is float with values in"):
+        ex.observe({"obs": np.zeros(20, np.float32), "image": np.full((3, 8, 8), 0.5, np.float32)})
+    with pytest.raises(FloatingPointError, match="nothing was queued"):
+        ex.load([np.zeros(2), np.array([np.inf, 0.0])])
+    assert len(ex) == 0
+    with pytest.raises(ValueError, match=r"observation 'obs' has shape \(3, 20\).*call reset\(\)"):
+        ex.observe({"obs": np.zeros((3, 20), np.float32), "image": np.zeros((3, 8, 8), np.uint8)})
+    ex.reset()
+    ex.observe({"obs": np.zeros((3, 20), np.float32), "image": np.zeros((3, 3, 8, 8), np.uint8)})
 
 
 def test_item8_a_batch_size_change_without_reset_is_a_clear_error():
@@ -308,7 +328,7 @@ def test_item8_a_batch_size_change_without_reset_is_a_clear_error():
     for first, second in ((1, 3), (3, 1)):
         policy.reset()
         policy.select_action(torch.rand(first, 20) * 512)
-        with pytest.raises(ValueError, match=rf"batch of {second} .* for {first}; call reset\(\)"):
+        with pytest.raises(ValueError, match=rf"shape \({second}, 20\), but .* for \({first}, 20\); call reset\(\)"):
             policy.select_action(torch.rand(second, 20) * 512)
         policy.reset()
         assert policy.select_action(torch.rand(second, 20) * 512).shape == (second, 2)

@@ -31,7 +31,7 @@ def test_known_sizes():
     assert compose(["task=pusht_image"]).policy.obs_dim == 2
     lift = compose(["task=lift_lowdim"]).policy
     assert (lift.obs_dim, lift.action_dim) == (19, 7)
-    assert compose(["task=lift_lowdim", "task.abs_action=true"]).policy.action_dim == 10
+    assert compose(["task=lift_lowdim", "task.options.abs_action=true"]).policy.action_dim == 10
     assert compose(["task=can_lowdim"]).policy.obs_dim == 23
 
 
@@ -39,7 +39,7 @@ def test_known_sizes():
     (["task=pusht_keypoints", "task.obs_keys=[agent_pos]"], "image_keys"),
     (["task=pusht_image", "task.crop_size=100"], "crop_size"),
     (["task=pusht_keypoints", "task.env=mujoco"], "task.env"),
-    (["task=lift_lowdim", "task.robomimic_task=stack"], "stack"),
+    (["task=lift_lowdim", "task.options.robomimic_task=stack"], "stack"),
     (["task=lift_lowdim", "task.obs_keys=[object,joint_torque]"], "joint_torque"),
     (["task=pusht_keypoints", "+policy.obs_dim=7"], "contradicts"),
 ])

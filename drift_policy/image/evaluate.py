@@ -3,33 +3,34 @@ against held-out real images (with the real-vs-real reference next to it), and P
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
+from ..checkpoint import load_checkpoint, save_checkpoint
 from .classifier import SmallCNN, accuracy, train_classifier
 from .data import load_dataset
 from .metrics import extract, frechet_distance, kid, precision_recall
-from .train import _path, load_generator
+from .train import load_generator
 
 __all__ = ["ensure_classifier", "generate", "evaluate", "save_grid"]
 
 
 def ensure_classifier(cfg: dict, path=None, minutes: float | None = None, epochs: float | None = None,
                       log=print) -> SmallCNN:
-    path = _path(path or cfg["eval"]["classifier"])
+    path = Path(path or cfg["eval"]["classifier"])
     minutes = minutes if minutes is not None else cfg["eval"].get("classifier_minutes", 3.0)
     epochs = epochs if epochs is not None else cfg["eval"].get("classifier_epochs", 2.0)
     x, y = load_dataset(cfg["data"]["name"], "train", cfg["data"]["root"])
     model = SmallCNN(x.shape[1], cfg["data"]["num_classes"])
     if path.exists():
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+        model.load_state_dict(load_checkpoint(path)["model"])
         return model.eval()
     model = train_classifier(x, y, epochs=epochs, minutes=minutes, num_classes=cfg["data"]["num_classes"], log=log)
     xt, yt = load_dataset(cfg["data"]["name"], "test", cfg["data"]["root"])
     acc = accuracy(model, xt, yt)
     log(f"classifier test accuracy {acc:.4f} -> {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "test_acc": acc}, path)
+    save_checkpoint({"model": model.state_dict(), "test_acc": acc}, path)
     return model
 
 
@@ -68,7 +69,7 @@ def evaluate(run_dir, *, n_per_class: int | None = None, alphas=None, out_dir=No
     e = cfg["eval"]
     n_per_class = n_per_class or e["n_per_class"]
     alphas = alphas or e["alphas"]
-    out_dir = _path(out_dir) if out_dir else _path(run_dir)
+    out_dir = Path(out_dir) if out_dir else Path(run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     C = cfg["data"]["num_classes"]
     clf = ensure_classifier(cfg, log=log)
@@ -87,9 +88,9 @@ def evaluate(run_dir, *, n_per_class: int | None = None, alphas=None, out_dir=No
            "classifier_test_acc": accuracy(clf, xt, yt),
            "reference_train_vs_test": {"fd": frechet_distance(f_real, f_test), "kid": kid(f_real, f_test)[0],
                                        "precision_recall": precision_recall(f_test[:n_pr], f_real[:n_pr])}}
-    ck = torch.load(_path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
+    ck = load_checkpoint(Path(run_dir) / "checkpoint.pt")
     res["step"] = ck["step"]
-    hist = _path(run_dir) / "history.jsonl"
+    hist = Path(run_dir) / "history.jsonl"
     if hist.exists():
         lines = hist.read_text().splitlines()
         res["train_seconds"] = json.loads(lines[-1])["t"] if lines else None
@@ -124,7 +125,7 @@ def summarize(runs: dict[str, str], alphas=(1.0, 1.5)) -> str:
             "|---|---|---|---|---|---|---|---|---|"]
     ref = None
     for label, folder in runs.items():
-        p = _path(folder) / "eval.json"
+        p = Path(folder) / "eval.json"
         if not p.exists():
             rows.append(f"| {label} | (missing) | | | | | | | |")
             continue

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checkpoint import load_checkpoint, save_checkpoint
+
 __all__ = ["TinyAutoencoder", "train_tiny_autoencoder", "KLCodec", "TinyCodec", "make_codec"]
 
 
@@ -114,20 +116,17 @@ def make_codec(cfg: dict, x_train: Tensor, log=print) -> _Codec:
     if lat["kind"] == "kl":
         return KLCodec(lat["path"], lat["scale"])
     if lat["kind"] == "tiny":
-        from .train import _path
-
-        path = _path(lat["path"] or "runs/image/tiny_ae.pt")
+        path = Path(lat["path"] or "runs/image/tiny_ae.pt")          # relative to the working directory
         ae = TinyAutoencoder(x_train.shape[1])
         if path.exists():
-            ck = torch.load(path, map_location="cpu", weights_only=True)
+            ck = load_checkpoint(path)
             ae.load_state_dict(ck["ae"])
             scale = float(ck["scale"])
         else:
             ae, stats = train_tiny_autoencoder(x_train, minutes=lat["tiny_minutes"], log=log)
             with torch.no_grad():
                 scale = float(1.0 / ae.encode(x_train[:2000]).std().clamp_min(1e-6))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"ae": ae.state_dict(), "scale": torch.tensor(scale)}, path)
+            save_checkpoint({"ae": ae.state_dict(), "scale": torch.tensor(scale)}, path)
             log(f"tiny AE: {stats}, latent scale {scale:.3f} -> {path}")
         return TinyCodec(ae, float(lat["scale"] or scale))
     raise ValueError(f"unknown latent.kind {lat['kind']!r} (none | tiny | kl)")

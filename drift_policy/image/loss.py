@@ -13,7 +13,7 @@ the generator and is sampled per group from p(alpha) ~ alpha^-k on [1, 4] (``sam
 
 Each feature set (see ``encoder.feature_sets``) is [B, K, D]: K independent drift problems of dimension D.
 They are folded into the group axis ([G*K, N, D]) and given to ``drift_loss``; per-feature losses are
-averaged over groups and summed over feature sets.
+averaged over groups and summed over feature sets. ``attraction`` (an ablation) is ``drift_loss``'s own.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..drift import drift_loss
 
-__all__ = ["cfg_neg_weight", "sample_alpha", "feature_drift_loss", "drift_loss_asym"]
+__all__ = ["cfg_neg_weight", "sample_alpha", "feature_drift_loss"]
 
 
 def cfg_neg_weight(alpha: Tensor, n_gen: int, n_unc: int) -> Tensor:
@@ -48,53 +48,6 @@ def sample_alpha(n: int, k: float = 3.0, lo: float = 1.0, hi: float = 4.0, gener
     return a.float()
 
 
-def drift_loss_asym(gen, pos, neg=None, *, gen_weight=None, pos_weight=None, neg_weight=None,
-                    temperatures=(0.02, 0.05, 0.2), attraction: float = 1.0):
-    """``drift_loss`` with the attraction term scaled by ``attraction`` (ablation only).
-
-    attraction = 1 is exactly ``drift_policy.drift.drift_loss`` (tested); any other value breaks the
-    anti-symmetry V_{p,q} = -V_{q,p}, so V no longer vanishes at p = q. This mirrors drift.py's field
-    line by line because drift.py does not expose the two terms separately.
-    """
-    if attraction == 1.0:
-        return drift_loss(gen, pos, neg, gen_weight=gen_weight, pos_weight=pos_weight, neg_weight=neg_weight,
-                          temperatures=temperatures)
-    from ..drift import SELF_MASK, _weights
-
-    G, N, D = gen.shape
-    x = gen.float()
-    y_neg = x.new_zeros(G, 0, D) if neg is None else neg.detach().float()
-    y_pos = pos.detach().float()
-    y = torch.cat([x.detach(), y_neg, y_pos], dim=1)
-    M, P = y_neg.shape[1], y_pos.shape[1]
-    w = torch.cat([_weights(gen_weight, (G, N), x), _weights(neg_weight, (G, M), x),
-                   _weights(pos_weight, (G, P), x)], dim=1)
-    n_neg = N + M
-    with torch.no_grad():
-        xd = x.detach()
-        dist = torch.cdist(xd, y, compute_mode="donot_use_mm_for_euclid_dist").pow(2).clamp_min(1e-8).sqrt()
-        w_full = w.unsqueeze(1).expand_as(dist)
-        scale = (dist * w_full).mean() / w_full.mean().clamp_min(1e-12)
-        coord_s = (scale / D ** 0.5).clamp_min(1e-3)
-        dist_n = dist / scale.clamp_min(1e-3)
-        dist_n[:, :, :N] += SELF_MASK * torch.eye(N, dtype=x.dtype)
-        x_s, y_s = xd / coord_s, y / coord_s
-        V_total = torch.zeros_like(x_s)
-        info = {"scale": scale}
-        for tau in temperatures:
-            logits = -dist_n / tau
-            A = (logits.softmax(-1) * logits.softmax(-2)).clamp_min(1e-6).sqrt() * w.unsqueeze(1)
-            A_neg, A_pos = A[..., :n_neg], A[..., n_neg:]
-            coef = torch.cat([-A_neg * A_pos.sum(-1, keepdim=True),
-                              attraction * A_pos * A_neg.sum(-1, keepdim=True)], dim=-1)
-            V = coef @ y_s - coef.sum(-1, keepdim=True) * x_s
-            v2 = V.pow(2).mean()
-            info[f"v2_tau{tau:g}"] = v2
-            V_total = V_total + V / v2.clamp_min(1e-8).sqrt()
-    xs = x / coord_s
-    return (xs - (xs + V_total).detach()).pow(2).mean(dim=(1, 2)), info
-
-
 def _fold(t: Tensor) -> Tensor:
     """[G, N, K, D] -> [G*K, N, D]."""
     G, N, K, D = t.shape
@@ -118,8 +71,8 @@ def feature_drift_loss(gen: dict[str, Tensor], pos: dict[str, Tensor], unc: dict
             M = u.shape[0]
             neg = u.permute(1, 0, 2).unsqueeze(0).expand(G, K, M, D).reshape(G * K, M, D)
             neg_w = unc_weight.to(g.dtype).view(G, 1, 1).expand(G, K, M).reshape(G * K, M)
-        loss, info = drift_loss_asym(_fold(g), _fold(pos[name]), neg, neg_weight=neg_w,
-                                     temperatures=temperatures, attraction=attraction)
+        loss, info = drift_loss(_fold(g), _fold(pos[name]), neg, neg_weight=neg_w, temperatures=temperatures,
+                                attraction=attraction)
         losses[name] = loss.mean()
         v2s[name] = sum(v for k, v in info.items() if k.startswith("v2_"))
         total = total + losses[name]

@@ -8,20 +8,23 @@ One step (per rank):
   4. loss = sum over feature sets of the drift loss, with CFG weight (alpha_g - 1)(N - 1)/M on the negatives;
   5. AdamW(0.9, 0.95), linear warm-up then constant lr, grad clip, EMA.
 
-DDP: run under torchrun; each rank has its own data stream and queues, gradients are averaged by DDP.
+DDP: run under torchrun; each rank has its own data stream and queues, gradients are averaged by DDP
+(``distributed.Distributed``, the robot trainer's). Checkpoints are ``checkpoint.py``'s (atomic, verified), the
+EMA is ``ema.py``'s, and relative paths (``train.out``, ``encoder.path``, ...) are relative to the working
+directory, like a robot run's ``train.run_dir``.
 """
 from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from ..paths import REPO_ROOT
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..distributed import Distributed
+from ..ema import ema_update
 from ..threads import set_threads
 from .config import load_config
 from .data import load_dataset
@@ -31,11 +34,6 @@ from .loss import cfg_neg_weight, feature_drift_loss, sample_alpha
 from .queues import ClassQueues
 
 __all__ = ["train", "build_generator", "load_encoder", "prepare_data", "encode_features"]
-
-
-def _path(p) -> Path:
-    p = Path(p)
-    return p if p.is_absolute() else REPO_ROOT / p
 
 
 def build_generator(cfg: dict, image_shape) -> torch.nn.Module:
@@ -64,17 +62,16 @@ def load_encoder(cfg: dict, in_channels: int, x_train: torch.Tensor | None = Non
     if not e["use"]:
         return None
     enc = ResNetEncoder(in_channels, e["widths"], e["blocks_per_stage"])
-    path = _path(e["path"])
+    path = Path(e["path"])
     if path.exists():
-        enc.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["encoder"])
+        enc.load_state_dict(load_checkpoint(path)["encoder"])
     else:
         if x_train is None:
             raise FileNotFoundError(f"encoder checkpoint {path} not found")
         log(f"pretraining the MAE encoder for {e['mae_minutes']} min -> {path}")
         stats = pretrain_mae(enc, x_train, minutes=e["mae_minutes"], max_steps=e["mae_max_steps"],
                              mask_ratio=e["mae_mask_ratio"], log=log)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"encoder": enc.state_dict(), "widths": e["widths"], "stats": stats}, path)
+        save_checkpoint({"encoder": enc.state_dict(), "widths": e["widths"], "stats": stats}, path)
         log(f"MAE: {stats}")
     enc.eval().requires_grad_(False)
     return enc
@@ -96,23 +93,15 @@ def lr_at(cfg: dict, step: int) -> float:
     return o["lr"] * min(1.0, (step + 1) / max(o["warmup_steps"], 1))
 
 
-def _ddp():
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def train(cfg: dict, *, log=None) -> dict:
-    rank, world = _ddp()
+    D = Distributed("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, device = D.rank, D.world_size, D.device
     log = log or (print if rank == 0 else (lambda *a, **k: None))
     set_threads(cfg["train"]["threads"])
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     seed = cfg["train"]["seed"]
     torch.manual_seed(seed)                                   # same init on every rank
     gen_cpu = torch.Generator().manual_seed(seed * 1000 + 17 + rank)   # own data/noise stream per rank
-    out = _path(cfg["train"]["out"])
+    out = Path(cfg["train"]["out"])
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -120,8 +109,7 @@ def train(cfg: dict, *, log=None) -> dict:
     x_all, y_all, codec = prepare_data(cfg, "train", log)
     if rank == 0:
         enc = load_encoder(cfg, x_all.shape[1], x_all, log)
-    if world > 1:
-        dist.barrier()                                        # rank 0 may have pretrained and cached it
+    D.barrier()                                               # rank 0 may have pretrained and cached it
     if rank != 0:
         enc = load_encoder(cfg, x_all.shape[1], None, log)
     enc = enc.to(device) if enc is not None else None
@@ -129,7 +117,7 @@ def train(cfg: dict, *, log=None) -> dict:
     shape = tuple(x_all.shape[1:])
     model = build_generator(cfg, shape).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    net = D.wrap(model)
     o, d = cfg["optim"], cfg["drift"]
     opt = torch.optim.AdamW(model.parameters(), lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
     n_params = sum(p.numel() for p in model.parameters())
@@ -146,10 +134,8 @@ def train(cfg: dict, *, log=None) -> dict:
     hist, t0, step, last_save = [], time.time(), 0, time.time()
     budget = cfg["train"]["minutes"] * 60 if cfg["train"]["minutes"] > 0 else float("inf")   # <= 0: steps only
     while True:
-        stop = torch.tensor(float(step >= cfg["train"]["max_steps"] or time.time() - t0 >= budget))
-        if world > 1:
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)       # every rank stops at the same step
-        if stop.item():
+        # Every rank stops at the same step.
+        if D.max(float(step >= cfg["train"]["max_steps"] or time.time() - t0 >= budget)):
             break
         idx = torch.randint(0, len(x_all), (d["push_per_step"],), generator=gen_cpu)
         queues.push(x_all[idx], y_all[idx])
@@ -173,10 +159,7 @@ def train(cfg: dict, *, log=None) -> dict:
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), o["grad_clip"])
         opt.step()
-        with torch.no_grad():
-            dec = min(o["ema"], (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - dec)
+        ema_update(ema, model, step, o["ema"])
         rec = {"step": step, "t": round(time.time() - t0, 1), "loss": round(loss.item(), 4),
                "grad_norm": round(gnorm.item(), 3), "v2_raw": round(float(v2.get("raw", 0.0)), 5),
                "v2_feat": round(float(sum(v for k, v in v2.items() if k != "raw")), 5)}
@@ -194,32 +177,28 @@ def train(cfg: dict, *, log=None) -> dict:
     if world > 1:
         # Check: DDP kept the replicas identical, while each rank drew its own data into its own queues.
         flat = torch.cat([p.detach().flatten().cpu() for p in model.parameters()])
-        qsum = torch.tensor([queues.glob.buf.sum().item()])
-        flats, qsums = [torch.zeros_like(flat) for _ in range(world)], [torch.zeros_like(qsum) for _ in range(world)]
-        dist.all_gather(flats, flat)
-        dist.all_gather(qsums, qsum)
+        flats = D.gather(flat)
         result["ddp"] = {"param_max_diff": max((f - flat).abs().max().item() for f in flats),
-                         "queue_sums": [q.item() for q in qsums], "world": world}
+                         "queue_sums": D.gather(queues.glob.buf.sum().item()), "world": world}
         log("ddp check " + json.dumps(result["ddp"]))
     if rank == 0:
         _save(out, model, ema, cfg, shape, step, hist)
         log(f"done: {step} steps in {time.time() - t0:.0f}s -> {out}")
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    D.barrier()
+    D.close()
     return result
 
 
 def _save(out: Path, model, ema, cfg, shape, step, hist):
-    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "config": cfg, "shape": shape, "step": step},
-               out / "checkpoint.pt")
+    save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "config": cfg, "shape": shape,
+                     "step": step}, out / "checkpoint.pt")
     with open(out / "history.jsonl", "w") as f:
         for r in hist:
             f.write(json.dumps(r) + "\n")
 
 
 def load_generator(run_dir, use_ema: bool = True):
-    ck = torch.load(_path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
+    ck = load_checkpoint(Path(run_dir) / "checkpoint.pt")
     model = build_generator(ck["config"], ck["shape"])
     model.load_state_dict(ck["ema" if use_ema else "model"])
     return model.eval(), ck["config"]

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError, check_keys, check_types
+from ..executor import ChunkExecutor, executable
 from ..models.transformer import TRANSFORMER_PRESETS, TimeSeriesTransformer
 from ..models.unet1d import UNET_PRESETS, ConditionalUnet1D
 from ..normalizer import Normalizer
@@ -166,8 +167,8 @@ class Policy(nn.Module):
         """obs [B, To, obs_dim] (or {"obs": ..., <camera>: [B, To, 3, H, W]}) in data units -> {"action": [B, Ta, Da], "action_pred": [B, Tp, Da]}."""
         action_pred = self.normalizer.unnormalize("action", self.sample(self.condition(self._obs(obs)), generator))
         check_chunk(action_pred)
-        start = self.config.n_obs_steps - 1
-        return {"action": action_pred[:, start: start + self.config.n_action_steps], "action_pred": action_pred}
+        c = self.config
+        return {"action": action_pred[:, executable(c.n_obs_steps, c.n_action_steps)], "action_pred": action_pred}
 
     # ---- LeRobot-style control API ----------------------------------------------------------------------
     def predict_action_chunk(self, obs, generator: torch.Generator | None = None) -> Tensor:
@@ -176,8 +177,7 @@ class Policy(nn.Module):
 
     def reset(self) -> None:
         """Forget queued actions and observation history (call at the start of every episode)."""
-        self._action_queue: list[Tensor] = []
-        self._obs_history: list[Tensor] = []
+        self.executor = ChunkExecutor(self.config.n_obs_steps, self.config.n_action_steps, where="select_action")
 
     @torch.no_grad()
     def select_action(self, obs, generator: torch.Generator | None = None) -> Tensor:
@@ -189,7 +189,7 @@ class Policy(nn.Module):
         when the action comes from the queue. The batch size is fixed between ``reset`` calls: a step with another
         number of rows than the queued actions is a ValueError (call ``reset()`` when the environments change).
         """
-        if not hasattr(self, "_action_queue"):
+        if getattr(self, "executor", None) is None:
             self.reset()
         c = self.config
         step = dict(obs) if isinstance(obs, dict) else {"obs": obs}
@@ -202,19 +202,13 @@ class Policy(nn.Module):
             if k not in step:
                 raise ValueError(f"observation is missing {k!r} (this policy needs {['obs', *c.image_keys]})")
             step[k] = torch.as_tensor(step[k], device=self.device)
-        check_observation(step, c.image_keys, "select_action")
-        B = step["obs"].shape[0]
-        if self._obs_history and self._obs_history[-1]["obs"].shape[0] != B:
-            raise ValueError(f"select_action got a batch of {B} observations, but this episode's history and queued "
-                             f"actions are for {self._obs_history[-1]['obs'].shape[0]}; call reset() when the number "
-                             f"of environments changes")
-        To = c.n_obs_steps
-        self._obs_history = (self._obs_history + [step])[-To:] if self._obs_history else [step] * To
-        if not self._action_queue:
-            window = {k: torch.stack([torch.as_tensor(h[k]) for h in self._obs_history], dim=1) for k in step}
-            chunk = self.predict_action_chunk(window, generator)                            # [B, Ta, Da]
-            self._action_queue = list(chunk.unbind(dim=1))
-        return self._action_queue.pop(0)
+        step = {k: step[k] for k in ("obs", *c.image_keys)}      # what the policy reads (extra keys ignored)
+        ex = self.executor
+        ex.observe(step)
+        if ex.needs_chunk:
+            window = ex.window(lambda steps: torch.stack([torch.as_tensor(s) for s in steps], dim=1))
+            ex.load(self.predict_action_chunk(window, generator).unbind(dim=1))              # Ta x [B, Da]
+        return ex.pop()
 
     def _noise(self, n: int, generator: torch.Generator | None) -> Tensor:
         c = self.config
