@@ -34,16 +34,25 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
-    """Fail now, not after the work, when ``path`` cannot be written: create its folder and probe it with a
-    temporary file. Raises OSError naming the path (the CLI turns it into a one-line error)."""
+    """Fail now, not after the work, when ``path`` cannot be written, and leave nothing behind: the missing
+    folders are created, probed with a temporary file, and removed again. Raises OSError naming the path (the
+    CLI turns it into a one-line error)."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{what} path {path} is a folder, expected a file name")
+    created = []
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        for d in reversed([path.parent, *path.parent.parents]):
+            if not d.exists():
+                d.mkdir()
+                created.append(d)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
         raise OSError(f"{what} path {path} is not writable ({e.strerror or e})") from e
+    finally:
+        for d in reversed(created):
+            with contextlib.suppress(OSError):
+                d.rmdir()
     return path

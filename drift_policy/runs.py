@@ -215,7 +215,8 @@ def load_policy_for_eval(path: PathLike, device: str = "cpu"):
     if path.is_dir():
         found = latest_good_checkpoint(path)
         if found is None:
-            raise SystemExit(f"{path}: no usable checkpoint")
+            raise CheckpointError(f"{path}: no usable checkpoint (no checkpoints/step_*.pt that verifies, and no "
+                                  f"model.safetensors)")
         ckpt = found[1]
     else:
         ckpt = load_checkpoint(path)

@@ -457,7 +457,10 @@ def test_item13_cli_reports_checkpoint_and_weight_errors_in_one_line(tmp_path, c
         assert e.value.code == 2 and len(err.splitlines()) == 1, err
         return err
 
-    assert "checkpoint not found" in fails("eval", "checkpoint=/nonexistent/step_1.pt")
+    assert "checkpoint not found" in fails("eval", f"checkpoint={tmp_path / 'nowhere' / 'step_1.pt'}")
+    assert not (tmp_path / "nowhere").exists()                        # the out= probe left nothing behind
+    (tmp_path / "empty_run").mkdir()
+    assert "no usable checkpoint" in fails("eval", f"checkpoint={tmp_path / 'empty_run'}")
     policy = _tiny_policy()
     folder = policy.save_pretrained(tmp_path / "p")
     (folder / "config.json").write_text(json.dumps(DiffusionConfig(backbone="tiny").to_dict()))
