@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import math
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 import dataclasses
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,6 +49,7 @@ import torch
 
 from .errors import ConfigError
 from .executor import ChunkExecutor, executable
+from .observations import check_chunk
 from .timing import latency_stats, machine_info
 
 
@@ -131,7 +132,7 @@ class Controller:
         t0 = time.perf_counter()
         actions = self.backend(window)
         self.latencies.append(time.perf_counter() - t0)
-        return Chunk(tick, actions)
+        return Chunk(tick, check_chunk(actions, "runner"))    # a non-finite chunk is never played
 
     def _submit(self, window: np.ndarray, tick: int) -> None:
         self.pending = self.pool.submit(self._infer, window, tick)

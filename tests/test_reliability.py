@@ -322,6 +322,15 @@ def test_items7_8_the_chunk_executor_checks_what_enters_history_and_queue():
     ex.observe({"obs": np.zeros((3, 20), np.float32), "image": np.zeros((3, 3, 8, 8), np.uint8)})
 
 
+def test_item7_the_runner_never_plays_a_non_finite_chunk():
+    """Item 7 in the real-time runner, whose Controller holds the chunks it plays."""
+    from drift_policy.runner import Controller, RunConfig
+
+    ctrl = Controller(lambda w: np.full((15, 2), np.nan), RunConfig(), 8)
+    with pytest.raises(FloatingPointError, match="runner: .*nothing was queued"):
+        ctrl.begin_episode(np.zeros((2, 20), np.float32))
+
+
 def test_item8_a_batch_size_change_without_reset_is_a_clear_error():
     """Item 8: 1 row then 3 rows (or 3 then 1) without reset() raises, naming reset(); after reset() it works."""
     policy = _tiny_policy()
