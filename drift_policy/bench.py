@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from .fileio import atomic_write_text
 from .paths import REPO_ROOT
 from .policies import config_from_dict
 from .runs import parse_kv as _kv
@@ -55,7 +56,7 @@ def write_report(summaries: dict[str, dict], out: Path, meta: dict) -> None:
     import matplotlib.ticker
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_train.json").write_text(json.dumps({"meta": meta, "runs": summaries}, indent=2))
+    atomic_write_text(out / "bench_train.json", json.dumps({"meta": meta, "runs": summaries}, indent=2))
     task, score = _task_labels(summaries)
     lines = [f"{task}, {meta['minutes']} training minutes per policy, {meta['machine']}; "
              f"50 test seeds ({meta['start_seed']}..{meta['start_seed'] + 49}), evaluated every "
@@ -68,7 +69,7 @@ def write_report(summaries: dict[str, dict], out: Path, meta: dict) -> None:
         minutes_run = s["evals"][-1]["train_minutes"] if s["evals"] else 0.0
         lines.append(f"| {name} | {nfe} | {minutes_run:.0f} | {s['final_step']} | {s['max_coverage']:.3f} | {s['last10_coverage']:.3f} "
                      f"({s['n_last']}) | {s['max_success']:.2f} | {s['last10_success']:.2f} |")
-    (out / "bench_train.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "bench_train.md", "\n".join(lines) + "\n")
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for name, s in summaries.items():
         ax.plot([r["train_minutes"] for r in s["evals"]], [r["coverage_score"] for r in s["evals"]], "o-", label=name)
@@ -164,8 +165,8 @@ def run_summary(args: list[str]) -> dict:
     if "out" in opts:
         out = Path(opts["out"])
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(s, indent=2))
-        out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        atomic_write_text(out, json.dumps(s, indent=2))
+        atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     return s
 
 

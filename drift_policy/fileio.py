@@ -33,6 +33,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode())
 
 
+def unique_temp_path(path: str | os.PathLike) -> Path:
+    """A new, uniquely named empty file beside ``path``, for writers that need a file name (torch.jit.save,
+    ONNX export, h5py): write it, then ``os.replace`` it onto ``path``; two writers never share it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
 def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
     """Fail now, not after the work, when ``path`` cannot be written, and leave nothing behind: the missing
     folders are created, probed with a temporary file, and removed again. Raises OSError naming the path (the
