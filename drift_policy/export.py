@@ -50,7 +50,7 @@ class ExportablePolicy(nn.Module):
         if policy.config.image_keys:
             raise ValueError("exporting image policies is not supported yet (low-dim observations only)")
         for key in ("obs", "action"):
-            policy.normalizer._params(key)  # KeyError now, not at deployment, if a field was never fitted
+            policy.normalizer.params(key)  # KeyError now, not at deployment, if a field was never fitted
         self.policy = policy.eval()
         c = policy.config
         self.n_obs_steps, self.n_action_steps = c.n_obs_steps, c.n_action_steps
@@ -68,7 +68,7 @@ def example_inputs(policy: Policy, batch: int = 1, generator: torch.Generator | 
     """Plausible (obs, noise): obs drawn inside the range the normaliser was fitted on."""
     c = policy.config
     g = generator or torch.Generator().manual_seed(0)
-    scale, offset = policy.normalizer._params("obs")
+    scale, offset = policy.normalizer.params("obs")
     u = torch.rand(batch, c.n_obs_steps, c.obs_dim, generator=g) * 2 - 1        # normalised units
     obs = (u - offset.cpu()) / scale.cpu()
     noise = torch.randn(batch, c.horizon, c.action_dim, generator=g)

@@ -38,19 +38,20 @@ class Normalizer(nn.Module):
         self._buffers[f"{key}_offset"] = offset
         return self
 
-    def _params(self, key: str) -> tuple[Tensor, Tensor]:
+    def params(self, key: str) -> tuple[Tensor, Tensor]:
+        """(scale, offset) of a fitted field: normalised = x * scale + offset (KeyError if never fitted)."""
         if f"{key}_scale" not in self._buffers:
             raise KeyError(f"normaliser has no statistics for '{key}' (fitted: {self.keys})")
         return getattr(self, f"{key}_scale"), getattr(self, f"{key}_offset")
 
     def normalize(self, key: str, x: Tensor) -> Tensor:
-        scale, offset = self._params(key)
+        scale, offset = self.params(key)
         if x.shape[-1] != scale.shape[0]:
             raise ValueError(f"'{key}' has last dimension {x.shape[-1]}, normaliser expects {scale.shape[0]}")
         return x * scale + offset
 
     def unnormalize(self, key: str, x: Tensor) -> Tensor:
-        scale, offset = self._params(key)
+        scale, offset = self.params(key)
         return (x - offset) / scale
 
     @classmethod

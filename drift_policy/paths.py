@@ -1,15 +1,18 @@
 """Where the data and configs live.
 
-The data root is resolved in this order: an explicit value (from the config's ``data_root``),
-the ``DRIFT_POLICY_DATA_ROOT`` environment variable, then the repository's ``datasets/`` folder.
+The configs ship inside the package (``drift_policy/configs/``, package data), so they compose from any working
+directory and from an installed wheel. The data root is resolved in this order: an explicit value (from the
+config's ``data_root``), the ``DRIFT_POLICY_DATA_ROOT`` environment variable, then the repository's
+``datasets/`` folder.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "configs"
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_DIR.parent          # the checkout (an editable install); a wheel's site-packages otherwise
+CONFIG_DIR = PACKAGE_DIR / "configs"
 ENV_VAR = "DRIFT_POLICY_DATA_ROOT"
 
 

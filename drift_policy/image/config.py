@@ -1,6 +1,8 @@
-"""Image-track config: a nested dict from YAML (configs/image/*.yaml) plus ``a.b=value`` overrides.
+"""Image-track config: ``DEFAULTS``, then a YAML file (drift_policy/configs/image/*.yaml), then ``a.b=value``
+overrides.
 
-Kept as plain dicts on purpose: the image track has its own small set of keys (see ``DEFAULTS``).
+Kept as plain dicts on purpose: the image track has its own small set of keys (see ``DEFAULTS``, the one place
+their defaults are written). A YAML file holds only what differs; ``base: <name>`` starts from another file.
 """
 from __future__ import annotations
 
@@ -74,14 +76,21 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
     return cfg
 
 
+def _read(name_or_path: str, seen: tuple = ()) -> dict:
+    """A YAML file (a path, or a name under configs/image/) merged onto its ``base`` chain."""
+    p = Path(name_or_path)
+    if not p.exists():
+        p = CONFIG_DIR / "image" / (name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml")
+    if not p.exists():
+        raise FileNotFoundError(f"config {name_or_path!r} not found (looked in {CONFIG_DIR / 'image'})")
+    if p.resolve() in seen:
+        raise ValueError(f"config {p} is its own base")
+    d = yaml.safe_load(p.read_text()) or {}
+    base = d.pop("base", None)
+    return _merge(_read(base, (*seen, p.resolve())), d) if base else d
+
+
 def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> dict:
-    """DEFAULTS <- YAML file (a path, or a name under configs/image/) <- overrides."""
-    cfg = DEFAULTS
-    if name_or_path:
-        p = Path(name_or_path)
-        if not p.exists():
-            p = CONFIG_DIR / "image" / (name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml")
-        if not p.exists():
-            raise FileNotFoundError(f"config {name_or_path!r} not found (looked in {CONFIG_DIR / 'image'})")
-        cfg = _merge(cfg, yaml.safe_load(p.read_text()) or {})
+    """DEFAULTS <- YAML file (a path, or a name under configs/image/, with its ``base`` chain) <- overrides."""
+    cfg = _merge(DEFAULTS, _read(name_or_path)) if name_or_path else DEFAULTS
     return apply_overrides(cfg, overrides or [])

@@ -1,12 +1,16 @@
 """Task families behind a registry, and the functions the rest of the package calls with a ``TaskConfig``.
 
 Two built-in families: ``pusht`` (``tasks/pusht.py``) and ``robomimic`` (``tasks/robomimic.py``). Adding one
-takes a module with a ``TaskFamily`` subclass, ``register_family(...)`` and a task YAML with ``env: <name>``:
-training, evaluation, the runner and the benchmarks only call the functions below. Policies read their
-input and output sizes from ``task_spaces``, so no YAML repeats them.
+takes a module that defines ``FAMILY = MyFamily()`` (a ``TaskFamily`` subclass) and a task YAML with
+``env: <name>``: training, evaluation, the runner and the benchmarks only call the functions below. The module
+is found by name: ``drift_policy/tasks/<name>.py``, or any module listed in ``$DRIFT_POLICY_TASK_MODULES``
+(comma-separated), or one that called ``register_family`` itself. Policies read their input and output sizes
+from ``task_spaces``, so no YAML repeats them.
 """
 from __future__ import annotations
 
+import importlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +21,12 @@ from .base import NoOptions, TaskFamily
 from .pusht import FAMILY as PUSHT
 from .robomimic import FAMILY as ROBOMIMIC
 
-__all__ = ["TaskFamily", "NoOptions", "register_family", "family", "families", "check_task", "task_spaces",
+__all__ = ["TaskFamily", "NoOptions", "POLICY_KEYS_FROM_TASK", "register_family", "family", "families", "check_task", "task_spaces",
            "dataset_path", "load_data", "env_spec", "make_env", "control_hz"]
 
 _FAMILIES: dict[str, TaskFamily] = {}
+# Policy config keys that come from the task (``task_spaces``), never from a policy's YAML.
+POLICY_KEYS_FROM_TASK = ("obs_dim", "action_dim", "image_keys", "image_shape", "crop_shape")
 
 
 def register_family(fam: TaskFamily) -> TaskFamily:
@@ -31,13 +37,36 @@ def register_family(fam: TaskFamily) -> TaskFamily:
     return fam
 
 
+MODULES_VAR = "DRIFT_POLICY_TASK_MODULES"
+
+
+def _import_families(name: str | None = None) -> None:
+    """Register the FAMILY of each module in $DRIFT_POLICY_TASK_MODULES, and of drift_policy.tasks.<name>."""
+    mods = [m.strip() for m in os.environ.get(MODULES_VAR, "").split(",") if m.strip()]
+    if name and name.isidentifier():
+        mods.append(f"{__name__}.{name}")
+    for mod in mods:
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:                              # the module exists but one of its imports does not
+                raise
+            continue
+        fam = getattr(module, "FAMILY", None)
+        if isinstance(fam, TaskFamily) and fam.name not in _FAMILIES:
+            register_family(fam)
+
+
 def families() -> list[str]:
+    _import_families()
     return sorted(_FAMILIES)
 
 
 def family(task) -> TaskFamily:
     """The family of a TaskConfig (or a family name)."""
     name = task if isinstance(task, str) else task.env
+    if name not in _FAMILIES:
+        _import_families(name)
     if name not in _FAMILIES:
         raise ConfigError(f"task.env must be one of {families()}, got {name!r}")
     return _FAMILIES[name]

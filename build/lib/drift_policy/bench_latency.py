@@ -1,0 +1,342 @@
+"""``drift-policy bench latency``: time one ``predict_action`` call (observation in, action chunk out).
+
+For each backbone size preset and batch size it times the drift policy (1 NFE), Diffusion Policy with DDIM-10
+and with DDPM-100 on the same backbone, and reports the speed ratios DDPM-100 / drift and DDIM-10 / drift.
+A second, smaller table times the default drift policy (``policy=drift_unet``) under several inference
+backends (eager PyTorch, TorchScript, the convolutions as time-major matrix products, torch.compile, ONNX
+Runtime; CUDA graphs on a GPU) and thread counts.
+
+    drift-policy bench latency [presets=small,medium,large] [xlarge=0] [batches=1,50]
+        [methods=drift,ddim10,ddpm100] [threads=1] [device=cpu] [repeats=200] [budget_s=5] [warmup=10]
+        [backend=eager] [backends=eager,eager_no_grad,jit_trace,jit_ofi,gemm,jit_gemm,compile,compile_freezing,
+        onnxruntime] (default: all for the device)
+        [backend_batches=1] [backend_threads=1,2] [profile=50] [out=eval/results/latency_cpu.json]
+        [task_policies=pusht_keypoints/drift_unet,pusht_image/drift_unet,...] (default: all of TASK_POLICIES)
+
+Measurement: weights are random (latency does not depend on their values); observations are random numbers
+in data units. Each cell is warmed up first (``warmup`` calls, at most ~``budget_s / 2`` seconds, at least
+one call), then timed ``n`` times with ``time.perf_counter`` under ``torch.inference_mode`` with the garbage
+collector off; on CUDA the device is synchronised before and after every call. ``n`` adapts to the cell:
+as many calls as fit in ``budget_s`` seconds, at most ``repeats`` and at least ``MIN_REPEATS`` (3; fewer
+only if ``repeats`` itself is smaller, e.g. in tests). Reported:
+median and p90 (and min/mean) in milliseconds, and ``n``.
+
+Backends (``drift_policy/backends.py``) never change the model's math: ``accelerated_policy`` swaps only the
+backbone call inside the unchanged ``predict_action`` (same noise draw from the same generator, same
+normaliser, same scheduler), and the table reports the largest absolute difference of its actions from eager
+PyTorch. Timing is ``timing.time_call``; rows, targets and tables are ``latency_report.py``.
+"""
+from __future__ import annotations
+
+import gc
+import time
+
+import torch
+from torch import Tensor, nn
+
+from .backends import BACKEND_NOTES, CPU_BACKENDS, CUDA_BACKENDS, accelerated_policy, max_abs_diff
+from .errors import ConfigError
+from .latency_report import check_backend_targets, check_targets, format_report, make_rows, write_results
+from .paths import REPO_ROOT
+from .runs import comma_list, flag, parse_kv
+from .timing import MIN_REPEATS, machine_info, sync, time_call
+
+__all__ = ["METHODS", "TASK_POLICIES", "RESULT_KEYS", "BenchOptionError", "bench_latency", "bench_backends",
+           "bench_task_policies", "profile_default", "build_policy", "random_obs", "n_params", "main"]
+
+# method key -> (label, config overrides); the network evaluations per chunk come from the config (``nfe``)
+METHODS: dict[str, tuple[str, list[str]]] = {
+    "drift": ("drift 1-NFE", ["policy=drift_unet"]),
+    "ddim10": ("DDIM-10", ["policy=diffusion_unet", "policy.scheduler=ddim", "policy.num_inference_steps=10"]),
+    "ddpm100": ("DDPM-100", ["policy=diffusion_unet", "policy.scheduler=ddpm", "policy.num_inference_steps=100"]),
+}
+# Whole policies per task (backbone and image encoder as configured): name -> config overrides.
+TASK_POLICIES: dict[str, list[str]] = {
+    "pusht_keypoints/drift_unet": ["task=pusht_keypoints", "policy=drift_unet"],
+    "pusht_keypoints/drift_transformer": ["task=pusht_keypoints", "policy=drift_transformer"],
+    "pusht_image/drift_unet": ["task=pusht_image", "policy=drift_unet"],
+    "pusht_image/drift_unet, resnet18_half": ["task=pusht_image", "policy=drift_unet",
+                                              "policy.vision_backbone=resnet18_half"],
+    "pusht_image/drift_transformer": ["task=pusht_image", "policy=drift_transformer"],
+    "pusht_image/diffusion_unet (DDPM-100)": ["task=pusht_image", "policy=diffusion_unet"],
+}
+DEFAULT_PRESETS = ("small", "medium", "large")
+DEFAULT_BATCHES = (1, 50)
+RESULT_KEYS = ("preset", "method", "label", "nfe", "batch", "params_m", "median_ms", "p90_ms", "min_ms", "mean_ms",
+               "n_repeats", "backend")
+
+
+class BenchOptionError(ConfigError):
+    """An option of the latency benchmark is wrong; the message names it and the allowed values."""
+
+
+# -- building policies -------------------------------------------------------------------------------------------
+def build_policy(method: str, preset: str, device: str = "cpu", seed: int = 0):
+    """A randomly initialised policy of ``method`` (key of METHODS) on backbone ``preset``, in eval mode."""
+    from .config import compose
+    from .policies import make_policy
+
+    if method not in METHODS:
+        raise BenchOptionError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    cfg = compose([*METHODS[method][1], f"policy.backbone={preset}"])
+    torch.manual_seed(seed)
+    return make_policy(cfg.policy).to(device).eval()
+
+
+def n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def random_obs(policy, batch: int, seed: int = 0) -> Tensor | dict[str, Tensor]:
+    """Random observation windows; a dict with uint8 frames for image policies."""
+    c = policy.config
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(batch, c.n_obs_steps, c.obs_dim, generator=g).to(policy.device)
+    if not c.image_keys:
+        return low
+    return {"obs": low, **{k: torch.randint(0, 256, (batch, c.n_obs_steps, *c.image_shape), generator=g,
+                                            dtype=torch.uint8).to(policy.device) for k in c.image_keys}}
+
+
+# -- the benchmark ---------------------------------------------------------------------------------------------
+def _check_options(presets, batches, methods, threads, repeats, device, backend, backends, budget_s, warmup,
+                   backend_threads, backend_batches) -> None:
+    from .models.unet1d import UNET_PRESETS
+
+    if not presets:
+        raise BenchOptionError("presets must name at least one backbone preset")
+    for p in presets:
+        if p not in UNET_PRESETS:
+            raise BenchOptionError(f"presets: unknown backbone preset {p!r}; known: {list(UNET_PRESETS)}")
+    if not methods:
+        raise BenchOptionError("methods must name at least one of " + ",".join(METHODS))
+    for m in methods:
+        if m not in METHODS:
+            raise BenchOptionError(f"methods: unknown method {m!r}; known: {','.join(METHODS)}")
+    if not batches or any(int(b) < 1 for b in batches):
+        raise BenchOptionError(f"batches must be integers >= 1, got {list(batches)}")
+    for name, vals in (("threads", [threads]), ("backend_threads", backend_threads)):
+        if any(int(t) < 1 for t in vals):
+            raise BenchOptionError(f"{name} must be >= 1, got {vals}")
+    if any(int(b) < 1 for b in backend_batches):
+        raise BenchOptionError(f"backend_batches must be integers >= 1, got {list(backend_batches)}")
+    if repeats < 1:
+        raise BenchOptionError(f"repeats must be >= 1 (the most timed calls per cell; at least {MIN_REPEATS} are "
+                               f"made unless repeats is smaller), got {repeats}")
+    if not budget_s > 0:
+        raise BenchOptionError(f"budget_s must be > 0, got {budget_s}")
+    if warmup < 1:
+        raise BenchOptionError(f"warmup must be >= 1, got {warmup}")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise BenchOptionError(f"device must be 'cpu' or 'cuda[:i]', got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BenchOptionError(f"device={device} but torch.cuda.is_available() is False on this machine")
+    allowed = CUDA_BACKENDS if device.startswith("cuda") else CPU_BACKENDS
+    for b in [backend, *backends]:
+        if b not in allowed:
+            raise BenchOptionError(f"backend {b!r} is not available on {device}; choose from {list(allowed)}")
+
+
+def bench_task_policies(names=tuple(TASK_POLICIES), batch: int = 1, *, device: str = "cpu", seed: int = 0,
+                        say=print, **timing_kw) -> list[dict]:
+    """predict_action of whole policies per task, with the image encoder's share timed on its own."""
+    from .config import compose
+    from .policies import make_policy
+
+    rows = []
+    for name in names:
+        if name not in TASK_POLICIES:
+            raise BenchOptionError(f"task policy must be one of {sorted(TASK_POLICIES)}, got {name!r}")
+        cfg = compose(TASK_POLICIES[name])
+        torch.manual_seed(seed)
+        policy = make_policy(cfg.policy).to(device).eval()
+        obs = random_obs(policy, batch, seed)
+        t = time_call(lambda: policy.predict_action(obs), **timing_kw)
+        row = {"name": name, "batch": batch, "params_m": n_params(policy) / 1e6, "predict_ms": t["median_ms"],
+               "predict_p90_ms": t["p90_ms"], "n_repeats": t["n_repeats"], "encoder_ms": None,
+               "encoder_params_m": None, "nfe": cfg.policy.nfe}
+        if policy.obs_encoder is not None:
+            c = cfg.policy
+            frames = {k: v[:, -c.n_obs_steps:].flatten(0, 1) for k, v in obs.items() if k in c.image_keys}
+            e = time_call(lambda: policy.obs_encoder(frames), **timing_kw)
+            row.update(encoder_ms=e["median_ms"], encoder_params_m=n_params(policy.obs_encoder) / 1e6)
+        rows.append(row)
+        say(f"  {name:>40} batch {batch}: predict {row['predict_ms']:9.3f} ms"
+            + (f" (image encoder {row['encoder_ms']:.3f} ms)" if row["encoder_ms"] is not None else ""), flush=True)
+        del policy
+        gc.collect()
+    return rows
+
+
+def bench_latency(presets=DEFAULT_PRESETS, batches=DEFAULT_BATCHES, methods=tuple(METHODS), threads: int = 1,
+                  repeats: int = 200, budget_s: float = 5.0, warmup: int = 10, device: str = "cpu",
+                  backend: str = "eager", backends=(), backend_batches=(1,), backend_threads=(1, 2),
+                  profile: int = 0, verbose: bool = True, seed: int = 0, task_policies=()) -> dict:
+    """Time predict_action for every (preset, batch, method); return the documented result dict.
+
+    Keys: ``meta`` (machine, threads, torch version, options), ``results`` (one dict per timed cell, keys
+    RESULT_KEYS), ``rows`` (one per (preset, batch), keys ROW_KEYS, ratios = baseline ms / drift ms, None
+    where a method was not run), ``targets`` (the issue's targets and whether they are met), ``backends`` (the
+    default drift policy under each backend and thread count; empty unless ``backends`` is given) and
+    ``profile`` (top ops of the default drift policy at batch 1, eager, over ``profile`` calls; None if 0) and
+    ``task_policies`` (whole policies per task at batch 1, image encoder timed separately; see TASK_POLICIES).
+    """
+    from .threads import set_threads
+
+    presets, batches, methods = list(presets), [int(b) for b in batches], list(methods)
+    backends, backend_batches, backend_threads = list(backends), [int(b) for b in backend_batches], \
+        [int(t) for t in backend_threads]
+    _check_options(presets, batches, methods, threads, repeats, device, backend, backends, budget_s, warmup,
+                   backend_threads, backend_batches)
+    set_threads(threads)
+    say = print if verbose else (lambda *a, **k: None)
+    meta = machine_info(device)
+    meta.update({"threads_option": threads, "repeats_max": repeats, "min_repeats": min(MIN_REPEATS, repeats),
+                 "budget_s": budget_s,
+                 "warmup": warmup, "backend": backend, "presets": presets, "batches": batches, "methods": methods,
+                 "timing": "median/p90 of n timed predict_action calls after warm-up, torch.inference_mode, gc off, "
+                           "device synchronised around each call; n = calls fitting in budget_s, "
+                           f"in [min(3, repeats), repeats]"})
+    timing_kw = dict(device=device, repeats=repeats, budget_s=budget_s, warmup=warmup)
+
+    results = []
+    params = {}
+    for preset in presets:
+        for method in methods:
+            policy = accelerated_policy(build_policy(method, preset, device, seed), backend, threads)
+            params[(preset, method)] = n_params(getattr(policy.model, "inner", policy.model))
+            for batch in batches:
+                obs = random_obs(policy, batch, seed)
+                torch.manual_seed(seed)
+                t = time_call(lambda: policy.predict_action(obs), inference_mode=backend != "eager_no_grad",
+                              **timing_kw)
+                label = METHODS[method][0]
+                cell = {"preset": preset, "method": method, "label": label, "nfe": policy.config.nfe, "batch": batch,
+                        "params_m": params[(preset, method)] / 1e6, "backend": backend,
+                        **{k: t[k] for k in ("median_ms", "p90_ms", "min_ms", "mean_ms", "n_repeats")}}
+                results.append(cell)
+                say(f"  {preset:>6} {label:>11} batch {batch:>3}: median {t['median_ms']:9.3f} ms  "
+                    f"p90 {t['p90_ms']:9.3f} ms  (n={t['n_repeats']})", flush=True)
+            del policy
+            gc.collect()
+
+    out = {"meta": meta, "results": results, "rows": make_rows(results), "backends": [], "profile": None,
+           "task_policies": bench_task_policies(task_policies, 1, seed=seed, say=say, **timing_kw)
+           if task_policies else []}
+    out["targets"] = check_targets(out["rows"])
+    if profile:
+        out["profile"] = profile_default(device, threads, seed, calls=int(profile))
+    if backends:
+        out["backends"] = bench_backends(backends, backend_batches, backend_threads, device=device, seed=seed,
+                                         say=say, **{k: v for k, v in timing_kw.items() if k != "device"})
+        set_threads(threads)
+        out["targets"].update(check_backend_targets(out["backends"]))
+    meta["torch_num_threads"] = torch.get_num_threads()
+    return out
+
+
+def _default_drift_policy(device: str, seed: int):
+    from .config import compose
+    from .policies import make_policy
+
+    cfg = compose([])
+    if cfg.policy.nfe != 1:
+        raise RuntimeError(f"the default config's policy is {cfg.policy.type!r} ({cfg.policy.nfe} NFE), expected "
+                           f"the one-step drift policy")
+    torch.manual_seed(seed)
+    return make_policy(cfg.policy).to(device).eval()
+
+
+def bench_backends(backends, batches, threads_list, *, device="cpu", seed=0, say=print, **timing_kw) -> list[dict]:
+    """The default drift policy (``compose([])``) under each backend x thread count x batch size."""
+    policy = _default_drift_policy(device, seed)
+    rows = []
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        for backend in backends:
+            t0 = time.perf_counter()
+            row = {"backend": backend, "threads": threads, "backbone": policy.config.backbone,
+                   "params_m": n_params(policy.model) / 1e6, "note": BACKEND_NOTES.get(backend, "")}
+            done = []
+            try:
+                fast = accelerated_policy(policy, backend, threads)
+                for batch in batches:
+                    obs = random_obs(policy, batch, seed)
+                    t1 = time.perf_counter()
+                    diff = max_abs_diff(policy, fast, obs, seed)    # also builds/compiles for this shape
+                    setup_s = time.perf_counter() - t1 + (t1 - t0)
+                    t = time_call(lambda: fast.predict_action(obs), device=device,
+                                  inference_mode=backend != "eager_no_grad", **timing_kw)
+                    r = {**row, "batch": batch, "setup_s": setup_s, "max_abs_diff": diff, "error": None,
+                         **{k: t[k] for k in ("median_ms", "p90_ms", "min_ms", "mean_ms", "n_repeats")}}
+                    rows.append(r)
+                    done.append(batch)
+                    say(f"  backend {backend:>17} threads {threads} batch {batch:>3}: median {r['median_ms']:8.3f} ms"
+                        f"  p90 {r['p90_ms']:8.3f} ms  max|diff| {diff:.1e}  setup {setup_s:.1f} s", flush=True)
+                    t0 = time.perf_counter()
+            except Exception as e:                             # a backend that does not work here is a result too
+                msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                for batch in [b for b in batches if b not in done]:
+                    rows.append({**row, "batch": batch, "setup_s": None, "max_abs_diff": None, "error": msg,
+                                 "median_ms": None, "p90_ms": None, "min_ms": None, "mean_ms": None,
+                                 "n_repeats": 0})
+                say(f"  backend {backend:>17} threads {threads}: unavailable ({msg})", flush=True)
+            if backend.startswith("compile"):
+                torch._dynamo.reset()                          # drop compiled graphs between rows
+    return rows
+
+
+def profile_default(device: str = "cpu", threads: int = 1, seed: int = 0, calls: int = 50, top: int = 12) -> dict:
+    """torch.profiler over ``calls`` eager predict_action calls of the default drift policy at batch 1."""
+    from torch.profiler import ProfilerActivity, profile
+
+    policy = _default_drift_policy(device, seed)
+    obs = random_obs(policy, 1, seed)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with torch.inference_mode():
+        for _ in range(10):
+            policy.predict_action(obs)
+        sync(device)
+        with profile(activities=acts) as prof:
+            for _ in range(calls):
+                policy.predict_action(obs)
+            sync(device)
+    ev = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in ev)
+    ops = sorted(ev, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {"calls": calls, "threads": threads, "self_cpu_ms_per_call": total / 1e3 / calls,
+            "ops_per_call": sum(e.count for e in ev if e.key.startswith("aten::")) / calls,
+            "top_ops": [{"op": e.key, "self_cpu_pct": 100 * e.self_cpu_time_total / total,
+                         "self_cpu_ms_per_call": e.self_cpu_time_total / 1e3 / calls,
+                         "calls_per_predict": e.count / calls} for e in ops]}
+
+
+# -- command line ----------------------------------------------------------------------------------------------
+OPTIONS = {"presets": comma_list(str), "xlarge": flag, "batches": comma_list(int), "methods": comma_list(str),
+           "threads": int, "repeats": int, "budget_s": float, "warmup": int, "device": str, "backend": str,
+           "backends": comma_list(str), "backend_batches": comma_list(int), "backend_threads": comma_list(int),
+           "profile": int, "out": str, "seed": int, "task_policies": comma_list(str)}
+
+
+def main(args: list[str]) -> dict:
+    try:
+        opts = parse_kv(args, OPTIONS)
+    except ConfigError as e:                          # an unknown option or a value its parser rejects
+        raise SystemExit(f"drift-policy bench latency: {e}") from None
+    device = opts.pop("device", "cuda" if torch.cuda.is_available() else "cpu")
+    presets = opts.pop("presets", list(DEFAULT_PRESETS))
+    if opts.pop("xlarge", False) and "xlarge" not in presets:
+        presets.append("xlarge")
+    default_backends = list(CUDA_BACKENDS if device.startswith("cuda") else CPU_BACKENDS)
+    out = opts.pop("out", str(REPO_ROOT / "eval" / "results" / f"latency_{device.split(':')[0]}.json"))
+    try:
+        res = bench_latency(presets=presets, device=device, backends=opts.pop("backends", default_backends),
+                            profile=opts.pop("profile", 50),
+                            task_policies=opts.pop("task_policies", list(TASK_POLICIES)), **opts)
+    except BenchOptionError as e:
+        raise SystemExit(f"drift-policy bench latency: {e}") from None
+    paths = write_results(res, out)
+    print()
+    print(format_report(res), end="")
+    print(f"\nwritten: {paths[0]}, {paths[1]}")
+    return res

@@ -1,0 +1,205 @@
+"""Compose the Hydra configs in ``drift_policy/configs/`` and validate them into dataclasses.
+
+Every key is checked: a typo is an error that names the key, and a bad value is an error that names the key
+and the allowed values. Values derived from others (observation size, run folder) are set here, in Python.
+
+Each default is written once, in these dataclasses (and in each policy's and task family's own dataclass):
+``compose`` registers them with Hydra as schemas (``/schema/train``, ``/schema/task/<family>``,
+``/schema/policy/<type>``), and a YAML file selects a schema and holds only what differs from it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError, check_keys
+from .paths import CONFIG_DIR
+from .policies import PolicyConfig, config_from_dict
+
+
+@dataclass
+class TaskConfig:
+    name: str = "pusht_keypoints"
+    env: str = "pusht"                  # the task family: pusht | robomimic | any registered (drift_policy/tasks/)
+    dataset: str = "pusht/pusht_cchi_v7_replay.zarr"   # relative to the data root, or absolute
+    obs_keys: tuple[str, ...] = ("keypoint", "agent_pos")   # low-dim keys, concatenated in this order
+    image_keys: tuple[str, ...] = ()    # camera keys, each with its own image encoder
+    image_size: int = 96                # stored frames are image_size x image_size
+    crop_size: int = 84                 # random crop in training, centre crop at evaluation
+    data_root: str | None = None        # None: $DRIFT_POLICY_DATA_ROOT, else the repository's datasets/
+    val_ratio: float = 0.02             # held-out fraction of episodes (split by episode)
+    max_steps: int = 300                # env steps per evaluation episode
+    start_seed: int = 100000            # Diffusion Policy's test seeds: start_seed .. start_seed + episodes - 1
+    options: dict = field(default_factory=dict)   # the family's own keys (task.options.<key>), checked by it
+
+    def __post_init__(self):
+        from .tasks import check_task
+
+        self.obs_keys, self.image_keys = tuple(self.obs_keys), tuple(self.image_keys)
+        self.options = dict(self.options or {})
+        check_task(self)                    # the family checks its keys and options: ConfigError naming the key
+        if not 0 <= self.val_ratio < 1:
+            raise ConfigError(f"task.val_ratio must be in [0, 1), got {self.val_ratio}")
+        if self.max_steps < 1:
+            raise ConfigError(f"task.max_steps must be >= 1, got {self.max_steps}")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    device: str = "cpu"                 # "cpu" or "cuda[:i]"
+    threads: int = 2                    # torch intra-op threads of the trainer; rollout workers use 1 each
+    batch_size: int = 64                # observations per step (the drift policy draws policy.n_noise chunks each)
+    lr: float = 3e-4
+    weight_decay: float = 1e-6
+    betas: tuple[float, float] = (0.95, 0.999)
+    warmup_steps: int = 100
+    max_steps: int = 20000              # cosine decay to 0 over max_steps ...
+    max_minutes: float = 45.0           # ... or over this many training minutes when > 0 (whichever ends first)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    log_every: int = 50
+    eval_every_steps: int = 0           # evaluate every this many steps when > 0
+    eval_every_minutes: float = 5.0     # ... and every this many minutes of training time when > 0
+    eval_episodes: int = 50
+    eval_workers: int = 1               # rollout worker processes (0: step the environments in the trainer)
+    ckpt_every_steps: int = 500
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 20             # consecutive non-finite losses/gradients before training aborts
+    run_dir: str = ""                   # empty: runs/<task>-<policy>-<time>, relative to the working directory
+    wandb: str = "disabled"             # disabled | offline | online
+    wandb_project: str = "drift-policy"
+
+    def __post_init__(self):
+        self.betas = tuple(float(b) for b in self.betas)
+        positive = ("threads", "batch_size", "max_steps", "log_every", "ckpt_every_steps", "keep_checkpoints",
+                    "max_bad_steps")
+        for k in positive:
+            if getattr(self, k) < 1:
+                raise ConfigError(f"train.{k} must be >= 1, got {getattr(self, k)}")
+        non_negative = ("warmup_steps", "max_minutes", "eval_every_steps", "eval_every_minutes", "eval_episodes",
+                        "eval_workers", "weight_decay", "grad_clip")
+        for k in non_negative:
+            if getattr(self, k) < 0:
+                raise ConfigError(f"train.{k} must be >= 0, got {getattr(self, k)}")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.wandb not in ("disabled", "offline", "online"):
+            raise ConfigError(f"train.wandb must be disabled, offline or online, got {self.wandb!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"train.device must be 'cpu' or 'cuda[:i]', got {self.device!r}")
+
+
+@dataclass
+class Config:
+    task: TaskConfig
+    policy: PolicyConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return {"task": dataclasses.asdict(self.task), "policy": self.policy.to_dict(),
+                "train": dataclasses.asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        check_keys(cls, d, "")
+        for k in ("task", "policy"):
+            if k not in d:
+                raise ConfigError(f"config is missing '{k}'")
+        task = _legacy_task(dict(d["task"]))
+        check_keys(TaskConfig, task, "task.")
+        task = TaskConfig(**task)
+        policy = dict(d["policy"])
+        # The observation and action sizes come from the task, not from the policy's YAML.
+        from .tasks import task_spaces
+
+        for k, v in task_spaces(task).items():
+            if k in policy and _plain(policy[k]) != _plain(v):
+                raise ConfigError(f"policy.{k}={policy[k]} contradicts task {task.name} ({k}={v})")
+            policy[k] = v
+        train = dict(d.get("train", {}))
+        check_keys(TrainConfig, train, "train.")
+        return cls(task=task, policy=config_from_dict(policy), train=TrainConfig(**train))
+
+    def default_run_dir(self) -> Path:
+        name = f"{self.task.name}-{self.policy.type}-{self.policy.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return Path("runs") / name
+
+
+def _legacy_task(task: dict) -> dict:
+    """Runs written before task.options existed stored the robomimic keys at the top level of the task."""
+    legacy = {k: task.pop(k) for k in ("robomimic_task", "abs_action") if k in task}
+    if legacy and task.get("env") == "robomimic":
+        task["options"] = {**legacy, **dict(task.get("options") or {})}
+    return task
+
+
+def _plain(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def defaults_of(cls, exclude: tuple[str, ...] = ()) -> dict:
+    """A dataclass's field defaults as plain YAML values (lists for tuples), without running its checks."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        v = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        out[f.name] = _yaml_value(v)
+    return out
+
+
+def _yaml_value(v):
+    if isinstance(v, (list, tuple)):
+        return [_yaml_value(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _yaml_value(x) for k, x in v.items()}
+    return v
+
+
+def register_schemas() -> None:
+    """The dataclass defaults as Hydra configs that the YAML files build on (see the module docstring)."""
+    from hydra.core.config_store import ConfigStore
+
+    from .policies import POLICIES
+    from .tasks import POLICY_KEYS_FROM_TASK, families, family
+
+    cs = ConfigStore.instance()
+    cs.store(group="schema", name="train", node=defaults_of(TrainConfig))
+    for name in families():
+        fam = family(name)
+        cs.store(group="schema/task", name=name, node={**defaults_of(TaskConfig), "env": name,
+                                                       "options": defaults_of(fam.options_class)})
+    for kind, (config_cls, _) in POLICIES.items():
+        cs.store(group="schema/policy", name=kind, node=defaults_of(config_cls, exclude=POLICY_KEYS_FROM_TASK))
+
+
+def compose(overrides: list[str] | None = None, config_dir: str | Path | None = None,
+            search_path: list[str | Path] = ()) -> Config:
+    """Compose ``configs/config.yaml`` with Hydra-style overrides and validate the result. ``search_path``:
+    more config folders (e.g. with a ``task/`` of one's own), searched after ``config_dir``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    config_dir = Path(config_dir or CONFIG_DIR).resolve()
+    if not (config_dir / "config.yaml").exists():
+        raise ConfigError(f"no config.yaml in {config_dir}")
+    overrides = list(overrides or [])
+    if search_path:
+        overrides.append("hydra.searchpath=[" + ",".join(f"file://{Path(p).resolve()}" for p in search_path) + "]")
+    register_schemas()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(str(e)) from e
+    return Config.from_dict(OmegaConf.to_container(cfg, resolve=True))

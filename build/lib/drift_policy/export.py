@@ -1,0 +1,140 @@
+"""Export a drift policy's one-step generator, normaliser included, to ONNX or TorchScript.
+
+The exported graph maps data units to data units, so a deployment needs nothing from this package:
+
+    inputs   obs    float32 [B, To, obs_dim]   the last To observations, oldest first, in data units
+             noise  float32 [B, Tp, Da]        standard normal noise (an input, so results are reproducible
+                                               and parity with PyTorch is exact up to float rounding)
+    outputs  action       float32 [B, Ta, Da]  the executable chunk (steps To-1 .. To-2+Ta of action_pred)
+             action_pred  float32 [B, Tp, Da]  the whole predicted chunk
+
+The batch dimension is dynamic. A JSON file beside the export (``<out>.json``) records the shapes, the input and
+output names and the policy config. Command line:
+
+    drift-policy export checkpoint=runs/<run>/pretrained format=onnx out=policy.onnx
+    drift-policy export checkpoint=runs/<run> format=torchscript out=policy.pt
+
+``checkpoint`` is a save_pretrained folder, a run folder (newest good checkpoint, EMA weights) or a checkpoint
+file. ONNX needs the optional extra: ``pip install 'drift-policy[export]'`` (onnx, onnxruntime).
+
+Only the drift policy (1 NFE) is exported: a diffusion policy's sampler is a loop over a scheduler.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .backends import jit_trace, onnx_export, ort_session
+from .policies import Policy
+
+INPUT_NAMES = ["obs", "noise"]
+OUTPUT_NAMES = ["action", "action_pred"]
+ONNX_OPSET = 18
+
+
+class ExportablePolicy(nn.Module):
+    """obs (data units) + noise -> (action, action_pred) in data units, the same computation as
+    ``Policy.predict_action`` with the noise passed in instead of drawn."""
+
+    def __init__(self, policy: Policy):
+        super().__init__()
+        if policy.config.nfe != 1:
+            raise ValueError(f"only one-step drift policies can be exported (1 NFE), got a {policy.config.type!r} "
+                             f"policy with {policy.config.nfe} network evaluations per chunk")
+        if policy.config.image_keys:
+            raise ValueError("exporting image policies is not supported yet (low-dim observations only)")
+        for key in ("obs", "action"):
+            policy.normalizer.params(key)  # KeyError now, not at deployment, if a field was never fitted
+        self.policy = policy.eval()
+        c = policy.config
+        self.n_obs_steps, self.n_action_steps = c.n_obs_steps, c.n_action_steps
+
+    def forward(self, obs: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        p = self.policy
+        obs = obs[:, -self.n_obs_steps:]
+        cond = p.condition({"obs": obs})
+        action_pred = p.normalizer.unnormalize("action", p.sample(cond, noise=noise))
+        start = self.n_obs_steps - 1
+        return action_pred[:, start: start + self.n_action_steps], action_pred
+
+
+def example_inputs(policy: Policy, batch: int = 1, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Plausible (obs, noise): obs drawn inside the range the normaliser was fitted on."""
+    c = policy.config
+    g = generator or torch.Generator().manual_seed(0)
+    scale, offset = policy.normalizer.params("obs")
+    u = torch.rand(batch, c.n_obs_steps, c.obs_dim, generator=g) * 2 - 1        # normalised units
+    obs = (u - offset.cpu()) / scale.cpu()
+    noise = torch.randn(batch, c.horizon, c.action_dim, generator=g)
+    return obs, noise
+
+
+def metadata(policy: Policy, fmt: str) -> dict:
+    c = policy.config
+    return {
+        "format": fmt,
+        "inputs": {"obs": ["batch", c.n_obs_steps, c.obs_dim], "noise": ["batch", c.horizon, c.action_dim]},
+        "outputs": {"action": ["batch", c.n_action_steps, c.action_dim], "action_pred": ["batch", c.horizon, c.action_dim]},
+        "units": "obs and actions in data units (normaliser inside); noise ~ N(0, 1)",
+        "policy_config": c.to_dict(),
+    }
+
+
+def export_policy(policy: Policy, out: str | os.PathLike, fmt: str) -> Path:
+    """Write the policy as ``fmt`` ("onnx" or "torchscript") to ``out`` (plus ``<out>.json``); returns ``out``."""
+    if fmt not in ("onnx", "torchscript"):
+        raise ValueError(f"format must be 'onnx' or 'torchscript', got {fmt!r}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    module = ExportablePolicy(policy.to("cpu").eval())
+    args = example_inputs(policy, batch=2)
+    tmp = out.with_name(out.name + ".tmp")
+    if fmt == "torchscript":
+        jit_trace(module, args).save(str(tmp))
+    else:
+        try:
+            import onnx  # noqa: F401
+        except ImportError as e:
+            raise ImportError("ONNX export needs the optional extra: pip install 'drift-policy[export]'") from e
+        onnx_export(module, args, str(tmp), INPUT_NAMES, OUTPUT_NAMES, ONNX_OPSET,
+                    dynamic_axes={n: {0: "batch"} for n in INPUT_NAMES + OUTPUT_NAMES})
+    os.replace(tmp, out)
+    Path(str(out) + ".json").write_text(json.dumps(metadata(policy, fmt), indent=2))
+    return out
+
+
+# ---- loading the exports -------------------------------------------------------------------------------------
+class OnnxPolicy:
+    """An exported ONNX file run with onnxruntime: ``(obs, noise) -> (action, action_pred)`` as numpy."""
+
+    def __init__(self, path: str | os.PathLike, threads: int = 1):
+        self.session = ort_session(path, threads)
+
+    def __call__(self, obs: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        action, action_pred = self.session.run(OUTPUT_NAMES, {"obs": np.ascontiguousarray(obs, dtype=np.float32),
+                                                              "noise": np.ascontiguousarray(noise, dtype=np.float32)})
+        return action, action_pred
+
+
+def load_torchscript(path: str | os.PathLike) -> torch.jit.ScriptModule:
+    return torch.jit.load(str(path), map_location="cpu").eval()
+
+
+# ---- command line ---------------------------------------------------------------------------------------------
+def cmd_export(args: list[str]) -> None:
+    from .runs import load_policy_for_eval, parse_kv
+
+    opts = parse_kv(args, {"checkpoint": str, "format": str, "out": str})
+    if "checkpoint" not in opts or "out" not in opts:
+        raise SystemExit("usage: drift-policy export checkpoint=PATH format=onnx|torchscript out=FILE")
+    fmt = opts.get("format", "onnx")
+    if fmt not in ("onnx", "torchscript"):
+        raise SystemExit(f"format must be onnx or torchscript, got {fmt!r}")
+    policy, _ = load_policy_for_eval(opts["checkpoint"])
+    out = export_policy(policy, opts["out"], fmt)
+    print(f"exported {policy.config.type} policy ({fmt}) to {out}; interface in {out}.json")

@@ -1,0 +1,260 @@
+"""What every policy shares: the backbone, the normaliser, observation conditioning, (de)serialisation."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError, check_keys
+from ..executor import ChunkExecutor, executable
+from ..models.transformer import TRANSFORMER_PRESETS, TimeSeriesTransformer
+from ..models.unet1d import UNET_PRESETS, ConditionalUnet1D
+from ..normalizer import Normalizer
+
+
+@dataclass
+class PolicyConfig:
+    type: str = ""
+    architecture: str = "unet"        # "unet" (1-D conv U-Net + FiLM) or "transformer" (time-series transformer)
+    backbone: str = "small"           # size preset of that architecture (UNET_PRESETS / TRANSFORMER_PRESETS)
+    kernel_size: int = 5              # U-Net only
+    n_groups: int = 8                 # U-Net only: GroupNorm groups
+    causal: bool = True               # transformer only: causal self- and cross-attention
+    p_drop: float = 0.0               # transformer only: dropout
+    horizon: int = 16                 # Tp: predicted actions per chunk
+    n_obs_steps: int = 2              # To
+    n_action_steps: int = 8           # Ta: executed actions, starting at index To - 1
+    obs_dim: int = 20                 # filled from the task: low-dim observation size per step
+    action_dim: int = 2               # filled from the task
+    image_keys: tuple[str, ...] = ()  # filled from the task: cameras, each with its own encoder
+    image_shape: tuple[int, int, int] = (3, 96, 96)   # filled from the task
+    crop_shape: tuple[int, int] = (84, 84)            # filled from the task
+    vision_backbone: str = "resnet18"  # image encoder preset (models/resnet.py RESNET_PRESETS)
+    image_feature_dim: int = 64       # features per camera and step after spatial softmax + linear
+
+    def __post_init__(self):
+        presets = {"unet": UNET_PRESETS, "transformer": TRANSFORMER_PRESETS}
+        if self.architecture not in presets:
+            raise ConfigError(f"policy.architecture must be 'unet' or 'transformer', got {self.architecture!r}")
+        if self.backbone not in presets[self.architecture]:
+            raise ConfigError(f"policy.backbone must be one of {sorted(presets[self.architecture])} for the "
+                              f"{self.architecture}, got {self.backbone!r}")
+        if not 0 <= self.p_drop < 1:
+            raise ConfigError(f"policy.p_drop must be in [0, 1), got {self.p_drop}")
+        for k in ("kernel_size", "n_groups", "horizon", "n_obs_steps", "n_action_steps", "obs_dim", "action_dim"):
+            if int(getattr(self, k)) < 1:
+                raise ConfigError(f"policy.{k} must be >= 1, got {getattr(self, k)}")
+        if self.horizon % 4:
+            raise ConfigError(f"policy.horizon must be a multiple of 4 (the U-Net halves it twice), got {self.horizon}")
+        if self.n_obs_steps - 1 + self.n_action_steps > self.horizon:
+            raise ConfigError(f"policy.n_obs_steps - 1 + policy.n_action_steps must be <= policy.horizon "
+                              f"({self.n_obs_steps} - 1 + {self.n_action_steps} > {self.horizon})")
+        self.image_keys = tuple(self.image_keys)
+        self.image_shape, self.crop_shape = tuple(self.image_shape), tuple(self.crop_shape)
+        if self.image_keys:
+            from ..models.resnet import RESNET_PRESETS
+
+            if self.vision_backbone not in RESNET_PRESETS:
+                raise ConfigError(f"policy.vision_backbone must be one of {sorted(RESNET_PRESETS)}, "
+                                  f"got {self.vision_backbone!r}")
+            if len(self.image_shape) != 3 or len(self.crop_shape) != 2 or not all(
+                    0 < c <= s for c, s in zip(self.crop_shape, self.image_shape[1:])):
+                raise ConfigError(f"policy.crop_shape {self.crop_shape} must fit in image_shape {self.image_shape}")
+            if self.image_feature_dim < 1:
+                raise ConfigError(f"policy.image_feature_dim must be >= 1, got {self.image_feature_dim}")
+        if self.architecture == "unet" and any(d % self.n_groups for d in UNET_PRESETS[self.backbone]["down_dims"]):
+            raise ConfigError(f"policy.n_groups={self.n_groups} must divide every channel width of {self.backbone}")
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per action chunk: what one ``predict_action`` costs (set by each method)."""
+        raise NotImplementedError(f"{type(self).__name__} must define nfe")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PolicyConfig":
+        check_keys(cls, d, "policy.")
+        d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Policy(nn.Module):
+    """Base class. Subclasses set ``timestep_dim`` for the backbone and implement compute_loss / sample."""
+
+    timestep_dim = 0
+
+    def __init__(self, config: PolicyConfig, normalizer: Normalizer | None = None):
+        super().__init__()
+        self.config = config
+        c = config
+        self.normalizer = normalizer if normalizer is not None else Normalizer({"obs": c.obs_dim, "action": c.action_dim})
+        # Images are encoded once per (sample, step), trained end to end with the generator (no frozen encoder).
+        self.obs_encoder = None
+        step_dim = c.obs_dim
+        if c.image_keys:
+            from ..models.resnet import MultiImageEncoder
+
+            self.obs_encoder = MultiImageEncoder(list(c.image_keys), image_shape=c.image_shape,
+                                                 crop_shape=c.crop_shape, preset=c.vision_backbone,
+                                                 feature_dim=c.image_feature_dim)
+            step_dim += len(c.image_keys) * c.image_feature_dim
+        if c.architecture == "unet":
+            self.model = ConditionalUnet1D(c.action_dim, c.n_obs_steps * step_dim, kernel_size=c.kernel_size,
+                                           n_groups=c.n_groups, timestep_dim=self.timestep_dim,
+                                           **UNET_PRESETS[c.backbone])
+        else:
+            self.model = TimeSeriesTransformer(c.action_dim, c.n_obs_steps * step_dim, c.n_obs_steps, c.horizon,
+                                               p_drop=c.p_drop, causal=c.causal, timestep_dim=self.timestep_dim,
+                                               **TRANSFORMER_PRESETS[c.backbone])
+
+    # ---- shared pieces -------------------------------------------------------------------------------
+    def condition(self, obs: dict[str, Tensor]) -> Tensor:
+        """Observation windows in data units ({"obs": [B, To, D], <camera>: [B, To, 3, H, W]}) -> the
+        generator's conditioning [B, To * (D + cameras * F)]: normalised low-dim values and image features."""
+        c = self.config
+        low = self.normalizer.normalize("obs", obs["obs"][:, -c.n_obs_steps:])          # [B, To, D]
+        if self.obs_encoder is None:
+            return low.flatten(1)
+        B, To = low.shape[:2]
+        images = {k: obs[k][:, -To:].flatten(0, 1) for k in c.image_keys}                # [B*To, 3, H, W]
+        feats = self.obs_encoder(images).view(B, To, -1)                                 # [B, To, cams*F]
+        return torch.cat([low, feats], dim=-1).flatten(1)
+
+    def _obs(self, obs) -> dict[str, Tensor]:
+        """Validate and move observation windows to the device; keep the latest To steps."""
+        c = self.config
+        obs = dict(obs) if isinstance(obs, dict) else {"obs": obs}
+        for k in ("obs", *c.image_keys):
+            if k not in obs:
+                raise ValueError(f"observation is missing {k!r} (this policy needs {['obs', *c.image_keys]})")
+        low = torch.as_tensor(obs["obs"], dtype=torch.float32, device=self.device)
+        if low.dim() != 3 or low.shape[1] < c.n_obs_steps or low.shape[2] != c.obs_dim:
+            raise ValueError(f"obs must be [B, >={c.n_obs_steps}, {c.obs_dim}], got {tuple(low.shape)}")
+        out = {"obs": low[:, -c.n_obs_steps:]}                           # a longer history: its latest To steps
+        for k in c.image_keys:
+            img = torch.as_tensor(obs[k], device=self.device)
+            if img.dim() != 5 or img.shape[0] != low.shape[0] or tuple(img.shape[2:]) != tuple(c.image_shape):
+                raise ValueError(f"{k!r} must be [B={low.shape[0]}, To, {', '.join(map(str, c.image_shape))}], "
+                                 f"got {tuple(img.shape)}")
+            out[k] = img[:, -c.n_obs_steps:]
+        return out
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def sample(self, cond: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+        """Normalised action chunk [B, Tp, Da] for conditioning [B, C], from ``noise`` [B, Tp, Da] when given
+        (else drawn from ``generator``)."""
+        raise NotImplementedError
+
+    def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict_action(self, obs, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """obs [B, To, obs_dim] (or {"obs": ..., <camera>: [B, To, 3, H, W]}) in data units -> {"action": [B, Ta, Da], "action_pred": [B, Tp, Da]}."""
+        action_pred = self.normalizer.unnormalize("action", self.sample(self.condition(self._obs(obs)), generator))
+        c = self.config
+        return {"action": action_pred[:, executable(c.n_obs_steps, c.n_action_steps)], "action_pred": action_pred}
+
+    # ---- LeRobot-style control API ----------------------------------------------------------------------
+    def predict_action_chunk(self, obs, generator: torch.Generator | None = None) -> Tensor:
+        """The executable chunk [B, Ta, Da] for obs [B, To, obs_dim]."""
+        return self.predict_action(obs, generator)["action"]
+
+    def reset(self) -> None:
+        """Forget queued actions and observation history (call at the start of every episode)."""
+        self.executor = ChunkExecutor(self.config.n_obs_steps, self.config.n_action_steps)
+
+    @torch.no_grad()
+    def select_action(self, obs, generator: torch.Generator | None = None) -> Tensor:
+        """One action [B, Da] for the latest single-step obs [B, obs_dim] (or {"obs": [B, D], <camera>: [B, 3, H, W]}).
+
+        Keeps the last To observations (the first one repeated after ``reset``) and a queue of the current chunk's
+        actions; the generator runs only when the queue is empty, i.e. once every Ta calls.
+        """
+        if getattr(self, "executor", None) is None:
+            self.reset()
+        c = self.config
+        step = dict(obs) if isinstance(obs, dict) else {"obs": obs}
+        step["obs"] = torch.as_tensor(step["obs"], dtype=torch.float32, device=self.device)
+        if step["obs"].dim() == 1:
+            step = {k: torch.as_tensor(v).unsqueeze(0) for k, v in step.items()}
+        if step["obs"].dim() != 2 or step["obs"].shape[1] != c.obs_dim:
+            raise ValueError(f"select_action takes one step of obs [B, {c.obs_dim}], got {tuple(step['obs'].shape)}")
+        ex = self.executor
+        ex.observe(step)
+        if ex.needs_chunk:
+            window = ex.window(lambda steps: torch.stack([torch.as_tensor(s) for s in steps], dim=1))
+            ex.load(self.predict_action_chunk(window, generator).unbind(dim=1))              # Ta x [B, Da]
+        return ex.pop()
+
+    def _noise(self, n: int, generator: torch.Generator | None) -> Tensor:
+        c = self.config
+        return torch.randn(n, c.horizon, c.action_dim, generator=generator, device=self.device)
+
+    # ---- LeRobot-style persistence ---------------------------------------------------------------------
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tmp = path / "config.json.tmp"
+        tmp.write_text(json.dumps(self.config.to_dict(), indent=2))
+        os.replace(tmp, path / "config.json")
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(path / "model.safetensors.tmp"))
+        os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Policy":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        for f in ("config.json", "model.safetensors"):
+            if not (path / f).exists():
+                raise FileNotFoundError(f"{path}: missing {f} (expected a folder written by save_pretrained)")
+        config = config_from_dict(json.loads((path / "config.json").read_text()))
+        state = load_file(str(path / "model.safetensors"), device=str(device))
+        norm = Normalizer.from_state_dict({k[len("normalizer."):]: v for k, v in state.items()
+                                           if k.startswith("normalizer.")})
+        policy_cls = POLICIES[config.type][1]
+        if cls is not Policy and not issubclass(policy_cls, cls):
+            raise TypeError(f"{path} holds a {config.type} policy, not a {cls.__name__}")
+        policy = policy_cls(config, norm)
+        policy.load_state_dict(state)
+        return policy.to(device).eval()
+
+
+# ---- the registry of policy types ---------------------------------------------------------------------------------
+# type -> (config class, policy class). Each policy module registers itself (``register_policy``), so a new method
+# is one new module; ``drift_policy.policies`` imports the built-in ones.
+POLICIES: dict[str, tuple[type[PolicyConfig], type[Policy]]] = {}
+
+
+def register_policy(config_cls: type[PolicyConfig], policy_cls: type[Policy]) -> None:
+    kind = next(f.default for f in dataclasses.fields(config_cls) if f.name == "type")
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"{config_cls.__name__} needs a default for its 'type' field")
+    POLICIES[kind] = (config_cls, policy_cls)
+
+
+def make_policy(config: PolicyConfig, normalizer=None) -> Policy:
+    return POLICIES[config.type][1](config, normalizer)
+
+
+def config_from_dict(d: dict) -> PolicyConfig:
+    d = dict(d)
+    kind = d.get("type")
+    if kind not in POLICIES:
+        raise ValueError(f"policy.type must be one of {sorted(POLICIES)}, got {kind!r}")
+    return POLICIES[kind][0].from_dict(d)

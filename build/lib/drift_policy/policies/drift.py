@@ -1,0 +1,68 @@
+"""The drift policy: a one-step generator f(noise, obs) -> action chunk, trained with the drifting field."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..drift import drift_loss
+from ..errors import ConfigError
+from .base import Policy, PolicyConfig, register_policy
+
+
+@dataclass
+class DriftConfig(PolicyConfig):
+    type: str = "drift"
+    n_noise: int = 8                                   # generated chunks per observation (N in the paper)
+    drift_groups: str = "per_step"                     # "per_step": one group per (obs, step), D = action_dim;
+                                                       # "chunk": one group per obs over the flat chunk
+    temperatures: tuple[float, ...] = (0.02, 0.05, 0.2)
+
+    @property
+    def nfe(self) -> int:
+        return 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.type != "drift":
+            raise ConfigError(f"policy.type must be 'drift' for DriftConfig, got {self.type!r}")
+        if self.n_noise < 2:
+            raise ConfigError(f"policy.n_noise must be >= 2 (the field needs other samples to repel), got {self.n_noise}")
+        if self.drift_groups not in ("per_step", "chunk"):
+            raise ConfigError(f"policy.drift_groups must be 'per_step' or 'chunk', got {self.drift_groups!r}")
+        self.temperatures = tuple(float(t) for t in self.temperatures)
+        if not self.temperatures or min(self.temperatures) <= 0:
+            raise ConfigError(f"policy.temperatures must be positive, got {self.temperatures}")
+
+
+class DriftPolicy(Policy):
+    config: DriftConfig
+
+    def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
+        c = self.config
+        act_n = self.normalizer.normalize("action", batch["action"])           # [B, Tp, Da]
+        B = act_n.shape[0]
+        # Observations (and images) are encoded once; the N generated chunks of an observation share them.
+        cond = self.condition(batch).repeat_interleave(c.n_noise, dim=0)      # [B*N, C]
+        x = self.model(self._noise(B * c.n_noise, None), cond)                # [B*N, Tp, Da]
+        x = x.view(B, c.n_noise, c.horizon, c.action_dim)
+        if c.drift_groups == "per_step":
+            gen = x.permute(0, 2, 1, 3).reshape(B * c.horizon, c.n_noise, c.action_dim)   # [B*Tp, N, Da]
+            pos = act_n.reshape(B * c.horizon, 1, c.action_dim)                            # [B*Tp, 1, Da]
+        else:
+            gen = x.reshape(B, c.n_noise, c.horizon * c.action_dim)                        # [B, N, Tp*Da]
+            pos = act_n.reshape(B, 1, c.horizon * c.action_dim)
+        loss, info = drift_loss(gen, pos, temperatures=c.temperatures)
+        # The loss is ~constant by construction; mse to the expert chunk is a readable progress signal.
+        info = {k: float(v) for k, v in info.items()}
+        info["mse_to_expert"] = float((x.detach() - act_n.unsqueeze(1)).pow(2).mean())
+        info["sample_std"] = float(x.detach().std(dim=1).mean())
+        return loss.mean(), info
+
+    def sample(self, cond: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+        noise = self._noise(cond.shape[0], generator) if noise is None else noise
+        return self.model(noise, cond)                                        # one forward: 1 NFE
+
+
+register_policy(DriftConfig, DriftPolicy)

@@ -1,0 +1,74 @@
+"""What a task family supplies: the interface every family module implements (``tasks/pusht.py``, ...).
+
+A family is the code shared by the tasks of one simulator and data format: how to read its demonstrations,
+the sizes of its observations and actions, how to build its evaluation environment, what its score means and
+its control rate. A task (a ``TaskConfig``, one YAML file in ``configs/task/``) picks a family with
+``task.env`` and sets the rest; keys only one family understands go in ``task.options`` and are validated by
+that family (``options_class``). A family is registered once (``drift_policy.tasks.register_family``); nothing
+in training, evaluation, the runner or the benchmarks names a family.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import check_keys
+
+
+@dataclasses.dataclass
+class NoOptions:
+    """A family without family-specific keys: ``task.options`` must be empty."""
+
+
+class TaskFamily:
+    """Subclass, set the class attributes, implement the methods, then ``register_family(MyFamily())``.
+
+    Instances are picklable (rollout workers receive the family inside the env spec and call ``make_env``), so
+    keep state out of them: everything a worker needs is in the env kwargs.
+    """
+
+    name: ClassVar[str] = ""                        # the value of task.env
+    control_hz: ClassVar[float] = 10.0              # env steps per second (videos, the runner's sim clock)
+    score_label: ClassVar[str] = "score"            # what mean_score measures, for tables and plots
+    score_aliases: ClassVar[tuple[str, ...]] = ()   # extra result keys that hold mean_score (Push-T: coverage_score)
+    track_max: ClassVar[tuple[str, ...]] = ()       # info keys whose per-episode maximum is reported as max_<key>
+    success_key: ClassVar[str] = "success"          # the info key that says an env step reached the goal
+    options_class: ClassVar[type] = NoOptions       # dataclass of task.options (defaults = the family's defaults)
+
+    # ---- config --------------------------------------------------------------------------------------------
+    def options(self, task) -> Any:
+        """``task.options`` validated into ``options_class`` (ConfigError naming ``task.options.<key>``)."""
+        opts = dict(task.options or {})
+        check_keys(self.options_class, opts, "task.options.")
+        return self.options_class(**opts)
+
+    def check(self, task) -> None:
+        """Raise ConfigError naming the key when the task's keys do not fit this family (no file access)."""
+        self.options(task)
+
+    def spaces(self, task) -> tuple[int, int]:
+        """(obs_dim, action_dim): the low-dim observation and action sizes per step."""
+        raise NotImplementedError
+
+    # ---- data and environment ------------------------------------------------------------------------------
+    def load(self, task, path: Path) -> dict[str, np.ndarray]:
+        """The demonstrations at ``path`` as flat per-step arrays (see ``data/windows.py``)."""
+        raise NotImplementedError
+
+    def env_kwargs(self, task, path: Path) -> dict:
+        """Picklable keyword arguments of ``make_env`` for this task (``max_steps`` is added by evaluation)."""
+        raise NotImplementedError
+
+    def make_env(self, *, video: bool = False, **kwargs):
+        """The evaluation environment: ``reset(seed)`` -> (obs, info), ``step(a)`` -> (obs, reward, terminated,
+        truncated, info), ``render(size)``, ``close()``. ``obs`` is an array [D] or {"obs": [D], <camera>:
+        uint8 [3, H, W]}. ``video``: frames will be rendered for a video."""
+        raise NotImplementedError
+
+    def render_kwargs(self) -> dict:
+        """Extra keyword arguments of ``env.render(size, ...)`` for evaluation videos."""
+        return {}
+

@@ -1,0 +1,246 @@
+"""The one training loop, for every policy and task. Read it top to bottom.
+
+A policy brings ``compute_loss`` and ``predict_action``; everything else (data, normaliser, optimiser, EMA,
+evaluation, checkpoints, logging) is shared, so the drift policy and the diffusion baseline differ only in
+their loss and sampler. Under ``torchrun`` the same loop is data-parallel (DDP): see ``distributed.py``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import runs
+from .checkpoint import save_checkpoint
+from .config import Config
+from .distributed import Distributed
+from .ema import ema_update
+from .normalizer import Normalizer
+from .policies import Policy, make_policy
+from .threads import set_threads
+
+
+# ---- task plumbing --------------------------------------------------------------------------------------------
+def make_datasets(cfg: Config):
+    from .data.windows import make_windows
+    from .tasks import load_data
+
+    p = cfg.policy
+    return make_windows(load_data(cfg.task), p.horizon, p.n_obs_steps, p.n_action_steps,
+                        val_ratio=cfg.task.val_ratio, seed=42)
+
+
+def evaluate_policy(policy: Policy, cfg: Config, n_episodes: int, num_workers: int, *, video_dir=None,
+                    n_videos: int = 0, progress: bool = True, seed: int = 0) -> dict:
+    """Closed-loop rollouts on the task's test seeds. Sampling noise is seeded, so results are reproducible."""
+    from .evaluation import evaluate
+    from .tasks import env_spec
+
+    gen = torch.Generator(device=policy.device).manual_seed(seed)
+
+    def predict(obs: dict[str, np.ndarray]) -> np.ndarray:
+        obs = {k: torch.from_numpy(v) for k, v in obs.items()}
+        return policy.predict_action(obs, generator=gen)["action"].cpu().numpy()
+
+    policy.eval()
+    return evaluate(predict, env_spec(cfg.task), n_episodes=n_episodes, start_seed=cfg.task.start_seed,
+                    n_obs_steps=policy.config.n_obs_steps, max_steps=cfg.task.max_steps,
+                    num_workers=num_workers, video_dir=video_dir, n_videos=n_videos, progress=progress,
+                    action_dim=policy.config.action_dim)
+
+
+# ---- schedule and EMA -------------------------------------------------------------------------------------------
+def lr_at(cfg: Config, step: int, train_seconds: float) -> float:
+    """Linear warm-up, then cosine decay over max_steps or over the time budget, whichever is further along."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+    if t.max_minutes > 0:
+        progress = max(progress, train_seconds / (60 * t.max_minutes))
+    return t.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---- logging ----------------------------------------------------------------------------------------------------
+class Logger:
+    """metrics.jsonl in the run folder, plus wandb (offline or disabled by default: no network needed)."""
+
+    def __init__(self, run_dir: Path, cfg: Config, resume_step: int | None = None):
+        self.path = runs.metrics_path(run_dir)
+        if resume_step is not None and self.path.exists():
+            # Steps after the checkpoint are trained again: drop their records (and a line cut short by a crash).
+            keep = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= resume_step:
+                        keep.append(line + "\n")
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    pass
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(keep))
+            os.replace(tmp, self.path)
+        self.wandb = None
+        if cfg.train.wandb != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.train.wandb_project, dir=str(run_dir), mode=cfg.train.wandb,
+                                    config=cfg.to_dict(), name=run_dir.name, resume="allow", id=run_dir.name)
+
+    def log(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["step"])
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+# ---- the loop ---------------------------------------------------------------------------------------------------
+def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = False, progress: bool = True) -> Path:
+    t = cfg.train
+    run_dir = Path(run_dir or t.run_dir or cfg.default_run_dir())
+    set_threads(t.threads)
+
+    # Resuming takes the config saved with the run, so a resumed run is the same run.
+    ckpt = None
+    if resume:
+        found = runs.latest_good_checkpoint(run_dir)
+        if found is None:
+            raise FileNotFoundError(f"{run_dir}: no usable checkpoint to resume from")
+        ckpt_path, ckpt = found
+        cfg = Config.from_dict(ckpt["config"])
+        t = cfg.train
+        print(f"resuming {run_dir} from {ckpt_path.name} (step {ckpt['step']})")
+    elif runs.list_checkpoints(run_dir):
+        raise FileExistsError(f"{run_dir} already has checkpoints: use `drift-policy resume {run_dir}` or a new run_dir")
+    # One process, or one of several under torchrun (then only rank 0 writes files).
+    dist = Distributed(t.device)
+    dist.check_batch_size(t.batch_size)
+    device, is_main = dist.device, dist.is_main
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        runs.write_config(run_dir, cfg)
+    torch.manual_seed(t.seed)
+    np.random.seed(t.seed)
+
+    # Data and normaliser (fitted on the training split only).
+    train_set, val_set = make_datasets(cfg)
+    normalizer = Normalizer().fit("obs", train_set.steps("obs")).fit("action", train_set.steps("action"))
+
+    # Policy, EMA copy and optimiser.
+    policy = make_policy(cfg.policy, normalizer).to(device)
+    loss_fn = dist.loss_fn(policy)            # policy.compute_loss, through DDP when distributed
+    ema = copy.deepcopy(policy).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(policy.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    data_gen = torch.Generator().manual_seed(t.seed)   # the same data stream on every rank
+    if dist.enabled:
+        torch.manual_seed(t.seed + dist.rank)  # but each rank its own sampling noise
+    step, train_seconds, next_eval_minutes = 0, 0.0, t.eval_every_minutes
+    if ckpt is not None:
+        policy.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        data_gen.set_state(ckpt["data_rng"])
+        dist.restore_rng(ckpt["torch_rng"], t.seed, ckpt["step"])
+        step, train_seconds, next_eval_minutes = ckpt["step"], ckpt["train_seconds"], ckpt["next_eval_minutes"]
+    n_params = sum(p.numel() for p in policy.parameters())
+    print(f"{cfg.policy.type} policy, {cfg.policy.backbone} backbone: {n_params / 1e6:.2f}M parameters; "
+          f"{len(train_set)} training windows; run folder {run_dir}")
+
+    logger = Logger(run_dir, cfg, resume_step=step if ckpt is not None else None) if is_main else None
+
+    def checkpoint():
+        torch_rng = dist.rng_states()         # every rank's noise stream (a collective: all ranks get here)
+        if not is_main:
+            return
+        save_checkpoint({"model": policy.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                         "step": step, "train_seconds": train_seconds, "next_eval_minutes": next_eval_minutes,
+                         "config": cfg.to_dict(), "data_rng": data_gen.get_state(),
+                         "torch_rng": torch_rng}, runs.checkpoint_path(run_dir, step))
+        runs.prune_checkpoints(run_dir, t.keep_checkpoints)
+
+    def evaluate():
+        res = evaluate_policy(ema, cfg, t.eval_episodes, t.eval_workers, progress=False, seed=t.seed)
+        res.update(step=step, train_minutes=train_seconds / 60)
+        from .evaluation import save_eval_json
+
+        save_eval_json(res, runs.eval_path(run_dir, step))
+        logger.log({"step": step, "train_minutes": train_seconds / 60, "eval/mean_score": res["mean_score"],
+                    "eval/success_rate": res["success_rate"]})
+        bar.write(f"step {step}: score {res['mean_score']:.3f}, success {res['success_rate']:.2f} "
+                  f"({train_seconds / 60:.1f} train-min, eval {res['wall_s']:.0f}s)")
+
+    def out_of_budget():
+        return step >= t.max_steps or (t.max_minutes > 0 and train_seconds >= 60 * t.max_minutes)
+
+    from tqdm import tqdm
+
+    # With a time budget the step count is open-ended: show a counter, not a bar to max_steps.
+    bar = tqdm(total=None if t.max_minutes > 0 else t.max_steps, initial=step, disable=not (progress and is_main),
+               dynamic_ncols=True, desc="train")
+    bad_steps = 0
+    policy.train()
+    while not out_of_budget():
+        t0 = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step, train_seconds)
+        batch = {k: dist.shard(v).to(device) for k, v in train_set.sample(t.batch_size, data_gen).items()}
+        loss, info = loss_fn(batch)
+        opt.zero_grad(set_to_none=True)
+        grad_norm = torch.tensor(float("nan"))
+        finite = dist.all_finite(loss)        # on every rank: then all ranks take the same branch
+        if finite:
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), t.grad_clip if t.grad_clip > 0 else 1e30)
+        if not (finite and torch.isfinite(grad_norm)):
+            # Skip the update, keep the weights; a run that keeps producing non-finite values is broken.
+            bad_steps += 1
+            warnings.warn(f"step {step}: non-finite loss or gradient ({float(loss)}, {float(grad_norm)}); step skipped")
+            if bad_steps >= t.max_bad_steps:
+                checkpoint()
+                raise FloatingPointError(f"{bad_steps} consecutive non-finite steps at step {step}; aborting "
+                                         f"(last good weights saved in {runs.checkpoint_path(run_dir, step).parent})")
+            continue
+        bad_steps = 0
+        opt.step()
+        ema_update(ema, policy, step, t.ema_decay)
+        step += 1
+        train_seconds += dist.max(time.perf_counter() - t0)   # the slowest rank's time: one schedule for all
+        bar.update(1)
+
+        if is_main and step % t.log_every == 0:
+            rec = {"step": step, "train_minutes": train_seconds / 60, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"],
+                   "grad_norm": float(grad_norm), **{f"train/{k}": v for k, v in info.items()}}
+            logger.log(rec)
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", **({"mse": f"{info['mse_to_expert']:.4f}"}
+                                                          if "mse_to_expert" in info else {}))
+        if is_main and t.eval_episodes and ((t.eval_every_steps and step % t.eval_every_steps == 0) or
+                                            (t.eval_every_minutes and train_seconds >= 60 * next_eval_minutes)):
+            while t.eval_every_minutes and train_seconds >= 60 * next_eval_minutes:
+                next_eval_minutes += t.eval_every_minutes
+            evaluate()
+            policy.train()
+        if step % t.ckpt_every_steps == 0:
+            checkpoint()
+
+    bar.close()
+    checkpoint()
+    dist.check_in_sync(runs.ddp_path(run_dir), model=policy, ema=ema)
+    dist.close()
+    if not is_main:
+        return run_dir
+    if t.eval_episodes and not runs.eval_path(run_dir, step).exists():
+        evaluate()
+    ema.save_pretrained(runs.pretrained_dir(run_dir))
+    logger.close()
+    print(f"done: {step} steps in {train_seconds / 60:.1f} training minutes; EMA policy saved to {runs.pretrained_dir(run_dir)}")
+    return run_dir
