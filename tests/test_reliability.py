@@ -575,3 +575,14 @@ def test_item16_robomimic_image_tests_skip_only_without_a_renderer():
     assert reason is None or reason.startswith(f"MUJOCO_GL={os.environ.get('MUJOCO_GL')}")
     src = (REPO / "tests" / "test_robomimic.py").read_text()
     assert "except Exception as e:  # no EGL/OSMesa" not in src and "needs_offscreen_renderer()" in src
+
+
+@pytest.mark.parametrize("override, match", [("train.minutes=abc", r"train\.minutes must be a finite number, got 'abc'"),
+                                             ("train.max_steps=2.5", r"train\.max_steps must be an integer, got 2\.5"),
+                                             ("train.nope=1", r"unknown config key 'train\.nope'")])
+def test_item12_image_track_config_errors_name_the_key_and_type(override, match):
+    """Item 12 for the image-generation track's dict config: the same kind of error, checked against DEFAULTS."""
+    from drift_policy.image.config import load_config
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
