@@ -26,7 +26,10 @@ def main(a: str, b: str) -> int:
             keys = sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k))
             print(f"step {x.get('step')}: " + ", ".join(f"{k}: {x.get(k)!r} vs {y.get(k)!r}" for k in keys))
             return 1
-    print(f"{len(ra)} records, every field but {sorted(TIMING)} identical (loss at the last: {ra[-1].get('loss')!r})")
+    losses = [r["loss"] for r in ra if "loss" in r]
+    evals = [r["eval/mean_score"] for r in ra if "eval/mean_score" in r]
+    print(f"{len(ra)} records, every field but {sorted(TIMING)} identical; {len(losses)} losses (last "
+          f"{losses[-1] if losses else None!r}), {len(evals)} evaluations (last score {evals[-1] if evals else None!r})")
     return 0
 
 

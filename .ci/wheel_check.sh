@@ -11,7 +11,12 @@ PY="${PYTHON:-python}"
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
 
-"$PY" -m pip wheel "$ROOT" --no-deps --no-build-isolation -q -w "$TMP/dist"
+# Build from a copy of the files git knows (tracked, or new and not ignored): the build leaves build/ and
+# *.egg-info behind, and must not see local data or runs.
+mkdir "$TMP/src"
+(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard \
+  | tar --null --ignore-failed-read -T - -cf - 2>/dev/null) | tar -xf - -C "$TMP/src"     # (deleted files: skipped)
+"$PY" -m pip wheel "$TMP/src" --no-deps --no-build-isolation -q -w "$TMP/dist"
 "$PY" -m venv "$TMP/venv"
 DEPS="$("$PY" -c 'import site; print(site.getsitepackages()[0])')"
 VSITE="$("$TMP/venv/bin/python" -c 'import site; print(site.getsitepackages()[0])')"

@@ -55,8 +55,7 @@ class _Episode:
         self.index, self.seed, self.family = index, seed, spec["family"]
         self.env = self.family.make_env(**spec["kwargs"], max_steps=max_steps, video=video_path is not None)
         obs, info = self.env.reset(seed=seed)
-        # The whole chunk predict() returns is executed (it chooses k), so only the history is used here.
-        self.executor = ChunkExecutor(n_obs_steps, 1)
+        self.executor = ChunkExecutor(n_obs_steps, where="evaluation")   # executes all k actions predict() returns
         self.executor.observe(_as_dict(obs))
         self.steps = 0
         self.max_reward = 0.0

@@ -30,12 +30,14 @@ def executable(n_obs_steps: int, n_action_steps: int | None = None) -> slice:
 
 
 class ChunkExecutor:
-    """Observation history (the last To steps, each a dict of arrays) and the queue of actions still to execute."""
+    """Observation history (the last To steps, each a dict of arrays) and the queue of actions still to execute
+    (the ``executable`` slice of the last chunk: Ta actions for a policy, whatever ``predict`` chose in
+    evaluation)."""
 
-    def __init__(self, n_obs_steps: int, n_action_steps: int, *, where: str = "ChunkExecutor"):
-        if n_obs_steps < 1 or n_action_steps < 1:
-            raise ValueError(f"n_obs_steps and n_action_steps must be >= 1, got {n_obs_steps}, {n_action_steps}")
-        self.n_obs_steps, self.n_action_steps = n_obs_steps, n_action_steps
+    def __init__(self, n_obs_steps: int, *, where: str = "ChunkExecutor"):
+        if n_obs_steps < 1:
+            raise ValueError(f"n_obs_steps must be >= 1, got {n_obs_steps}")
+        self.n_obs_steps = n_obs_steps
         self.where = where                          # who is asking, for error messages
         self.history: deque[dict[str, Any]] = deque(maxlen=n_obs_steps)
         self.queue: deque[Any] = deque()

@@ -65,7 +65,7 @@ class RunConfig:
                                    # needed (0: from the warm-up latency, see auto_lead)
     backend: str = "eager"         # an inference backend of backends.py (CPU_BACKENDS): eager | jit_trace | onnxruntime ...
     threads: int = 1               # intra-op threads of the inference backend
-    max_steps: int = 300           # env steps per episode (Diffusion Policy's Push-T protocol)
+    max_steps: int = 0             # env steps per episode (0: the task's max_steps, 300 on Push-T)
     start_seed: int = 100000       # episode seeds start_seed, start_seed + 1, ...
     seed: int = 0                  # sampling-noise seed
     warmup: int = 10               # untimed inferences before the first episode
@@ -197,7 +197,7 @@ def run_episode(env, ctrl: Controller, seed: int, cfg: RunConfig, n_obs_steps: i
     obs, info = env.reset(seed=seed)
     # The history and the To - 1 slice come from the executor; which action plays at a tick is the Controller's
     # choice (its chunks are indexed by tick, for the async lead and temporal ensembling).
-    ex = ChunkExecutor(n_obs_steps, 1)
+    ex = ChunkExecutor(n_obs_steps, where="runner")
     ex.observe(_as_dict(obs))
     ctrl.begin_episode(ex.window(np.stack))
     period = 1.0 / cfg.rate_hz
@@ -250,7 +250,8 @@ def run(policy, cfg: RunConfig, checkpoint: str = "", task=None) -> dict:
     task = task if task is not None else TaskConfig()
     fam = family(task)
     c = policy.config
-    cfg = RunConfig(**asdict(cfg))               # a copy: the report records the lead actually used
+    cfg = RunConfig(**asdict(cfg))               # a copy: the report records the lead and max_steps actually used
+    cfg.max_steps = cfg.max_steps or task.max_steps
     cfg.check(c.n_obs_steps, c.n_action_steps, c.horizon)
     backend = Backend(policy, cfg)
     ctrl = Controller(backend, cfg, c.n_action_steps)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from drift_policy.checkpoint import load_checkpoint
-from drift_policy.runs import list_checkpoints
 from drift_policy.config import Config
 from drift_policy.distributed import Distributed, param_digest
 from drift_policy.policies import make_policy
+from drift_policy.runs import list_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 

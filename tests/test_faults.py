@@ -13,10 +13,10 @@ import torch
 
 from drift_policy import train as train_mod
 from drift_policy.checkpoint import load_checkpoint
-from drift_policy.runs import latest_good_checkpoint, list_checkpoints
-from drift_policy.errors import CheckpointError
 from drift_policy.config import compose
+from drift_policy.errors import CheckpointError
 from drift_policy.policies import DriftPolicy, Policy
+from drift_policy.runs import latest_good_checkpoint, list_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 

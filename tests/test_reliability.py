@@ -307,7 +307,7 @@ def test_items7_8_the_chunk_executor_checks_what_enters_history_and_queue():
     runner, on numpy arrays): non-finite steps and chunks are refused, a shape change needs reset()."""
     from drift_policy.executor import ChunkExecutor
 
-    ex = ChunkExecutor(2, 4, where="runner")
+    ex = ChunkExecutor(2, where="runner")
     ex.observe({"obs": np.zeros(20, np.float32), "image": np.zeros((3, 8, 8), np.uint8)})
     with pytest.raises(ValueError, match="runner: observation 'obs' holds NaN or inf"):
         ex.observe({"obs": np.full(20, np.nan, np.float32), "image": np.zeros((3, 8, 8), np.uint8)})

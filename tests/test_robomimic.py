@@ -13,7 +13,6 @@ h5py = pytest.importorskip("h5py")
 
 from drift_policy.data import robomimic as rm  # noqa: E402
 from drift_policy.data import scripted  # noqa: E402
-from drift_policy.errors import DatasetError  # noqa: E402
 from drift_policy.data.robomimic import load_robomimic, read_env_meta, robomimic_spaces  # noqa: E402
 from drift_policy.envs.robomimic import (  # noqa: E402
     TASK_ENV_NAMES,
@@ -22,6 +21,7 @@ from drift_policy.envs.robomimic import (  # noqa: E402
     matrix_to_rot6d,
     rot6d_to_matrix,
 )
+from drift_policy.errors import DatasetError  # noqa: E402
 
 KEYS = ["object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"]
 
@@ -380,3 +380,21 @@ def test_image_task_trains_and_evaluates_end_to_end(tmp_path):
     run = train_mod.train(cfg, progress=False)
     res = json.loads(sorted((run / "eval").glob("step_*.json"))[-1].read_text())
     assert res["task"] == "lift_image" and res["per_episode"][0]["steps"] == 4
+
+
+def test_absolute_action_tasks_get_an_absolute_action_env(lift_file):
+    """task.options.abs_action reaches the evaluation env: a policy trained on 10-d absolute actions steps a
+    10-d controller (the env spec once dropped the option)."""
+    from drift_policy.config import compose
+    from drift_policy.tasks import env_spec, make_env
+
+    for abs_action, dim in ((True, 10), (False, 7)):
+        cfg = compose(["task=lift_lowdim", f"task.dataset={lift_file}", f"task.options.abs_action={abs_action}"])
+        assert cfg.policy.action_dim == dim
+        spec = env_spec(cfg.task)
+        assert spec["kwargs"]["abs_action"] is abs_action
+        env = make_env(spec, max_steps=2)
+        try:
+            assert env.action_dim == dim
+        finally:
+            env.close()

@@ -177,7 +177,7 @@ class Policy(nn.Module):
 
     def reset(self) -> None:
         """Forget queued actions and observation history (call at the start of every episode)."""
-        self.executor = ChunkExecutor(self.config.n_obs_steps, self.config.n_action_steps, where="select_action")
+        self.executor = ChunkExecutor(self.config.n_obs_steps, where="select_action")
 
     @torch.no_grad()
     def select_action(self, obs, generator: torch.Generator | None = None) -> Tensor:

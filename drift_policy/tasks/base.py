@@ -2,7 +2,7 @@
 
 A family is the code shared by the tasks of one simulator and data format: how to read its demonstrations,
 the sizes of its observations and actions, how to build its evaluation environment, what its score means and
-its control rate. A task (a ``TaskConfig``, one YAML file in ``configs/task/``) picks a family with
+its control rate. A task (a ``TaskConfig``, one YAML file in ``drift_policy/configs/task/``) picks a family with
 ``task.env`` and sets the rest; keys only one family understands go in ``task.options`` and are validated by
 that family (``options_class``). A family is registered once (``drift_policy.tasks.register_family``); nothing
 in training, evaluation, the runner or the benchmarks names a family.
