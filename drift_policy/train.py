@@ -23,6 +23,7 @@ from .checkpoint import non_finite_tensors, save_checkpoint
 from .config import Config
 from .distributed import Distributed
 from .ema import ema_update
+from .errors import RunDirError
 from .fileio import atomic_write_text
 from .normalizer import Normalizer
 from .policies import Policy, make_policy
@@ -144,9 +145,15 @@ def _train(cfg: Config | None, run_dir, resume: bool, progress: bool, hold: cont
     # run that fails on bad data leaves the folder as it was.
     train_set, val_set = make_datasets(cfg)
     normalizer = Normalizer().fit("obs", train_set.steps("obs")).fit("action", train_set.steps("action"))
+    refused = None
     if is_main:
-        hold.enter_context(runs.claim_run_dir(run_dir, resume=resume, overwrite=t.overwrite))
-        runs.write_config(run_dir, cfg)
+        try:
+            hold.enter_context(runs.claim_run_dir(run_dir, resume=resume, overwrite=t.overwrite))
+            runs.write_config(run_dir, cfg)
+        except (RunDirError, OSError) as e:
+            refused = e
+    if dist.max(float(refused is not None)) > 0:     # a collective: under torchrun every rank stops, none hangs
+        raise refused or RunDirError(f"{run_dir}: rank 0 could not claim the run folder")
 
     # Policy, EMA copy and optimiser.
     policy = make_policy(cfg.policy, normalizer).to(device)
