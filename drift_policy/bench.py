@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from .fileio import atomic_write_text
 from .policies import config_from_dict
 from . import runs
 from .runs import parse_kv as _kv
@@ -125,9 +126,7 @@ def write_compute_matched(records: list[dict], out: Path, meta: dict) -> Path:
                              ("max_score", "last5_score", "last10_score", "max_success", "last5_success", "last10_success")
                              if any(k in r for r in rs)}}
     path = out / f"{meta['task']}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "summary": summary, "runs": records}, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({"meta": meta, "summary": summary, "runs": records}, indent=2))
 
     m = meta["machine"]
     lines = [f"# {meta['task']}: drift vs diffusion at equal training compute", "",
@@ -151,7 +150,7 @@ def write_compute_matched(records: list[dict], out: Path, meta: dict) -> Path:
     for r in records:
         pts = ", ".join(f"{e['sample_passes'] / 1e6:.2f}M: {e['mean_score']:.3f}/{e['success_rate']:.2f}" for e in r["evals"])
         lines.append(f"- {r['label']} seed {r['seed']}: {pts or 'no evaluation yet'}")
-    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(path.with_suffix(".md"), "\n".join(lines) + "\n")
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
     colors = {label: f"C{i}" for i, label in enumerate(variants)}
@@ -192,7 +191,12 @@ def bench_train(args: list[str]) -> Path:
     """``drift-policy bench train budget=N ...``: every variant and seed trained for the same number of generator
     sample-passes, with its cosine schedule over the resulting steps, evaluated at the same budget fractions."""
     opts = _kv(args, {"budget": int, "policies": str, "seeds": str, "task": str, "evals": int, "jobs": int,
-                      "out": str, "runs": str, "overrides": str, "report_only": int, "episodes": int})
+                      "out": str, "runs": str, "overrides": str, "report_only": int, "episodes": int},
+               usage="usage: drift-policy bench train [budget=1200000 seeds=0,1 policies=drift_unet,diffusion_unet ...]",
+               defaults={"budget": 1_200_000, "policies": "drift_unet,diffusion_unet", "seeds": "0",
+                         "task": "pusht_keypoints", "evals": 10, "jobs": 2, "episodes": 50,
+                         "out": "eval/results/compute_matched", "runs": "runs/compute_matched-<task>-<budget>",
+                         "overrides": "''", "report_only": 0})
     budget = opts.get("budget", 1_200_000)
     task = opts.get("task", "pusht_keypoints")
     variants = _variants(opts.get("policies", "drift_unet,diffusion_unet"))
@@ -254,9 +258,11 @@ def run_summary(args: list[str]) -> dict:
     as JSON plus a Markdown table on stdout, and its training plots (``plots``: PNG paths relative to the JSON,
     written beside it as <stem>_<plot>.png; without out=, into <run>/plots); for committing a run's record
     next to the README's numbers."""
-    opts = _kv(args, {"run": str, "out": str, "machine": str})
+    usage = "usage: drift-policy bench summary run=DIR [out=FILE.json] [machine=TEXT]"
+    opts = _kv(args, {"run": str, "out": str, "machine": str}, usage=usage,
+               defaults={"out": "(stdout only)", "machine": "<cores>-core CPU"})
     if "run" not in opts:
-        raise SystemExit("usage: drift-policy bench summary run=DIR [out=FILE.json] [machine=TEXT]")
+        raise SystemExit(usage)
     run = Path(opts["run"])
     if not (run / "config.json").exists():
         raise SystemExit(f"{run}: not a run folder (no config.json)")
@@ -288,14 +294,19 @@ def run_summary(args: list[str]) -> dict:
     print("\n".join(lines))
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(s, indent=2))
-        out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        atomic_write_text(out, json.dumps(s, indent=2))
+        atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     return s
 
 
 def main(args: list[str]) -> None:
+    usage = ("usage: drift-policy bench {train,latency,summary} [key=value ...]\n"
+             "  drift-policy bench <train|latency|summary> --help   lists that benchmark's keys and defaults")
+    if args and args[0] in ("-h", "--help", "help"):
+        print(usage)
+        return
     if not args or args[0] not in ("train", "latency", "summary"):
-        raise SystemExit("usage: drift-policy bench {train,latency,summary} [key=value ...]")
+        raise SystemExit(usage)
     if args[0] == "summary":
         run_summary(args[1:])
     elif args[0] == "train":

@@ -377,8 +377,13 @@ OPTIONS = {"presets": comma_list(str), "xlarge": flag, "batches": comma_list(int
 
 
 def main(args: list[str]) -> dict:
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(bench_latency).parameters.items() if k in OPTIONS}
+    defaults.update(device="cuda if available, else cpu", profile=50, backends="all of the device's backends",
+                    task_policies=",".join(TASK_POLICIES), xlarge=0, out="eval/results/latency_<device>.json")
     try:
-        opts = parse_kv(args, OPTIONS)
+        opts = parse_kv(args, OPTIONS, usage="usage: drift-policy bench latency [key=value ...]", defaults=defaults)
     except ConfigError as e:                          # an unknown option or a value its parser rejects
         raise SystemExit(f"drift-policy bench latency: {e}") from None
     device = opts.pop("device", "cuda" if torch.cuda.is_available() else "cpu")

@@ -16,7 +16,31 @@ import sys
 from pathlib import Path
 
 
+def train_help() -> str:
+    """``train --help``: the task and policy choices, then every key with its default value."""
+    import dataclasses
+
+    from .config import compose
+    from .paths import CONFIG_DIR
+
+    names = lambda group: sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))  # noqa: E731
+    cfg = compose([])
+    lines = ["usage: drift-policy train [task=NAME] [policy=NAME] [group.key=value ...]", "",
+             f"task=   {' | '.join(names('task'))}   (default {cfg.task.name})",
+             f"policy= {' | '.join(names('policy'))}", "",
+             "keys with their defaults (task and policy keys: for the default task and policy; values derived from "
+             "the task, such as policy.obs_dim, are set in Python):"]
+    for group, obj in (("train", cfg.train), ("task", cfg.task), ("policy", cfg.policy)):
+        lines += [f"  {group}.{f.name}={getattr(obj, f.name)!r}" for f in dataclasses.fields(obj)]
+    return "\n".join(lines)
+
+
 def cmd_train(overrides: list[str]) -> None:
+    from .runs import wants_help
+
+    if wants_help(overrides):
+        print(train_help())
+        return
     from .config import compose
     from .train import train
 
@@ -24,33 +48,44 @@ def cmd_train(overrides: list[str]) -> None:
 
 
 def cmd_resume(args: list[str]) -> None:
-    from .runs import read_config
+    from .runs import wants_help
     from .train import train
 
+    usage = ("usage: drift-policy resume RUN_DIR\n\nContinue the run in RUN_DIR from its newest checkpoint that "
+             "verifies, with the config stored in that checkpoint (no keys).")
+    if wants_help(args):
+        print(usage)
+        return
     if len(args) != 1:
-        raise SystemExit("usage: drift-policy resume RUN_DIR")
-    # train() reloads the config stored in the checkpoint; config.json only has to parse.
-    run_dir = Path(args[0])
-    train(read_config(run_dir), run_dir=run_dir, resume=True)
+        raise SystemExit(usage)
+    # train() takes the config stored in the checkpoint (config.json is not read: it may be truncated) and
+    # rewrites config.json from it.
+    train(None, run_dir=Path(args[0]), resume=True)
 
 
 def cmd_eval(args: list[str]) -> None:
     from .config import compose
     from .evaluation import save_eval_json
+    from .fileio import check_writable
     from .runs import load_policy_for_eval, parse_kv
     from .threads import set_threads
     from .train import evaluate_policy
 
+    usage = "usage: drift-policy eval checkpoint=PATH [episodes=50 workers=2 videos=0 out=FILE]"
     opts = parse_kv(args, {"checkpoint": str, "episodes": int, "workers": int, "videos": int, "out": str, "seed": int,
-                      "threads": int, "task": str})
+                           "threads": int, "task": str}, usage=usage,
+                    defaults={"episodes": 50, "workers": 2, "videos": 0, "seed": 0, "threads": 1,
+                              "out": "<run>/eval.json or <checkpoint>.eval.json",
+                              "task": "the run's task (pusht_keypoints for a bare pretrained folder)"})
     if "checkpoint" not in opts:
-        raise SystemExit("usage: drift-policy eval checkpoint=PATH [episodes=50 workers=2 videos=0 out=FILE]")
+        raise SystemExit(usage)
+    ckpt = Path(opts["checkpoint"])
+    out = Path(opts["out"]) if "out" in opts else (ckpt / "eval.json" if ckpt.is_dir() else ckpt.with_suffix(".eval.json"))
+    check_writable(out, "eval out=")          # before the rollouts, not after
     set_threads(opts.get("threads", 1))
     policy, cfg = load_policy_for_eval(opts["checkpoint"])
     if "task" in opts or cfg is None:
         cfg = compose([f"task={opts['task']}"] if "task" in opts else [])   # else the default task
-    ckpt = Path(opts["checkpoint"])
-    out = Path(opts["out"]) if "out" in opts else (ckpt / "eval.json" if ckpt.is_dir() else ckpt.with_suffix(".eval.json"))
     res = evaluate_policy(policy, cfg, opts.get("episodes", 50), opts.get("workers", 2),
                           video_dir=out.parent / "videos" if opts.get("videos") else None,
                           n_videos=opts.get("videos", 0), seed=opts.get("seed", 0))
@@ -83,8 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _dispatch(ns)
     except USER_ERRORS as e:
-        # A wrong key or value, or a missing or malformed data file: the message says what and where.
-        parser.exit(2, f"drift-policy {ns.command}: error: {e}\n")
+        # A wrong key or value, a missing or malformed data file, checkpoint or pretrained folder, a run folder in
+        # use, an output path that cannot be written: the message says what and where, in one line.
+        msg = " ".join(str(e).split()) or type(e).__name__
+        parser.exit(2, f"drift-policy {ns.command}: error: {msg}\n")
 
 
 def _dispatch(ns: argparse.Namespace) -> None:

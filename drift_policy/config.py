@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError, check_keys
+from .errors import ConfigError, check_keys, check_types
 from .paths import CONFIG_DIR
 from .policies import PolicyConfig, config_from_dict
 
@@ -37,7 +37,7 @@ class TaskConfig:
     def __post_init__(self):
         from .tasks import check_task
 
-        self.obs_keys, self.image_keys = tuple(self.obs_keys), tuple(self.image_keys)
+        check_types(self, "task.")
         self.options = dict(self.options or {})
         check_task(self)                    # the family checks its keys and options: ConfigError naming the key
         if not 0 <= self.val_ratio < 1:
@@ -76,11 +76,12 @@ class TrainConfig:
     compile: bool = False               # torch.compile the backbone for training (faster steps after minutes of
                                         # compiling at the start; needs a C++ compiler)
     run_dir: str = ""                   # empty: runs/<task>-<policy>-<time>, relative to the working directory
+    overwrite: bool = False             # replace an existing run in run_dir (else training into it is refused)
     wandb: str = "disabled"             # disabled | offline | online
     wandb_project: str = "drift-policy"
 
     def __post_init__(self):
-        self.betas = tuple(float(b) for b in self.betas)
+        check_types(self, "train.")
         positive = ("threads", "batch_size", "log_every", "ckpt_every_steps", "keep_checkpoints",
                     "max_bad_steps")
         for k in positive:

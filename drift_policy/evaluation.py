@@ -29,7 +29,6 @@ import json
 import multiprocessing as mp
 import os
 import sys
-import tempfile
 import time
 import traceback
 import types
@@ -59,7 +58,7 @@ class _Episode:
         self.index, self.seed, self.family = index, seed, spec["family"]
         self.env = self.family.make_env(**spec["kwargs"], max_steps=max_steps, video=video_path is not None)
         obs, info = self.env.reset(seed=seed)
-        self.executor = ChunkExecutor(n_obs_steps)           # executes all k actions predict() returns
+        self.executor = ChunkExecutor(n_obs_steps, where="evaluation")   # executes all k actions predict() returns
         self.executor.observe(_as_dict(obs))
         self.steps = 0
         self.max_reward = 0.0
@@ -443,26 +442,14 @@ def _json_default(obj: Any) -> Any:
 
 
 def save_eval_json(result: dict, path: str | os.PathLike) -> Path:
-    """Write ``result`` as JSON atomically (temporary file in the same folder, then ``os.replace``).
+    """Write ``result`` as JSON atomically (see ``fileio.atomic_write_text``).
 
     The JSON names its videos (``videos``) by paths relative to its own folder, so the record and its videos
     can be moved or committed together: ``Path(json_file).parent / v`` finds each one."""
+    from .fileio import atomic_write_text
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if result.get("videos"):
         here = path.parent.resolve()
         result = {**result, "videos": [os.path.relpath(Path(v).resolve(), here) for v in result["videos"]]}
-    text = json.dumps(result, indent=2, default=_json_default, allow_nan=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_text(path, json.dumps(result, indent=2, default=_json_default, allow_nan=True) + "\n")

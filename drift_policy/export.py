@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .backends import jit_trace, onnx_export, ort_session
+from .fileio import atomic_write_text, unique_temp_path
 from .policies import Policy
 
 INPUT_NAMES = ["obs", "noise"]
@@ -93,18 +94,22 @@ def export_policy(policy: Policy, out: str | os.PathLike, fmt: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     module = ExportablePolicy(policy.to("cpu").eval())
     args = example_inputs(policy, batch=2)
-    tmp = out.with_name(out.name + ".tmp")
-    if fmt == "torchscript":
-        jit_trace(module, args).save(str(tmp))
-    else:
+    if fmt == "onnx":
         try:
             import onnx  # noqa: F401
         except ImportError as e:
             raise ImportError("ONNX export needs the optional extra: pip install 'drift-policy[export]'") from e
-        onnx_export(module, args, str(tmp), INPUT_NAMES, OUTPUT_NAMES, ONNX_OPSET,
-                    dynamic_axes={n: {0: "batch"} for n in INPUT_NAMES + OUTPUT_NAMES})
-    os.replace(tmp, out)
-    Path(str(out) + ".json").write_text(json.dumps(metadata(policy, fmt), indent=2))
+    tmp = unique_temp_path(out)
+    try:
+        if fmt == "torchscript":
+            jit_trace(module, args).save(str(tmp))
+        else:
+            onnx_export(module, args, str(tmp), INPUT_NAMES, OUTPUT_NAMES, ONNX_OPSET,
+                        dynamic_axes={n: {0: "batch"} for n in INPUT_NAMES + OUTPUT_NAMES})
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    atomic_write_text(str(out) + ".json", json.dumps(metadata(policy, fmt), indent=2))
     return out
 
 
@@ -129,9 +134,14 @@ def load_torchscript(path: str | os.PathLike) -> torch.jit.ScriptModule:
 def cmd_export(args: list[str]) -> None:
     from .runs import load_policy_for_eval, parse_kv
 
-    opts = parse_kv(args, {"checkpoint": str, "format": str, "out": str})
+    from .fileio import check_writable
+
+    usage = "usage: drift-policy export checkpoint=PATH format=onnx|torchscript out=FILE"
+    opts = parse_kv(args, {"checkpoint": str, "format": str, "out": str}, usage=usage,
+                    defaults={"format": "onnx", "out": "required"})
     if "checkpoint" not in opts or "out" not in opts:
-        raise SystemExit("usage: drift-policy export checkpoint=PATH format=onnx|torchscript out=FILE")
+        raise SystemExit(usage)
+    check_writable(opts["out"], "export out=")
     fmt = opts.get("format", "onnx")
     if fmt not in ("onnx", "torchscript"):
         raise SystemExit(f"format must be onnx or torchscript, got {fmt!r}")

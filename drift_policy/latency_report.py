@@ -5,7 +5,6 @@ Input: the dict ``bench_latency.bench_latency`` returns; nothing here times anyt
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 __all__ = ["TARGET_DDPM_RATIO_B1", "TARGET_DEFAULT_DRIFT_MS_B1", "ROW_KEYS", "speed_ratio", "make_rows",
@@ -193,11 +192,8 @@ def format_report(res: dict) -> str:
 
 
 def write_results(res: dict, out: str | Path) -> tuple[Path, Path]:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(res, indent=2))
-    os.replace(tmp, out)
-    md = out.with_suffix(".md")
-    md.write_text(format_report(res))
+    from .fileio import atomic_write_text
+
+    out = atomic_write_text(out, json.dumps(res, indent=2))
+    md = atomic_write_text(out.with_suffix(".md"), format_report(res))
     return out, md

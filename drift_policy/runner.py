@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import time
+import dataclasses
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ import torch
 
 from .errors import ConfigError
 from .executor import ChunkExecutor, executable
+from .observations import check_chunk
 from .timing import latency_stats, machine_info
 
 
@@ -130,7 +132,7 @@ class Controller:
         t0 = time.perf_counter()
         actions = self.backend(window)
         self.latencies.append(time.perf_counter() - t0)
-        return Chunk(tick, actions)
+        return Chunk(tick, check_chunk(actions, "runner"))    # a non-finite chunk is never played
 
     def _submit(self, window: np.ndarray, tick: int) -> None:
         self.pending = self.pool.submit(self._infer, window, tick)
@@ -195,7 +197,7 @@ def run_episode(env, ctrl: Controller, seed: int, cfg: RunConfig, n_obs_steps: i
     obs, info = env.reset(seed=seed)
     # The history and the To - 1 slice come from the executor; which action plays at a tick is the Controller's
     # choice (its chunks are indexed by tick, for the async lead and temporal ensembling).
-    ex = ChunkExecutor(n_obs_steps)
+    ex = ChunkExecutor(n_obs_steps, where="runner")
     ex.observe(_as_dict(obs))
     ctrl.begin_episode(ex.window(np.stack))
     period = 1.0 / cfg.rate_hz
@@ -365,19 +367,24 @@ def find_max_rate(policy, cfg: RunConfig, seconds: float = 5.0, tolerance: float
 # ---- command line ---------------------------------------------------------------------------------------------
 def cmd_run(args: list[str]) -> None:
     from .evaluation import save_eval_json
+    from .fileio import check_writable
     from .runs import flag, load_policy_for_eval, parse_kv
 
+    usage = ("usage: drift-policy run checkpoint=PATH [rate_hz=10|max seconds=60 episodes=0 async=0 "
+             "ensemble=0 backend=eager|jit_trace|onnxruntime|... threads=1 out=report.json]")
+    defaults = {("async" if f.name == "async_" else f.name): f.default for f in dataclasses.fields(RunConfig)}
+    defaults.update(rate_hz="10 (or max: search the highest sustained rate)", out="runner_report.json",
+                    search_seconds=5.0, tolerance=0.01)
     opts = parse_kv(args, {"checkpoint": str, "rate_hz": str, "seconds": float, "episodes": int, "async": flag,
-                      "ensemble": flag, "ensemble_k": float, "lead": int, "backend": str, "threads": int,
-                      "max_steps": int, "start_seed": int, "seed": int, "warmup": int, "out": str,
-                      "search_seconds": float, "tolerance": float})
+                           "ensemble": flag, "ensemble_k": float, "lead": int, "backend": str, "threads": int,
+                           "max_steps": int, "start_seed": int, "seed": int, "warmup": int, "out": str,
+                           "search_seconds": float, "tolerance": float}, usage=usage, defaults=defaults)
     if "checkpoint" not in opts:
-        raise SystemExit("usage: drift-policy run checkpoint=PATH [rate_hz=10|max seconds=60 episodes=0 async=0 "
-                         "ensemble=0 backend=eager|jit_trace|onnxruntime|... threads=1 out=report.json]")
+        raise SystemExit(usage)
     checkpoint = opts.pop("checkpoint")
+    out = check_writable(opts.pop("out", "runner_report.json"), "run out=")   # before the run, not after
     policy, run_cfg = load_policy_for_eval(checkpoint)
     task = run_cfg.task if run_cfg is not None else None      # a bare pretrained folder: Push-T keypoints
-    out = Path(opts.pop("out", "runner_report.json"))
     rate = opts.pop("rate_hz", "10")
     search = {"seconds": opts.pop("search_seconds", 5.0), "tolerance": opts.pop("tolerance", 0.01)}
     if "async" in opts:

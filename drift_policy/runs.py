@@ -8,6 +8,15 @@
     <run>/ddp.json                   DDP runs: every rank's parameter digest at the end
     <run>/plots/*.png                training plots, written when training ends (``plots.py``)
 
+Guarantees (see ``claim_run_dir``):
+
+* exclusive: a training holds an ``fcntl.flock`` on ``<run>/.lock`` for its whole life; a second training or
+  resume of the same folder fails at once with a clear error instead of writing the same files;
+* never overwritten by accident: a folder that already holds a run (any of ``RUN_ENTRIES``) is refused unless
+  the training resumes it or asks for ``train.overwrite=true`` (which clears the old run's files first);
+* ``config.json`` is written atomically (``fileio``), so a crash never leaves it truncated;
+* pruning keeps the newest *verified* checkpoints: a corrupt file never takes a keep slot.
+
 Also here: ``parse_kv``, the key=value option parser of the eval, export, run and bench commands (a library
 function, so no module needs the command line).
 """
@@ -15,18 +24,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from .checkpoint import load_checkpoint
-from .errors import CheckpointError, ConfigError
+from .checkpoint import is_verified, load_checkpoint
+from .errors import CheckpointError, ConfigError, RunDirError
+from .fileio import atomic_write_text
 
 __all__ = ["CONFIG_FILE", "METRICS_FILE", "CHECKPOINTS_DIR", "EVAL_DIR", "PRETRAINED_DIR", "DDP_FILE", "PLOTS_DIR",
            "config_path", "metrics_path", "checkpoint_path", "eval_path", "eval_files", "pretrained_dir", "ddp_path",
            "plots_dir",
            "write_config", "read_config", "list_checkpoints", "latest_good_checkpoint", "prune_checkpoints",
-           "load_policy_for_eval", "parse_kv", "flag", "comma_list"]
+           "load_policy_for_eval", "parse_kv", "flag", "comma_list", "RUN_ENTRIES", "existing_run_entries",
+           "check_run_dir_free", "RunLock", "claim_run_dir", "RunDirError", "wants_help", "help_text"]
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -35,6 +47,9 @@ EVAL_DIR = "eval"
 PRETRAINED_DIR = "pretrained"
 DDP_FILE = "ddp.json"
 PLOTS_DIR = "plots"
+LOCK_FILE = ".lock"
+# What makes a folder "a run": training into a folder holding any of these needs resume or train.overwrite=true.
+RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, CHECKPOINTS_DIR, EVAL_DIR, PRETRAINED_DIR, DDP_FILE)
 PathLike = str | os.PathLike
 
 
@@ -74,9 +89,8 @@ def plots_dir(run_dir: PathLike) -> Path:
 
 
 def write_config(run_dir: PathLike, config) -> Path:
-    path = config_path(run_dir)
-    path.write_text(json.dumps(config.to_dict(), indent=2))
-    return path
+    """config.json, written atomically: a crash never leaves it truncated."""
+    return atomic_write_text(config_path(run_dir), json.dumps(config.to_dict(), indent=2))
 
 
 def read_config(run_dir: PathLike):
@@ -92,7 +106,7 @@ def read_config(run_dir: PathLike):
 # ---- checkpoints of a run ----------------------------------------------------------------------------------------
 def list_checkpoints(run_dir: PathLike) -> list[Path]:
     """Checkpoints of a run, newest step first."""
-    ckpts = Path(run_dir, CHECKPOINTS_DIR).glob("step_*.pt")
+    ckpts = [p for p in Path(run_dir, CHECKPOINTS_DIR).glob("step_*.pt") if p.stem.split("_")[1].isdigit()]
     return sorted(ckpts, key=lambda p: int(p.stem.split("_")[1]), reverse=True)
 
 
@@ -107,9 +121,88 @@ def latest_good_checkpoint(run_dir: PathLike) -> tuple[Path, dict] | None:
 
 
 def prune_checkpoints(run_dir: PathLike, keep: int) -> None:
-    for p in list_checkpoints(run_dir)[keep:]:
+    """Keep the ``keep`` newest verified checkpoints; delete older verified ones. Files that do not verify are
+    left in place for inspection and never count toward ``keep``, so the newest good checkpoint survives."""
+    kept = 0
+    for p in list_checkpoints(run_dir):
+        if not is_verified(p):
+            continue
+        if kept < max(1, keep):
+            kept += 1
+            continue
         p.unlink(missing_ok=True)
         p.with_name(p.name + ".json").unlink(missing_ok=True)
+
+
+def newest_verified_checkpoint(run_dir: PathLike) -> Path | None:
+    return next((p for p in list_checkpoints(run_dir) if is_verified(p)), None)
+
+
+# ---- claiming a run folder ----------------------------------------------------------------------------------------
+def existing_run_entries(run_dir: str | os.PathLike) -> list[str]:
+    run_dir = Path(run_dir)
+    return [e for e in RUN_ENTRIES if (run_dir / e).exists()]
+
+
+def check_run_dir_free(run_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """Raise RunDirError when ``run_dir`` holds a run and ``overwrite`` is not set (reads only, writes nothing)."""
+    found = existing_run_entries(run_dir)
+    if found and not overwrite:
+        raise RunDirError(f"{run_dir} already holds a run ({', '.join(found)}): resume it with "
+                          f"`drift-policy resume {run_dir}`, choose another train.run_dir, or pass "
+                          f"train.overwrite=true to replace it")
+
+
+class RunLock:
+    """An exclusive, non-blocking ``flock`` on ``<run>/.lock``, released by ``release`` or at process exit
+    (the kernel drops it when the process dies, even by kill -9: a stale lock file never blocks a resume)."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        import fcntl
+
+        self.path = Path(run_dir) / LOCK_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            self._fd = None
+            raise RunDirError(f"{self.path.parent} is in use by another training or resume (it holds "
+                              f"{self.path}); wait for it to finish or choose another train.run_dir") from None
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, f"{os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)        # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def claim_run_dir(run_dir: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> RunLock:
+    """Take the folder for one training: lock it, then (not resuming) refuse an existing run unless
+    ``overwrite``, in which case the old run's files are removed. Call it only after the config and the data
+    have been validated: until then nothing in the folder is touched."""
+    run_dir = Path(run_dir)
+    if not resume:
+        check_run_dir_free(run_dir, overwrite)   # before creating anything, so a refusal leaves no trace
+    lock = RunLock(run_dir)
+    try:
+        if not resume:
+            check_run_dir_free(run_dir, overwrite)   # again under the lock: another process may have started
+            for e in existing_run_entries(run_dir):
+                p = run_dir / e
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 # ---- a trained policy -------------------------------------------------------------------------------------------
@@ -120,6 +213,7 @@ def load_policy_for_eval(path: PathLike, device: str = "cpu"):
     from .config import Config
     from .normalizer import Normalizer
     from .policies import Policy, make_policy
+    from .policies.base import load_state
 
     path = Path(path)
     if (path / "model.safetensors").exists():
@@ -129,7 +223,8 @@ def load_policy_for_eval(path: PathLike, device: str = "cpu"):
     if path.is_dir():
         found = latest_good_checkpoint(path)
         if found is None:
-            raise SystemExit(f"{path}: no usable checkpoint")
+            raise CheckpointError(f"{path}: no usable checkpoint (no checkpoints/step_*.pt that verifies, and no "
+                                  f"model.safetensors)")
         ckpt = found[1]
     else:
         ckpt = load_checkpoint(path)
@@ -137,18 +232,41 @@ def load_policy_for_eval(path: PathLike, device: str = "cpu"):
     norm = Normalizer.from_state_dict({k[len("normalizer."):]: v for k, v in ckpt["ema"].items()
                                        if k.startswith("normalizer.")})
     policy = make_policy(cfg.policy, norm)
-    policy.load_state_dict(ckpt["ema"])
+    load_state(policy, ckpt["ema"], str(path))
     return policy.to(device).eval(), cfg
 
 
 # ---- key=value options ----------------------------------------------------------------------------------------
-def parse_kv(args: list[str], allowed: dict[str, Callable[[str], Any]]) -> dict:
+HELP_FLAGS = ("-h", "--help", "help")
+
+
+def wants_help(args: list[str]) -> bool:
+    return any(a in HELP_FLAGS for a in args)
+
+
+def help_text(usage: str, allowed: dict[str, Callable[[str], Any]], defaults: dict | None = None) -> str:
+    """Usage and one line per key: its type and default (or what it defaults to)."""
+    defaults = defaults or {}
+    lines = [usage, "", "keys (key=value):"]
+    for k, kind in allowed.items():
+        default = defaults.get(k, "required" if k in ("checkpoint", "run") else "-")
+        name = getattr(kind, "__name__", "value").strip("_<>") or "value"
+        lines.append(f"  {k:<16} {name:<9} default: {default}")
+    return "\n".join(lines)
+
+
+def parse_kv(args: list[str], allowed: dict[str, Callable[[str], Any]], *, usage: str = "",
+             defaults: dict | None = None) -> dict:
     """``["k=v", ...]`` -> {k: allowed[k](v)}; ConfigError naming the option for an unknown key, a missing
-    ``=`` or a value its parser rejects."""
+    ``=`` or a value its parser rejects. ``--help`` (or ``-h``, ``help``) prints ``usage`` and every key with its
+    type and default, then exits with status 0."""
+    if wants_help(args):
+        print(help_text(usage or "keys: " + ", ".join(allowed), allowed, defaults))
+        raise SystemExit(0)
     out = {}
     for a in args:
         if "=" not in a:
-            raise ConfigError(f"expected key=value, got {a!r} (keys: {', '.join(allowed)})")
+            raise ConfigError(f"expected key=value, got {a!r} (keys: {', '.join(allowed)}; --help lists defaults)")
         k, v = a.split("=", 1)
         if k not in allowed:
             raise ConfigError(f"unknown option {k!r} (keys: {', '.join(allowed)})")
@@ -176,4 +294,5 @@ def comma_list(kind: Callable[[str], Any]) -> Callable[[str], list]:
         except ValueError:
             raise ValueError(f"expected a comma-separated list of {getattr(kind, '__name__', 'values')}, "
                              f"got {v!r}") from None
+    parse.__name__ = f"list[{getattr(kind, '__name__', 'value')}]"     # what --help shows
     return parse

@@ -6,6 +6,7 @@ their loss and sampler. Under ``torchrun`` the same loop is data-parallel (DDP):
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -18,10 +19,12 @@ import numpy as np
 import torch
 
 from . import runs
-from .checkpoint import save_checkpoint
+from .checkpoint import non_finite_tensors, save_checkpoint
 from .config import Config
 from .distributed import Distributed
 from .ema import ema_update
+from .errors import RunDirError
+from .fileio import atomic_write_text
 from .normalizer import Normalizer
 from .policies import Policy, make_policy
 from .threads import set_threads
@@ -30,11 +33,11 @@ from .threads import set_threads
 # ---- task plumbing --------------------------------------------------------------------------------------------
 def make_datasets(cfg: Config):
     from .data.windows import make_windows
-    from .tasks import load_data
+    from .tasks import dataset_path, load_data
 
     p = cfg.policy
     return make_windows(load_data(cfg.task), p.horizon, p.n_obs_steps, p.n_action_steps,
-                        val_ratio=cfg.task.val_ratio, seed=42)
+                        val_ratio=cfg.task.val_ratio, seed=42, source=str(dataset_path(cfg.task)))
 
 
 def evaluate_policy(policy: Policy, cfg: Config, n_episodes: int, num_workers: int, *, video_dir=None,
@@ -82,9 +85,7 @@ class Logger:
                         keep.append(line + "\n")
                 except (json.JSONDecodeError, KeyError, TypeError):
                     pass
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(keep))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, "".join(keep))
         self.wandb = None
         if cfg.train.wandb != "disabled":
             import wandb
@@ -104,12 +105,22 @@ class Logger:
 
 
 # ---- the loop ---------------------------------------------------------------------------------------------------
-def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = False, progress: bool = True) -> Path:
-    t = cfg.train
-    run_dir = Path(run_dir or t.run_dir or cfg.default_run_dir())
-    set_threads(t.threads)
+def train(cfg: Config | None, run_dir: str | os.PathLike | None = None, resume: bool = False,
+          progress: bool = True) -> Path:
+    """Train ``cfg`` into a new run folder, or (``resume``) continue the run in ``run_dir`` from its newest good
+    checkpoint, with the config stored in that checkpoint (``cfg`` may then be None). The folder is claimed
+    exclusively for the run's life (``runs.claim_run_dir``)."""
+    with contextlib.ExitStack() as hold:
+        return _train(cfg, run_dir, resume, progress, hold)
 
-    # Resuming takes the config saved with the run, so a resumed run is the same run.
+
+def _train(cfg: Config | None, run_dir, resume: bool, progress: bool, hold: contextlib.ExitStack) -> Path:
+    if cfg is None and not (resume and run_dir):
+        raise ValueError("train() needs a config, or resume=True and the run_dir to resume")
+    run_dir = Path(run_dir or cfg.train.run_dir or cfg.default_run_dir())
+
+    # Resuming takes the config saved with the run's checkpoint, so a resumed run is the same run (and a
+    # truncated or edited config.json does not matter).
     ckpt = None
     if resume:
         found = runs.latest_good_checkpoint(run_dir)
@@ -117,21 +128,20 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
             raise FileNotFoundError(f"{run_dir}: no usable checkpoint to resume from")
         ckpt_path, ckpt = found
         cfg = Config.from_dict(ckpt["config"])
-        t = cfg.train
         print(f"resuming {run_dir} from {ckpt_path.name} (step {ckpt['step']})")
-    elif runs.list_checkpoints(run_dir):
-        raise FileExistsError(f"{run_dir} already has checkpoints: use `drift-policy resume {run_dir}` or a new run_dir")
+    else:
+        runs.check_run_dir_free(run_dir, cfg.train.overwrite)    # fail before loading data; writes nothing
+    t = cfg.train
+    set_threads(t.threads)
     # One process, or one of several under torchrun (then only rank 0 writes files).
     dist = Distributed(t.device)
     dist.check_batch_size(t.batch_size)
     device, is_main = dist.device, dist.is_main
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        runs.write_config(run_dir, cfg)
     torch.manual_seed(t.seed)
     np.random.seed(t.seed)
 
-    # Data and normaliser (fitted on the training split only).
+    # Data and normaliser (fitted on the training split only). Validation comes before anything is written: a
+    # run that fails on bad data leaves the folder as it was.
     train_set, val_set = make_datasets(cfg)
     normalizer = Normalizer().fit("obs", train_set.steps("obs")).fit("action", train_set.steps("action"))
     if getattr(cfg.policy, "neighbor_positives", 0):
@@ -139,6 +149,15 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
 
         train_set.neighbors = NeighborPositives(train_set, lambda o: normalizer.normalize("obs", o),
                                                 cfg.policy.neighbor_positives, cfg.policy.neighbor_bandwidth)
+    refused = None
+    if is_main:
+        try:
+            hold.enter_context(runs.claim_run_dir(run_dir, resume=resume, overwrite=t.overwrite))
+            runs.write_config(run_dir, cfg)
+        except (RunDirError, OSError) as e:
+            refused = e
+    if dist.max(float(refused is not None)) > 0:     # a collective: under torchrun every rank stops, none hangs
+        raise refused or RunDirError(f"{run_dir}: rank 0 could not claim the run folder")
 
     # Policy, EMA copy and optimiser.
     policy = make_policy(cfg.policy, normalizer).to(device)
@@ -174,6 +193,13 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
 
     def checkpoint():
         torch_rng = dist.rng_states()         # every rank's noise stream (a collective: all ranks get here)
+        bad = non_finite_tensors(policy.state_dict()) + non_finite_tensors(ema.state_dict())
+        if bad:
+            # Never stored as "good": resume and eval would pick NaN weights. The newest checkpoint on disk stays
+            # the newest good one.
+            newest = runs.newest_verified_checkpoint(run_dir)
+            raise FloatingPointError(f"step {step}: the weights hold NaN or inf ({bad[0]}); not saved. Newest good "
+                                     f"checkpoint: {newest or 'none'}")
         if not is_main:
             return
         save_checkpoint({"model": policy.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
@@ -221,7 +247,7 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, resume: bool = 
             bad_steps += 1
             warnings.warn(f"step {step}: non-finite loss or gradient ({float(loss)}, {float(grad_norm)}); step skipped")
             if bad_steps >= t.max_bad_steps:
-                checkpoint()
+                checkpoint()                  # skipped steps left the weights as they were: save them if finite
                 raise FloatingPointError(f"{bad_steps} consecutive non-finite steps at step {step}; aborting "
                                          f"(last good weights saved in {runs.checkpoint_path(run_dir, step).parent})")
             continue

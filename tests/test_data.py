@@ -80,13 +80,34 @@ def test_bad_stores_get_clear_errors(tmp_path, kwargs, match):
     assert str(p) in str(e.value)  # the message names the file
 
 
-def test_missing_store_and_offline_download(tmp_path):
+def test_missing_store_and_offline_download(tmp_path, monkeypatch):
+    import urllib.error
+
     with pytest.raises(DatasetError, match="not found"):
         load_pusht_lowdim(tmp_path / "nope.zarr")
-    # No network here: the download must fail with a message that says what to do.
-    with pytest.raises(RuntimeError, match="could not download"):
+
+    # Offline, whatever this machine's network: the download fails with a message that says what to do.
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network (monkeypatched)")
+
+    monkeypatch.setattr("urllib.request.urlopen", offline)
+    with pytest.raises(RuntimeError, match="could not download .*copy pusht_cchi_v7_replay.zarr"):
         download_pusht(tmp_path)
     assert not any(tmp_path.rglob("*.part"))  # nothing half-written is left behind
+
+
+def test_download_unpacks_the_archive(tmp_path, monkeypatch):
+    """The download path with a fake server: the zip is fetched via .part and unpacked into the data root."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("pusht/pusht_cchi_v7_replay.zarr/.zgroup", '{"zarr_format": 2}')
+    monkeypatch.setattr("urllib.request.urlopen", lambda url, timeout=None: io.BytesIO(buf.getvalue()))
+    target = download_pusht(tmp_path)
+    assert target == tmp_path / "pusht" / "pusht_cchi_v7_replay.zarr" and (target / ".zgroup").exists()
+    assert not any(tmp_path.rglob("*.part"))
 
 
 def test_normalizer_roundtrip_range_and_errors():

@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from drift_policy.errors import CheckpointError
 from drift_policy.normalizer import Normalizer
 from drift_policy.policies import DiffusionPolicy, DriftConfig, DriftPolicy, Policy, make_policy
 
@@ -61,7 +62,7 @@ def test_longer_history_uses_the_latest_steps(policy):
 
 def test_save_and_from_pretrained_give_identical_actions(policy, tmp_path):
     path = policy.save_pretrained(tmp_path / "pretrained")
-    assert {p.name for p in path.iterdir()} == {"config.json", "model.safetensors"}
+    assert {p.name for p in path.iterdir()} == {"config.json", "model.safetensors", "manifest.json"}
     assert json.loads((path / "config.json").read_text())["type"] == "drift"
     assert any(k.startswith("normalizer.") for k in load_file(str(path / "model.safetensors")))
     loaded = Policy.from_pretrained(path)
@@ -141,10 +142,9 @@ def test_missing_normaliser_statistics_raise_keyerror(policy, tmp_path):
     pol = make_policy(DriftConfig(backbone="tiny"), _norm(keys=("obs",))).eval()
     with pytest.raises(KeyError, match="no statistics for 'action'"):
         pol.predict_action(torch.rand(1, TO, OBS))
-    # the same after a round trip through a folder whose weights lost the normaliser
+    # a folder whose weights lost the normaliser no longer matches its manifest: refused at load (issue 13 item 10)
     path = policy.save_pretrained(tmp_path / "p")
     state = {k: v for k, v in load_file(str(path / "model.safetensors")).items() if not k.startswith("normalizer.")}
     save_file(state, str(path / "model.safetensors"))
-    loaded = Policy.from_pretrained(path)
-    with pytest.raises(KeyError, match="no statistics for 'obs'"):
-        loaded.predict_action(torch.rand(1, TO, OBS))
+    with pytest.raises(CheckpointError, match="does not match manifest.json|changed"):
+        Policy.from_pretrained(path)

@@ -15,14 +15,12 @@ N_ACT = TP - TO + 1                                   # actions per chunk, from 
 
 
 class FakeBackend:
-    """Chunk k (the k-th call) holds actions [k, j] for j = 0..N_ACT-1; optional fixed latency."""
+    """Chunk k (the k-th call) holds actions [k, j] for j = 0..N_ACT-1, returned at once."""
 
-    def __init__(self, latency=0.0):
-        self.calls, self.latency = 0, latency
+    def __init__(self):
+        self.calls = 0
 
     def __call__(self, window):
-        if self.latency:
-            time.sleep(self.latency)
         k, self.calls = self.calls, self.calls + 1
         return np.stack([np.full(N_ACT, k, float), np.arange(N_ACT, dtype=float)], 1)
 
@@ -31,15 +29,46 @@ def window(t):
     return np.full((TO, 20), t, np.float32)
 
 
-def drive(ctrl, n_ticks, tick_seconds=0.0):
+def drive(ctrl, n_ticks, settle=False):
+    """Run n_ticks; ``settle``: let any background inference finish before the next tick (a tick long enough for
+    it), so the schedule does not depend on how fast this machine runs threads."""
     ctrl.begin_episode(window(0))
     out = []
     for t in range(n_ticks):
         out.append(ctrl.act(t, window(t)))
-        if tick_seconds:
-            time.sleep(tick_seconds)
+        if settle and ctrl.pending is not None:
+            ctrl.pending.result()
     ctrl.close()
     return out
+
+
+class LateFuture:
+    """A background chunk that is certainly not ready when the tick needing it asks: done() is False until
+    result() is called, which releases the (gated) backend and waits for it. No clock involved."""
+
+    def __init__(self, future, gate):
+        self.future, self.gate = future, gate
+
+    def done(self):
+        return self.gate.is_set() and self.future.done()
+
+    def result(self):
+        self.gate.set()
+        return self.future.result()
+
+
+class LatePool:
+    """The controller's inference pool, handing out LateFutures."""
+
+    def __init__(self, pool, gate):
+        self.pool, self.gate = pool, gate
+
+    def submit(self, fn, *args):
+        return LateFuture(self.pool.submit(fn, *args), self.gate)
+
+    def shutdown(self, wait=True):
+        self.gate.set()
+        self.pool.shutdown(wait=wait)
 
 
 def test_receding_horizon_sync_runs_once_per_chunk():
@@ -54,7 +83,7 @@ def test_receding_horizon_sync_runs_once_per_chunk():
 def test_receding_horizon_async_skips_actions_whose_time_has_passed():
     fb = FakeBackend()
     lead = 2
-    out = drive(Controller(fb, RunConfig(async_=True, lead=lead), TA), 3 * TA, tick_seconds=0.005)
+    out = drive(Controller(fb, RunConfig(async_=True, lead=lead), TA), 3 * TA, settle=True)
     assert fb.calls == 4                                   # the first chunk, then at ticks 6, 14 and 22 (lead 2)
     acts = [a.tolist() for a, _, _ in out]
     assert acts[:TA] == [[0, j] for j in range(TA)]
@@ -65,10 +94,17 @@ def test_receding_horizon_async_skips_actions_whose_time_has_passed():
 
 
 def test_async_counts_a_wait_when_the_chunk_is_late():
-    fb = FakeBackend(latency=0.05)
-    out = drive(Controller(fb, RunConfig(async_=True, lead=1), TA), TA + 2)
+    import threading
+
+    gate = threading.Event()
+    fb = FakeBackend()
+    gated = lambda w: (gate.wait(), fb(w))[1] if fb.calls else fb(w)  # noqa: E731  (chunk 0 is not gated)
+    ctrl = Controller(gated, RunConfig(async_=True, lead=1), TA)
+    ctrl.pool = LatePool(ctrl.pool, gate)
+    out = drive(ctrl, TA + 2)
     waited = [w for _, w, _ in out]
     assert waited[TA] and sum(waited) == 1                # the tick that needed chunk 1 had to wait for it
+    assert out[TA][0].tolist() == [1, 1]                  # and then played it from the right index
 
 
 def test_temporal_ensemble_weights_are_acts():
@@ -88,7 +124,7 @@ def test_temporal_ensemble_weights_are_acts():
 
 def test_async_ensemble_uses_ready_chunks_only():
     fb = FakeBackend()
-    out = drive(Controller(fb, RunConfig(ensemble=True, async_=True), TA), 10, tick_seconds=0.005)
+    out = drive(Controller(fb, RunConfig(ensemble=True, async_=True), TA), 10, settle=True)
     assert all(age >= 1 for _, _, age in out[1:])         # the chunk of tick t joins from tick t + 1
     assert not any(w for _, w, _ in out)
 
@@ -122,13 +158,16 @@ def test_run_on_pusht_reports_timing_and_coverage(policy):
     assert r["ticks"] == 24 and r["n_complete_episodes"] == 2 and 0 <= r["coverage_score"] <= 1
     assert r["inferences"] == 2 * 2                        # per episode: the first chunk, then one more (12 > Ta)
     assert {"p50", "p99", "max"} <= set(r["inference_latency_ms"])
-    assert 0 < r["achieved_rate_hz"] <= 50 * 1.01
+    assert r["achieved_rate_hz"] > 0
     assert max(r["waited_for_chunk"], r["overruns"]) <= r["missed_deadlines"] <= r["waited_for_chunk"] + r["overruns"]
     json.dumps(r)
 
 
-def test_overload_is_reported_as_missed_deadlines(policy):
-    # A 1000 Hz target with synchronous inference every tick cannot be met on any CPU.
+def test_overload_is_reported_as_missed_deadlines(policy, monkeypatch):
+    # Every inference takes at least 5 ms (a sleep is a lower bound on any machine), so a 1 ms period (1000 Hz)
+    # with synchronous inference every tick is overrun on every tick, however fast the CPU.
+    real = Backend.__call__
+    monkeypatch.setattr(Backend, "__call__", lambda self, w: (time.sleep(0.005), real(self, w))[1])
     r = run(policy, RunConfig(rate_hz=1000, seconds=0, episodes=1, max_steps=20, ensemble=True, warmup=1))
     assert r["overruns"] > 0 and r["missed_fraction"] > 0.5 and r["achieved_rate_hz"] < 1000
 

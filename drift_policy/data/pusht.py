@@ -39,7 +39,54 @@ def download_pusht(root: str | os.PathLike | None = None) -> Path:
 def _read(group, key: str, path: Path) -> np.ndarray:
     if key not in group:
         raise DatasetError(f"{path}: missing array '{key}'")
-    return np.asarray(group[key][:])
+    return read_zarr(group[key], path)
+
+
+def _chunk_grid(arr, start: int, stop: int):
+    """Index tuples of the chunks of ``arr`` that hold rows ``start..stop-1``."""
+    import itertools
+    import math
+
+    if arr.ndim == 0 or 0 in arr.shape:
+        return []
+    first = start // arr.chunks[0]
+    last = math.ceil(stop / arr.chunks[0])
+    ranges = [range(first, last)] + [range(math.ceil(s / c)) for s, c in zip(arr.shape[1:], arr.chunks[1:])]
+    return list(itertools.product(*ranges))
+
+
+def read_zarr(arr, path: Path, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Rows ``start..stop-1`` of a zarr array, refusing what zarr would paper over.
+
+    zarr returns the fill value (zeros) for a chunk file that is missing, so a deleted chunk would silently
+    become 160 zero actions; every chunk the read needs is therefore checked to be in the store first. A chunk
+    that is present but cannot be decoded (truncated, corrupted) raises the codec's own error; it is reported
+    as a DatasetError naming the array and the chunk.
+    """
+    stop = arr.shape[0] if stop is None else stop
+    name = arr.path or arr.name
+    sep = getattr(arr, "_dimension_separator", None) or "."   # zarr v2 chunk keys: "i.j" (or "i/j")
+    grid = _chunk_grid(arr, start, stop)
+    missing = [idx for idx in grid if f"{arr.path}/{sep.join(map(str, idx))}" not in arr.store]
+    if missing:
+        keys = [sep.join(map(str, i)) for i in missing]
+        raise DatasetError(f"{path}: array '{name}' is missing {len(missing)} of its {len(grid)} chunks "
+                           f"(first: chunk {keys[0]}, rows {missing[0][0] * arr.chunks[0]}.."
+                           f"{min(arr.shape[0], (missing[0][0] + 1) * arr.chunks[0]) - 1}); zarr would read them "
+                           f"as {arr.fill_value}. The store is incomplete: copy or download it again")
+    try:
+        return np.asarray(arr[start:stop])
+    except Exception:  # the codec's error (blosc, zstd, ...): find and name the chunk that fails
+        pass
+    c = arr.chunks[0]
+    for i in sorted({idx[0] for idx in grid}):
+        try:
+            arr[i * c: min(arr.shape[0], (i + 1) * c)]
+        except Exception as e:
+            raise DatasetError(f"{path}: array '{name}' chunk {i} (rows {i * c}..{min(arr.shape[0], (i + 1) * c) - 1}) "
+                               f"cannot be decoded ({type(e).__name__}: {e}); the store is corrupted: copy or "
+                               f"download it again") from e
+    return np.asarray(arr[start:stop])      # a failure that is not one chunk's: let it surface as it is
 
 
 def _open_store(path: Path):
@@ -130,7 +177,7 @@ def load_pusht_image(path: str | os.PathLike, *, progress: bool = True,
     with tqdm(total=n, desc=f"{path.name} img", unit="frame", disable=not progress, leave=False) as bar:
         for a in range(0, n, chunk_frames):
             b = min(n, a + chunk_frames)
-            block = np.asarray(img[a:b])                                  # [b-a, H, W, 3] stored dtype
+            block = read_zarr(img, path, a, b)                            # [b-a, H, W, 3] stored dtype
             if block.dtype != np.uint8:
                 if not np.isfinite(block).all():
                     bad = a + np.argwhere(~np.isfinite(block.reshape(b - a, -1)).all(1))[:, 0]
@@ -151,7 +198,7 @@ def make_pusht_windows(path: str | os.PathLike, horizon: int, n_obs_steps: int, 
     """Low-dim (keypoints) train and validation windows; see ``data/windows.py``."""
     from .windows import make_windows
 
-    return make_windows(load_pusht_lowdim(path), horizon, n_obs_steps, n_action_steps, val_ratio, seed)
+    return make_windows(load_pusht_lowdim(path), horizon, n_obs_steps, n_action_steps, val_ratio, seed, source=str(path))
 
 
 if __name__ == "__main__":

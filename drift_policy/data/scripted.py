@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..fileio import unique_temp_path
+
 __all__ = ["LOW_DIM_KEYS", "SCRIPTED_TASKS", "EVAL_SEEDS", "WaypointDemonstrator", "run_episode", "generate_dataset"]
 
 # robomimic's low-dim observation keys that robosuite 1.5 still provides (its eef_vel_* are gone).
@@ -371,7 +373,7 @@ def generate_dataset(
             camera_heights=image_size, camera_widths=image_size)
     env = RobomimicEnv(meta, ["object"], image_keys=image_keys, image_size=image_size, max_steps=MAX_STEPS[task])
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp = unique_temp_path(out_path)
     bar = None
     if progress:
         from tqdm.auto import tqdm

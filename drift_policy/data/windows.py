@@ -12,7 +12,8 @@ import torch
 
 from ..errors import DatasetError
 
-__all__ = ["WindowDataset", "NeighborPositives", "make_windows", "sequence_indices", "split_episodes"]
+__all__ = ["WindowDataset", "NeighborPositives", "make_windows", "sequence_indices", "split_episodes",
+           "check_ranges"]
 
 
 def sequence_indices(episode_ends: np.ndarray, episodes: np.ndarray, horizon: int, pad_before: int,
@@ -110,9 +111,40 @@ class NeighborPositives:
         return nb, torch.exp(-0.5 * (dist / self.bandwidth) ** 2)
 
 
+# A value is "far outside" the data when it lies more than OUTLIER_SPREADS robust spreads beyond the 1st..99th
+# percentile range of its dimension (spread = that range, at least OUTLIER_MIN_SPREAD data units, so a nearly
+# constant dimension is not flagged for small legitimate moves). Generous on purpose: it catches a corrupt or
+# mis-scaled record (one action of 1e30 would collapse the min-max normaliser's scale for its dimension), not
+# rare but real values.
+OUTLIER_SPREADS = 10.0
+OUTLIER_MIN_SPREAD = 1.0
+
+
+def check_ranges(data: dict[str, np.ndarray], source: str = "data") -> None:
+    """DatasetError naming the file, key, dimension and step (with its episode) of the first value far outside
+    the robust range of its dimension; run on every loader's output before a normaliser is fitted on it."""
+    ends = np.asarray(data["episode_ends"], dtype=np.int64)
+    for key, v in data.items():
+        if key == "episode_ends" or not np.issubdtype(np.asarray(v).dtype, np.floating) or len(v) == 0:
+            continue
+        x = np.asarray(v, dtype=np.float64).reshape(len(v), -1)
+        lo, hi = np.percentile(x, [1, 99], axis=0)
+        tol = OUTLIER_SPREADS * np.maximum(hi - lo, OUTLIER_MIN_SPREAD)
+        bad = (x < lo - tol) | (x > hi + tol)
+        if bad.any():
+            steps, dims = np.nonzero(bad)
+            i, d = int(steps[0]), int(dims[0])
+            episode = int(np.searchsorted(ends, i, side="right"))
+            raise DatasetError(f"{source}: {key!r} has {int(bad.sum())} value(s) far outside the range of the data "
+                               f"(first: {x[i, d]:g} at step {i} (episode {episode}), dimension {d}, where 98% of "
+                               f"the steps lie in [{lo[d]:g}, {hi[d]:g}]); a corrupt or mis-scaled record would "
+                               f"wreck the normaliser, so it is refused")
+
+
 def make_windows(data: dict[str, np.ndarray], horizon: int, n_obs_steps: int, n_action_steps: int,
-                 val_ratio: float = 0.02, seed: int = 42) -> tuple[WindowDataset, WindowDataset | None]:
-    """Train and validation windows (split by episode) over a loader's flat arrays."""
+                 val_ratio: float = 0.02, seed: int = 42, source: str = "data") -> tuple[WindowDataset, WindowDataset | None]:
+    """Train and validation windows (split by episode) over a loader's flat arrays (read from ``source``, the
+    file named in errors). The data are range-checked first (``check_ranges``)."""
     for k in ("obs", "action", "episode_ends"):
         if k not in data:
             raise DatasetError(f"loader output is missing {k!r} (has {sorted(data)})")
@@ -123,6 +155,7 @@ def make_windows(data: dict[str, np.ndarray], horizon: int, n_obs_steps: int, n_
             raise DatasetError(f"{k!r} has {len(v)} steps but 'action' has {n}")
     if len(ends) == 0 or ends[-1] != n:
         raise DatasetError(f"episode_ends must end at the number of steps ({n}), got {ends[-1:] }")
+    check_ranges(data, source)
     flat = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in data.items() if k != "episode_ends"}
     train_eps, val_eps = split_episodes(len(ends), val_ratio, seed)
 

@@ -52,6 +52,7 @@ __all__ = [
     "camera_name",
     "rot6d_to_matrix",
     "matrix_to_rot6d",
+    "offscreen_renderer_error",
 ]
 
 TASK_ENV_NAMES = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare", "tool_hang": "ToolHang"}
@@ -76,6 +77,21 @@ OSC_POSE_V01 = {
     "interpolation": None,
     "ramp_ratio": 0.2,
 }
+
+
+def offscreen_renderer_error() -> str | None:
+    """None when MuJoCo can open an offscreen OpenGL context with the ``MUJOCO_GL`` backend (what camera
+    observations and ``render`` need), else the reason. Lets callers (and the tests) tell "no renderer on this
+    machine" apart from every other failure."""
+    try:
+        import mujoco
+
+        ctx = mujoco.GLContext(8, 8)
+        ctx.make_current()
+        ctx.free()
+    except Exception as e:  # missing libEGL / libOSMesa / display: each backend fails its own way
+        return f"MUJOCO_GL={os.environ.get('MUJOCO_GL')}: {type(e).__name__}: {e}"
+    return None
 
 
 def default_env_meta(task: str) -> dict:

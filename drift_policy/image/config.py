@@ -11,9 +11,10 @@ from pathlib import Path
 
 import yaml
 
+from ..errors import ConfigError
 from ..paths import CONFIG_DIR
 
-__all__ = ["DEFAULTS", "load_config", "apply_overrides"]
+__all__ = ["DEFAULTS", "load_config", "apply_overrides", "check_types"]
 
 DEFAULTS: dict = {
     "data": {"name": "fashion_mnist", "root": None, "num_classes": 10, "image_size": 64},   # image_size: folder only
@@ -62,16 +63,16 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
     cfg = copy.deepcopy(cfg)
     for o in overrides:
         if "=" not in o:
-            raise ValueError(f"expected key=value override, got {o!r}")
+            raise ConfigError(f"expected key=value override, got {o!r}")
         key, val = o.split("=", 1)
         parts = key.split(".")
         d = cfg
         for p in parts[:-1]:
             if p not in d or not isinstance(d[p], dict):
-                raise KeyError(f"unknown config section {p!r} in {key!r}")
+                raise ConfigError(f"unknown config section {p!r} in {key!r}")
             d = d[p]
         if parts[-1] not in d:
-            raise KeyError(f"unknown config key {key!r} (known: {', '.join(d)})")
+            raise ConfigError(f"unknown config key {key!r} (known: {', '.join(d)})")
         d[parts[-1]] = _parse(val)
     return cfg
 
@@ -90,7 +91,36 @@ def _read(name_or_path: str, seen: tuple = ()) -> dict:
     return _merge(_read(base, (*seen, p.resolve())), d) if base else d
 
 
+def check_types(cfg: dict, defaults: dict = DEFAULTS, prefix: str = "") -> None:
+    """ConfigError naming the key and the expected type when a value's type differs from its default's (an int
+    is a number; None, or a default of None, accepts anything; numbers must be finite), so ``train.minutes=abc`` stops here
+    instead of as a TypeError deep in training."""
+    import math
+
+    names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string", list: "a list",
+             dict: "a section"}
+    for k, default in defaults.items():
+        if k not in cfg or default is None or cfg[k] is None:     # None: "the preset's value" / "off"
+            continue
+        v, key = cfg[k], prefix + k
+        if isinstance(default, dict):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key} must be {names[dict]}, got {v!r}")
+            check_types(v, default, key + ".")
+            continue
+        want = type(default)
+        ok = (isinstance(v, bool) if want is bool else
+              isinstance(v, int) and not isinstance(v, bool) if want is int else
+              isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) if want is float else
+              isinstance(v, (list, tuple)) if want is list else isinstance(v, want))
+        if not ok:
+            raise ConfigError(f"{key} must be {names.get(want, want.__name__)}, got {v!r}")
+
+
 def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> dict:
-    """DEFAULTS <- YAML file (a path, or a name under configs/image/, with its ``base`` chain) <- overrides."""
+    """DEFAULTS <- YAML file (a path, or a name under configs/image/, with its ``base`` chain) <- overrides, then
+    every value type-checked against its default (``check_types``)."""
     cfg = _merge(DEFAULTS, _read(name_or_path)) if name_or_path else DEFAULTS
-    return apply_overrides(cfg, overrides or [])
+    cfg = apply_overrides(cfg, overrides or [])
+    check_types(cfg)
+    return cfg

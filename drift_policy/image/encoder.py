@@ -140,7 +140,7 @@ def pretrain_mae(encoder: ResNetEncoder, images: Tensor, *, minutes: float = 3.0
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
     t0, step, hist = time.time(), 0, []
     encoder.train()
-    while step < max_steps and time.time() - t0 < minutes * 60:
+    while step < max_steps and (minutes <= 0 or time.time() - t0 < minutes * 60):   # minutes <= 0: steps only
         x = images[torch.randint(0, len(images), (batch,), generator=gen)]
         m = random_patch_mask(batch, x.shape[-2], x.shape[-1], patch, mask_ratio, generator=gen)
         rec = dec(encoder(x * (1 - m)), x.shape[-2:])

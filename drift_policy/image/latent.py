@@ -47,7 +47,7 @@ def train_tiny_autoencoder(x: Tensor, *, minutes: float = 3.0, max_steps: int = 
     ae = TinyAutoencoder(x.shape[1])
     opt = torch.optim.Adam(ae.parameters(), lr=lr)
     t0, step, losses = time.time(), 0, []
-    while step < max_steps and time.time() - t0 < minutes * 60:
+    while step < max_steps and (minutes <= 0 or time.time() - t0 < minutes * 60):   # minutes <= 0: steps only
         xb = x[torch.randint(0, len(x), (batch,), generator=g)]
         z = ae.encode(xb)
         loss = F.mse_loss(ae.decode(z), xb) + 1e-4 * z.pow(2).mean()

@@ -132,7 +132,7 @@ def train(cfg: dict, *, log=None) -> dict:
     G, N, P, M = d["labels_per_step"], d["n_gen"], d["n_pos"], d["n_unc"]
     taus = tuple(d["temperatures"])
     hist, t0, step, last_save = [], time.time(), 0, time.time()
-    budget = cfg["train"]["minutes"] * 60
+    budget = cfg["train"]["minutes"] * 60 if cfg["train"]["minutes"] > 0 else float("inf")   # <= 0: steps only
     while True:
         # Every rank stops at the same step.
         if D.max(float(step >= cfg["train"]["max_steps"] or time.time() - t0 >= budget)):
