@@ -8,12 +8,7 @@ eager path, TorchScript, torch.compile, ONNX Runtime; CUDA graphs on a GPU) and 
 speed-up over ``reference`` measured in the same run, and ``onnx_file``: the file ``drift-policy export
 format=onnx`` writes (generator + normaliser, dynamic batch), run by ONNX Runtime on numpy arrays.
 
-    drift-policy bench latency [presets=small,medium,large] [xlarge=0] [batches=1,50]
-        [methods=drift,ddim10,ddpm100] [threads=1] [device=cpu] [repeats=200] [budget_s=5] [warmup=10]
-        [backend=eager] [backends=eager,eager_no_grad,reference,jit_trace,jit_ofi,compile,compile_freezing,
-        onnxruntime,onnx_file] (default: all for the device)
-        [backend_batches=1] [backend_threads=1,2] [profile=50] [out=eval/results/latency_cpu.json]
-        [task_policies=pusht_keypoints/drift_unet,pusht_image/drift_unet,...] (default: all of TASK_POLICIES)
+    drift-policy bench latency [key=value ...]      # keys and defaults: drift-policy bench latency --help
 
 Measurement: weights are random (latency does not depend on their values); observations are random numbers
 in data units. Each cell is warmed up first (``warmup`` calls, at most ~``budget_s / 2`` seconds, at least
