@@ -51,7 +51,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"                 # "cpu" or "cuda[:i]"
     threads: int = 2                    # torch intra-op threads of the trainer; rollout workers use 1 each
-    batch_size: int = 64                # observations per step (the drift policy draws policy.n_noise chunks each)
+    batch_size: int = 0                 # observations per step; 0: the policy's default_batch_size (drift: 512 //
+                                        # n_noise, i.e. 128 obs x 4 chunks; diffusion: 64)
     lr: float = 3e-4
     weight_decay: float = 1e-6
     betas: tuple[float, float] = (0.95, 0.999)
@@ -82,12 +83,12 @@ class TrainConfig:
 
     def __post_init__(self):
         check_types(self, "train.")
-        positive = ("threads", "batch_size", "log_every", "ckpt_every_steps", "keep_checkpoints",
+        positive = ("threads", "log_every", "ckpt_every_steps", "keep_checkpoints",
                     "max_bad_steps")
         for k in positive:
             if getattr(self, k) < 1:
                 raise ConfigError(f"train.{k} must be >= 1, got {getattr(self, k)}")
-        non_negative = ("warmup_steps", "sample_passes", "max_steps", "max_minutes", "eval_fraction", "eval_every_steps", "eval_every_minutes", "eval_episodes",
+        non_negative = ("batch_size", "warmup_steps", "sample_passes", "max_steps", "max_minutes", "eval_fraction", "eval_every_steps", "eval_every_minutes", "eval_episodes",
                         "eval_workers", "weight_decay", "grad_clip")
         for k in non_negative:
             if getattr(self, k) < 0:
@@ -147,11 +148,14 @@ class Config:
         return self.train.batch_size * self.policy.sample_passes_per_obs
 
     def _resolve_budget(self) -> None:
-        """Derive max_steps from the sample-pass budget (or the budget from max_steps), and the eval interval.
+        """Derive the batch size (0: the policy's default), max_steps from the sample-pass budget (or the budget from max_steps), and the eval interval.
 
         Idempotent: a saved config.json holds the resolved values and resolves to itself, so a resumed run
         keeps its schedule."""
-        t, per_step = self.train, self.sample_passes_per_step
+        t = self.train
+        if t.batch_size == 0:
+            t.batch_size = self.policy.default_batch_size
+        per_step = self.sample_passes_per_step
         if t.max_steps == 0:
             t.max_steps = max(1, -(-t.sample_passes // per_step))       # ceil: never under the budget
         t.sample_passes = t.max_steps * per_step

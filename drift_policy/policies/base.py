@@ -79,6 +79,11 @@ class PolicyConfig:
         return 1
 
     @property
+    def default_batch_size(self) -> int:
+        """Observations per step when ``train.batch_size`` is 0 (Diffusion Policy's CNN recipe on this CPU: 64)."""
+        return 64
+
+    @property
     def nfe(self) -> int:
         """Network evaluations per action chunk: what one ``predict_action`` costs (set by each method)."""
         raise NotImplementedError(f"{type(self).__name__} must define nfe")
