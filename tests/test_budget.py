@@ -24,15 +24,34 @@ TINY = ["policy.backbone=tiny", "train.batch_size=4", "train.eval_episodes=0", "
 def test_budget_turns_into_each_policys_steps():
     drift = compose(["policy=drift_unet", "train.sample_passes=1200000"])
     diffusion = compose(["policy=diffusion_unet", "train.sample_passes=1200000"])
-    assert drift.sample_passes_per_step == 64 * 8 and diffusion.sample_passes_per_step == 64
+    # Defaults: drift 128 observations x 4 draws, diffusion 64 observations.
+    assert drift.sample_passes_per_step == 128 * 4 and diffusion.sample_passes_per_step == 64
     assert drift.train.max_steps == math.ceil(1_200_000 / 512) == 2344
     assert diffusion.train.max_steps == 1_200_000 // 64 == 18750
     # The budget actually spent is recorded: never under the one asked for, less than one step over it.
     assert 1_200_000 <= drift.train.sample_passes == 2344 * 512 < 1_200_000 + 512
-    g4 = compose(["train.sample_passes=1200000", "policy.n_noise=4", "train.batch_size=128"])
-    assert g4.train.max_steps == drift.train.max_steps                  # B*G held fixed: the same steps
+    g8 = compose(["train.sample_passes=1200000", "policy.n_noise=8", "train.batch_size=64"])
+    assert g8.train.max_steps == drift.train.max_steps                  # B*G held fixed: the same steps
     # Evaluations at fractions of the budget: every 10 % by default.
     assert drift.train.eval_every_steps == round(2344 * 0.1)
+
+
+def test_default_batch_keeps_512_chunks_per_step_and_an_explicit_batch_wins():
+    for g, b in ((2, 256), (4, 128), (8, 64), (16, 32)):
+        cfg = compose([f"policy.n_noise={g}"])
+        assert (cfg.train.batch_size, cfg.sample_passes_per_step) == (b, 512)
+    assert compose(["policy.n_noise=4", "train.batch_size=32"]).train.batch_size == 32
+    assert compose(["policy=diffusion_unet"]).train.batch_size == 64
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        compose(["train.batch_size=-1"])
+
+
+def test_neighbour_positives_default_to_8_on_low_dim_tasks_and_off_with_cameras():
+    assert compose(["task=pusht_keypoints"]).policy.neighbor_positives == 8
+    assert compose(["task=pusht_image"]).policy.neighbor_positives == 0     # the index would see only agent_pos
+    assert compose(["task=pusht_image", "policy.neighbor_positives=4"]).policy.neighbor_positives == 4
+    with pytest.raises(ConfigError, match="policy.neighbor_positives"):
+        compose(["policy.neighbor_positives=-2"])
 
 
 def test_explicit_max_steps_wins_and_the_budget_follows():
@@ -167,5 +186,3 @@ def test_drift_loss_uses_the_neighbour_positives(pusht_zarr):
     torch.manual_seed(1)
     own_only, _ = policy.compute_loss({k: v for k, v in batch.items() if not k.startswith("pos_")})
     assert not torch.allclose(with_nb, own_only)                      # the extra positives change the field
-    with pytest.raises(ConfigError, match="policy.neighbor_positives"):
-        compose(["policy.neighbor_positives=-1"])
