@@ -108,6 +108,20 @@ def run_record(run_dir: Path) -> dict:
     return rec
 
 
+def _recipe(r: dict) -> str:
+    """The settings that tell a run's variant apart, from its resolved config: "batch 128 x G 4, 8 neighbours, ..."."""
+    p, t = r["policy_config"], r["train_config"]
+    parts = [f"batch {t['batch_size']}" + (f" x G {p['n_noise']}" if "n_noise" in p else "")]
+    if p.get("neighbor_positives"):
+        parts.append(f"{p['neighbor_positives']} neighbours")
+    if p.get("drift_groups") == "chunk":
+        parts.append("flat chunk")
+    if "num_inference_steps" in p:
+        parts.append(f"{p.get('scheduler', 'ddpm').upper()}-{p['num_inference_steps']}")
+    parts += [p.get("backbone", "?"), f"lr {t['lr']:g}", f"warm-up {t['warmup_steps']}"]
+    return ", ".join(parts)
+
+
 def write_compute_matched(records: list[dict], out: Path, meta: dict) -> Path:
     """``<out>/<task>.json`` (+ ``.md``, ``.png``): every run, and each variant's statistics over its seeds."""
     import matplotlib
@@ -135,13 +149,13 @@ def write_compute_matched(records: list[dict], out: Path, meta: dict) -> Path:
              f"budget on {meta['eval_episodes']} test seeds from {meta['start_seed']}. Machine: {m['cpu']}, "
              f"{m['cores']} cores, torch {m['torch']}, 1 thread per run, {m['concurrent_runs']} runs at a time. "
              f"Written by `{meta['command']}`.", "",
-             "| variant | NFE | seeds | steps | sample-passes | score max | score last-5 | score last-10 | success max | "
-             "success last-5 | s/step | done |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | recipe | NFE | seeds | steps | sample-passes | score max | score last-5 | score last-10 | "
+             "success max | success last-5 | s/step | done |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, d=3: "-" if v is None or v != v else f"{v:.{d}f}"
     for label, rs in variants.items():
         s = summary[label]
         passes = "/".join(f"{r['sample_passes']:,}" for r in rs)
-        lines.append(f"| {label} | {rs[0]['nfe']} | {','.join(map(str, s['seeds']))} | "
+        lines.append(f"| {label} | {_recipe(rs[0])} | {rs[0]['nfe']} | {','.join(map(str, s['seeds']))} | "
                      f"{'/'.join(str(r['steps']) for r in rs)} | {passes} | "
                      f"{f(s.get('max_score'))} | {f(s.get('last5_score'))} | {f(s.get('last10_score'))} | "
                      f"{f(s.get('max_success'), 2)} | {f(s.get('last5_success'), 2)} | "

@@ -31,7 +31,7 @@ class DriftConfig(PolicyConfig):
     @property
     def default_batch_size(self) -> int:
         # 512 generated chunks per step whatever G is: a smaller G buys more observations per step at the same
-        # compute (eval/results/compute_matched/pusht_keypoints.md: 128 x 4 beat 64 x 8 at 300k sample-passes).
+        # compute (eval/results/compute_matched/300k/pusht_keypoints.md: 128 x 4 beat 64 x 8 at 300k sample-passes).
         return max(1, 512 // self.n_noise)
 
     @property
