@@ -8,7 +8,7 @@ budget. Runs go ``jobs`` at a time with one thread each; the record is rewritten
 skips finished runs and resumes interrupted ones.
 
     drift-policy bench train budget=1200000 seeds=0,1 policies=drift_unet,diffusion_unet
-    drift-policy bench train budget=300000 policies=drift_unet,drift_unet:policy.n_noise=4+train.batch_size=128
+    drift-policy bench train budget=300000 policies=drift_unet,drift_unet:policy.n_noise=8+policy.neighbor_positives=0
     -> eval/results/compute_matched/<task>.json (+ .md table, .png score vs sample-passes and vs minutes)
 """
 from __future__ import annotations
@@ -207,14 +207,14 @@ def bench_train(args: list[str]) -> Path:
     opts = _kv(args, {"budget": int, "policies": str, "seeds": str, "task": str, "evals": int, "jobs": int,
                       "out": str, "runs": str, "overrides": str, "report_only": int, "episodes": int},
                usage="usage: drift-policy bench train [budget=1200000 seeds=0,1 policies=drift_unet,diffusion_unet ...]",
-               defaults={"budget": 1_200_000, "policies": "drift_unet,diffusion_unet", "seeds": "0",
+               defaults={"budget": 1_200_000, "policies": "drift_unet,diffusion_unet", "seeds": "0,1",
                          "task": "pusht_keypoints", "evals": 10, "jobs": 2, "episodes": 50,
                          "out": "eval/results/compute_matched", "runs": "runs/compute_matched-<task>-<budget>",
                          "overrides": "''", "report_only": 0})
     budget = opts.get("budget", 1_200_000)
     task = opts.get("task", "pusht_keypoints")
     variants = _variants(opts.get("policies", "drift_unet,diffusion_unet"))
-    seeds = [int(s) for s in opts.get("seeds", "0").split(",")]
+    seeds = [int(s) for s in opts.get("seeds", "0,1").split(",")]
     n_evals, jobs = opts.get("evals", 10), opts.get("jobs", 2)
     episodes = opts.get("episodes", 50)
     out = Path(opts.get("out", Path("eval") / "results" / "compute_matched"))
