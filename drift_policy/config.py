@@ -10,6 +10,7 @@ Each default is written once, in these dataclasses (and in each policy's and tas
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,7 +161,8 @@ class Config:
             t.max_steps = max(1, -(-t.sample_passes // per_step))       # ceil: never under the budget
         t.sample_passes = t.max_steps * per_step
         if t.eval_every_steps == 0 and t.eval_fraction > 0:
-            t.eval_every_steps = max(1, round(t.max_steps * t.eval_fraction))
+            # ceil: the last scheduled evaluation is the final one, never a near-duplicate a few steps before it
+            t.eval_every_steps = max(1, math.ceil(t.max_steps * t.eval_fraction - 1e-9))
 
     def default_run_dir(self) -> Path:
         name = f"{self.task.name}-{self.policy.type}-{self.policy.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -32,8 +32,9 @@ def test_budget_turns_into_each_policys_steps():
     assert 1_200_000 <= drift.train.sample_passes == 2344 * 512 < 1_200_000 + 512
     g8 = compose(["train.sample_passes=1200000", "policy.n_noise=8", "train.batch_size=64"])
     assert g8.train.max_steps == drift.train.max_steps                  # B*G held fixed: the same steps
-    # Evaluations at fractions of the budget: every 10 % by default.
-    assert drift.train.eval_every_steps == round(2344 * 0.1)
+    # Evaluations at fractions of the budget: every 10 % by default, rounded up so that the 10th is the final one
+    # (round(234.4) = 234 put a 10th evaluation at step 2340, 4 steps before the final one: 11 in all).
+    assert drift.train.eval_every_steps == 235 and diffusion.train.eval_every_steps == 1875
 
 
 def test_default_batch_keeps_512_chunks_per_step_and_an_explicit_batch_wins():
