@@ -204,22 +204,21 @@ def _folder(label: str, seed: int) -> str:
 def bench_train(args: list[str]) -> Path:
     """``drift-policy bench train budget=N ...``: every variant and seed trained for the same number of generator
     sample-passes, with its cosine schedule over the resulting steps, evaluated at the same budget fractions."""
-    opts = _kv(args, {"budget": int, "policies": str, "seeds": str, "task": str, "evals": int, "jobs": int,
-                      "out": str, "runs": str, "overrides": str, "report_only": int, "episodes": int},
-               usage="usage: drift-policy bench train [budget=1200000 seeds=0,1 policies=drift_unet,diffusion_unet ...]",
-               defaults={"budget": 1_200_000, "policies": "drift_unet,diffusion_unet", "seeds": "0,1",
-                         "task": "pusht_keypoints", "evals": 10, "jobs": 2, "episodes": 50,
-                         "out": "eval/results/compute_matched", "runs": "runs/compute_matched-<task>-<budget>",
-                         "overrides": "''", "report_only": 0})
-    budget = opts.get("budget", 1_200_000)
-    task = opts.get("task", "pusht_keypoints")
-    variants = _variants(opts.get("policies", "drift_unet,diffusion_unet"))
-    seeds = [int(s) for s in opts.get("seeds", "0,1").split(",")]
-    n_evals, jobs = opts.get("evals", 10), opts.get("jobs", 2)
-    episodes = opts.get("episodes", 50)
-    out = Path(opts.get("out", Path("eval") / "results" / "compute_matched"))
-    run_root = Path(opts.get("runs", Path("runs") / f"compute_matched-{task}-{budget}"))
-    extra = opts.get("overrides", "").split()
+    defaults = {"budget": 1_200_000, "policies": "drift_unet,diffusion_unet", "seeds": "0,1",
+                "task": "pusht_keypoints", "evals": 10, "jobs": 2, "episodes": 50,
+                "out": str(Path("eval") / "results" / "compute_matched"), "runs": "", "overrides": "",
+                "report_only": 0}
+    opts = {**defaults, **_kv(args, {k: type(v) for k, v in defaults.items()},
+                              usage="usage: drift-policy bench train [budget=1200000 seeds=0,1 "
+                                    "policies=drift_unet,diffusion_unet ...] (runs='': runs/compute_matched-<task>-<budget>)",
+                              defaults=defaults)}
+    budget, task = opts["budget"], opts["task"]
+    variants = _variants(opts["policies"])
+    seeds = [int(s) for s in opts["seeds"].split(",")]
+    n_evals, jobs, episodes = opts["evals"], opts["jobs"], opts["episodes"]
+    out = Path(opts["out"])
+    run_root = Path(opts["runs"] or Path("runs") / f"compute_matched-{task}-{budget}")
+    extra = opts["overrides"].split()
     meta = {"task": task, "budget": budget, "eval_fraction": 1 / n_evals, "eval_episodes": episodes,
             "start_seed": 100000, "machine": machine_info(jobs), "runs_dir": str(run_root),
             "command": "drift-policy bench train " + " ".join(args)}
@@ -233,7 +232,7 @@ def bench_train(args: list[str]) -> Path:
                 recs.append({"label": label, **run_record(d)})
         return write_compute_matched(recs, out, meta)
 
-    if not opts.get("report_only"):
+    if not opts["report_only"]:
         run_root.mkdir(parents=True, exist_ok=True)
         pending, active = list(todo), {}
         while pending or active:
