@@ -52,8 +52,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"                 # "cpu" or "cuda[:i]"
     threads: int = 2                    # torch intra-op threads of the trainer; rollout workers use 1 each
-    batch_size: int = 0                 # observations per step; 0: the policy's default_batch_size (drift: 512 //
-                                        # n_noise, i.e. 128 obs x 4 chunks; diffusion: 64)
+    batch_size: int = 0                 # observations per step; 0: the policy's default_batch_size (drift: 64 //
+                                        # n_noise, i.e. 32 obs x 2 chunks; diffusion: 64)
     lr: float = 3e-4
     weight_decay: float = 1e-6
     betas: tuple[float, float] = (0.95, 0.999)

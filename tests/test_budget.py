@@ -24,23 +24,24 @@ TINY = ["policy.backbone=tiny", "train.batch_size=4", "train.eval_episodes=0", "
 def test_budget_turns_into_each_policys_steps():
     drift = compose(["policy=drift_unet", "train.sample_passes=1200000"])
     diffusion = compose(["policy=diffusion_unet", "train.sample_passes=1200000"])
-    # Defaults: drift 128 observations x 4 draws, diffusion 64 observations.
-    assert drift.sample_passes_per_step == 128 * 4 and diffusion.sample_passes_per_step == 64
-    assert drift.train.max_steps == math.ceil(1_200_000 / 512) == 2344
-    assert diffusion.train.max_steps == 1_200_000 // 64 == 18750
+    # Defaults: drift 32 observations x 2 draws, diffusion 64 observations: 64 sample-passes per step each.
+    assert drift.sample_passes_per_step == 32 * 2 == diffusion.sample_passes_per_step == 64
+    assert drift.train.max_steps == diffusion.train.max_steps == 1_200_000 // 64 == 18750
     # The budget actually spent is recorded: never under the one asked for, less than one step over it.
-    assert 1_200_000 <= drift.train.sample_passes == 2344 * 512 < 1_200_000 + 512
-    g8 = compose(["train.sample_passes=1200000", "policy.n_noise=8", "train.batch_size=64"])
+    odd = compose(["policy=drift_unet", "train.sample_passes=1000", "policy.n_noise=3", "train.batch_size=7"])
+    assert odd.train.max_steps == math.ceil(1000 / 21) == 48 and 1000 <= odd.train.sample_passes == 48 * 21 < 1000 + 21
+    g8 = compose(["train.sample_passes=1200000", "policy.n_noise=8", "train.batch_size=8"])
     assert g8.train.max_steps == drift.train.max_steps                  # B*G held fixed: the same steps
     # Evaluations at fractions of the budget: every 10 % by default, rounded up so that the 10th is the final one
     # (round(234.4) = 234 put a 10th evaluation at step 2340, 4 steps before the final one: 11 in all).
-    assert drift.train.eval_every_steps == 235 and diffusion.train.eval_every_steps == 1875
+    assert odd.train.eval_every_steps == 5                               # ceil(4.8)
+    assert drift.train.eval_every_steps == diffusion.train.eval_every_steps == 1875
 
 
-def test_default_batch_keeps_512_chunks_per_step_and_an_explicit_batch_wins():
-    for g, b in ((2, 256), (4, 128), (8, 64), (16, 32)):
+def test_default_batch_keeps_64_chunks_per_step_and_an_explicit_batch_wins():
+    for g, b in ((2, 32), (4, 16), (8, 8), (16, 4)):
         cfg = compose([f"policy.n_noise={g}"])
-        assert (cfg.train.batch_size, cfg.sample_passes_per_step) == (b, 512)
+        assert (cfg.train.batch_size, cfg.sample_passes_per_step) == (b, 64)
     assert compose(["policy.n_noise=4", "train.batch_size=32"]).train.batch_size == 32
     assert compose(["policy=diffusion_unet"]).train.batch_size == 64
     with pytest.raises(ConfigError, match="train.batch_size"):
