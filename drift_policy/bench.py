@@ -149,6 +149,9 @@ def write_compute_matched(records: list[dict], out: Path, meta: dict) -> Path:
              f"budget on {meta['eval_episodes']} test seeds from {meta['start_seed']}. Machine: {m['cpu']}, "
              f"{m['cores']} cores, torch {m['torch']}, 1 thread per run, {m['concurrent_runs']} runs at a time. "
              f"Written by `{meta['command']}`.", "",
+             "A variant is named by the overrides its runs were given, over the defaults of the commit they ran at; "
+             "its recipe column is read from the runs' resolved configs, so it holds whatever those defaults were. "
+             "Statistics are means over the seeds.", "",
              "| variant | recipe | NFE | seeds | steps | sample-passes | score max | score last-5 | score last-10 | "
              "success max | success last-5 | s/step | done |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, d=3: "-" if v is None or v != v else f"{v:.{d}f}"
@@ -166,8 +169,10 @@ def write_compute_matched(records: list[dict], out: Path, meta: dict) -> Path:
         lines.append(f"- {r['label']} seed {r['seed']}: {pts or 'no evaluation yet'}")
     atomic_write_text(path.with_suffix(".md"), "\n".join(lines) + "\n")
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
-    colors = {label: f"C{i}" for i, label in enumerate(variants)}
+    legend_h = 0.2 + 0.16 * ((len(records) + 1) // 2)                   # inches: the legend goes below the axes
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2 + legend_h), sharey=True)
+    cmap = plt.get_cmap("tab10" if len(variants) <= 10 else "tab20")      # one distinct colour per variant
+    colors = {label: cmap(i % cmap.N) for i, label in enumerate(variants)}
     for r in records:
         style = dict(color=colors[r["label"]], ls=["-", "--", ":", "-."][r["seed"] % 4], marker="o", ms=3,
                      label=f"{r['label']} s{r['seed']}")
@@ -179,9 +184,9 @@ def write_compute_matched(records: list[dict], out: Path, meta: dict) -> Path:
     for a in axes:
         a.grid(alpha=0.3)
         a.set_ylim(0, 1)
-    axes[0].legend(fontsize=7)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=7, frameon=False)
     fig.suptitle(f"{meta['task']}: equal training compute, {meta['budget']:,} sample-passes")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, legend_h / (4.2 + legend_h), 1, 1))
     fig.savefig(path.with_suffix(".png"), dpi=110)
     plt.close(fig)
     return path
