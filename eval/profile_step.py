@@ -19,6 +19,7 @@ import torch
 
 from drift_policy.bench import machine_info
 from drift_policy.config import compose
+from drift_policy.data.windows import NeighborPositives
 from drift_policy.drift import drift_loss
 from drift_policy.normalizer import Normalizer
 from drift_policy.policies import make_policy
@@ -48,8 +49,14 @@ def drift_step(policy, batch, opt):
 
     def kernel():
         gen = x.permute(0, 2, 1, 3).reshape(B * c.horizon, c.n_noise, c.action_dim)
-        pos = act_n.reshape(B * c.horizon, 1, c.action_dim)
-        return drift_loss(gen, pos, temperatures=c.temperatures)[0].mean()
+        if "pos_action" in batch:                   # the expert chunk and its neighbours', with their weights
+            pos_n = policy.normalizer.normalize("action", batch["pos_action"])
+            P = pos_n.shape[1]
+            pos = pos_n.permute(0, 2, 1, 3).reshape(B * c.horizon, P, c.action_dim)
+            w = batch["pos_weight"].repeat_interleave(c.horizon, dim=0)
+        else:
+            pos, w = act_n.reshape(B * c.horizon, 1, c.action_dim), None
+        return drift_loss(gen, pos, pos_weight=w, temperatures=c.temperatures)[0].mean()
 
     loss, times["drift_kernel"] = _timed(kernel)
     _, times["backward"] = _timed(lambda: (opt.zero_grad(set_to_none=True), loss.backward()))
@@ -69,6 +76,9 @@ def profile(variant: str, overrides: list[str], steps: int, compiled: bool) -> d
     cfg = compose(overrides)
     train_set, _ = make_datasets(cfg)
     norm = Normalizer().fit("obs", train_set.steps("obs")).fit("action", train_set.steps("action"))
+    if getattr(cfg.policy, "neighbor_positives", 0):     # as train.py attaches them
+        train_set.neighbors = NeighborPositives(train_set, lambda o: norm.normalize("obs", o),
+                                                cfg.policy.neighbor_positives, cfg.policy.neighbor_bandwidth)
     torch.manual_seed(0)
     policy = make_policy(cfg.policy, norm).train()
     if compiled:
@@ -104,8 +114,10 @@ def main():
     ap.add_argument("--out", default="eval/results/profile_step_cpu.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    variants = {"drift B=64 x G=8": ["policy=drift_unet"],
+    variants = {"drift B=32 x G=2 (default)": ["policy=drift_unet"],
                 "drift B=128 x G=4": ["policy=drift_unet", "policy.n_noise=4", "train.batch_size=128"],
+                "drift B=64 x G=8, no neighbours": ["policy=drift_unet", "policy.n_noise=8", "train.batch_size=64",
+                                                    "policy.neighbor_positives=0"],
                 "diffusion B=64": ["policy=diffusion_unet"],
                 "diffusion B=256": ["policy=diffusion_unet", "train.batch_size=256"]}
     if args.variants:
