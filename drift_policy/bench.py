@@ -143,11 +143,14 @@ def write_compute_matched(records: list[dict], out: Path, meta: dict) -> Path:
     atomic_write_text(path, json.dumps({"meta": meta, "summary": summary, "runs": records}, indent=2))
 
     m = meta["machine"]
+    # A report_only record is rewritten from run folders that may have been trained at different concurrencies.
+    at_once = (f"{m['concurrent_runs']} runs at a time" if not meta.get("report_only")
+               else "runs trained earlier, at the concurrency their commands set")
     lines = [f"# {meta['task']}: drift vs diffusion at equal training compute", "",
              f"Budget {meta['budget']:,} generator sample-passes per run (one forward + backward of one action chunk; "
              f"drift pays batch x n_noise per step, diffusion batch). Evaluated every {meta['eval_fraction']:.0%} of the "
              f"budget on {meta['eval_episodes']} test seeds from {meta['start_seed']}. Machine: {m['cpu']}, "
-             f"{m['cores']} cores, torch {m['torch']}, 1 thread per run, {m['concurrent_runs']} runs at a time. "
+             f"{m['cores']} cores, torch {m['torch']}, 1 thread per run, {at_once}. "
              f"Written by `{meta['command']}`.", "",
              "A variant is named by the overrides its runs were given, over the defaults of the commit they ran at; "
              "its recipe column is read from the runs' resolved configs, so it holds whatever those defaults were. "
@@ -179,7 +182,7 @@ def write_compute_matched(records: list[dict], out: Path, meta: dict) -> Path:
         axes[0].plot([e["sample_passes"] / 1e6 for e in r["evals"]], [e["mean_score"] for e in r["evals"]], **style)
         axes[1].plot([e["train_minutes"] for e in r["evals"]], [e["mean_score"] for e in r["evals"]], **style)
     axes[0].set_xlabel("generator sample-passes (millions)")
-    axes[1].set_xlabel(f"training minutes on this machine (1 thread, {m['concurrent_runs']} runs at a time)")
+    axes[1].set_xlabel(f"training minutes on this machine (1 thread per run, {at_once})")
     axes[0].set_ylabel(" / ".join(sorted({r["score_label"] for r in records})) + f" ({meta['eval_episodes']} seeds)")
     for a in axes:
         a.grid(alpha=0.3)
@@ -226,7 +229,7 @@ def bench_train(args: list[str]) -> Path:
     extra = opts["overrides"].split()
     meta = {"task": task, "budget": budget, "eval_fraction": 1 / n_evals, "eval_episodes": episodes,
             "start_seed": 100000, "machine": machine_info(jobs), "runs_dir": str(run_root),
-            "command": "drift-policy bench train " + " ".join(args)}
+            "command": "drift-policy bench train " + " ".join(args), "report_only": bool(opts["report_only"])}
     todo = [(label, pol, ov, seed) for label, (pol, ov) in variants.items() for seed in seeds]
 
     def record() -> Path:
