@@ -182,7 +182,8 @@ def write_compute_matched(records: list[dict], out: Path, meta: dict) -> Path:
         axes[0].plot([e["sample_passes"] / 1e6 for e in r["evals"]], [e["mean_score"] for e in r["evals"]], **style)
         axes[1].plot([e["train_minutes"] for e in r["evals"]], [e["mean_score"] for e in r["evals"]], **style)
     axes[0].set_xlabel("generator sample-passes (millions)")
-    axes[1].set_xlabel(f"training minutes on this machine (1 thread per run, {at_once})")
+    axes[1].set_xlabel("training minutes on this machine (1 thread per run"
+                       + (f", {m['concurrent_runs']} at a time)" if not meta.get("report_only") else ")"))
     axes[0].set_ylabel(" / ".join(sorted({r["score_label"] for r in records})) + f" ({meta['eval_episodes']} seeds)")
     for a in axes:
         a.grid(alpha=0.3)
