@@ -144,13 +144,12 @@ def write_compute_matched(records: list[dict], out: Path, meta: dict) -> Path:
 
     m = meta["machine"]
     # A report_only record is rewritten from run folders that may have been trained at different concurrencies.
-    at_once = (f"{m['concurrent_runs']} runs at a time" if not meta.get("report_only")
-               else "runs trained earlier, at the concurrency their commands set")
+    at_once = None if meta.get("report_only") else f"{m['concurrent_runs']} runs at a time"
     lines = [f"# {meta['task']}: drift vs diffusion at equal training compute", "",
              f"Budget {meta['budget']:,} generator sample-passes per run (one forward + backward of one action chunk; "
              f"drift pays batch x n_noise per step, diffusion batch). Evaluated every {meta['eval_fraction']:.0%} of the "
              f"budget on {meta['eval_episodes']} test seeds from {meta['start_seed']}. Machine: {m['cpu']}, "
-             f"{m['cores']} cores, torch {m['torch']}, 1 thread per run, {at_once}. "
+             f"{m['cores']} cores, torch {m['torch']}, 1 thread per run, {at_once or 'runs trained earlier, at the concurrency their commands set'}. "
              f"Written by `{meta['command']}`.", "",
              "A variant is named by the overrides its runs were given, over the defaults of the commit they ran at; "
              "its recipe column is read from the runs' resolved configs, so it holds whatever those defaults were. "
@@ -182,8 +181,7 @@ def write_compute_matched(records: list[dict], out: Path, meta: dict) -> Path:
         axes[0].plot([e["sample_passes"] / 1e6 for e in r["evals"]], [e["mean_score"] for e in r["evals"]], **style)
         axes[1].plot([e["train_minutes"] for e in r["evals"]], [e["mean_score"] for e in r["evals"]], **style)
     axes[0].set_xlabel("generator sample-passes (millions)")
-    axes[1].set_xlabel("training minutes on this machine (1 thread per run"
-                       + (f", {m['concurrent_runs']} at a time)" if not meta.get("report_only") else ")"))
+    axes[1].set_xlabel("training minutes on this machine (1 thread per run" + (f", {at_once})" if at_once else ")"))
     axes[0].set_ylabel(" / ".join(sorted({r["score_label"] for r in records})) + f" ({meta['eval_episodes']} seeds)")
     for a in axes:
         a.grid(alpha=0.3)

@@ -31,6 +31,17 @@ from .threads import set_threads
 
 
 # ---- task plumbing --------------------------------------------------------------------------------------------
+def attach_neighbor_positives(train_set, cfg: Config, normalizer: Normalizer) -> None:
+    """Give the training split its neighbour-positive index when the policy asks for one (drift's
+    ``neighbor_positives``); built from the training split only, in normalised observation units."""
+    k = getattr(cfg.policy, "neighbor_positives", 0)
+    if k:
+        from .data.windows import NeighborPositives
+
+        train_set.neighbors = NeighborPositives(train_set, lambda o: normalizer.normalize("obs", o), k,
+                                                cfg.policy.neighbor_bandwidth)
+
+
 def make_datasets(cfg: Config):
     from .data.windows import make_windows
     from .tasks import dataset_path, load_data
@@ -144,11 +155,7 @@ def _train(cfg: Config | None, run_dir, resume: bool, progress: bool, hold: cont
     # run that fails on bad data leaves the folder as it was.
     train_set, val_set = make_datasets(cfg)
     normalizer = Normalizer().fit("obs", train_set.steps("obs")).fit("action", train_set.steps("action"))
-    if getattr(cfg.policy, "neighbor_positives", 0):
-        from .data.windows import NeighborPositives
-
-        train_set.neighbors = NeighborPositives(train_set, lambda o: normalizer.normalize("obs", o),
-                                                cfg.policy.neighbor_positives, cfg.policy.neighbor_bandwidth)
+    attach_neighbor_positives(train_set, cfg, normalizer)
     refused = None
     if is_main:
         try:

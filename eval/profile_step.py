@@ -19,11 +19,10 @@ import torch
 
 from drift_policy.bench import machine_info
 from drift_policy.config import compose
-from drift_policy.data.windows import NeighborPositives
 from drift_policy.drift import drift_loss
 from drift_policy.normalizer import Normalizer
 from drift_policy.policies import make_policy
-from drift_policy.train import make_datasets
+from drift_policy.train import attach_neighbor_positives, make_datasets
 
 
 def _timed(fn):
@@ -45,17 +44,9 @@ def drift_step(policy, batch, opt):
         return act_n, x
 
     (act_n, x), times["forward"] = _timed(forward)
-    B = act_n.shape[0]
 
     def kernel():
-        gen = x.permute(0, 2, 1, 3).reshape(B * c.horizon, c.n_noise, c.action_dim)
-        if "pos_action" in batch:                   # the expert chunk and its neighbours', with their weights
-            pos_n = policy.normalizer.normalize("action", batch["pos_action"])
-            P = pos_n.shape[1]
-            pos = pos_n.permute(0, 2, 1, 3).reshape(B * c.horizon, P, c.action_dim)
-            w = batch["pos_weight"].repeat_interleave(c.horizon, dim=0)
-        else:
-            pos, w = act_n.reshape(B * c.horizon, 1, c.action_dim), None
+        gen, pos, w = policy.drift_groups(x, act_n, batch)
         return drift_loss(gen, pos, pos_weight=w, temperatures=c.temperatures)[0].mean()
 
     loss, times["drift_kernel"] = _timed(kernel)
@@ -76,9 +67,7 @@ def profile(variant: str, overrides: list[str], steps: int, compiled: bool) -> d
     cfg = compose(overrides)
     train_set, _ = make_datasets(cfg)
     norm = Normalizer().fit("obs", train_set.steps("obs")).fit("action", train_set.steps("action"))
-    if getattr(cfg.policy, "neighbor_positives", 0):     # as train.py attaches them
-        train_set.neighbors = NeighborPositives(train_set, lambda o: norm.normalize("obs", o),
-                                                cfg.policy.neighbor_positives, cfg.policy.neighbor_bandwidth)
+    attach_neighbor_positives(train_set, cfg, norm)
     torch.manual_seed(0)
     policy = make_policy(cfg.policy, norm).train()
     if compiled:

@@ -68,7 +68,21 @@ class DriftPolicy(Policy):
         cond = self.condition(batch).repeat_interleave(c.n_noise, dim=0)      # [B*N, C]
         x = self.model(self._noise(B * c.n_noise, None), cond)                # [B*N, Tp, Da]
         x = x.view(B, c.n_noise, c.horizon, c.action_dim)
-        # Positives: the observation's own expert chunk, or it and its neighbours' chunks with kernel weights.
+        gen, pos, w = self.drift_groups(x, act_n, batch)
+        loss, info = drift_loss(gen, pos, pos_weight=w, temperatures=c.temperatures)
+        # The loss is ~constant by construction; mse to the expert chunk is a readable progress signal.
+        info = {k: float(v) for k, v in info.items()}
+        info["mse_to_expert"] = float((x.detach() - act_n.unsqueeze(1)).pow(2).mean())
+        info["sample_std"] = float(x.detach().std(dim=1).mean())
+        return loss.mean(), info
+
+    def drift_groups(self, x: Tensor, act_n: Tensor, batch: dict[str, Tensor]):
+        """The generated chunks x [B, N, Tp, Da] and the positives as drift groups: ``(gen, pos, pos_weight)``.
+
+        Positives are the observation's own expert chunk ``act_n`` [B, Tp, Da], or it and its neighbours' chunks
+        with kernel weights (``batch["pos_action"]``, ``batch["pos_weight"]``)."""
+        c = self.config
+        B = x.shape[0]
         if "pos_action" in batch:
             pos_n = self.normalizer.normalize("action", batch["pos_action"])                # [B, P, Tp, Da]
             w = batch["pos_weight"]                                                         # [B, P]
@@ -82,12 +96,7 @@ class DriftPolicy(Policy):
         else:
             gen = x.reshape(B, c.n_noise, c.horizon * c.action_dim)                        # [B, N, Tp*Da]
             pos = pos_n.reshape(B, P, c.horizon * c.action_dim)
-        loss, info = drift_loss(gen, pos, pos_weight=w, temperatures=c.temperatures)
-        # The loss is ~constant by construction; mse to the expert chunk is a readable progress signal.
-        info = {k: float(v) for k, v in info.items()}
-        info["mse_to_expert"] = float((x.detach() - act_n.unsqueeze(1)).pow(2).mean())
-        info["sample_std"] = float(x.detach().std(dim=1).mean())
-        return loss.mean(), info
+        return gen, pos, w
 
     def sample(self, cond: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
         noise = self._noise(cond.shape[0], generator) if noise is None else noise
