@@ -81,8 +81,8 @@ def run_record(run_dir: Path) -> dict:
     for f in runs.eval_files(run_dir):
         r = json.loads(f.read_text())
         evals.append({"sample_passes": r["step"] * per_step, "steps": r["step"], "train_minutes": r["train_minutes"],
-                      "mean_score": r["mean_score"], "success_rate": r["success_rate"]})
-    step, minutes = 0, 0.0
+                      "mean_score": r["mean_score"], "success_rate": r["success_rate"], "val": r.get("val", {})})
+    step, minutes, logged = 0, 0.0, []
     metrics = runs.metrics_path(run_dir)
     if metrics.exists():
         for line in metrics.read_text().splitlines():
@@ -92,6 +92,16 @@ def run_record(run_dir: Path) -> dict:
                 continue                          # a line cut short by a crash
             if "loss" in rec:
                 step, minutes = rec["step"], rec["train_minutes"]
+                logged.append(rec)
+    # The training signals behind each evaluation: every logged value (loss, grad_norm, train/...), averaged over
+    # the log lines since the previous evaluation, so that a record shows what the curves cannot (drift's
+    # mse_to_expert and sample_std, diffusion's eps_mse) without the run folder.
+    prev = 0
+    for e in evals:
+        rows = [r for r in logged if prev < r["step"] <= e["steps"]]
+        keys = [k for k in (rows[0] if rows else {}) if k == "loss" or k == "grad_norm" or k.startswith("train/")]
+        e["train"] = {k: _mean([r[k] for r in rows if isinstance(r.get(k), (int, float))]) for k in keys}
+        prev = e["steps"]
     if evals and evals[-1]["steps"] >= step:
         step, minutes = evals[-1]["steps"], evals[-1]["train_minutes"]
     scores, succ = [e["mean_score"] for e in evals], [e["success_rate"] for e in evals]
@@ -106,6 +116,15 @@ def run_record(run_dir: Path) -> dict:
     if len(evals) >= 10:                          # Diffusion Policy's metric: the mean of the last 10 checkpoints
         rec["last10_score"], rec["last10_success"] = _mean(scores[-10:]), _mean(succ[-10:])
     return rec
+
+
+_SIGNALS = ("mse_to_expert", "sample_std", "eps_mse")   # the .md's training-signal lines
+
+
+def _signal(e: dict, part: str, k: str):
+    """An evaluation's logged signal ``k``: its training mean (``part="train"``) or its held-out value ("val")."""
+    v = e.get(part, {}).get(("train/" if part == "train" else "") + k)
+    return None if v is None or v != v else v
 
 
 def _recipe(r: dict) -> str:
@@ -169,6 +188,17 @@ def write_compute_matched(records: list[dict], out: Path, meta: dict) -> Path:
     for r in records:
         pts = ", ".join(f"{e['sample_passes'] / 1e6:.2f}M: {e['mean_score']:.3f}/{e['success_rate']:.2f}" for e in r["evals"])
         lines.append(f"- {r['label']} seed {r['seed']}: {pts or 'no evaluation yet'}")
+    signals = [(r, part, k) for r in records for k in _SIGNALS for part in ("train", "val")
+               if any(_signal(e, part, k) is not None for e in r["evals"])]
+    if signals:
+        lines += ["", "Per run (seed): training signals at each evaluation, in normalised action units (drift: the mse "
+                  "of the generated chunks to the expert chunk, and the spread of an observation's G chunks; "
+                  "diffusion: the noise-prediction mse). train: the mean over the log lines since the previous "
+                  "evaluation; val: the EMA policy on 256 fixed held-out windows.", ""]
+        for r, part, k in signals:
+            pts = ", ".join(f"{e['sample_passes'] / 1e6:.2f}M: {f(_signal(e, part, k), 4)}" for e in r["evals"]
+                            if _signal(e, part, k) is not None)
+            lines.append(f"- {r['label']} seed {r['seed']}, {part} {k}: {pts}")
     atomic_write_text(path.with_suffix(".md"), "\n".join(lines) + "\n")
 
     legend_h = 0.2 + 0.16 * ((len(records) + 1) // 2)                   # inches: the legend goes below the axes

@@ -70,6 +70,20 @@ def evaluate_policy(policy: Policy, cfg: Config, n_episodes: int, num_workers: i
                     action_dim=policy.config.action_dim)
 
 
+def validation_signals(policy: Policy, val_set, n: int = 256) -> dict[str, float]:
+    """The policy's training signals (``compute_loss``'s info: drift's mse_to_expert and sample_std, diffusion's
+    eps_mse) on a fixed draw of held-out windows. Beside the training values they tell over-fitting from
+    under-fitting, which the closed-loop score alone cannot. The draw and the noise are seeded, and the global RNG
+    is restored afterwards, so the training stream (and resume) is unchanged."""
+    if val_set is None or len(val_set) == 0:
+        return {}
+    batch = {k: v.to(policy.device) for k, v in val_set.sample(n, torch.Generator().manual_seed(0)).items()}
+    with torch.no_grad(), torch.random.fork_rng(devices=[policy.device] if policy.device.type == "cuda" else []):
+        torch.manual_seed(0)
+        _, info = policy.compute_loss(batch)
+    return {k: float(v) for k, v in info.items()}
+
+
 # ---- schedule and EMA -------------------------------------------------------------------------------------------
 def lr_at(cfg: Config, step: int) -> float:
     """Linear warm-up, then cosine decay to 0 at max_steps. A function of the step alone: the same config gives
@@ -217,13 +231,14 @@ def _train(cfg: Config | None, run_dir, resume: bool, progress: bool, hold: cont
 
     def evaluate():
         res = evaluate_policy(ema, cfg, t.eval_episodes, t.eval_workers, progress=False, seed=t.seed)
-        res.update(step=step, sample_passes=step * per_step, train_minutes=train_seconds / 60)
+        res.update(step=step, sample_passes=step * per_step, train_minutes=train_seconds / 60,
+                   val=validation_signals(ema, val_set))
         from .evaluation import save_eval_json
 
         save_eval_json(res, runs.eval_path(run_dir, step))
         logger.log({"step": step, "sample_passes": step * per_step, "train_minutes": train_seconds / 60,
-                    "eval/mean_score": res["mean_score"],
-                    "eval/success_rate": res["success_rate"]})
+                    "eval/mean_score": res["mean_score"], "eval/success_rate": res["success_rate"],
+                    **{f"val/{k}": v for k, v in res["val"].items()}})
         bar.write(f"step {step}: score {res['mean_score']:.3f}, success {res['success_rate']:.2f} "
                   f"({train_seconds / 60:.1f} train-min, eval {res['wall_s']:.0f}s)")
         bar.set_eval(res["mean_score"], step)

@@ -15,6 +15,7 @@ from drift_policy.config import Config, compose
 from drift_policy.data.windows import NeighborPositives, make_windows
 from drift_policy.errors import ConfigError
 from drift_policy.normalizer import Normalizer
+from drift_policy.policies import make_policy
 
 TINY = ["policy.backbone=tiny", "train.batch_size=4", "train.eval_episodes=0", "train.threads=1",
         "train.log_every=1", "train.warmup_steps=3", "train.wandb=disabled"]
@@ -87,6 +88,14 @@ def test_metrics_and_evaluations_count_sample_passes(tmp_path, pusht_zarr):
     assert rec["steps"] == 4 and rec["sample_passes"] == 48 and rec["complete"]
     assert [e["sample_passes"] for e in rec["evals"]] == [24, 48]
     assert rec["policy"] == "drift" and rec["seed"] == 0 and rec["nfe"] == 1
+    # The EMA policy's signals on held-out windows go into the eval file, the metrics log and the record.
+    assert set(ev["val"]) >= {"mse_to_expert", "sample_std"} and ev["val"]["mse_to_expert"] > 0
+    assert [r["val/mse_to_expert"] for r in lines if "eval/mean_score" in r] == [e["val"]["mse_to_expert"] for e in rec["evals"]]
+    # Each evaluation carries the training signals of the log lines since the previous one (steps 1-2, then 3-4).
+    logged = {r["step"]: r for r in lines if "loss" in r}
+    for e, steps in zip(rec["evals"], ((1, 2), (3, 4))):
+        for k in ("loss", "train/mse_to_expert", "train/sample_std"):
+            assert e["train"][k] == pytest.approx(sum(logged[s][k] for s in steps) / 2)
 
 
 # ---- the schedule is a function of the step alone ---------------------------------------------------------------
@@ -188,3 +197,18 @@ def test_drift_loss_uses_the_neighbour_positives(pusht_zarr):
     torch.manual_seed(1)
     own_only, _ = policy.compute_loss({k: v for k, v in batch.items() if not k.startswith("pos_")})
     assert not torch.allclose(with_nb, own_only)                      # the extra positives change the field
+
+
+def test_validation_signals_are_seeded_and_leave_the_training_rng_alone(pusht_zarr):
+    cfg = compose([*TINY, f"task.data_root={pusht_zarr.parents[1]}", "train.max_steps=4"])
+    train_set, val_set = train_mod.make_datasets(cfg)
+    assert val_set is not None and len(val_set) > 0
+    norm = Normalizer().fit("obs", train_set.steps("obs")).fit("action", train_set.steps("action"))
+    policy = make_policy(cfg.policy, norm).eval()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = train_mod.validation_signals(policy, val_set)
+    assert torch.equal(torch.rand(3), expected)               # the training stream continues as if never called
+    assert train_mod.validation_signals(policy, val_set) == first and first["mse_to_expert"] > 0
+    assert train_mod.validation_signals(policy, None) == {}   # no held-out split (task.val_ratio=0): nothing
