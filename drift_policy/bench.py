@@ -267,6 +267,15 @@ def bench_train(args: list[str]) -> Path:
             d = run_root / _folder(label, seed)
             if runs.config_path(d).exists():
                 recs.append({"label": label, **run_record(d)})
+        # How the runs were evaluated is read from the runs themselves, so a report_only record cannot claim the
+        # options of the command that rewrote it.
+        for key, opt in (("eval_episodes", "eval_episodes"), ("eval_fraction", "eval_fraction")):
+            used = sorted({r["train_config"][opt] for r in recs})
+            if len(used) > 1:
+                raise SystemExit(f"bench train: the runs were evaluated with different train.{opt} ({used}); "
+                                 f"one record compares runs evaluated alike")
+            if used:
+                meta[key] = used[0]
         return write_compute_matched(recs, out, meta)
 
     if not opts["report_only"]:

@@ -212,3 +212,36 @@ def test_validation_signals_are_seeded_and_leave_the_training_rng_alone(pusht_za
     assert torch.equal(torch.rand(3), expected)               # the training stream continues as if never called
     assert train_mod.validation_signals(policy, val_set) == first and first["mse_to_expert"] > 0
     assert train_mod.validation_signals(policy, None) == {}   # no held-out split (task.val_ratio=0): nothing
+
+
+def _fake_run(d, seed: int, eval_episodes: int, scores):
+    """A finished-looking run folder: its resolved config and one eval file per score (what bench reads)."""
+    from drift_policy import runs
+
+    cfg = compose(["train.sample_passes=640", f"train.seed={seed}", f"train.eval_episodes={eval_episodes}",
+                   "train.eval_fraction=0.5"])
+    runs.write_config(d, cfg)
+    steps = cfg.train.max_steps
+    for i, s in enumerate(scores, 1):
+        p = runs.eval_path(d, i * steps // len(scores))
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps({"step": i * steps // len(scores), "train_minutes": float(i), "mean_score": s,
+                                 "success_rate": s / 2}))
+
+
+def test_a_report_only_record_states_how_its_runs_were_evaluated(tmp_path):
+    from drift_policy.bench import bench_train
+
+    _fake_run(tmp_path / "runs" / "drift_unet-s0", 0, 7, [0.5, 0.75])
+    _fake_run(tmp_path / "runs" / "drift_unet-s1", 1, 7, [0.25, 0.5])
+    path = bench_train(["report_only=1", "budget=640", "policies=drift_unet", "episodes=50", "evals=10",
+                        f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"])
+    rec = json.loads(path.read_text())
+    assert rec["meta"]["eval_episodes"] == 7 and rec["meta"]["eval_fraction"] == 0.5   # the runs', not the command's
+    assert "on 7 test seeds" in path.with_suffix(".md").read_text()
+    s = rec["summary"]["drift_unet"]
+    assert s["seeds"] == [0, 1] and s["max_score"] == pytest.approx(0.625) and s["last5_score"] == pytest.approx(0.5)
+    _fake_run(tmp_path / "runs" / "drift_unet-s1", 1, 20, [0.25, 0.5])
+    with pytest.raises(SystemExit, match="different train.eval_episodes"):
+        bench_train(["report_only=1", "budget=640", "policies=drift_unet", f"runs={tmp_path / 'runs'}",
+                     f"out={tmp_path / 'out'}"])
