@@ -61,6 +61,19 @@ def test_predict_action_shapes_and_units():
         pol.predict_action(torch.rand(3, 2, 19))
 
 
+@pytest.mark.parametrize("cfg_cls", [DriftConfig, DiffusionConfig])
+def test_observation_noise_is_a_training_only_perturbation_of_the_normalised_obs(cfg_cls):
+    pol = make_policy(cfg_cls(backbone="tiny", obs_noise=0.05), _norm())
+    obs = {"obs": torch.rand(256, 2, 20) * 512}
+    clean = pol.normalizer.normalize("obs", obs["obs"]).flatten(1)
+    torch.manual_seed(0)
+    noisy = pol.train().condition(obs)
+    assert abs(float((noisy - clean).std()) - 0.05) < 0.005 and abs(float((noisy - clean).mean())) < 0.005
+    torch.testing.assert_close(pol.eval().condition(obs), clean)        # evaluation and export see clean obs
+    off = make_policy(cfg_cls(backbone="tiny"), _norm()).train()
+    torch.testing.assert_close(off.condition(obs), clean)               # the default leaves training unchanged
+
+
 def test_diffusion_baseline_uses_n_forward_passes():
     cfg = DiffusionConfig(backbone="tiny", scheduler="ddim", num_inference_steps=10)
     pol = make_policy(cfg, _norm()).eval()
@@ -82,6 +95,7 @@ def test_diffusion_baseline_uses_n_forward_passes():
     (dict(horizon=10), "policy.horizon"),
     (dict(n_action_steps=16), "n_action_steps"),
     (dict(temperatures=(0.1, -1.0)), "policy.temperatures"),
+    (dict(obs_noise=-0.1), "policy.obs_noise"),
 ])
 def test_drift_config_validation(kwargs, match):
     with pytest.raises(ConfigError, match=match):

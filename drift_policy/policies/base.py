@@ -28,6 +28,8 @@ class PolicyConfig:
     n_groups: int = 8                 # U-Net only: GroupNorm groups
     causal: bool = True               # transformer only: causal self- and cross-attention
     p_drop: float = 0.0               # transformer only: dropout
+    obs_noise: float = 0.0            # training only: std of Gaussian noise added to the normalised low-dim
+                                      # observation, a regulariser against memorising each window's chunk
     horizon: int = 16                 # Tp: predicted actions per chunk
     n_obs_steps: int = 2              # To
     n_action_steps: int = 8           # Ta: executed actions, starting at index To - 1
@@ -49,6 +51,8 @@ class PolicyConfig:
                               f"{self.architecture}, got {self.backbone!r}")
         if not 0 <= self.p_drop < 1:
             raise ConfigError(f"policy.p_drop must be in [0, 1), got {self.p_drop}")
+        if not self.obs_noise >= 0:
+            raise ConfigError(f"policy.obs_noise must be >= 0, got {self.obs_noise}")
         for k in ("kernel_size", "n_groups", "horizon", "n_obs_steps", "n_action_steps", "obs_dim", "action_dim"):
             if int(getattr(self, k)) < 1:
                 raise ConfigError(f"policy.{k} must be >= 1, got {getattr(self, k)}")
@@ -133,6 +137,8 @@ class Policy(nn.Module):
         generator's conditioning [B, To * (D + cameras * F)]: normalised low-dim values and image features."""
         c = self.config
         low = self.normalizer.normalize("obs", obs["obs"][:, -c.n_obs_steps:])          # [B, To, D]
+        if self.training and c.obs_noise > 0:                                            # never at inference
+            low = low + c.obs_noise * torch.randn_like(low)
         if self.obs_encoder is None:
             return low.flatten(1)
         B, To = low.shape[:2]
