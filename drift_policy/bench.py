@@ -101,7 +101,7 @@ def run_record(run_dir: Path) -> dict:
     prev = 0
     for e in evals:
         rows = [r for r in logged if prev < r["step"] <= e["steps"]]
-        keys = [k for k in (rows[0] if rows else {}) if k == "loss" or k == "grad_norm" or k.startswith("train/")]
+        keys = [k for k in (rows[0] if rows else {}) if k in ("loss", "grad_norm") or k.startswith("train/")]
         e["train"] = {k: _mean([r[k] for r in rows if isinstance(r.get(k), (int, float))]) for k in keys}
         prev = e["steps"]
     if evals and evals[-1]["steps"] >= step:
@@ -271,10 +271,10 @@ def bench_train(args: list[str]) -> Path:
                 recs.append({"label": label, **run_record(d)})
         # How the runs were evaluated is read from the runs themselves, so a report_only record cannot claim the
         # options of the command that rewrote it.
-        for key, opt in (("eval_episodes", "eval_episodes"), ("eval_fraction", "eval_fraction")):
-            used = sorted({r["train_config"][opt] for r in recs})
+        for key in ("eval_episodes", "eval_fraction"):
+            used = sorted({r["train_config"][key] for r in recs})
             if len(used) > 1:
-                raise SystemExit(f"bench train: the runs were evaluated with different train.{opt} ({used}); "
+                raise SystemExit(f"bench train: the runs were evaluated with different train.{key} ({used}); "
                                  f"one record compares runs evaluated alike")
             if used:
                 meta[key] = used[0]
