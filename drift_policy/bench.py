@@ -139,7 +139,9 @@ def _recipe(r: dict) -> str:
         parts.append("flat chunk")
     if "num_inference_steps" in p:
         parts.append(f"{p.get('scheduler', 'ddpm').upper()}-{p['num_inference_steps']}")
-    parts += [p.get("backbone", "?"), f"lr {t['lr']:g}", f"warm-up {t['warmup_steps']}"]
+    if p.get("obs_noise"):
+        parts.append(f"obs noise {p['obs_noise']:g}")
+    parts += [p.get("backbone", "?"), f"lr {t['lr']:g}", f"warm-up {t['warmup_steps']}", f"EMA {t['ema_decay']:g}"]
     return ", ".join(parts)
 
 

@@ -214,12 +214,12 @@ def test_validation_signals_are_seeded_and_leave_the_training_rng_alone(pusht_za
     assert train_mod.validation_signals(policy, None) == {}   # no held-out split (task.val_ratio=0): nothing
 
 
-def _fake_run(d, seed: int, eval_episodes: int, scores):
+def _fake_run(d, seed: int, eval_episodes: int, scores, overrides=()):
     """A finished-looking run folder: its resolved config and one eval file per score (what bench reads)."""
     from drift_policy import runs
 
     cfg = compose(["train.sample_passes=640", f"train.seed={seed}", f"train.eval_episodes={eval_episodes}",
-                   "train.eval_fraction=0.5"])
+                   "train.eval_fraction=0.5", *overrides])
     runs.write_config(d, cfg)
     steps = cfg.train.max_steps
     for i, s in enumerate(scores, 1):
@@ -245,3 +245,18 @@ def test_a_report_only_record_states_how_its_runs_were_evaluated(tmp_path):
     with pytest.raises(SystemExit, match="different train.eval_episodes"):
         bench_train(["report_only=1", "budget=640", "policies=drift_unet", f"runs={tmp_path / 'runs'}",
                      f"out={tmp_path / 'out'}"])
+
+
+def test_a_records_recipe_column_names_the_regularisers_of_its_runs(tmp_path):
+    from drift_policy.bench import bench_train
+
+    _fake_run(tmp_path / "runs" / "drift_unet-s0", 0, 7, [0.5, 0.75])
+    _fake_run(tmp_path / "runs" / "drift_unet_policy.obs_noise_0.02_train.ema_decay_0.9999-s0", 0, 7, [0.5, 0.75],
+              overrides=["policy.obs_noise=0.02", "train.ema_decay=0.9999"])
+    path = bench_train(["report_only=1", "budget=640", "seeds=0",
+                        "policies=drift_unet,drift_unet:policy.obs_noise=0.02+train.ema_decay=0.9999",
+                        f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"])
+    rows = {line.split(" | ")[0]: line for line in path.with_suffix(".md").read_text().splitlines() if line.startswith("| drift")}
+    assert "obs noise" not in rows["| drift_unet"] and "EMA 0.999 |" in rows["| drift_unet"]
+    noisy = rows["| drift_unet[policy.obs_noise=0.02 train.ema_decay=0.9999]"]
+    assert "obs noise 0.02," in noisy and "EMA 0.9999 |" in noisy
