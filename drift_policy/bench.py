@@ -137,6 +137,8 @@ def _recipe(r: dict) -> str:
         parts.append(f"{p['neighbor_positives']} neighbours")
     if p.get("drift_groups") == "chunk":
         parts.append("flat chunk")
+    if p.get("guidance", 1) > 1:
+        parts.append(f"guidance {p['guidance']:g}")
     if "num_inference_steps" in p:
         parts.append(f"{p.get('scheduler', 'ddpm').upper()}-{p['num_inference_steps']}")
     if p.get("obs_noise"):

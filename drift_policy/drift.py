@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["drift_loss", "drift_field"]
+__all__ = ["drift_loss", "drift_field", "cfg_neg_weight"]
 
 SELF_MASK = 100.0  # added to a sample's kernel distance to itself: it must not repel itself
 
@@ -35,6 +35,20 @@ def _weights(w, shape, like: Tensor) -> Tensor:
         return torch.broadcast_to(w, shape)
     except RuntimeError as e:
         raise ValueError(f"weight of shape {tuple(w.shape)} does not broadcast to {tuple(shape)}") from e
+
+
+def cfg_neg_weight(alpha, n_gen: int, n_unc: int) -> Tensor:
+    """Weight of each of n_unc unconditional negatives for guidance scale alpha (Sec. 3.5): (alpha - 1)(N - 1)/M.
+
+    The negatives then form q~ = (1 - gamma) q + gamma p(.) with alpha = 1/(1 - gamma): the N - 1 other generated
+    samples of a group weigh 1 each, the unconditional ones (alpha - 1)(N - 1) together, so the field vanishes at
+    q = alpha p(.|c) - (alpha - 1) p(.). alpha = 1 means no extra repulsion."""
+    if n_unc < 1:
+        raise ValueError("need at least one unconditional negative")
+    alpha = torch.as_tensor(alpha, dtype=torch.float32)
+    if (alpha < 1).any():
+        raise ValueError("alpha must be >= 1 (alpha = 1 means no guidance)")
+    return (alpha - 1.0) * (n_gen - 1) / n_unc
 
 
 def drift_field(x: Tensor, y_pos: Tensor, y_neg: Tensor | None = None, *, gen_weight=None,

@@ -19,7 +19,6 @@ import torch
 
 from drift_policy.bench import machine_info
 from drift_policy.config import compose
-from drift_policy.drift import drift_loss
 from drift_policy.normalizer import Normalizer
 from drift_policy.policies import make_policy
 from drift_policy.train import attach_neighbor_positives, make_datasets
@@ -46,8 +45,7 @@ def drift_step(policy, batch, opt):
     (act_n, x), times["forward"] = _timed(forward)
 
     def kernel():
-        gen, pos, w = policy.drift_groups(x, act_n, batch)
-        return drift_loss(gen, pos, pos_weight=w, temperatures=c.temperatures)[0].mean()
+        return policy.drift_loss(x, act_n, batch)[0].mean()
 
     loss, times["drift_kernel"] = _timed(kernel)
     _, times["backward"] = _timed(lambda: (opt.zero_grad(set_to_none=True), loss.backward()))

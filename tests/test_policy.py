@@ -52,6 +52,34 @@ def test_drift_policy_loss_trains_toward_expert(groups):
     assert info["mse_to_expert"] < 0.5 * first  # memorises the 4 expert chunks
 
 
+@pytest.mark.parametrize("groups", ["per_step", "chunk"])
+def test_guidance_negatives_are_the_other_observations_expert_chunks(groups):
+    B, N = 5, 3
+    pol = make_policy(DriftConfig(backbone="tiny", drift_groups=groups, n_noise=N, guidance=2.5), _norm())
+    act_n = torch.arange(B, dtype=torch.float32).view(B, 1, 1).expand(B, 16, 2) / 10   # chunk b is b/10 everywhere
+    x = torch.randn(B, N, 16, 2)
+    gen, pos, w, neg, neg_w = pol.drift_groups(x, act_n, {})
+    G = B * 16 if groups == "per_step" else B
+    D = 2 if groups == "per_step" else 32
+    assert gen.shape == (G, N, D) and pos.shape == (G, 1, D) and neg.shape == (G, B - 1, D)
+    own = pos[:, 0, 0]                                                  # each group's own observation (b/10)
+    assert not (neg[..., 0] == own.unsqueeze(1)).any()                  # its own chunk is never a negative
+    assert torch.equal(torch.sort(torch.cat([neg[..., 0], own.unsqueeze(1)], 1), 1).values[0],
+                       torch.arange(B, dtype=torch.float32) / 10)       # and every other observation's chunk is
+    assert neg_w == pytest.approx((2.5 - 1) * (N - 1) / (B - 1))        # (alpha - 1)(N - 1)/M, Sec. 3.5
+    # alpha = 1 is the plain conditional loss: no negatives, the same value
+    plain = make_policy(DriftConfig(backbone="tiny", drift_groups=groups, n_noise=N), _norm())
+    assert plain.drift_groups(x, act_n, {})[3] is None
+    torch.manual_seed(0)
+    batch = {"obs": torch.rand(B, 2, 20) * 512, "action": torch.rand(B, 16, 2) * 512}
+    pol.load_state_dict(plain.state_dict())
+    torch.manual_seed(1)
+    l_plain, _ = plain.compute_loss(batch)
+    torch.manual_seed(1)
+    l_guided, _ = pol.compute_loss(batch)
+    assert torch.isfinite(l_guided) and not torch.allclose(l_plain, l_guided)
+
+
 def test_predict_action_shapes_and_units():
     pol = make_policy(DriftConfig(backbone="tiny"), _norm()).eval()
     out = pol.predict_action(torch.rand(3, 2, 20) * 512)
@@ -96,6 +124,7 @@ def test_diffusion_baseline_uses_n_forward_passes():
     (dict(n_action_steps=16), "n_action_steps"),
     (dict(temperatures=(0.1, -1.0)), "policy.temperatures"),
     (dict(obs_noise=-0.1), "policy.obs_noise"),
+    (dict(guidance=0.5), "policy.guidance"),
 ])
 def test_drift_config_validation(kwargs, match):
     with pytest.raises(ConfigError, match=match):

@@ -20,19 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..drift import drift_loss
+from ..drift import cfg_neg_weight, drift_loss
 
 __all__ = ["cfg_neg_weight", "sample_alpha", "feature_drift_loss"]
-
-
-def cfg_neg_weight(alpha: Tensor, n_gen: int, n_unc: int) -> Tensor:
-    """Weight of each unconditional negative for guidance scale alpha: (alpha - 1)(N - 1)/M, shape of alpha."""
-    if n_unc < 1:
-        raise ValueError("need at least one unconditional negative")
-    alpha = torch.as_tensor(alpha, dtype=torch.float32)
-    if (alpha < 1).any():
-        raise ValueError("alpha must be >= 1 (alpha = 1 means no guidance)")
-    return (alpha - 1.0) * (n_gen - 1) / n_unc
 
 
 def sample_alpha(n: int, k: float = 3.0, lo: float = 1.0, hi: float = 4.0, generator=None) -> Tensor:

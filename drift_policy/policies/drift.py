@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..drift import drift_loss
+from ..drift import cfg_neg_weight, drift_loss
 from ..errors import ConfigError
 from .base import Policy, PolicyConfig, register_policy
 
@@ -23,6 +23,9 @@ class DriftConfig(PolicyConfig):
                                                        # -1: 8 on low-dim tasks, 0 with cameras, whose index
                                                        # would see only the proprioception)
     neighbor_bandwidth: float = 0.05                   # Gaussian kernel width on the RMS normalised-obs distance
+    guidance: float = 1.0                              # CFG scale alpha (paper Sec. 3.5): above 1, the expert chunks of
+                                                       # the batch's other observations join as negatives, weighted so
+                                                       # that q = alpha p(a|o) - (alpha - 1) p(a) at equilibrium
 
     @property
     def sample_passes_per_obs(self) -> int:
@@ -52,6 +55,8 @@ class DriftConfig(PolicyConfig):
         if self.neighbor_positives < 0 or not self.neighbor_bandwidth > 0:
             raise ConfigError(f"policy.neighbor_positives must be >= 0 (or -1: auto) and policy.neighbor_bandwidth > 0, got "
                               f"{self.neighbor_positives} and {self.neighbor_bandwidth}")
+        if not self.guidance >= 1:
+            raise ConfigError(f"policy.guidance must be >= 1 (1: no guidance), got {self.guidance}")
         self.temperatures = tuple(float(t) for t in self.temperatures)
         if not self.temperatures or min(self.temperatures) <= 0:
             raise ConfigError(f"policy.temperatures must be positive, got {self.temperatures}")
@@ -68,19 +73,25 @@ class DriftPolicy(Policy):
         cond = self.condition(batch).repeat_interleave(c.n_noise, dim=0)      # [B*N, C]
         x = self.model(self._noise(B * c.n_noise, None), cond)                # [B*N, Tp, Da]
         x = x.view(B, c.n_noise, c.horizon, c.action_dim)
-        gen, pos, w = self.drift_groups(x, act_n, batch)
-        loss, info = drift_loss(gen, pos, pos_weight=w, temperatures=c.temperatures)
+        loss, info = self.drift_loss(x, act_n, batch)
         # The loss is ~constant by construction; mse to the expert chunk is a readable progress signal.
         info = {k: float(v) for k, v in info.items()}
         info["mse_to_expert"] = float((x.detach() - act_n.unsqueeze(1)).pow(2).mean())
         info["sample_std"] = float(x.detach().std(dim=1).mean())
         return loss.mean(), info
 
+    def drift_loss(self, x: Tensor, act_n: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
+        """Per-group drift loss [G] and its info for the generated chunks x [B, N, Tp, Da] of the batch."""
+        gen, pos, w, neg, neg_w = self.drift_groups(x, act_n, batch)
+        return drift_loss(gen, pos, neg, pos_weight=w, neg_weight=neg_w, temperatures=self.config.temperatures)
+
     def drift_groups(self, x: Tensor, act_n: Tensor, batch: dict[str, Tensor]):
-        """The generated chunks x [B, N, Tp, Da] and the positives as drift groups: ``(gen, pos, pos_weight)``.
+        """The generated chunks x [B, N, Tp, Da] and the data as drift groups: ``(gen, pos, pos_weight, neg, neg_weight)``.
 
         Positives are the observation's own expert chunk ``act_n`` [B, Tp, Da], or it and its neighbours' chunks
-        with kernel weights (``batch["pos_action"]``, ``batch["pos_weight"]``)."""
+        with kernel weights (``batch["pos_action"]``, ``batch["pos_weight"]``). With guidance alpha > 1 the negatives
+        are the expert chunks of the B - 1 other observations of the batch (samples of the unconditional p(a)),
+        each weighted (alpha - 1)(N - 1)/(B - 1); otherwise there are none (``neg`` is None)."""
         c = self.config
         B = x.shape[0]
         if "pos_action" in batch:
@@ -88,15 +99,24 @@ class DriftPolicy(Policy):
             w = batch["pos_weight"]                                                         # [B, P]
         else:
             pos_n, w = act_n.unsqueeze(1), None
+        neg_n = neg_w = None
+        if c.guidance > 1 and B > 1:
+            others = (torch.arange(B, device=x.device).unsqueeze(1) + torch.arange(1, B, device=x.device)) % B
+            neg_n = act_n[others]                                                            # [B, B-1, Tp, Da]
+            neg_w = cfg_neg_weight(torch.tensor(c.guidance), c.n_noise, B - 1).item()
         P = pos_n.shape[1]
         if c.drift_groups == "per_step":
-            gen = x.permute(0, 2, 1, 3).reshape(B * c.horizon, c.n_noise, c.action_dim)   # [B*Tp, N, Da]
-            pos = pos_n.permute(0, 2, 1, 3).reshape(B * c.horizon, P, c.action_dim)       # [B*Tp, P, Da]
-            w = None if w is None else w.repeat_interleave(c.horizon, dim=0)              # [B*Tp, P]
+            def steps(t: Tensor) -> Tensor:                                                  # [B, K, Tp, Da] -> [B*Tp, K, Da]
+                return t.permute(0, 2, 1, 3).reshape(B * c.horizon, t.shape[1], c.action_dim)
+
+            gen, pos = steps(x), steps(pos_n)                                                # [B*Tp, N, Da], [B*Tp, P, Da]
+            w = None if w is None else w.repeat_interleave(c.horizon, dim=0)               # [B*Tp, P]
+            neg = None if neg_n is None else steps(neg_n)                                    # [B*Tp, B-1, Da]
         else:
             gen = x.reshape(B, c.n_noise, c.horizon * c.action_dim)                        # [B, N, Tp*Da]
             pos = pos_n.reshape(B, P, c.horizon * c.action_dim)
-        return gen, pos, w
+            neg = None if neg_n is None else neg_n.reshape(B, B - 1, c.horizon * c.action_dim)
+        return gen, pos, w, neg, neg_w
 
     def sample(self, cond: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
         noise = self._noise(cond.shape[0], generator) if noise is None else noise
