@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import ConfigError
 from .fileio import atomic_write_text
 from .policies import config_from_dict
 from . import runs
@@ -230,12 +231,28 @@ def write_compute_matched(records: list[dict], out: Path, meta: dict) -> Path:
     return path
 
 
+def _split_outside_brackets(s: str, sep: str) -> list[str]:
+    """``s`` split at each ``sep`` that is not inside [...], so a list value such as [0.02,0.05] stays whole."""
+    parts, depth, cur = [], 0, ""
+    for ch in s:
+        depth += (ch == "[") - (ch == "]")
+        if ch == sep and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if depth:
+        raise ConfigError(f"policies: unbalanced brackets in {s!r}")
+    return parts + [cur]
+
+
 def _variants(spec: str) -> dict[str, tuple[str, list[str]]]:
-    """"drift_unet,diffusion_unet,drift_unet:policy.n_noise=4+train.batch_size=128" -> {label: (policy, overrides)}."""
+    """"drift_unet,diffusion_unet,drift_unet:policy.n_noise=4+train.batch_size=128" -> {label: (policy, overrides)}.
+    Commas inside brackets belong to a list value: "drift_unet:policy.temperatures=[0.01,0.05]" is one variant."""
     out = {}
-    for item in spec.split(","):
+    for item in _split_outside_brackets(spec, ","):
         pol, _, ov = item.partition(":")
-        overrides = [o for o in ov.split("+") if o]
+        overrides = [o for o in _split_outside_brackets(ov, "+") if o]
         out[pol + (f"[{' '.join(overrides)}]" if overrides else "")] = (pol, overrides)
     return out
 

@@ -10,6 +10,7 @@ import torch
 from drift_policy import train as train_mod
 from drift_policy.bench import run_record
 from drift_policy.checkpoint import load_checkpoint
+from drift_policy.errors import ConfigError
 from drift_policy.runs import list_checkpoints
 from drift_policy.config import Config, compose
 from drift_policy.data.windows import NeighborPositives, make_windows
@@ -261,3 +262,17 @@ def test_a_records_recipe_column_names_the_regularisers_of_its_runs(tmp_path):
     assert "guidance" not in rows["| drift_unet"]
     noisy = rows["| drift_unet[policy.obs_noise=0.02 train.ema_decay=0.9999 policy.guidance=2]"]
     assert "obs noise 0.02," in noisy and "EMA 0.9999 |" in noisy and "guidance 2," in noisy
+
+
+def test_a_list_override_is_one_variant_in_policies(tmp_path):
+    from drift_policy.bench import bench_train
+
+    _fake_run(tmp_path / "runs" / "drift_unet_policy.temperatures__0.01_0.05-s0", 0, 7, [0.5, 0.75],
+              overrides=["policy.temperatures=[0.01,0.05]"])
+    path = bench_train(["report_only=1", "budget=640", "seeds=0", "policies=drift_unet:policy.temperatures=[0.01,0.05]",
+                        f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"])
+    runs = json.loads(path.read_text())["runs"]
+    assert len(runs) == 1 and runs[0]["policy_config"]["temperatures"] == [0.01, 0.05]
+    with pytest.raises(ConfigError, match="unbalanced"):
+        bench_train(["report_only=1", "budget=640", "seeds=0", "policies=drift_unet:policy.temperatures=[0.01,0.05",
+                     f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"])
