@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from drift_policy.drift import drift_field, drift_loss
-from drift_policy.image.loss import cfg_neg_weight, sample_alpha
+from drift_policy.drift import cfg_neg_weight, drift_field, drift_loss
+from drift_policy.image.loss import sample_alpha
 
 
 def test_cfg_weight_formula():

@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..drift import cfg_neg_weight, drift_loss
+from ..drift import drift_loss
 
-__all__ = ["cfg_neg_weight", "sample_alpha", "feature_drift_loss"]
+__all__ = ["sample_alpha", "feature_drift_loss"]
 
 
 def sample_alpha(n: int, k: float = 3.0, lo: float = 1.0, hi: float = 4.0, generator=None) -> Tensor:

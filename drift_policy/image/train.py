@@ -30,7 +30,8 @@ from .config import load_config
 from .data import load_dataset
 from .dit import build_dit
 from .encoder import ResNetEncoder, feature_sets, pretrain_mae
-from .loss import cfg_neg_weight, feature_drift_loss, sample_alpha
+from ..drift import cfg_neg_weight
+from .loss import feature_drift_loss, sample_alpha
 from .queues import ClassQueues
 
 __all__ = ["train", "build_generator", "load_encoder", "prepare_data", "encode_features"]
