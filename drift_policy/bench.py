@@ -73,6 +73,9 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+LOW_SCORE = 0.5          # an episode scoring under this is a failure, not an imprecise finish
+
+
 def run_record(run_dir: Path) -> dict:
     """One run of ``bench train``: its resolved config, budget and every evaluation, by sample-passes."""
     cfg = json.loads(runs.config_path(run_dir).read_text())
@@ -84,7 +87,11 @@ def run_record(run_dir: Path) -> dict:
         evals.append({"sample_passes": r["step"] * per_step, "steps": r["step"], "train_minutes": r["train_minutes"],
                       "mean_score": r["mean_score"], "success_rate": r["success_rate"], "val": r.get("val", {}),
                       "eval_seconds": r.get("wall_s"),      # the rollouts' wall-clock, and their env steps
-                      "env_steps": sum(e["steps"] for e in r["per_episode"]) if "per_episode" in r else None})
+                      "env_steps": sum(e["steps"] for e in r["per_episode"]) if "per_episode" in r else None,
+                      # which test seeds failed outright (score < LOW_SCORE): a mean hides whether a policy is
+                      # imprecise everywhere or fails on a few initial states
+                      "low_score_seeds": ([e["seed"] for e in r["per_episode"] if e["max_reward"] < LOW_SCORE]
+                                          if "per_episode" in r else None)})
     step, minutes, logged = 0, 0.0, []
     metrics = runs.metrics_path(run_dir)
     if metrics.exists():
@@ -195,6 +202,17 @@ def write_compute_matched(records: list[dict], out: Path, meta: dict) -> Path:
     for r in records:
         pts = ", ".join(f"{e['sample_passes'] / 1e6:.2f}M: {e['mean_score']:.3f}/{e['success_rate']:.2f}" for e in r["evals"])
         lines.append(f"- {r['label']} seed {r['seed']}: {pts or 'no evaluation yet'}")
+    failing = [r for r in records if r["evals"] and all(e.get("low_score_seeds") is not None for e in r["evals"][-5:])]
+    if failing:
+        lines += ["", f"Per run (seed): episodes scoring under {LOW_SCORE} in the last 5 evaluations (failures rather than "
+                  "imprecise finishes), and the test seeds that failed most often (times failed).", ""]
+        for r in failing:
+            last = r["evals"][-5:]
+            seeds = [s for e in last for s in e["low_score_seeds"]]
+            n_ep = r["train_config"]["eval_episodes"] * len(last)
+            top = sorted(set(seeds), key=lambda s: (-seeds.count(s), s))[:8]
+            lines.append(f"- {r['label']} seed {r['seed']}: {len(seeds)} of {n_ep} episodes; "
+                         + (", ".join(f"{s} ({seeds.count(s)})" for s in top) or "none"))
     signals = [(r, part, k) for r in records for k in _SIGNALS for part in ("train", "val")
                if any(_signal(e, part, k) is not None for e in r["evals"])]
     if signals:

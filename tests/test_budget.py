@@ -276,3 +276,21 @@ def test_a_list_override_is_one_variant_in_policies(tmp_path):
     with pytest.raises(ConfigError, match="unbalanced"):
         bench_train(["report_only=1", "budget=640", "seeds=0", "policies=drift_unet:policy.temperatures=[0.01,0.05",
                      f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"])
+
+
+def test_a_record_names_the_test_seeds_that_failed_outright(tmp_path):
+    from drift_policy import runs
+    from drift_policy.bench import LOW_SCORE, bench_train
+
+    d = tmp_path / "runs" / "drift_unet-s0"
+    _fake_run(d, 0, 4, [0.5, 0.75])
+    rewards = {100000: 0.99, 100001: LOW_SCORE - 0.01, 100002: LOW_SCORE, 100003: 0.0}   # 100001, 100003 fail
+    for f in runs.eval_files(d):
+        r = json.loads(f.read_text())
+        r["per_episode"] = [{"seed": s, "max_reward": v, "steps": 10, "success": v > 0.95} for s, v in rewards.items()]
+        f.write_text(json.dumps(r))
+    path = bench_train(["report_only=1", "budget=640", "seeds=0", "policies=drift_unet",
+                        f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"])
+    rec = json.loads(path.read_text())["runs"][0]
+    assert [e["low_score_seeds"] for e in rec["evals"]] == [[100001, 100003]] * 2
+    assert "- drift_unet seed 0: 4 of 8 episodes; 100001 (2), 100003 (2)" in path.with_suffix(".md").read_text()
