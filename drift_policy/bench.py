@@ -145,6 +145,8 @@ def _recipe(r: dict) -> str:
         parts.append(f"{p['neighbor_positives']} neighbours")
     if p.get("drift_groups") == "chunk":
         parts.append("flat chunk")
+    if p.get("cond_mlp"):
+        parts.append(f"cond MLP {p['cond_mlp']}")
     if p.get("guidance", 1) > 1:
         parts.append(f"guidance {p['guidance']:g}")
     if "num_inference_steps" in p:

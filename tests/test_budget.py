@@ -252,16 +252,16 @@ def test_a_records_recipe_column_names_the_regularisers_of_its_runs(tmp_path):
     from drift_policy.bench import bench_train
 
     _fake_run(tmp_path / "runs" / "drift_unet-s0", 0, 7, [0.5, 0.75])
-    _fake_run(tmp_path / "runs" / "drift_unet_policy.obs_noise_0.02_train.ema_decay_0.9999_policy.guidance_2-s0", 0, 7, [0.5, 0.75],
-              overrides=["policy.obs_noise=0.02", "train.ema_decay=0.9999", "policy.guidance=2"])
+    _fake_run(tmp_path / "runs" / "drift_unet_policy.obs_noise_0.02_train.ema_decay_0.9999_policy.guidance_2_policy.cond_mlp_64-s0", 0, 7, [0.5, 0.75],
+              overrides=["policy.obs_noise=0.02", "train.ema_decay=0.9999", "policy.guidance=2", "policy.cond_mlp=64"])
     path = bench_train(["report_only=1", "budget=640", "seeds=0",
-                        "policies=drift_unet,drift_unet:policy.obs_noise=0.02+train.ema_decay=0.9999+policy.guidance=2",
+                        "policies=drift_unet,drift_unet:policy.obs_noise=0.02+train.ema_decay=0.9999+policy.guidance=2+policy.cond_mlp=64",
                         f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"])
     rows = {line.split(" | ")[0]: line for line in path.with_suffix(".md").read_text().splitlines() if line.startswith("| drift")}
     assert "obs noise" not in rows["| drift_unet"] and "EMA 0.999 |" in rows["| drift_unet"]
-    assert "guidance" not in rows["| drift_unet"]
-    noisy = rows["| drift_unet[policy.obs_noise=0.02 train.ema_decay=0.9999 policy.guidance=2]"]
-    assert "obs noise 0.02," in noisy and "EMA 0.9999 |" in noisy and "guidance 2," in noisy
+    assert "guidance" not in rows["| drift_unet"] and "MLP" not in rows["| drift_unet"]
+    noisy = rows["| drift_unet[policy.obs_noise=0.02 train.ema_decay=0.9999 policy.guidance=2 policy.cond_mlp=64]"]
+    assert "obs noise 0.02," in noisy and "EMA 0.9999 |" in noisy and "guidance 2," in noisy and "cond MLP 64," in noisy
 
 
 def test_a_list_override_is_one_variant_in_policies(tmp_path):

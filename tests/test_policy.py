@@ -80,6 +80,24 @@ def test_guidance_negatives_are_the_other_observations_expert_chunks(groups):
     assert torch.isfinite(l_guided) and not torch.allclose(l_plain, l_guided)
 
 
+@pytest.mark.parametrize("cfg_cls", [DriftConfig, DiffusionConfig])
+def test_the_conditioning_mlp_sits_between_the_observation_and_film(cfg_cls, tmp_path):
+    pol = make_policy(cfg_cls(backbone="tiny", cond_mlp=32), _norm()).eval()
+    obs = {"obs": torch.rand(3, 2, 20) * 512}
+    cond = pol.condition(obs)
+    flat = pol.normalizer.normalize("obs", obs["obs"]).flatten(1)
+    assert cond.shape == (3, 32)
+    torch.testing.assert_close(cond, pol.cond_mlp(flat))
+    batch = {"obs": obs["obs"], "action": torch.rand(3, 16, 2) * 512}
+    loss, _ = pol.train().compute_loss(batch)
+    loss.backward()                                   # the MLP is trained with the generator
+    assert pol.cond_mlp[0].weight.grad is not None and pol.cond_mlp[0].weight.grad.abs().sum() > 0
+    pol.eval().save_pretrained(tmp_path / "p")
+    back = type(pol).from_pretrained(tmp_path / "p")
+    torch.testing.assert_close(back.condition(obs), pol.condition(obs))
+    assert make_policy(cfg_cls(backbone="tiny"), _norm()).cond_mlp is None      # off by default
+
+
 def test_predict_action_shapes_and_units():
     pol = make_policy(DriftConfig(backbone="tiny"), _norm()).eval()
     out = pol.predict_action(torch.rand(3, 2, 20) * 512)
@@ -125,6 +143,8 @@ def test_diffusion_baseline_uses_n_forward_passes():
     (dict(temperatures=(0.1, -1.0)), "policy.temperatures"),
     (dict(obs_noise=-0.1), "policy.obs_noise"),
     (dict(guidance=0.5), "policy.guidance"),
+    (dict(cond_mlp=-1), "policy.cond_mlp"),
+    (dict(cond_mlp=64, architecture="transformer"), "policy.cond_mlp"),
 ])
 def test_drift_config_validation(kwargs, match):
     with pytest.raises(ConfigError, match=match):

@@ -30,6 +30,9 @@ class PolicyConfig:
     p_drop: float = 0.0               # transformer only: dropout
     obs_noise: float = 0.0            # training only: std of Gaussian noise added to the normalised low-dim
                                       # observation, a regulariser against memorising each window's chunk
+    cond_mlp: int = 0                 # width of a 2-layer Mish MLP between the flattened observation and the
+                                      # backbone's FiLM layers (0: none; Diffusion Policy feeds the observation
+                                      # straight to FiLM)
     horizon: int = 16                 # Tp: predicted actions per chunk
     n_obs_steps: int = 2              # To
     n_action_steps: int = 8           # Ta: executed actions, starting at index To - 1
@@ -53,6 +56,10 @@ class PolicyConfig:
             raise ConfigError(f"policy.p_drop must be in [0, 1), got {self.p_drop}")
         if not self.obs_noise >= 0:
             raise ConfigError(f"policy.obs_noise must be >= 0, got {self.obs_noise}")
+        if self.cond_mlp < 0:
+            raise ConfigError(f"policy.cond_mlp must be >= 0 (0: no MLP), got {self.cond_mlp}")
+        if self.cond_mlp and self.architecture != "unet":
+            raise ConfigError("policy.cond_mlp is for the U-Net (the transformer embeds each observation step as a token)")
         for k in ("kernel_size", "n_groups", "horizon", "n_obs_steps", "n_action_steps", "obs_dim", "action_dim"):
             if int(getattr(self, k)) < 1:
                 raise ConfigError(f"policy.{k} must be >= 1, got {getattr(self, k)}")
@@ -122,29 +129,37 @@ class Policy(nn.Module):
                                                  crop_shape=c.crop_shape, preset=c.vision_backbone,
                                                  feature_dim=c.image_feature_dim)
             step_dim += len(c.image_keys) * c.image_feature_dim
+        cond_dim = c.n_obs_steps * step_dim
+        self.cond_mlp = None
+        if c.cond_mlp:                                   # [B, To * step_dim] -> [B, cond_mlp]
+            self.cond_mlp = nn.Sequential(nn.Linear(cond_dim, c.cond_mlp), nn.Mish(), nn.Linear(c.cond_mlp, c.cond_mlp))
+            cond_dim = c.cond_mlp
         if c.architecture == "unet":
-            self.model = ConditionalUnet1D(c.action_dim, c.n_obs_steps * step_dim, kernel_size=c.kernel_size,
+            self.model = ConditionalUnet1D(c.action_dim, cond_dim, kernel_size=c.kernel_size,
                                            n_groups=c.n_groups, timestep_dim=self.timestep_dim,
                                            **UNET_PRESETS[c.backbone])
         else:
-            self.model = TimeSeriesTransformer(c.action_dim, c.n_obs_steps * step_dim, c.n_obs_steps, c.horizon,
+            self.model = TimeSeriesTransformer(c.action_dim, cond_dim, c.n_obs_steps, c.horizon,
                                                p_drop=c.p_drop, causal=c.causal, timestep_dim=self.timestep_dim,
                                                **TRANSFORMER_PRESETS[c.backbone])
 
     # ---- shared pieces -------------------------------------------------------------------------------
     def condition(self, obs: dict[str, Tensor]) -> Tensor:
         """Observation windows in data units ({"obs": [B, To, D], <camera>: [B, To, 3, H, W]}) -> the
-        generator's conditioning [B, To * (D + cameras * F)]: normalised low-dim values and image features."""
+        generator's conditioning [B, To * (D + cameras * F)]: normalised low-dim values and image features (then
+        [B, cond_mlp] through the conditioning MLP when the config has one)."""
         c = self.config
         low = self.normalizer.normalize("obs", obs["obs"][:, -c.n_obs_steps:])          # [B, To, D]
         if self.training and c.obs_noise > 0:                                            # never at inference
             low = low + c.obs_noise * torch.randn_like(low)
         if self.obs_encoder is None:
-            return low.flatten(1)
-        B, To = low.shape[:2]
-        images = {k: obs[k][:, -To:].flatten(0, 1) for k in c.image_keys}                # [B*To, 3, H, W]
-        feats = self.obs_encoder(images).view(B, To, -1)                                 # [B, To, cams*F]
-        return torch.cat([low, feats], dim=-1).flatten(1)
+            flat = low.flatten(1)
+        else:
+            B, To = low.shape[:2]
+            images = {k: obs[k][:, -To:].flatten(0, 1) for k in c.image_keys}            # [B*To, 3, H, W]
+            feats = self.obs_encoder(images).view(B, To, -1)                             # [B, To, cams*F]
+            flat = torch.cat([low, feats], dim=-1).flatten(1)
+        return flat if self.cond_mlp is None else self.cond_mlp(flat)
 
     def _obs(self, obs) -> dict[str, Tensor]:
         """Validate and move observation windows to the device; keep the latest To steps."""
