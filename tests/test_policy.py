@@ -32,7 +32,7 @@ def test_large_preset_is_diffusion_policys_net():
     assert abs(n / 1e6 - 65.8) < 0.5, n
 
 
-@pytest.mark.parametrize("groups", ["per_step", "chunk"])
+@pytest.mark.parametrize("groups", ["per_step", "chunk", "both"])
 def test_drift_policy_loss_trains_toward_expert(groups):
     torch.manual_seed(0)
     cfg = DriftConfig(backbone="tiny", drift_groups=groups, n_noise=4)
@@ -48,7 +48,8 @@ def test_drift_policy_loss_trains_toward_expert(groups):
         opt.step()
         first = first if first is not None else info["mse_to_expert"]
     assert loss.shape == () and torch.isfinite(loss)
-    assert {"scale", "v2_tau0.02", "mse_to_expert", "sample_std"} <= set(info)
+    kinds = ["_per_step", "_chunk"] if groups == "both" else [""]
+    assert {"mse_to_expert", "sample_std"} | {f"{k}{sfx}" for k in ("scale", "v2_tau0.02") for sfx in kinds} <= set(info)
     assert info["mse_to_expert"] < 0.5 * first  # memorises the 4 expert chunks
 
 
@@ -96,6 +97,17 @@ def test_the_conditioning_mlp_sits_between_the_observation_and_film(cfg_cls, tmp
     back = type(pol).from_pretrained(tmp_path / "p")
     torch.testing.assert_close(back.condition(obs), pol.condition(obs))
     assert make_policy(cfg_cls(backbone="tiny"), _norm()).cond_mlp is None      # off by default
+
+
+def test_both_groups_is_the_mean_of_the_per_step_and_chunk_losses():
+    x, act_n = torch.randn(4, 2, 16, 2), torch.randn(4, 16, 2)
+    one = {g: make_policy(DriftConfig(backbone="tiny", drift_groups=g), _norm()) for g in ("per_step", "chunk", "both")}
+    both, info = one["both"].drift_loss(x, act_n, {})
+    parts = [one[g].drift_loss(x, act_n, {})[0] for g in ("per_step", "chunk")]
+    torch.testing.assert_close(both, torch.cat(parts))
+    assert info["scale_per_step"] != info["scale_chunk"]
+    with pytest.raises(ValueError, match="per_step"):
+        one["both"].drift_groups(x, act_n, {})                        # a group set is one kind or the other
 
 
 def test_predict_action_shapes_and_units():

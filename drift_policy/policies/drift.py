@@ -16,7 +16,9 @@ class DriftConfig(PolicyConfig):
     type: str = "drift"
     n_noise: int = 2                                   # generated chunks per observation (N in the paper)
     drift_groups: str = "per_step"                     # "per_step": one group per (obs, step), D = action_dim;
-                                                       # "chunk": one group per obs over the flat chunk
+                                                       # "chunk": one group per obs over the flat chunk;
+                                                       # "both": the mean of the two losses (per-step precision,
+                                                       # and a chunk whose steps come from one mode)
     temperatures: tuple[float, ...] = (0.02, 0.05, 0.2)
     neighbor_positives: int = -1                       # k extra positives per observation: the expert chunks of
                                                        # its k nearest training observations (0: its own only;
@@ -48,8 +50,8 @@ class DriftConfig(PolicyConfig):
             raise ConfigError(f"policy.type must be 'drift' for DriftConfig, got {self.type!r}")
         if self.n_noise < 2:
             raise ConfigError(f"policy.n_noise must be >= 2 (the field needs other samples to repel), got {self.n_noise}")
-        if self.drift_groups not in ("per_step", "chunk"):
-            raise ConfigError(f"policy.drift_groups must be 'per_step' or 'chunk', got {self.drift_groups!r}")
+        if self.drift_groups not in ("per_step", "chunk", "both"):
+            raise ConfigError(f"policy.drift_groups must be 'per_step', 'chunk' or 'both', got {self.drift_groups!r}")
         if self.neighbor_positives == -1:              # resolved here, so config.json holds the value used
             self.neighbor_positives = 0 if self.image_keys else 8
         if self.neighbor_positives < 0 or not self.neighbor_bandwidth > 0:
@@ -81,18 +83,29 @@ class DriftPolicy(Policy):
         return loss.mean(), info
 
     def drift_loss(self, x: Tensor, act_n: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
-        """Per-group drift loss [G] and its info for the generated chunks x [B, N, Tp, Da] of the batch."""
-        gen, pos, w, neg, neg_w = self.drift_groups(x, act_n, batch)
-        return drift_loss(gen, pos, neg, pos_weight=w, neg_weight=neg_w, temperatures=self.config.temperatures)
+        """The drift loss of the generated chunks x [B, N, Tp, Da] of the batch: one mean per kind of group [K]
+        (K = 2 for ``drift_groups="both"``, whose info keys then end in _per_step / _chunk), and its info."""
+        kinds = ("per_step", "chunk") if self.config.drift_groups == "both" else (self.config.drift_groups,)
+        losses, info = [], {}
+        for kind in kinds:
+            gen, pos, w, neg, neg_w = self.drift_groups(x, act_n, batch, kind)
+            loss, i = drift_loss(gen, pos, neg, pos_weight=w, neg_weight=neg_w, temperatures=self.config.temperatures)
+            losses.append(loss.mean())
+            info.update(i if len(kinds) == 1 else {f"{k}_{kind}": v for k, v in i.items()})
+        return torch.stack(losses), info
 
-    def drift_groups(self, x: Tensor, act_n: Tensor, batch: dict[str, Tensor]):
+    def drift_groups(self, x: Tensor, act_n: Tensor, batch: dict[str, Tensor], kind: str | None = None):
         """The generated chunks x [B, N, Tp, Da] and the data as drift groups: ``(gen, pos, pos_weight, neg, neg_weight)``.
 
         Positives are the observation's own expert chunk ``act_n`` [B, Tp, Da], or it and its neighbours' chunks
         with kernel weights (``batch["pos_action"]``, ``batch["pos_weight"]``). With guidance alpha > 1 the negatives
         are the expert chunks of the B - 1 other observations of the batch (samples of the unconditional p(a)),
-        each weighted (alpha - 1)(N - 1)/(B - 1); otherwise there are none (``neg`` is None)."""
+        each weighted (alpha - 1)(N - 1)/(B - 1); otherwise there are none (``neg`` is None). ``kind``:
+        "per_step" or "chunk" (default: the config's ``drift_groups``)."""
         c = self.config
+        kind = kind or c.drift_groups
+        if kind not in ("per_step", "chunk"):
+            raise ValueError(f"drift_groups builds 'per_step' or 'chunk' groups, got {kind!r} (drift_loss combines them)")
         B = x.shape[0]
         if "pos_action" in batch:
             pos_n = self.normalizer.normalize("action", batch["pos_action"])                # [B, P, Tp, Da]
@@ -105,7 +118,7 @@ class DriftPolicy(Policy):
             neg_n = act_n[others]                                                            # [B, B-1, Tp, Da]
             neg_w = cfg_neg_weight(torch.tensor(c.guidance), c.n_noise, B - 1).item()
         P = pos_n.shape[1]
-        if c.drift_groups == "per_step":
+        if kind == "per_step":
             def steps(t: Tensor) -> Tensor:                                                  # [B, K, Tp, Da] -> [B*Tp, K, Da]
                 return t.permute(0, 2, 1, 3).reshape(B * c.horizon, t.shape[1], c.action_dim)
 
