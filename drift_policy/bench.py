@@ -143,8 +143,9 @@ def _recipe(r: dict) -> str:
     parts = [f"batch {t['batch_size']}" + (f" x G {p['n_noise']}" if "n_noise" in p else "")]
     if p.get("neighbor_positives"):
         parts.append(f"{p['neighbor_positives']} neighbours")
-    if p.get("drift_groups") in ("chunk", "both"):
-        parts.append("flat chunk" if p["drift_groups"] == "chunk" else "per-step + chunk groups")
+    groups = {"chunk": "flat chunk", "both": "per-step + chunk groups"}.get(p.get("drift_groups"))
+    if groups:
+        parts.append(groups)
     if p.get("cond_mlp"):
         parts.append(f"cond MLP {p['cond_mlp']}")
     if p.get("guidance", 1) > 1:
