@@ -142,7 +142,7 @@ def _recipe(r: dict) -> str:
     p, t = r["policy_config"], r["train_config"]
     parts = [f"batch {t['batch_size']}" + (f" x G {p['n_noise']}" if "n_noise" in p else "")]
     if p.get("neighbor_positives"):
-        parts.append(f"{p['neighbor_positives']} neighbours")
+        parts.append(f"{p['neighbor_positives']} neighbours" + ("" if p.get("neighbor_same_episode", True) else " (other episodes)"))
     groups = {"chunk": "flat chunk", "both": "per-step + chunk groups"}.get(p.get("drift_groups"))
     if groups:
         parts.append(groups)
@@ -154,6 +154,8 @@ def _recipe(r: dict) -> str:
         parts.append(f"{p.get('scheduler', 'ddpm').upper()}-{p['num_inference_steps']}")
     if p.get("obs_noise"):
         parts.append(f"obs noise {p['obs_noise']:g}")
+    if t.get("weight_decay", 1e-6) != 1e-6:
+        parts.append(f"weight decay {t['weight_decay']:g}")
     parts += [p.get("backbone", "?"), f"lr {t['lr']:g}", f"warm-up {t['warmup_steps']}", f"EMA {t['ema_decay']:g}"]
     return ", ".join(parts)
 

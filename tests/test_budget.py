@@ -170,6 +170,35 @@ def test_neighbour_positives_shapes_weights_and_own_chunk_first():
     assert torch.allclose(d.sort().values, all_d.sort().values[:6], atol=1e-6)
 
 
+def test_neighbours_from_other_episodes_skip_the_own_demonstration():
+    data = _toy_data(n_eps=6, length=20)
+    # obs = time + 100 * episode: a window's nearest observations are its own episode's, a few steps away.
+    data["obs"] = (np.tile(np.arange(20), 6) + 100 * np.repeat(np.arange(6), 20)).astype(np.float32)[:, None]
+    train, _ = make_windows(data, horizon=4, n_obs_steps=2, n_action_steps=2, val_ratio=0.0)
+    assert torch.equal(train.episode, torch.as_tensor(np.searchsorted(data["episode_ends"], train.index[:, 0].numpy(),
+                                                                      side="right")))
+    norm = Normalizer().fit("obs", train.steps("obs"))
+    ids = torch.arange(len(train))
+    own_ep = train.episode[ids].unsqueeze(1)
+    both = NeighborPositives(train, lambda o: norm.normalize("obs", o), k=5, bandwidth=0.3)
+    nb, _ = both.lookup(ids)
+    assert (train.episode[nb] == own_ep).all()                            # the default: time-shifted copies
+    other = NeighborPositives(train, lambda o: norm.normalize("obs", o), k=5, bandwidth=0.3, same_episode=False)
+    nb, w = other.lookup(ids)
+    assert torch.equal(nb[:, 0], ids) and torch.all(w[:, 0] == 1)           # the own chunk stays first
+    assert not (train.episode[nb[:, 1:]] == own_ep).any()                   # no other window of its episode
+    # Brute force: the k nearest among the other episodes' windows, with the kernel weights of their distances.
+    keys = other.keys
+    for i in (0, 17, len(train) - 1):
+        d = (keys - keys[i]).pow(2).mean(1).sqrt()
+        d[train.episode == train.episode[i]] = float("inf")
+        got = (keys[nb[i, 1:]] - keys[i]).pow(2).mean(1).sqrt()
+        assert torch.allclose(got, d.sort().values[:5], atol=1e-6)
+        assert torch.allclose(w[i, 1:], torch.exp(-0.5 * (got / 0.3) ** 2), atol=1e-5)
+    with pytest.raises(ValueError, match="other episodes"):
+        NeighborPositives(train, lambda o: norm.normalize("obs", o), k=len(train) - 10, bandwidth=0.3, same_episode=False)
+
+
 def test_validation_episodes_never_become_positives():
     data = _toy_data(n_eps=10)
     train, val = make_windows(data, horizon=4, n_obs_steps=2, n_action_steps=2, val_ratio=0.3, seed=1)
@@ -252,16 +281,20 @@ def test_a_records_recipe_column_names_the_regularisers_of_its_runs(tmp_path):
     from drift_policy.bench import bench_train
 
     _fake_run(tmp_path / "runs" / "drift_unet-s0", 0, 7, [0.5, 0.75])
-    _fake_run(tmp_path / "runs" / "drift_unet_policy.obs_noise_0.02_train.ema_decay_0.9999_policy.guidance_2_policy.cond_mlp_64-s0", 0, 7, [0.5, 0.75],
-              overrides=["policy.obs_noise=0.02", "train.ema_decay=0.9999", "policy.guidance=2", "policy.cond_mlp=64"])
+    _fake_run(tmp_path / "runs" / "drift_unet_policy.obs_noise_0.02_train.ema_decay_0.9999_policy.guidance_2_policy.cond_mlp_64_policy.neighbor_same_episode_false_train.weight_decay_0.1-s0", 0, 7, [0.5, 0.75],
+              overrides=["policy.obs_noise=0.02", "train.ema_decay=0.9999", "policy.guidance=2", "policy.cond_mlp=64",
+                         "policy.neighbor_same_episode=false", "train.weight_decay=0.1"])
     path = bench_train(["report_only=1", "budget=640", "seeds=0",
-                        "policies=drift_unet,drift_unet:policy.obs_noise=0.02+train.ema_decay=0.9999+policy.guidance=2+policy.cond_mlp=64",
+                        "policies=drift_unet,drift_unet:policy.obs_noise=0.02+train.ema_decay=0.9999+policy.guidance=2+policy.cond_mlp=64+policy.neighbor_same_episode=false+train.weight_decay=0.1",
                         f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"])
     rows = {line.split(" | ")[0]: line for line in path.with_suffix(".md").read_text().splitlines() if line.startswith("| drift")}
     assert "obs noise" not in rows["| drift_unet"] and "EMA 0.999 |" in rows["| drift_unet"]
     assert "guidance" not in rows["| drift_unet"] and "MLP" not in rows["| drift_unet"]
-    noisy = rows["| drift_unet[policy.obs_noise=0.02 train.ema_decay=0.9999 policy.guidance=2 policy.cond_mlp=64]"]
+    assert "other episodes" not in rows["| drift_unet"] and "weight decay" not in rows["| drift_unet"]
+    noisy = rows["| drift_unet[policy.obs_noise=0.02 train.ema_decay=0.9999 policy.guidance=2 policy.cond_mlp=64 "
+                 "policy.neighbor_same_episode=false train.weight_decay=0.1]"]
     assert "obs noise 0.02," in noisy and "EMA 0.9999 |" in noisy and "guidance 2," in noisy and "cond MLP 64," in noisy
+    assert "neighbours (other episodes)," in noisy and "weight decay 0.1," in noisy
 
 
 def test_a_list_override_is_one_variant_in_policies(tmp_path):

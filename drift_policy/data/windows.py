@@ -52,10 +52,15 @@ def split_episodes(n_episodes: int, val_ratio: float, seed: int) -> tuple[np.nda
 class WindowDataset:
     """Windows of one split: ``index`` [W, Tp] into the shared flat tensors ``data`` (not copied per split)."""
 
-    def __init__(self, data: dict[str, torch.Tensor], index: np.ndarray, n_obs_steps: int):
+    def __init__(self, data: dict[str, torch.Tensor], index: np.ndarray, n_obs_steps: int,
+                 episode: np.ndarray | None = None):
         self.data = data
         self.index = torch.from_numpy(np.ascontiguousarray(index, dtype=np.int64))
         self.n_obs_steps = n_obs_steps
+        # The episode of each window [W] (None: unknown); lets neighbour positives skip a window's own episode.
+        self.episode = None if episode is None else torch.as_tensor(np.asarray(episode, dtype=np.int64))
+        if self.episode is not None and self.episode.shape != (self.index.shape[0],):
+            raise ValueError(f"episode must hold one id per window ({self.index.shape[0]}), got {tuple(self.episode.shape)}")
         self.keys = [k for k in data if k != "action"]          # "obs" and image keys
         self.neighbors: NeighborPositives | None = None
 
@@ -88,13 +93,27 @@ class NeighborPositives:
     arXiv 2606.01098, reports that such neighbour information makes the conditional field well-posed). The
     index holds the windows of ONE split (the training split), so validation episodes never become positives.
     A window's own chunk is always its first positive, with weight 1.
+
+    ``same_episode=False`` takes the neighbours from the OTHER demonstrations only. On Push-T three quarters of a
+    window's 8 nearest observations are its own episode's windows 1-4 steps away, whose chunks are the same
+    demonstration shifted in time: a temporal blur of the one positive, not the other demonstrations' actions
+    in that state, which are what tells the field the local action distribution.
     """
 
-    def __init__(self, windows: WindowDataset, normalize, k: int, bandwidth: float):
+    def __init__(self, windows: WindowDataset, normalize, k: int, bandwidth: float, same_episode: bool = True):
         if k < 1 or not bandwidth > 0:
             raise ValueError(f"neighbour positives need k >= 1 and bandwidth > 0, got k={k}, bandwidth={bandwidth}")
         if k >= len(windows):
             raise ValueError(f"k={k} neighbour positives need more than {len(windows)} training windows")
+        self.episode = None
+        if not same_episode:
+            if windows.episode is None:
+                raise ValueError("neighbours from other episodes need the windows' episode ids (WindowDataset.episode)")
+            counts = torch.bincount(windows.episode)
+            if len(windows) - int(counts.max()) < k:
+                raise ValueError(f"k={k} neighbour positives from other episodes need more than "
+                                 f"{len(windows) - int(counts.max())} windows outside the largest episode")
+            self.episode = windows.episode
         obs = windows.data["obs"][windows.index[:, : windows.n_obs_steps]]                    # [W, To, D]
         with torch.no_grad():
             self.keys = normalize(obs.float()).flatten(1).contiguous()                         # [W, To*D]
@@ -105,6 +124,8 @@ class NeighborPositives:
         q = self.keys[ids]                                                                     # [B, To*D]
         # RMS distance per coordinate, so the bandwidth means the same for any observation size.
         d = torch.cdist(q, self.keys).div_(q.shape[1] ** 0.5)                                 # [B, W]
+        if self.episode is not None:                          # other demonstrations only
+            d.masked_fill_(self.episode[ids].unsqueeze(1) == self.episode.unsqueeze(0), float("inf"))
         d[torch.arange(len(ids)), ids] = -1.0                 # the window itself first, even among exact ties
         dist, nb = d.topk(self.k + 1, dim=1, largest=False)                                   # ascending
         dist = dist.clamp_min(0.0)
@@ -161,6 +182,7 @@ def make_windows(data: dict[str, np.ndarray], horizon: int, n_obs_steps: int, n_
 
     def build(episodes):
         idx = sequence_indices(ends, episodes, horizon, pad_before=n_obs_steps - 1, pad_after=n_action_steps - 1)
-        return WindowDataset(flat, idx, n_obs_steps)
+        # Padded steps repeat their own episode's first or last step, so any column names the window's episode.
+        return WindowDataset(flat, idx, n_obs_steps, episode=np.searchsorted(ends, idx[:, 0], side="right"))
 
     return build(train_eps), (build(val_eps) if len(val_eps) else None)

@@ -25,6 +25,8 @@ class DriftConfig(PolicyConfig):
                                                        # -1: 8 on low-dim tasks, 0 with cameras, whose index
                                                        # would see only the proprioception)
     neighbor_bandwidth: float = 0.05                   # Gaussian kernel width on the RMS normalised-obs distance
+    neighbor_same_episode: bool = True                 # False: neighbours from the other demonstrations only (not the
+                                                       # own episode's windows a few steps away: a time-shifted copy)
     guidance: float = 1.0                              # CFG scale alpha (paper Sec. 3.5): above 1, the expert chunks of
                                                        # the batch's other observations join as negatives, weighted so
                                                        # that q = alpha p(a|o) - (alpha - 1) p(a) at equilibrium
