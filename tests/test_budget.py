@@ -327,3 +327,13 @@ def test_a_record_names_the_test_seeds_that_failed_outright(tmp_path):
     rec = json.loads(path.read_text())["runs"][0]
     assert [e["low_score_seeds"] for e in rec["evals"]] == [[100001, 100003]] * 2
     assert "- drift_unet seed 0: 4 of 8 episodes; 100001 (2), 100003 (2)" in path.with_suffix(".md").read_text()
+
+
+def test_the_config_switch_reaches_the_neighbour_index(pusht_zarr):
+    cfg = compose(["policy.neighbor_positives=4", "policy.neighbor_same_episode=false", f"task.data_root={pusht_zarr.parents[1]}"])
+    train, _ = train_mod.make_datasets(cfg)
+    norm = Normalizer().fit("obs", train.steps("obs")).fit("action", train.steps("action"))
+    train_mod.attach_neighbor_positives(train, cfg, norm)
+    ids = torch.arange(0, len(train), 7)
+    nb, _ = train.neighbors.lookup(ids)
+    assert not (train.episode[nb[:, 1:]] == train.episode[ids].unsqueeze(1)).any()
