@@ -1,7 +1,7 @@
 """Are the test episodes that fail outright the ones whose initial state the demonstrations do not cover? (issue 12)
 
-    python eval/test_seed_coverage.py --records eval/results/compute_matched/more_levers/pusht_keypoints.json ... \
-        [--dims 0:18] [--last 5] [--out eval/results/test_seed_coverage_pusht_keypoints.json]
+    python eval/failure_coverage.py --records eval/results/compute_matched/more_levers/pusht_keypoints.json ... \
+        [--dims 0:18] [--last 5] [--out eval/results/failure_coverage_pusht_keypoints.json]
 
 For each test seed of the records' task (the records' ``start_seed`` and ``eval_episodes``), the initial
 observation of the evaluation environment is compared with every training-split observation: ``nearest`` is the
@@ -96,7 +96,7 @@ def main(argv=None) -> Path:
                                          for i in np.argsort(-f, kind="stable")[:8] if f[i] > 0]}
     rec = {"task": task, "test_seeds": seeds, "dims": [lo, hi], "last": a.last, "records": a.records,
            "nearest": nearest.round(2).tolist(), "runs": runs, "summary": summary, "machine": machine_info()}
-    out = Path(a.out or f"eval/results/test_seed_coverage_{task}.json")
+    out = Path(a.out or f"eval/results/failure_coverage_{task}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rec, indent=1) + "\n")
     for kind, s in summary.items():

@@ -1,0 +1,47 @@
+"""The eval/ scripts that turn records into diagnoses: they must read what the bench writes and count correctly."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+EVAL = Path(__file__).resolve().parents[1] / "eval"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, EVAL / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_spearman_is_a_rank_correlation_with_ties():
+    fc = _script("failure_coverage")
+    assert fc.spearman([1, 2, 3, 4], [10, 20, 30, 1000]) == pytest.approx(1.0)
+    assert fc.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert fc.spearman([1, 2, 3], [5, 5, 5]) is None
+    assert list(fc._ranks(np.array([3.0, 1.0, 3.0]))) == [1.5, 0.0, 1.5]
+
+
+def test_failure_coverage_counts_each_test_seeds_failures_over_the_last_evaluations(pusht_zarr, tmp_path, monkeypatch):
+    monkeypatch.setenv("DRIFT_POLICY_DATA_ROOT", str(pusht_zarr.parents[1]))
+    fc = _script("failure_coverage")
+    evals = [{"low_score_seeds": [100001]}, {"low_score_seeds": [100000, 100002]}, {"low_score_seeds": [100002]}]
+    rec = {"meta": {"task": "pusht_keypoints", "start_seed": 100000, "eval_episodes": 3},
+           "runs": [{"label": "drift_unet", "policy": "drift", "seed": 0, "evals": evals},
+                    {"label": "diffusion_unet", "policy": "diffusion", "seed": 0, "evals": [{"mean_score": 1.0}]}]}
+    path = tmp_path / "rec.json"
+    path.write_text(json.dumps(rec))
+    out = json.loads(fc.main(["--records", str(path), "--dims", "0:18", "--last", "2", "--out", str(tmp_path / "o.json")]).read_text())
+    assert out["test_seeds"] == [100000, 100001, 100002]
+    assert len(out["runs"]) == 1 and out["runs"][0]["failures"] == [1, 0, 2]      # the last 2 evaluations only
+    assert list(out["summary"]) == ["drift"]                                       # no failure lists: not counted
+    assert all(d >= 0 for d in out["nearest"])
+    # One seed per third, nearest first; each failed that many of its 2 counted episodes.
+    expected = [[1, 0, 2][i] / 2 for i in np.argsort(out["nearest"], kind="stable")]
+    assert out["summary"]["drift"]["failure_rate_by_third"] == pytest.approx(expected)
+    with pytest.raises(SystemExit, match="whole 2-d points"):
+        fc.main(["--records", str(path), "--dims", "0:17", "--out", str(tmp_path / "o.json")])
