@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from .config import TrainConfig
 from .errors import ConfigError
 from .fileio import atomic_write_text
 from .policies import config_from_dict
@@ -154,7 +155,8 @@ def _recipe(r: dict) -> str:
         parts.append(f"{p.get('scheduler', 'ddpm').upper()}-{p['num_inference_steps']}")
     if p.get("obs_noise"):
         parts.append(f"obs noise {p['obs_noise']:g}")
-    if t.get("weight_decay", 1e-6) != 1e-6:
+    default_wd = TrainConfig.weight_decay                     # the dataclass default, not a copy of it
+    if t.get("weight_decay", default_wd) != default_wd:
         parts.append(f"weight decay {t['weight_decay']:g}")
     parts += [p.get("backbone", "?"), f"lr {t['lr']:g}", f"warm-up {t['warmup_steps']}", f"EMA {t['ema_decay']:g}"]
     return ", ".join(parts)
