@@ -155,6 +155,8 @@ def _recipe(r: dict) -> str:
         parts.append(f"{p.get('scheduler', 'ddpm').upper()}-{p['num_inference_steps']}")
     if p.get("obs_noise"):
         parts.append(f"obs noise {p['obs_noise']:g}")
+    if p.get("action_anchor"):
+        parts.append(f"actions relative to obs dims {','.join(map(str, p['action_anchor']))}")
     default_wd = TrainConfig.weight_decay                     # the dataclass default, not a copy of it
     if t.get("weight_decay", default_wd) != default_wd:
         parts.append(f"weight decay {t['weight_decay']:g}")

@@ -59,7 +59,7 @@ class ExportablePolicy(nn.Module):
         p = self.policy
         obs = obs[:, -self.n_obs_steps:]
         cond = p.condition({"obs": obs})
-        action_pred = p.normalizer.unnormalize("action", p.sample(cond, noise=noise))
+        action_pred = p.unnormalize_action(p.sample(cond, noise=noise), obs)
         start = self.n_obs_steps - 1
         return action_pred[:, start: start + self.n_action_steps], action_pred
 

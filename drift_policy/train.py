@@ -168,7 +168,8 @@ def _train(cfg: Config | None, run_dir, resume: bool, progress: bool, hold: cont
     # Data and normaliser (fitted on the training split only). Validation comes before anything is written: a
     # run that fails on bad data leaves the folder as it was.
     train_set, val_set = make_datasets(cfg)
-    normalizer = Normalizer().fit("obs", train_set.steps("obs")).fit("action", train_set.steps("action"))
+    normalizer = Normalizer().fit("obs", train_set.steps("obs"))
+    normalizer.fit("action", train_set.action_targets(cfg.policy.action_anchor))
     attach_neighbor_positives(train_set, cfg, normalizer)
     refused = None
     if is_main:

@@ -71,6 +71,15 @@ class WindowDataset:
         """The distinct steps of this split for ``key`` (what a normaliser is fitted on)."""
         return self.data[key][torch.unique(self.index)]
 
+    def action_targets(self, anchor: tuple[int, ...] = ()) -> torch.Tensor:
+        """What the action normaliser is fitted on: the distinct action steps [S, Da], or with ``anchor`` (obs
+        dims, one per action dim) every window's chunk relative to its latest observation [W * Tp, Da]."""
+        if not anchor:
+            return self.steps("action")
+        chunks = self.data["action"][self.index]                                              # [W, Tp, Da]
+        latest = self.data["obs"][self.index[:, self.n_obs_steps - 1]][:, list(anchor)]        # [W, Da]
+        return (chunks - latest.unsqueeze(1)).flatten(0, 1)
+
     def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """{"obs": [B, To, D], <image key>: [B, To, 3, H, W] uint8, "action": [B, Tp, Da]}, plus
         "pos_action" [B, 1 + k, Tp, Da] and "pos_weight" [B, 1 + k] when neighbour positives are attached."""

@@ -33,6 +33,10 @@ class PolicyConfig:
     cond_mlp: int = 0                 # width of a 2-layer Mish MLP between the flattened observation and the
                                       # backbone's FiLM layers (0: none; Diffusion Policy feeds the observation
                                       # straight to FiLM)
+    action_anchor: tuple[int, ...] = ()   # obs dims (of the latest observation step), one per action dim, that
+                                      # the chunk is predicted relative to: action - obs[-1, anchor] is what the
+                                      # normaliser and the generator see (Push-T keypoints: (18, 19), the agent's
+                                      # position). (): absolute actions, Diffusion Policy's choice
     horizon: int = 16                 # Tp: predicted actions per chunk
     n_obs_steps: int = 2              # To
     n_action_steps: int = 8           # Ta: executed actions, starting at index To - 1
@@ -68,6 +72,11 @@ class PolicyConfig:
         if self.n_obs_steps - 1 + self.n_action_steps > self.horizon:
             raise ConfigError(f"policy.n_obs_steps - 1 + policy.n_action_steps must be <= policy.horizon "
                               f"({self.n_obs_steps} - 1 + {self.n_action_steps} > {self.horizon})")
+        self.action_anchor = tuple(int(i) for i in self.action_anchor)
+        if self.action_anchor and (len(self.action_anchor) != self.action_dim
+                                   or not all(0 <= i < self.obs_dim for i in self.action_anchor)):
+            raise ConfigError(f"policy.action_anchor must name one observation dim (0..{self.obs_dim - 1}) per action "
+                              f"dim ({self.action_dim}), or be empty; got {list(self.action_anchor)}")
         self.image_keys = tuple(self.image_keys)
         self.image_shape, self.crop_shape = tuple(self.image_shape), tuple(self.crop_shape)
         if self.image_keys:
@@ -161,6 +170,25 @@ class Policy(nn.Module):
             flat = torch.cat([low, feats], dim=-1).flatten(1)
         return flat if self.cond_mlp is None else self.cond_mlp(flat)
 
+    def normalize_action(self, action: Tensor, obs: Tensor) -> Tensor:
+        """Chunks in data units [B, ..., Tp, Da] -> what the generator models: normalised, and relative to the
+        latest observation's ``action_anchor`` dims when the config has them (obs [B, To, D], data units).
+        Positives of other windows (neighbours) are expressed relative to this observation too: they are the
+        chunks that would be good from here."""
+        return self.normalizer.normalize("action", action - self._anchor(obs, action.dim()))
+
+    def unnormalize_action(self, action_n: Tensor, obs: Tensor) -> Tensor:
+        """The inverse of ``normalize_action``: generator output [B, Tp, Da] -> actions in data units."""
+        return self.normalizer.unnormalize("action", action_n) + self._anchor(obs, action_n.dim())
+
+    def _anchor(self, obs: Tensor, ndim: int) -> Tensor | float:
+        """obs[:, -1, anchor] shaped [B, 1, ..., Da] to broadcast over a chunk of ``ndim`` dims (0.0: none)."""
+        dims = self.config.action_anchor
+        if not dims:
+            return 0.0
+        a = obs[:, -1, list(dims)]                                                      # [B, Da]
+        return a.view(a.shape[0], *([1] * (ndim - 2)), a.shape[1])
+
     def _obs(self, obs) -> dict[str, Tensor]:
         """Validate and move observation windows to the device; keep the latest To steps."""
         c = self.config
@@ -196,7 +224,8 @@ class Policy(nn.Module):
     @torch.no_grad()
     def predict_action(self, obs, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """obs [B, To, obs_dim] (or {"obs": ..., <camera>: [B, To, 3, H, W]}) in data units -> {"action": [B, Ta, Da], "action_pred": [B, Tp, Da]}."""
-        action_pred = self.normalizer.unnormalize("action", self.sample(self.condition(self._obs(obs)), generator))
+        obs = self._obs(obs)
+        action_pred = self.unnormalize_action(self.sample(self.condition(obs), generator), obs["obs"])
         check_chunk(action_pred)
         c = self.config
         return {"action": action_pred[:, executable(c.n_obs_steps, c.n_action_steps)], "action_pred": action_pred}

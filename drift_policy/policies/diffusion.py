@@ -57,7 +57,7 @@ class DiffusionPolicy(Policy):
         self.sampler = (DDPM if config.scheduler == "ddpm" else DDIM)(**kw)
 
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
-        act_n = self.normalizer.normalize("action", batch["action"])           # [B, Tp, Da]
+        act_n = self.normalize_action(batch["action"], batch["obs"])         # [B, Tp, Da]
         noise = torch.randn_like(act_n)
         t = torch.randint(0, self.config.num_train_timesteps, (act_n.shape[0],), device=act_n.device)
         noisy = self.noise_scheduler.add_noise(act_n, noise, t)

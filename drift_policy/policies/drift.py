@@ -71,7 +71,7 @@ class DriftPolicy(Policy):
 
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
         c = self.config
-        act_n = self.normalizer.normalize("action", batch["action"])           # [B, Tp, Da]
+        act_n = self.normalize_action(batch["action"], batch["obs"])         # [B, Tp, Da]
         B = act_n.shape[0]
         # Observations (and images) are encoded once; the N generated chunks of an observation share them.
         cond = self.condition(batch).repeat_interleave(c.n_noise, dim=0)      # [B*N, C]
@@ -110,7 +110,7 @@ class DriftPolicy(Policy):
             raise ValueError(f"drift_groups builds 'per_step' or 'chunk' groups, got {kind!r} (drift_loss combines them)")
         B = x.shape[0]
         if "pos_action" in batch:
-            pos_n = self.normalizer.normalize("action", batch["pos_action"])                # [B, P, Tp, Da]
+            pos_n = self.normalize_action(batch["pos_action"], batch["obs"])                # [B, P, Tp, Da]
             w = batch["pos_weight"]                                                         # [B, P]
         else:
             pos_n, w = act_n.unsqueeze(1), None
