@@ -128,7 +128,7 @@ class Config:
                 raise ConfigError(f"config is missing '{k}'")
         task = _legacy_task(dict(d["task"]))
         check_keys(TaskConfig, task, "task.")
-        from .tasks import resolve_task, task_spaces
+        from .tasks import family, resolve_task, task_spaces
 
         task = resolve_task(TaskConfig(**task))   # every key explicit (LeRobot: read from the dataset's features)
         policy = dict(d["policy"])
@@ -137,6 +137,11 @@ class Config:
             if k in policy and _plain(policy[k]) != _plain(v):
                 raise ConfigError(f"policy.{k}={policy[k]} contradicts task {task.name} ({k}={v})")
             policy[k] = v
+        # A config.json written before policy.action_anchor existed trained on absolute actions; null (the drift
+        # policy's default) is the task's choice, resolved here so that config.json records the dims used.
+        policy.setdefault("action_anchor", ())
+        if policy["action_anchor"] is None:
+            policy["action_anchor"] = family(task).action_anchor(task)
         train = dict(d.get("train", {}))
         check_keys(TrainConfig, train, "train.")
         cfg = cls(task=task, policy=config_from_dict(policy), train=TrainConfig(**train))

@@ -93,3 +93,24 @@ def test_training_on_pusht_fits_the_normaliser_on_relative_chunks(tmp_path, push
     assert n.abs().max() <= 1 + 1e-5 and n.abs().max() > 0.5
     absolute = pol.normalizer.normalize("action", batch["action"])
     assert not torch.allclose(n, absolute)
+
+
+@pytest.mark.parametrize("overrides,expect", [
+    (["policy=drift_unet"], (18, 19)),                           # the drift default: the task's choice
+    (["policy=drift_unet", "task=pusht_image"], ()),             # not measured from pixels: absolute
+    (["policy=drift_unet", "task=can_lowdim"], ()),              # robomimic actions are not observed positions
+    (["policy=diffusion_unet"], ()),                             # the baseline's default: Diffusion Policy's
+    (["policy=diffusion_unet", "policy.action_anchor=null"], (18, 19)),
+    (["policy=drift_unet", "policy.action_anchor=[]"], ()),
+])
+def test_the_default_anchor_is_resolved_from_the_task(overrides, expect):
+    cfg = compose(overrides)
+    assert cfg.policy.action_anchor == expect
+    # Resolved once: config.json records the dims, and reading it back gives the same policy.
+    assert type(cfg).from_dict(cfg.to_dict()).policy.action_anchor == expect
+
+
+def test_a_config_written_before_the_key_existed_keeps_absolute_actions():
+    d = compose(["policy=drift_unet"]).to_dict()
+    del d["policy"]["action_anchor"]
+    assert type(compose([])).from_dict(d).policy.action_anchor == ()

@@ -33,10 +33,11 @@ class PolicyConfig:
     cond_mlp: int = 0                 # width of a 2-layer Mish MLP between the flattened observation and the
                                       # backbone's FiLM layers (0: none; Diffusion Policy feeds the observation
                                       # straight to FiLM)
-    action_anchor: tuple[int, ...] = ()   # obs dims (of the latest observation step), one per action dim, that
-                                      # the chunk is predicted relative to: action - obs[-1, anchor] is what the
-                                      # normaliser and the generator see (Push-T keypoints: (18, 19), the agent's
-                                      # position). (): absolute actions, Diffusion Policy's choice
+    action_anchor: tuple[int, ...] | None = ()   # obs dims (of the latest observation step), one per action
+                                      # dim, that the chunk is predicted relative to: action - obs[-1, anchor] is
+                                      # what the normaliser and the generator see (Push-T keypoints: (18, 19), the
+                                      # agent's position). (): absolute actions, Diffusion Policy's choice; None:
+                                      # the task's choice (TaskFamily.action_anchor), resolved by Config.from_dict
     horizon: int = 16                 # Tp: predicted actions per chunk
     n_obs_steps: int = 2              # To
     n_action_steps: int = 8           # Ta: executed actions, starting at index To - 1
@@ -72,7 +73,8 @@ class PolicyConfig:
         if self.n_obs_steps - 1 + self.n_action_steps > self.horizon:
             raise ConfigError(f"policy.n_obs_steps - 1 + policy.n_action_steps must be <= policy.horizon "
                               f"({self.n_obs_steps} - 1 + {self.n_action_steps} > {self.horizon})")
-        self.action_anchor = tuple(int(i) for i in self.action_anchor)
+        if self.action_anchor is not None:
+            self.action_anchor = tuple(int(i) for i in self.action_anchor)
         if self.action_anchor and (len(self.action_anchor) != self.action_dim
                                    or not all(0 <= i < self.obs_dim for i in self.action_anchor)):
             raise ConfigError(f"policy.action_anchor must name one observation dim (0..{self.obs_dim - 1}) per action "

@@ -56,6 +56,13 @@ class TaskFamily:
         """(obs_dim, action_dim): the low-dim observation and action sizes per step."""
         raise NotImplementedError
 
+    def action_anchor(self, task) -> tuple[int, ...]:
+        """What ``policy.action_anchor: null`` (the drift policy's default) becomes: the low-dim observation dims,
+        one per action dim, that hold the position the actions command, so that chunks are predicted relative
+        to it; () (absolute actions) where the actions are not positions of observed dims, or where relative
+        chunks have not been measured to help."""
+        return ()
+
     def resolve(self, task):
         """The task with every key explicit. A family whose keys come from its data (LeRobot: the dataset's
         features) reads them here; ``Config.from_dict`` calls it once, so a run's config.json records them."""

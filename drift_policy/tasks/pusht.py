@@ -45,6 +45,14 @@ class PushT(TaskFamily):
     def spaces(self, task) -> tuple[int, int]:
         return sum(KEY_DIMS[k] for k in task.obs_keys), ACTION_DIM
 
+    def action_anchor(self, task) -> tuple[int, ...]:
+        # The action is the agent's target position, observed as agent_pos. Relative chunks are measured on
+        # keypoints (eval/results/compute_matched/action_anchor); the image task keeps absolute actions.
+        if task.image_keys:
+            return ()
+        start = sum(KEY_DIMS[k] for k in task.obs_keys[:list(task.obs_keys).index("agent_pos")])
+        return (start, start + 1)
+
     def load(self, task, path: Path) -> dict[str, np.ndarray]:
         from ..data.pusht import load_pusht_image, load_pusht_lowdim
 
