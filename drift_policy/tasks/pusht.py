@@ -50,7 +50,7 @@ class PushT(TaskFamily):
         # keypoints (eval/results/compute_matched/action_anchor); the image task keeps absolute actions.
         if task.image_keys:
             return ()
-        start = sum(KEY_DIMS[k] for k in task.obs_keys[:list(task.obs_keys).index("agent_pos")])
+        start = sum(KEY_DIMS[k] for k in task.obs_keys[:task.obs_keys.index("agent_pos")])
         return (start, start + 1)
 
     def load(self, task, path: Path) -> dict[str, np.ndarray]:
