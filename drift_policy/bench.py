@@ -147,6 +147,8 @@ def _recipe(r: dict) -> str:
     groups = {"chunk": "flat chunk", "both": "per-step + chunk groups"}.get(p.get("drift_groups"))
     if groups:
         parts.append(groups)
+    if p.get("per_dim_scale"):
+        parts.append("per-dim kernel scale")
     if p.get("cond_mlp"):
         parts.append(f"cond MLP {p['cond_mlp']}")
     if p.get("guidance", 1) > 1:

@@ -110,6 +110,30 @@ def test_both_groups_is_the_mean_of_the_per_step_and_chunk_losses():
         one["both"].drift_groups(x, act_n, {})                        # a group set is one kind or the other
 
 
+@pytest.mark.parametrize("groups", ["per_step", "chunk"])
+def test_per_dim_scale_makes_the_loss_invariant_to_rescaling_an_action_dim(groups):
+    torch.manual_seed(0)
+    x, act_n = torch.randn(4, 2, 16, 2), torch.randn(4, 16, 2)
+    stretch = torch.tensor([1.0, 7.0])                                  # dim 1 seven times wider
+    scaled = make_policy(DriftConfig(backbone="tiny", drift_groups=groups, per_dim_scale=True), _norm())
+    def loss_and_grad(pol, x, act):
+        x = x.clone().requires_grad_(True)
+        loss = pol.drift_loss(x, act, {})[0].sum()
+        return loss, torch.autograd.grad(loss, x)[0]
+
+    l0, g0 = loss_and_grad(scaled, x, act_n)
+    l1, g1 = loss_and_grad(scaled, x * stretch, act_n * stretch)
+    torch.testing.assert_close(l1, l0)
+    torch.testing.assert_close(g1 * stretch, g0)                        # the same field in the stretched units
+    # without it the wide dim dominates the kernel's distances and the loss changes
+    plain = make_policy(DriftConfig(backbone="tiny", drift_groups=groups), _norm())
+    assert not torch.allclose(plain.drift_loss(x * stretch, act_n * stretch, {})[0], plain.drift_loss(x, act_n, {})[0])
+    # a constant dim is floored, not divided by zero
+    act_c = act_n.clone()
+    act_c[..., 1] = 0.3
+    assert torch.isfinite(scaled.drift_loss(x, act_c, {})[0]).all()
+
+
 def test_predict_action_shapes_and_units():
     pol = make_policy(DriftConfig(backbone="tiny"), _norm()).eval()
     out = pol.predict_action(torch.rand(3, 2, 20) * 512)

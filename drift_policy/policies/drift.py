@@ -31,6 +31,10 @@ class DriftConfig(PolicyConfig):
                                                        # relative to the agent, 0.940 against 0.919 last-5
                                                        # coverage at 1.2M sample-passes, 2 seeds
                                                        # (eval/results/compute_matched/action_anchor)
+    per_dim_scale: bool = False                        # the kernel's distances in units of each action dim's spread
+                                                       # in the batch (std of the expert chunks), not in the
+                                                       # normaliser's [-1, 1]: a +-1 gripper no longer swamps the
+                                                       # small rotation deltas of a robomimic chunk
     guidance: float = 1.0                              # CFG scale alpha (paper Sec. 3.5): above 1, the expert chunks of
                                                        # the batch's other observations join as negatives, weighted so
                                                        # that q = alpha p(a|o) - (alpha - 1) p(a) at equilibrium
@@ -93,8 +97,13 @@ class DriftPolicy(Policy):
         (K = 2 for ``drift_groups="both"``, whose info keys then end in _per_step / _chunk), and its info."""
         kinds = ("per_step", "chunk") if self.config.drift_groups == "both" else (self.config.drift_groups,)
         losses, info = [], {}
+        # Per-dim scale [Da], from the batch's expert chunks; the floor keeps a (near) constant dim finite.
+        s = act_n.detach().flatten(0, -2).std(0).clamp_min(1e-2) if self.config.per_dim_scale else None
         for kind in kinds:
             gen, pos, w, neg, neg_w = self.drift_groups(x, act_n, batch, kind)
+            if s is not None:                                   # D = Da (per step) or Tp * Da, step-major (chunk)
+                d = s.repeat(gen.shape[-1] // s.numel())
+                gen, pos, neg = gen / d, pos / d, None if neg is None else neg / d
             loss, i = drift_loss(gen, pos, neg, pos_weight=w, neg_weight=neg_w, temperatures=self.config.temperatures)
             losses.append(loss.mean())
             info.update(i if len(kinds) == 1 else {f"{k}_{kind}": v for k, v in i.items()})
