@@ -34,7 +34,9 @@ class DriftConfig(PolicyConfig):
     per_dim_scale: bool = False                        # the kernel's distances in units of each action dim's spread
                                                        # in the batch (std of the expert chunks), not in the
                                                        # normaliser's [-1, 1]: a +-1 gripper no longer swamps the
-                                                       # small rotation deltas of a robomimic chunk
+                                                       # small rotation deltas of a robomimic chunk. Seed 0
+                                                       # at 1.2M: Push-T 0.956 last-5 (default 0.949), Can
+                                                       # 0.38 (0.52): off (compute_matched/levers_1200k, can_levers)
     guidance: float = 1.0                              # CFG scale alpha (paper Sec. 3.5): above 1, the expert chunks of
                                                        # the batch's other observations join as negatives, weighted so
                                                        # that q = alpha p(a|o) - (alpha - 1) p(a) at equilibrium
