@@ -21,9 +21,12 @@ from drift_policy.runs import load_policy_for_eval
 from drift_policy.threads import set_threads
 from drift_policy.train import evaluate_policy, make_datasets
 
+WINDOWS = 256      # fixed windows per split, drawn with seed 0
+
+
 
 def chunk_errors(policy, ds, draws: int) -> dict:
-    b = ds.sample(256, torch.Generator().manual_seed(0))
+    b = ds.sample(WINDOWS, torch.Generator().manual_seed(0))
     with torch.no_grad():
         act_n = policy.normalize_action(b["action"], b["obs"])                        # [B, Tp, Da]
         cond = policy.condition(b)
@@ -49,14 +52,15 @@ def main() -> None:
         raise SystemExit(f"{a.checkpoint}: a {policy.config.type} policy; this diagnosis is for drift")
     train_set, val_set = make_datasets(cfg)
     rec = {"checkpoint": str(a.checkpoint), "task": cfg.task.name, "machine": machine_info(),
-           "windows": 256, "draws": a.draws, "train": chunk_errors(policy, train_set, a.draws)}
+           "windows": WINDOWS, "draws": a.draws, "train": chunk_errors(policy, train_set, a.draws)}
     if val_set is not None and len(val_set):
         rec["val"] = chunk_errors(policy, val_set, a.draws)
     rec["noise_scale"] = []
     sample, c = policy.sample, policy.config
     for s in (float(v) for v in a.noise_scales.split(",") if v):
         def scaled(cond, generator=None, noise=None, s=s):      # the same draws, times s
-            noise = torch.randn(cond.shape[0], c.horizon, c.action_dim, generator=generator, device=cond.device)
+            if noise is None:
+                noise = torch.randn(cond.shape[0], c.horizon, c.action_dim, generator=generator, device=cond.device)
             return sample(cond, noise=noise * s)
         policy.sample = scaled
         res = evaluate_policy(policy, cfg, a.episodes, 0, progress=False)

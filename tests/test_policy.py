@@ -116,6 +116,7 @@ def test_per_dim_scale_makes_the_loss_invariant_to_rescaling_an_action_dim(group
     x, act_n = torch.randn(4, 2, 16, 2), torch.randn(4, 16, 2)
     stretch = torch.tensor([1.0, 7.0])                                  # dim 1 seven times wider
     scaled = make_policy(DriftConfig(backbone="tiny", drift_groups=groups, per_dim_scale=True), _norm())
+
     def loss_and_grad(pol, x, act):
         x = x.clone().requires_grad_(True)
         loss = pol.drift_loss(x, act, {})[0].sum()
