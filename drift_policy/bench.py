@@ -143,7 +143,8 @@ def _recipe(r: dict) -> str:
     p, t = r["policy_config"], r["train_config"]
     parts = [f"batch {t['batch_size']}" + (f" x G {p['n_noise']}" if "n_noise" in p else "")]
     if p.get("neighbor_positives"):
-        parts.append(f"{p['neighbor_positives']} neighbours" + ("" if p.get("neighbor_same_episode", True) else " (other episodes)"))
+        parts.append(f"{p['neighbor_positives']} neighbours" + ("" if p.get("neighbor_same_episode", True) else " (other episodes)")
+                     + (" (own anchor)" if p.get("neighbor_own_anchor") and p.get("action_anchor") else ""))
     groups = {"chunk": "flat chunk", "both": "per-step + chunk groups"}.get(p.get("drift_groups"))
     if groups:
         parts.append(groups)

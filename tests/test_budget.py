@@ -157,6 +157,8 @@ def test_neighbour_positives_shapes_weights_and_own_chunk_first():
     batch = train.sample(7, torch.Generator().manual_seed(0))
     assert batch["pos_action"].shape == (7, 6, 4, 2) and batch["pos_weight"].shape == (7, 6)
     assert torch.equal(batch["pos_action"][:, 0], batch["action"])          # the sample's own chunk, first
+    assert batch["pos_obs"].shape == (7, 6, 3)                               # each positive's latest observation
+    assert torch.equal(batch["pos_obs"][:, 0], batch["obs"][:, -1])
     w = batch["pos_weight"]
     assert torch.all(w[:, 0] == 1) and torch.all((w > 0) & (w <= 1))
     assert torch.all(w[:, :-1] >= w[:, 1:])                                  # nearer observations weigh more

@@ -135,6 +135,34 @@ def test_per_dim_scale_makes_the_loss_invariant_to_rescaling_an_action_dim(group
     assert torch.isfinite(scaled.drift_loss(x, act_c, {})[0]).all()
 
 
+def test_neighbor_own_anchor_makes_each_positive_relative_to_its_own_window():
+    torch.manual_seed(0)
+    B, P, Tp = 3, 4, 16
+    obs = torch.rand(B, 2, 20) * 512
+    pos_obs = torch.rand(B, P, 20) * 512
+    pos_obs[:, 0] = obs[:, -1]                                          # column 0: the window itself
+    offset = (pos_obs[:, :, 18:20] - obs[:, -1:, 18:20]).unsqueeze(2)  # [B, P, 1, 2]: the other agents' positions
+    rel = torch.rand(B, P, Tp, 2) * 40                                  # each chunk relative to its own agent
+    batch = {"obs": obs, "pos_obs": pos_obs, "pos_weight": torch.ones(B, P),
+             "pos_action": rel + pos_obs[:, :, None, 18:20]}
+    act = batch["pos_action"][:, 0]
+    x = torch.randn(B, 2, Tp, 2)
+    own = make_policy(DriftConfig(backbone="tiny", action_anchor=(18, 19), neighbor_own_anchor=True), _norm())
+    query = make_policy(DriftConfig(backbone="tiny", action_anchor=(18, 19)), _norm())
+    act_n = own.normalize_action(act, obs)
+    _, pos_own, *_ = own.drift_groups(x, act_n, batch, "chunk")
+    _, pos_query, *_ = query.drift_groups(x, act_n, batch, "chunk")
+    n = own.normalizer
+    torch.testing.assert_close(pos_own.view(B, P, Tp, 2), n.normalize("action", rel))            # displacements
+    torch.testing.assert_close(pos_query.view(B, P, Tp, 2), n.normalize("action", rel + offset))  # targets
+    torch.testing.assert_close(pos_own[:, 0], act_n.flatten(1))         # the own chunk is the same either way
+    torch.testing.assert_close(pos_query[:, 0], act_n.flatten(1))
+    # without an anchor there is nothing to re-anchor: the option changes nothing
+    plain = [make_policy(DriftConfig(backbone="tiny", neighbor_own_anchor=f), _norm()) for f in (False, True)]
+    a, b = (p.drift_groups(x, p.normalize_action(act, obs), batch, "chunk")[1] for p in plain)
+    torch.testing.assert_close(a, b)
+
+
 def test_predict_action_shapes_and_units():
     pol = make_policy(DriftConfig(backbone="tiny"), _norm()).eval()
     out = pol.predict_action(torch.rand(3, 2, 20) * 512)

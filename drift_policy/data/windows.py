@@ -82,7 +82,8 @@ class WindowDataset:
 
     def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """{"obs": [B, To, D], <image key>: [B, To, 3, H, W] uint8, "action": [B, Tp, Da]}, plus
-        "pos_action" [B, 1 + k, Tp, Da] and "pos_weight" [B, 1 + k] when neighbour positives are attached."""
+        "pos_action" [B, 1 + k, Tp, Da], "pos_weight" [B, 1 + k] and "pos_obs" [B, 1 + k, D] (each positive
+        window's latest observation, for chunks relative to it) when neighbour positives are attached."""
         ids = torch.randint(0, len(self), (batch_size,), generator=generator)
         rows = self.index[ids]                                                                 # [B, Tp]
         out = {k: self.data[k][rows[:, : self.n_obs_steps]] for k in self.keys}
@@ -90,6 +91,7 @@ class WindowDataset:
         if self.neighbors is not None:
             nb, out["pos_weight"] = self.neighbors.lookup(ids)                                # [B, 1+k]
             out["pos_action"] = self.data["action"][self.index[nb]]                            # [B, 1+k, Tp, Da]
+            out["pos_obs"] = self.data["obs"][self.index[nb][..., self.n_obs_steps - 1]]       # [B, 1+k, D]
         return out
 
 

@@ -175,21 +175,23 @@ class Policy(nn.Module):
     def normalize_action(self, action: Tensor, obs: Tensor) -> Tensor:
         """Chunks in data units [B, ..., Tp, Da] -> what the generator models: normalised, and relative to the
         latest observation's ``action_anchor`` dims when the config has them (obs [B, To, D], data units).
-        Positives of other windows (neighbours) are expressed relative to this observation too: they are the
-        chunks that would be good from here."""
+        Positives of other windows (neighbours) are expressed relative to this observation too, as the chunks
+        that would be good from here, unless drift's ``neighbor_own_anchor`` anchors each to its own window."""
         return self.normalizer.normalize("action", action - self._anchor(obs, action.dim()))
 
     def unnormalize_action(self, action_n: Tensor, obs: Tensor) -> Tensor:
         """The inverse of ``normalize_action``: generator output [B, Tp, Da] -> actions in data units."""
         return self.normalizer.unnormalize("action", action_n) + self._anchor(obs, action_n.dim())
 
+    def anchor_of(self, latest: Tensor) -> Tensor | float:
+        """The ``action_anchor`` dims of observations [..., D] -> [..., Da] in data units (0.0: no anchor)."""
+        dims = self.config.action_anchor
+        return latest[..., list(dims)] if dims else 0.0
+
     def _anchor(self, obs: Tensor, ndim: int) -> Tensor | float:
         """obs[:, -1, anchor] shaped [B, 1, ..., Da] to broadcast over a chunk of ``ndim`` dims (0.0: none)."""
-        dims = self.config.action_anchor
-        if not dims:
-            return 0.0
-        a = obs[:, -1, list(dims)]                                                      # [B, Da]
-        return a.view(a.shape[0], *([1] * (ndim - 2)), a.shape[1])
+        a = self.anchor_of(obs[:, -1])                                                  # [B, Da]
+        return a if isinstance(a, float) else a.view(a.shape[0], *([1] * (ndim - 2)), a.shape[1])
 
     def _obs(self, obs) -> dict[str, Tensor]:
         """Validate and move observation windows to the device; keep the latest To steps."""
