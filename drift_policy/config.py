@@ -142,6 +142,11 @@ class Config:
         policy.setdefault("action_anchor", ())
         if policy["action_anchor"] is None:
             policy["action_anchor"] = family(task).action_anchor(task)
+        # drift's neighbour positives: -1 (its default) is the task family's choice where it has one
+        if policy.get("type") == "drift" and policy.get("neighbor_positives", -1) == -1:
+            k = family(task).neighbor_positives(task)
+            if k is not None:
+                policy["neighbor_positives"] = k
         train = dict(d.get("train", {}))
         check_keys(TrainConfig, train, "train.")
         cfg = cls(task=task, policy=config_from_dict(policy), train=TrainConfig(**train))

@@ -22,8 +22,9 @@ class DriftConfig(PolicyConfig):
     temperatures: tuple[float, ...] = (0.02, 0.05, 0.2)
     neighbor_positives: int = -1                       # k extra positives per observation: the expert chunks of
                                                        # its k nearest training observations (0: its own only;
-                                                       # -1: 8 on low-dim tasks, 0 with cameras, whose index
-                                                       # would see only the proprioception)
+                                                       # -1: the task family's choice, robomimic 0; else 8 on
+                                                       # low-dim tasks, 0 with cameras, whose index would see
+                                                       # only the proprioception)
     neighbor_bandwidth: float = 0.05                   # Gaussian kernel width on the RMS normalised-obs distance
     neighbor_same_episode: bool = True                 # False: neighbours from the other demonstrations only (not the
                                                        # own episode's windows a few steps away: a time-shifted copy)
@@ -39,9 +40,10 @@ class DriftConfig(PolicyConfig):
     per_dim_scale: bool = False                        # the kernel's distances in units of each action dim's spread
                                                        # in the batch (std of the expert chunks), not in the
                                                        # normaliser's [-1, 1]: a +-1 gripper no longer swamps the
-                                                       # small rotation deltas of a robomimic chunk. Seed 0
-                                                       # at 1.2M: Push-T 0.956 last-5 (default 0.949), Can
-                                                       # 0.38 (0.52): off (compute_matched/levers_1200k, can_levers)
+                                                       # small rotation deltas of a robomimic chunk. At 1.2M:
+                                                       # Push-T 0.952 last-5 (default 0.940; seeds 0, 1), Can
+                                                       # 0.38 (0.52; seed 0): off (compute_matched/levers_1200k,
+                                                       # can_levers)
     guidance: float = 1.0                              # CFG scale alpha (paper Sec. 3.5): above 1, the expert chunks of
                                                        # the batch's other observations join as negatives, weighted so
                                                        # that q = alpha p(a|o) - (alpha - 1) p(a) at equilibrium

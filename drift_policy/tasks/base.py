@@ -63,6 +63,11 @@ class TaskFamily:
         chunks have not been measured to help."""
         return ()
 
+    def neighbor_positives(self, task) -> int | None:
+        """What the drift policy's ``policy.neighbor_positives: -1`` becomes for this family: a count, or None for
+        the policy's own rule (8 on low-dim tasks, 0 with cameras)."""
+        return None
+
     def resolve(self, task):
         """The task with every key explicit. A family whose keys come from its data (LeRobot: the dataset's
         features) reads them here; ``Config.from_dict`` calls it once, so a run's config.json records them."""
