@@ -1,11 +1,15 @@
 """Where a drift policy's chunk error sits, per action dim and chunk step, and what sampling noise is worth.
 
-    python eval/chunk_errors.py CHECKPOINT [--draws 4] [--noise-scales 1,0] [--episodes 20] [--out FILE.json]
+    python eval/chunk_errors.py CHECKPOINT [--draws 4] [--noise-scales 1,0] [--episodes 20] [--neighbours 8]
+                                [--out FILE.json]
 
 On 256 fixed windows of the training and the held-out split (the run's config), in normalised action units: the
 mse of the generated chunks to the expert chunk per action dim and per chunk step, the spread of the draws per
-dim, and the data's own spread per dim. Then closed-loop scores with the sampling noise multiplied by each scale
-(0: a deterministic f(0, obs)). The record names the machine and the checkpoint.
+dim, and the data's own spread per dim. For a binary action dim (every expert value -1 or +1, a gripper): how
+often a draw has the other sign, overall and in windows whose expert chunk never switches; and, with
+--neighbours K, the share of the positives' kernel weight (own chunk + K neighbours, the policy's bandwidth) that
+has the other sign than the own chunk. Then closed-loop scores with the sampling noise multiplied by each scale
+(0: a deterministic f(0, obs); --noise-scales "" for none). The record names the machine and the checkpoint.
 """
 from __future__ import annotations
 
@@ -33,9 +37,40 @@ def chunk_errors(policy, ds, draws: int) -> dict:
         xs = torch.stack([policy.sample(cond, torch.Generator().manual_seed(i)) for i in range(draws)], 1)
     err = (xs - act_n.unsqueeze(1)).pow(2)                                             # [B, draws, Tp, Da]
     r = lambda t: [round(float(v), 4) for v in t]                                      # noqa: E731
-    return {"mse": round(float(err.mean()), 4), "mse_per_dim": r(err.mean((0, 1, 2))),
-            "mse_per_step": r(err.mean((0, 1, 3))), "draw_std_per_dim": r(xs.std(1).mean((0, 1))),
-            "data_std_per_dim": r(act_n.flatten(0, 1).std(0))}
+    out = {"mse": round(float(err.mean()), 4), "mse_per_dim": r(err.mean((0, 1, 2))),
+           "mse_per_step": r(err.mean((0, 1, 3))), "draw_std_per_dim": r(xs.std(1).mean((0, 1))),
+           "data_std_per_dim": r(act_n.flatten(0, 1).std(0))}
+    out["binary_dims"] = {}
+    for d in binary_dims(act_n):
+        sign = torch.sign(act_n[..., d])                                               # [B, Tp]
+        wrong = (torch.sign(xs[..., d]) != sign.unsqueeze(1)).float()                  # [B, draws, Tp]
+        steady = (sign == sign[:, :1]).all(1)                                          # [B]: no switch in the chunk
+        out["binary_dims"][str(d)] = {"wrong_sign": round(float(wrong.mean()), 4),
+                                      "wrong_sign_no_switch": round(float(wrong[steady].mean()), 4),
+                                      "windows_with_switch": round(float(1 - steady.float().mean()), 4)}
+    return out
+
+
+def binary_dims(act_n: torch.Tensor) -> list[int]:
+    """The action dims whose every expert value is -1 or +1 (normalised units, to 1e-4): grippers."""
+    flat = act_n.flatten(0, -2)
+    return [d for d in range(flat.shape[1]) if bool(((flat[:, d].abs() - 1).abs() < 1e-4).all())]
+
+
+def neighbour_sign_share(policy, cfg, ds, k: int) -> dict:
+    """For each binary dim: the share of the positives' kernel weight (own chunk + k neighbours) whose sign differs
+    from the own chunk's, per chunk step, on WINDOWS fixed training windows."""
+    from drift_policy.train import attach_neighbor_positives
+
+    cfg.policy.neighbor_positives = k
+    attach_neighbor_positives(ds, cfg, policy.normalizer)
+    b = ds.sample(WINDOWS, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pos = policy.normalize_action(b["pos_action"], b["obs"])                       # [B, 1+k, Tp, Da]
+    w = (b["pos_weight"] / b["pos_weight"].sum(1, keepdim=True)).unsqueeze(-1)         # [B, 1+k, 1]
+    act_n = pos[:, 0]
+    return {str(d): round(float(((torch.sign(pos[..., d]) != torch.sign(act_n[:, None, :, d])) * w).sum(1).mean()), 4)
+            for d in binary_dims(act_n)}
 
 
 def main() -> None:
@@ -44,6 +79,7 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=4)
     ap.add_argument("--noise-scales", default="1,0")
     ap.add_argument("--episodes", type=int, default=20)
+    ap.add_argument("--neighbours", type=int, default=0)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     set_threads(1)
@@ -55,6 +91,10 @@ def main() -> None:
            "windows": WINDOWS, "draws": a.draws, "train": chunk_errors(policy, train_set, a.draws)}
     if val_set is not None and len(val_set):
         rec["val"] = chunk_errors(policy, val_set, a.draws)
+    if a.neighbours:
+        rec["neighbours"] = {"k": a.neighbours, "bandwidth": cfg.policy.neighbor_bandwidth,
+                             "same_episode": cfg.policy.neighbor_same_episode,
+                             "other_sign_weight_share": neighbour_sign_share(policy, cfg, train_set, a.neighbours)}
     rec["noise_scale"] = []
     sample, c = policy.sample, policy.config
     for s in (float(v) for v in a.noise_scales.split(",") if v):

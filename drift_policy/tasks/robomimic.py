@@ -53,8 +53,8 @@ class Robomimic(TaskFamily):
     def neighbor_positives(self, task) -> int | None:
         # None on robomimic. The nearest observations of a window near a grasp or a release are the same
         # demonstration a few steps earlier or later, whose ±1 gripper command has already switched (or not yet):
-        # on Can (scripted) 6 % of the positives' weight has the other gripper sign, and the generator learns
-        # to sample it. Can state, 1.2M sample-passes, seed 0: success 0.77 last-5 without them, 0.52 with 8
+        # on Can (scripted) 5.4 % of the positives' weight has the other gripper sign, and the generator samples
+        # it (wrong sign on 12 % of chunk steps, 7.6 % without neighbours: eval/results/can_chunk_errors_*_final). Can state, 1.2M sample-passes, seed 0: success 0.77 last-5 without them, 0.52 with 8
         # (eval/results/compute_matched/can_neighbours).
         return 0
 
