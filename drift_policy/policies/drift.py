@@ -30,9 +30,9 @@ class DriftConfig(PolicyConfig):
                                                        # own episode's windows a few steps away: a time-shifted copy)
     neighbor_own_anchor: bool = False                  # with action_anchor: a neighbour's chunk relative to ITS latest
                                                        # observation (a displacement that transfers), not to this
-                                                       # one's (a target that transfers). On Push-T the positives'
-                                                       # spread at chunk step 0 falls from 0.045 to 0.020 (data's
-                                                       # unconditional spread there: 0.035); at step 15 0.058 -> 0.071
+                                                       # one's (a target that transfers). Much worse on Push-T at
+                                                       # 1.2M (seed 0: 0.832 final, 32 failed episodes of 250):
+                                                       # off (eval/results/compute_matched/neighbour_anchor)
     action_anchor: tuple[int, ...] | None = None       # the task's choice (PolicyConfig): Push-T keypoints' chunks
                                                        # relative to the agent, 0.940 against 0.919 last-5
                                                        # coverage at 1.2M sample-passes, 2 seeds
