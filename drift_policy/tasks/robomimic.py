@@ -51,7 +51,7 @@ class Robomimic(TaskFamily):
             raise ConfigError(f"task.obs_keys: {e}") from e
 
     def neighbor_positives(self, task) -> int | None:
-        # None on robomimic. The nearest observations of a window near a grasp or a release are the same
+        # No neighbours on robomimic. The nearest observations of a window near a grasp or a release are the same
         # demonstration a few steps earlier or later, whose ±1 gripper command has already switched (or not yet):
         # on Can (scripted) 5.4 % of the positives' weight has the other gripper sign, and the generator samples
         # it (wrong sign on 12 % of chunk steps, 7.6 % without neighbours; eval/results/can_chunk_errors_*_final).
