@@ -28,7 +28,6 @@ from drift_policy.train import evaluate_policy, make_datasets
 WINDOWS = 256      # fixed windows per split, drawn with seed 0
 
 
-
 def chunk_errors(policy, ds, draws: int) -> dict:
     b = ds.sample(WINDOWS, torch.Generator().manual_seed(0))
     with torch.no_grad():

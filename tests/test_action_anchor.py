@@ -114,16 +114,3 @@ def test_a_config_written_before_the_key_existed_keeps_absolute_actions():
     d = compose(["policy=drift_unet"]).to_dict()
     del d["policy"]["action_anchor"]
     assert Config.from_dict(d).policy.action_anchor == ()
-
-
-@pytest.mark.parametrize("overrides,expect", [
-    (["policy=drift_unet"], 8),                                  # Push-T keypoints: the policy's low-dim rule
-    (["policy=drift_unet", "task=pusht_image"], 0),              # cameras: the index would see only the agent
-    (["policy=drift_unet", "task=can_lowdim"], 0),               # robomimic's choice: no neighbours
-    (["policy=drift_unet", "task=can_lowdim", "policy.neighbor_positives=8"], 8),   # an explicit count stays
-    (["policy=drift_unet", "policy.neighbor_positives=0"], 0),
-])
-def test_the_default_neighbour_count_is_resolved_from_the_task(overrides, expect):
-    cfg = compose(overrides)
-    assert cfg.policy.neighbor_positives == expect
-    assert Config.from_dict(cfg.to_dict()).policy.neighbor_positives == expect

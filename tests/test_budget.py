@@ -50,10 +50,21 @@ def test_default_batch_keeps_64_chunks_per_step_and_an_explicit_batch_wins():
         compose(["train.batch_size=-1"])
 
 
-def test_neighbour_positives_default_to_8_on_low_dim_tasks_and_off_with_cameras():
-    assert compose(["task=pusht_keypoints"]).policy.neighbor_positives == 8
-    assert compose(["task=pusht_image"]).policy.neighbor_positives == 0     # the index would see only agent_pos
-    assert compose(["task=pusht_image", "policy.neighbor_positives=4"]).policy.neighbor_positives == 4
+@pytest.mark.parametrize("overrides,expect", [
+    (["task=pusht_keypoints"], 8),                               # the policy's low-dim rule
+    (["task=pusht_image"], 0),                                   # the index would see only agent_pos
+    (["task=pusht_image", "policy.neighbor_positives=4"], 4),
+    (["task=can_lowdim"], 0),                                    # robomimic's choice: no neighbours
+    (["task=can_lowdim", "policy.neighbor_positives=8"], 8),     # an explicit count stays
+    (["policy.neighbor_positives=0"], 0),
+])
+def test_neighbour_positives_default_from_the_task(overrides, expect):
+    cfg = compose(["policy=drift_unet", *overrides])
+    assert cfg.policy.neighbor_positives == expect
+    assert Config.from_dict(cfg.to_dict()).policy.neighbor_positives == expect   # config.json keeps the count
+
+
+def test_a_bad_neighbour_count_is_a_config_error():
     with pytest.raises(ConfigError, match="policy.neighbor_positives"):
         compose(["policy.neighbor_positives=-2"])
 
