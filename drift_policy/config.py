@@ -147,6 +147,12 @@ class Config:
             k = family(task).neighbor_positives(task)
             if k is not None:
                 policy["neighbor_positives"] = k
+        # drift's per-dim kernel scale: null (its default) is the task family's choice; a config.json written
+        # before the key existed trained without it
+        if policy.get("type") == "drift":
+            policy.setdefault("per_dim_scale", False)
+            if policy["per_dim_scale"] is None:
+                policy["per_dim_scale"] = family(task).per_dim_scale(task)
         train = dict(d.get("train", {}))
         check_keys(TrainConfig, train, "train.")
         cfg = cls(task=task, policy=config_from_dict(policy), train=TrainConfig(**train))

@@ -64,6 +64,25 @@ def test_neighbour_positives_default_from_the_task(overrides, expect):
     assert Config.from_dict(cfg.to_dict()).policy.neighbor_positives == expect   # config.json keeps the count
 
 
+@pytest.mark.parametrize("overrides,expect", [
+    ([], True),                                                  # Push-T keypoints' choice
+    (["task=pusht_image"], False),                               # not measured from pixels
+    (["task=can_lowdim"], False),                                # robomimic: the gripper would lose its weight
+    (["task=can_lowdim", "policy.per_dim_scale=true"], True),    # an explicit value stays
+    (["policy.per_dim_scale=false"], False),
+])
+def test_per_dim_scale_default_from_the_task(overrides, expect):
+    cfg = compose(["policy=drift_unet", *overrides])
+    assert cfg.policy.per_dim_scale is expect
+    assert Config.from_dict(cfg.to_dict()).policy.per_dim_scale is expect        # config.json keeps the value
+
+
+def test_a_config_written_before_per_dim_scale_existed_keeps_the_shared_scale():
+    d = compose(["policy=drift_unet"]).to_dict()
+    del d["policy"]["per_dim_scale"]
+    assert Config.from_dict(d).policy.per_dim_scale is False
+
+
 def test_a_bad_neighbour_count_is_a_config_error():
     with pytest.raises(ConfigError, match="policy.neighbor_positives"):
         compose(["policy.neighbor_positives=-2"])

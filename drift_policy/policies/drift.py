@@ -37,13 +37,15 @@ class DriftConfig(PolicyConfig):
                                                        # relative to the agent, 0.940 against 0.919 last-5
                                                        # coverage at 1.2M sample-passes, 2 seeds
                                                        # (eval/results/compute_matched/action_anchor)
-    per_dim_scale: bool = False                        # the kernel's distances in units of each action dim's spread
+    per_dim_scale: bool | None = None                  # the kernel's distances in units of each action dim's spread
                                                        # in the batch (std of the expert chunks), not in the
-                                                       # normaliser's [-1, 1]: a +-1 gripper no longer swamps the
-                                                       # small rotation deltas of a robomimic chunk. At 1.2M:
-                                                       # Push-T 0.952 last-5 (default 0.940; seeds 0, 1), Can
-                                                       # 0.38 (0.52; seed 0): off (compute_matched/levers_1200k,
-                                                       # can_levers)
+                                                       # normaliser's [-1, 1]. None: the task's choice
+                                                       # (TaskFamily.per_dim_scale; resolved by Config.from_dict,
+                                                       # False without a task): on for Push-T keypoints (0.952
+                                                       # against 0.940 last-5 at 1.2M, seeds 0, 1), off elsewhere
+                                                       # (Can 0.38 against 0.52, seed 0: a +-1 gripper's weight
+                                                       # goes to the noisy rotation deltas; compute_matched/
+                                                       # levers_1200k, can_levers)
     guidance: float = 1.0                              # CFG scale alpha (paper Sec. 3.5): above 1, the expert chunks of
                                                        # the batch's other observations join as negatives, weighted so
                                                        # that q = alpha p(a|o) - (alpha - 1) p(a) at equilibrium
@@ -71,6 +73,8 @@ class DriftConfig(PolicyConfig):
             raise ConfigError(f"policy.n_noise must be >= 2 (the field needs other samples to repel), got {self.n_noise}")
         if self.drift_groups not in ("per_step", "chunk", "both"):
             raise ConfigError(f"policy.drift_groups must be 'per_step', 'chunk' or 'both', got {self.drift_groups!r}")
+        if self.per_dim_scale is None:                 # no task to ask (Config.from_dict resolves it first)
+            self.per_dim_scale = False
         if self.neighbor_positives == -1:              # resolved here, so config.json holds the value used
             self.neighbor_positives = 0 if self.image_keys else 8
         if self.neighbor_positives < 0 or not self.neighbor_bandwidth > 0:

@@ -68,6 +68,11 @@ class TaskFamily:
         the policy's own rule (8 on low-dim tasks, 0 with cameras)."""
         return None
 
+    def per_dim_scale(self, task) -> bool:
+        """What the drift policy's ``policy.per_dim_scale: null`` becomes for this family: whether the kernel
+        measures each action dim in units of its spread in the batch. Off unless measured to help on the task."""
+        return False
+
     def resolve(self, task):
         """The task with every key explicit. A family whose keys come from its data (LeRobot: the dataset's
         features) reads them here; ``Config.from_dict`` calls it once, so a run's config.json records them."""
