@@ -142,17 +142,16 @@ class Config:
         policy.setdefault("action_anchor", ())
         if policy["action_anchor"] is None:
             policy["action_anchor"] = family(task).action_anchor(task)
-        # drift's neighbour positives: -1 (its default) is the task family's choice where it has one
-        if policy.get("type") == "drift" and policy.get("neighbor_positives", -1) == -1:
-            k = family(task).neighbor_positives(task)
-            if k is not None:
-                policy["neighbor_positives"] = k
-        # drift's per-dim kernel scale: null (its default) is the task family's choice; a config.json written
-        # before the key existed trained without it
         if policy.get("type") == "drift":
+            from .policies.drift import TASK_CHOICE
+
+            # A config.json written before per_dim_scale existed trained with the shared scale.
             policy.setdefault("per_dim_scale", False)
-            if policy["per_dim_scale"] is None:
-                policy["per_dim_scale"] = family(task).per_dim_scale(task)
+            # The keys left to the task (their defaults) take the family's choice where it has one, resolved
+            # here so that config.json records the value used; the rest take the policy's own rule.
+            for key, value in family(task).drift_choices(task).items():
+                if policy.get(key, TASK_CHOICE[key]) == TASK_CHOICE[key]:
+                    policy[key] = value
         train = dict(d.get("train", {}))
         check_keys(TrainConfig, train, "train.")
         cfg = cls(task=task, policy=config_from_dict(policy), train=TrainConfig(**train))

@@ -11,6 +11,10 @@ from ..errors import ConfigError
 from .base import Policy, PolicyConfig, register_policy
 
 
+# The keys a config may leave to the task (TaskFamily.drift_choices), each with the value that means so.
+TASK_CHOICE = {"neighbor_positives": -1, "per_dim_scale": None}
+
+
 @dataclass
 class DriftConfig(PolicyConfig):
     type: str = "drift"
@@ -40,7 +44,7 @@ class DriftConfig(PolicyConfig):
     per_dim_scale: bool | None = None                  # the kernel's distances in units of each action dim's spread
                                                        # in the batch (std of the expert chunks), not in the
                                                        # normaliser's [-1, 1]. None: the task's choice
-                                                       # (TaskFamily.per_dim_scale; resolved by Config.from_dict,
+                                                       # (TaskFamily.drift_choices; resolved by Config.from_dict,
                                                        # False without a task): on for Push-T keypoints (0.952
                                                        # against 0.940 last-5 at 1.2M, seeds 0, 1), off elsewhere
                                                        # (Can 0.38 against 0.52, seed 0: a +-1 gripper's weight

@@ -63,15 +63,13 @@ class TaskFamily:
         chunks have not been measured to help."""
         return ()
 
-    def neighbor_positives(self, task) -> int | None:
-        """What the drift policy's ``policy.neighbor_positives: -1`` becomes for this family: a count, or None for
-        the policy's own rule (8 on low-dim tasks, 0 with cameras)."""
-        return None
-
-    def per_dim_scale(self, task) -> bool:
-        """What the drift policy's ``policy.per_dim_scale: null`` becomes for this family: whether the kernel
-        measures each action dim in units of its spread in the batch. Off unless measured to help on the task."""
-        return False
+    def drift_choices(self, task) -> dict[str, Any]:
+        """The drift policy's keys that this family decides, for configs that leave them to the task
+        (``policy.neighbor_positives: -1``, ``policy.per_dim_scale: null``, ``policy.neighbor_same_episode: null``,
+        the defaults). A key not returned takes the policy's own rule: 8 neighbour positives on low-dim tasks and
+        0 with cameras, the shared kernel scale, neighbours from any window. Return only what was measured to
+        help on the family's tasks."""
+        return {}
 
     def resolve(self, task):
         """The task with every key explicit. A family whose keys come from its data (LeRobot: the dataset's
