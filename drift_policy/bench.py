@@ -152,6 +152,8 @@ def _recipe(r: dict) -> str:
         parts.append("per-dim kernel scale")
     if p.get("cond_mlp"):
         parts.append(f"cond MLP {p['cond_mlp']}")
+    if p.get("noise_scale", 1) != 1:
+        parts.append(f"sampling noise x {p['noise_scale']:g}")
     if p.get("guidance", 1) > 1:
         parts.append(f"guidance {p['guidance']:g}")
     if "num_inference_steps" in p:

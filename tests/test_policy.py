@@ -270,3 +270,30 @@ def test_transformer_policy_configs_compose_and_train():
     assert 8e6 < n < 10e6        # Diffusion Policy's simulation transformer is about 9M parameters
     with pytest.raises(ConfigError, match="policy.backbone"):
         compose(["policy=drift_transformer", "policy.backbone=large"])
+
+
+def test_noise_scale_scales_the_sampling_noise_only():
+    torch.manual_seed(0)
+    base = make_policy(DriftConfig(backbone="tiny"), _norm()).eval()
+    half = make_policy(DriftConfig(backbone="tiny", noise_scale=0.5), _norm()).eval()
+    half.load_state_dict(base.state_dict())
+    cond, eps = torch.randn(3, base.config.n_obs_steps * base.config.obs_dim), torch.randn(3, 16, 2)
+    with torch.no_grad():
+        # passed noise (the exported module's input) and drawn noise are both unit Gaussian, scaled inside
+        torch.testing.assert_close(half.sample(cond, noise=eps), base.sample(cond, noise=0.5 * eps))
+        drawn = half.sample(cond, torch.Generator().manual_seed(1))
+        torch.testing.assert_close(drawn, base.sample(cond, noise=0.5 * torch.randn(3, 16, 2, generator=torch.Generator().manual_seed(1))))
+        assert not torch.allclose(drawn, base.sample(cond, torch.Generator().manual_seed(1)))
+        zero = make_policy(DriftConfig(backbone="tiny", noise_scale=0.0), _norm()).eval()
+        zero.load_state_dict(base.state_dict())
+        torch.testing.assert_close(zero.sample(cond, torch.Generator().manual_seed(1)),
+                                   zero.sample(cond, torch.Generator().manual_seed(2)))   # f(0, obs): deterministic
+    # training draws unit noise whatever the scale: the same loss from the same RNG state
+    batch = {"obs": torch.rand(4, 2, 20) * 2 - 1, "action": torch.rand(4, 16, 2) * 2 - 1}
+    base.train(), half.train()
+    torch.manual_seed(3)
+    l_base = base.compute_loss(batch)[0]
+    torch.manual_seed(3)
+    torch.testing.assert_close(half.compute_loss(batch)[0], l_base)
+    with pytest.raises(ConfigError, match="policy.noise_scale"):
+        DriftConfig(noise_scale=-1.0)

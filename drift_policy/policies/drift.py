@@ -50,6 +50,10 @@ class DriftConfig(PolicyConfig):
                                                        # (Can 0.38 against 0.52, seed 0: a +-1 gripper's weight
                                                        # goes to the noisy rotation deltas; compute_matched/
                                                        # levers_1200k, can_levers)
+    noise_scale: float = 1.0                           # inference only: the sampling noise is eps * noise_scale (the
+                                                       # truncation trick: below 1, samples nearer the middle of
+                                                       # the generator's distribution); training always draws unit
+                                                       # noise, so it changes no weight
     guidance: float = 1.0                              # CFG scale alpha (paper Sec. 3.5): above 1, the expert chunks of
                                                        # the batch's other observations join as negatives, weighted so
                                                        # that q = alpha p(a|o) - (alpha - 1) p(a) at equilibrium
@@ -84,6 +88,8 @@ class DriftConfig(PolicyConfig):
         if self.neighbor_positives < 0 or not self.neighbor_bandwidth > 0:
             raise ConfigError(f"policy.neighbor_positives must be >= 0 (or -1: auto) and policy.neighbor_bandwidth > 0, got "
                               f"{self.neighbor_positives} and {self.neighbor_bandwidth}")
+        if not self.noise_scale >= 0:
+            raise ConfigError(f"policy.noise_scale must be >= 0 (1: the training noise), got {self.noise_scale}")
         if not self.guidance >= 1:
             raise ConfigError(f"policy.guidance must be >= 1 (1: no guidance), got {self.guidance}")
         self.temperatures = tuple(float(t) for t in self.temperatures)
@@ -169,7 +175,11 @@ class DriftPolicy(Policy):
         return gen, pos, w, neg, neg_w
 
     def sample(self, cond: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+        """As ``Policy.sample``; ``noise``, drawn or passed (the exported module's input), is unit Gaussian and is
+        multiplied by ``noise_scale`` here, so every caller samples the same distribution."""
         noise = self._noise(cond.shape[0], generator) if noise is None else noise
+        if self.config.noise_scale != 1:
+            noise = noise * self.config.noise_scale
         return self.model(noise, cond)                                        # one forward: 1 NFE
 
 
