@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .errors import ConfigError, check_keys, check_types
 from .paths import CONFIG_DIR
-from .policies import PolicyConfig, config_from_dict
+from .policies import PolicyConfig, config_from_dict, with_legacy_keys
 
 
 @dataclass
@@ -137,16 +137,15 @@ class Config:
             if k in policy and _plain(policy[k]) != _plain(v):
                 raise ConfigError(f"policy.{k}={policy[k]} contradicts task {task.name} ({k}={v})")
             policy[k] = v
-        # A config.json written before policy.action_anchor existed trained on absolute actions; null (the drift
-        # policy's default) is the task's choice, resolved here so that config.json records the dims used.
-        policy.setdefault("action_anchor", ())
+        # A config.json written before a key existed reads as what it was trained with (action_anchor: [], absolute
+        # actions); null, the drift policy's default, is the task's choice, resolved here so that config.json
+        # records the dims used.
+        policy = with_legacy_keys(policy)
         if policy["action_anchor"] is None:
             policy["action_anchor"] = family(task).action_anchor(task)
         if policy.get("type") == "drift":
             from .policies.drift import TASK_CHOICE
 
-            # A config.json written before per_dim_scale existed trained with the shared scale.
-            policy.setdefault("per_dim_scale", False)
             # The keys left to the task (their defaults) take the family's choice where it has one, resolved
             # here so that config.json records the value used; the rest take the policy's own rule.
             for key, value in family(task).drift_choices(task).items():

@@ -8,8 +8,9 @@ mse of the generated chunks to the expert chunk per action dim and per chunk ste
 dim, and the data's own spread per dim. For a binary action dim (every expert value -1 or +1, a gripper): how
 often a draw has the other sign, overall and in windows whose expert chunk never switches; and, with
 --neighbours K, the share of the positives' kernel weight (own chunk + K neighbours, the policy's bandwidth) that
-has the other sign than the own chunk. Then closed-loop scores with the sampling noise multiplied by each scale
-(0: a deterministic f(0, obs); --noise-scales "" for none). The record names the machine and the checkpoint.
+has the other sign than the own chunk (these with the checkpoint's own ``policy.noise_scale``). Then closed-loop
+scores with ``policy.noise_scale`` set to each scale (0: a deterministic f(0, obs); --noise-scales "" for none).
+The record names the machine and the checkpoint.
 """
 from __future__ import annotations
 
@@ -95,13 +96,9 @@ def main() -> None:
                              "same_episode": cfg.policy.neighbor_same_episode,
                              "other_sign_weight_share": neighbour_sign_share(policy, cfg, train_set, a.neighbours)}
     rec["noise_scale"] = []
-    sample, c = policy.sample, policy.config
+    rec["config_noise_scale"] = policy.config.noise_scale
     for s in (float(v) for v in a.noise_scales.split(",") if v):
-        def scaled(cond, generator=None, noise=None, s=s):      # the same draws, times s
-            if noise is None:
-                noise = torch.randn(cond.shape[0], c.horizon, c.action_dim, generator=generator, device=cond.device)
-            return sample(cond, noise=noise * s)
-        policy.sample = scaled
+        policy.config.noise_scale = s                             # the same seeded draws, times s
         res = evaluate_policy(policy, cfg, a.episodes, 0, progress=False)
         rec["noise_scale"].append({"scale": s, "episodes": a.episodes, "mean_score": res["mean_score"],
                                    "success_rate": res["success_rate"]})

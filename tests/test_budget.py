@@ -64,23 +64,29 @@ def test_neighbour_positives_default_from_the_task(overrides, expect):
     assert Config.from_dict(cfg.to_dict()).policy.neighbor_positives == expect   # config.json keeps the count
 
 
+KEYS = ("per_dim_scale", "neighbor_same_episode", "noise_scale")
+
+
 @pytest.mark.parametrize("overrides,expect", [
-    ([], True),                                                  # Push-T keypoints' choice
-    (["task=pusht_image"], False),                               # not measured from pixels
-    (["task=can_lowdim"], False),                                # robomimic: the gripper would lose its weight
-    (["task=can_lowdim", "policy.per_dim_scale=true"], True),    # an explicit value stays
-    (["policy.per_dim_scale=false"], False),
+    ([], (True, False, 0.5)),                                    # Push-T keypoints' choices
+    (["task=pusht_image"], (False, True, 1.0)),                  # not measured from pixels: the policy's rule
+    (["task=can_lowdim"], (False, True, 1.0)),                   # robomimic: the gripper would lose its weight
+    (["task=can_lowdim", "policy.per_dim_scale=true", "policy.noise_scale=0.7"], (True, True, 0.7)),  # explicit stays
+    (["policy.per_dim_scale=false", "policy.neighbor_same_episode=true", "policy.noise_scale=1"], (False, True, 1.0)),
 ])
-def test_per_dim_scale_default_from_the_task(overrides, expect):
+def test_drift_keys_left_to_the_task_take_its_choice(overrides, expect):
     cfg = compose(["policy=drift_unet", *overrides])
-    assert cfg.policy.per_dim_scale is expect
-    assert Config.from_dict(cfg.to_dict()).policy.per_dim_scale is expect        # config.json keeps the value
+    assert tuple(getattr(cfg.policy, k) for k in KEYS) == expect
+    again = Config.from_dict(cfg.to_dict()).policy                                  # config.json keeps the values
+    assert tuple(getattr(again, k) for k in KEYS) == expect
 
 
-def test_a_config_written_before_per_dim_scale_existed_keeps_the_shared_scale():
+def test_a_config_written_before_the_task_choices_existed_keeps_what_it_trained_with():
     d = compose(["policy=drift_unet"]).to_dict()
-    del d["policy"]["per_dim_scale"]
-    assert Config.from_dict(d).policy.per_dim_scale is False
+    for k in KEYS:
+        del d["policy"][k]
+    p = Config.from_dict(d).policy
+    assert (p.per_dim_scale, p.neighbor_same_episode, p.noise_scale) == (False, True, 1.0)
 
 
 def test_a_bad_neighbour_count_is_a_config_error():
@@ -322,7 +328,9 @@ def test_a_records_recipe_column_names_the_regularisers_of_its_runs(tmp_path):
     rows = {line.split(" | ")[0]: line for line in path.with_suffix(".md").read_text().splitlines() if line.startswith("| drift")}
     assert "obs noise" not in rows["| drift_unet"] and "EMA 0.999 |" in rows["| drift_unet"]
     assert "guidance" not in rows["| drift_unet"] and "MLP" not in rows["| drift_unet"]
-    assert "other episodes" not in rows["| drift_unet"] and "weight decay" not in rows["| drift_unet"]
+    assert "weight decay" not in rows["| drift_unet"]
+    # the task's choices are read from the resolved config too (Push-T keypoints: TaskFamily.drift_choices)
+    assert all(k in rows["| drift_unet"] for k in ("(other episodes)", "per-dim kernel scale", "sampling noise x 0.5"))
     noisy = rows["| drift_unet[policy.obs_noise=0.02 train.ema_decay=0.9999 policy.guidance=2 policy.cond_mlp=64 "
                  "policy.neighbor_same_episode=false train.weight_decay=0.1]"]
     assert "obs noise 0.02," in noisy and "EMA 0.9999 |" in noisy and "guidance 2," in noisy and "cond MLP 64," in noisy

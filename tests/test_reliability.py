@@ -399,6 +399,29 @@ def test_item10_pretrained_folders_are_verified(tmp_path):
             Policy.from_pretrained(folder)                             # and the weights' own record does too
 
 
+def test_a_pretrained_folder_written_before_later_keys_existed_loads_as_trained(tmp_path):
+    """Keys added after a policy was saved (``PolicyConfig.LEGACY``) read as the value it was trained with; any
+    other missing key is still refused (the test above)."""
+    from safetensors.torch import load, save
+
+    policy = _tiny_policy()
+    folder = policy.save_pretrained(tmp_path / "old")
+    later = ("per_dim_scale", "neighbor_same_episode", "noise_scale", "action_anchor")
+    cfg = json.loads((folder / "config.json").read_text())
+    for k in later:
+        cfg.pop(k)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    weights = (folder / "model.safetensors").read_bytes()
+    n = int.from_bytes(weights[:8], "little")
+    meta = json.loads(weights[8: 8 + n])["__metadata__"]
+    meta["config"] = json.dumps({k: v for k, v in json.loads(meta["config"]).items() if k not in later})
+    (folder / "model.safetensors").write_bytes(save(load(weights), metadata=meta))
+    _rewrite_manifest(folder)
+    loaded = Policy.from_pretrained(folder).config
+    assert (loaded.per_dim_scale, loaded.neighbor_same_episode, loaded.noise_scale, loaded.action_anchor) == \
+        (False, True, 1.0, ())
+
+
 # ---- item 11: unpickling ------------------------------------------------------------------------------------------
 class _Payload:
     def __init__(self, marker):

@@ -7,6 +7,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,10 @@ from ..observations import check_chunk, check_observation
 
 @dataclass
 class PolicyConfig:
+    # Keys added after policies were first saved, each with the value that a config.json written before the key
+    # existed was trained with (``with_legacy_keys``): older run and pretrained folders still load, as what they are.
+    LEGACY: ClassVar[dict] = {"action_anchor": ()}
+
     type: str = ""
     architecture: str = "unet"        # "unet" (1-D conv U-Net + FiLM) or "transformer" (time-series transformer)
     backbone: str = "small"           # size preset of that architecture (UNET_PRESETS / TRANSFORMER_PRESETS)
@@ -345,6 +350,7 @@ class Policy(nn.Module):
         raw, weights = cls._read_pretrained(path)
         if not isinstance(raw, dict):
             raise CheckpointError(f"{path / 'config.json'}: expected a JSON object")
+        raw = with_legacy_keys(raw)
         config = config_from_dict(raw)
         missing = sorted({f.name for f in dataclasses.fields(config)} - set(raw))
         if missing:   # defaults would silently describe another policy than the one trained
@@ -356,7 +362,7 @@ class Policy(nn.Module):
         except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
             raise CheckpointError(f"{path / 'model.safetensors'}: not a readable safetensors file ({e})") from e
         if "config" in meta:
-            trained = json.loads(meta["config"])
+            trained = with_legacy_keys(json.loads(meta["config"]))
             differ = sorted(k for k in set(trained) | set(raw) if _plain(trained.get(k)) != _plain(raw.get(k)))
             if differ:
                 raise CheckpointError(f"{path / 'config.json'} contradicts the weights, which were trained with "
@@ -405,6 +411,13 @@ def register_policy(config_cls: type[PolicyConfig], policy_cls: type[Policy]) ->
 
 def make_policy(config: PolicyConfig, normalizer=None) -> Policy:
     return POLICIES[config.type][1](config, normalizer)
+
+
+def with_legacy_keys(d: dict) -> dict:
+    """A saved policy config with every key its policy added later (``LEGACY``) that it lacks set to the value it
+    was trained with; anything else missing stays missing."""
+    cls = POLICIES.get(d.get("type"), (PolicyConfig,))[0]
+    return {**cls.LEGACY, **d}
 
 
 def config_from_dict(d: dict) -> PolicyConfig:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -12,11 +13,14 @@ from .base import Policy, PolicyConfig, register_policy
 
 
 # The keys a config may leave to the task (TaskFamily.drift_choices), each with the value that means so.
-TASK_CHOICE = {"neighbor_positives": -1, "per_dim_scale": None}
+TASK_CHOICE = {"neighbor_positives": -1, "per_dim_scale": None, "neighbor_same_episode": None, "noise_scale": None}
 
 
 @dataclass
 class DriftConfig(PolicyConfig):
+    LEGACY: ClassVar[dict] = {**PolicyConfig.LEGACY, "per_dim_scale": False, "neighbor_same_episode": True,
+                              "noise_scale": 1.0}
+
     type: str = "drift"
     n_noise: int = 2                                   # generated chunks per observation (N in the paper)
     drift_groups: str = "per_step"                     # "per_step": one group per (obs, step), D = action_dim;
@@ -30,8 +34,10 @@ class DriftConfig(PolicyConfig):
                                                        # low-dim tasks, 0 with cameras, whose index would see
                                                        # only the proprioception)
     neighbor_bandwidth: float = 0.05                   # Gaussian kernel width on the RMS normalised-obs distance
-    neighbor_same_episode: bool = True                 # False: neighbours from the other demonstrations only (not the
-                                                       # own episode's windows a few steps away: a time-shifted copy)
+    neighbor_same_episode: bool | None = None          # False: neighbours from the other demonstrations only (not the
+                                                       # own episode's windows a few steps away: a time-shifted copy).
+                                                       # None: the task's choice (TaskFamily.drift_choices; True
+                                                       # without one): False on Push-T keypoints
     neighbor_own_anchor: bool = False                  # with action_anchor: a neighbour's chunk relative to ITS latest
                                                        # observation (a displacement that transfers), not to this
                                                        # one's (a target that transfers). Much worse on Push-T at
@@ -50,10 +56,12 @@ class DriftConfig(PolicyConfig):
                                                        # (Can 0.38 against 0.52, seed 0: a +-1 gripper's weight
                                                        # goes to the noisy rotation deltas; compute_matched/
                                                        # levers_1200k, can_levers)
-    noise_scale: float = 1.0                           # inference only: the sampling noise is eps * noise_scale (the
+    noise_scale: float | None = None                   # inference only: the sampling noise is eps * noise_scale (the
                                                        # truncation trick: below 1, samples nearer the middle of
                                                        # the generator's distribution); training always draws unit
-                                                       # noise, so it changes no weight
+                                                       # noise, so it changes no weight. None: the task's choice
+                                                       # (TaskFamily.drift_choices; 1 without one): 0.5 on Push-T
+                                                       # keypoints
     guidance: float = 1.0                              # CFG scale alpha (paper Sec. 3.5): above 1, the expert chunks of
                                                        # the batch's other observations join as negatives, weighted so
                                                        # that q = alpha p(a|o) - (alpha - 1) p(a) at equilibrium
@@ -81,8 +89,13 @@ class DriftConfig(PolicyConfig):
             raise ConfigError(f"policy.n_noise must be >= 2 (the field needs other samples to repel), got {self.n_noise}")
         if self.drift_groups not in ("per_step", "chunk", "both"):
             raise ConfigError(f"policy.drift_groups must be 'per_step', 'chunk' or 'both', got {self.drift_groups!r}")
-        if self.per_dim_scale is None:                 # no task to ask (Config.from_dict resolves it first)
+        # The keys left to the task when there is no task to ask (Config.from_dict resolves them first).
+        if self.per_dim_scale is None:
             self.per_dim_scale = False
+        if self.neighbor_same_episode is None:
+            self.neighbor_same_episode = True
+        if self.noise_scale is None:
+            self.noise_scale = 1.0
         if self.neighbor_positives == -1:              # resolved here, so config.json holds the value used
             self.neighbor_positives = 0 if self.image_keys else 8
         if self.neighbor_positives < 0 or not self.neighbor_bandwidth > 0:

@@ -65,10 +65,10 @@ class TaskFamily:
 
     def drift_choices(self, task) -> dict[str, Any]:
         """The drift policy's keys that this family decides, for configs that leave them to the task
-        (``policy.neighbor_positives: -1``, ``policy.per_dim_scale: null``, ``policy.neighbor_same_episode: null``,
+        (``policy.neighbor_positives: -1``; ``per_dim_scale``, ``neighbor_same_episode`` and ``noise_scale``: null;
         the defaults). A key not returned takes the policy's own rule: 8 neighbour positives on low-dim tasks and
-        0 with cameras, the shared kernel scale, neighbours from any window. Return only what was measured to
-        help on the family's tasks."""
+        0 with cameras, the shared kernel scale, neighbours from any window, unit sampling noise. Return only what
+        was measured to help on the family's tasks."""
         return {}
 
     def resolve(self, task):
