@@ -14,12 +14,14 @@ from .base import Policy, PolicyConfig, register_policy
 
 # The keys a config may leave to the task (TaskFamily.drift_choices), each with the value that means so.
 TASK_CHOICE = {"neighbor_positives": -1, "per_dim_scale": None, "neighbor_same_episode": None, "noise_scale": None}
+# What those keys (but the neighbour count, which depends on the cameras) become when no task chooses: the policy's
+# own rule, which is also what every config written before the keys existed was trained with.
+OWN_RULE = {"per_dim_scale": False, "neighbor_same_episode": True, "noise_scale": 1.0}
 
 
 @dataclass
 class DriftConfig(PolicyConfig):
-    LEGACY: ClassVar[dict] = {**PolicyConfig.LEGACY, "per_dim_scale": False, "neighbor_same_episode": True,
-                              "noise_scale": 1.0}
+    LEGACY: ClassVar[dict] = {**PolicyConfig.LEGACY, **OWN_RULE}
 
     type: str = "drift"
     n_noise: int = 2                                   # generated chunks per observation (N in the paper)
@@ -89,13 +91,9 @@ class DriftConfig(PolicyConfig):
             raise ConfigError(f"policy.n_noise must be >= 2 (the field needs other samples to repel), got {self.n_noise}")
         if self.drift_groups not in ("per_step", "chunk", "both"):
             raise ConfigError(f"policy.drift_groups must be 'per_step', 'chunk' or 'both', got {self.drift_groups!r}")
-        # The keys left to the task when there is no task to ask (Config.from_dict resolves them first).
-        if self.per_dim_scale is None:
-            self.per_dim_scale = False
-        if self.neighbor_same_episode is None:
-            self.neighbor_same_episode = True
-        if self.noise_scale is None:
-            self.noise_scale = 1.0
+        for key, value in OWN_RULE.items():           # left to a task that did not choose (or no task at all)
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         if self.neighbor_positives == -1:              # resolved here, so config.json holds the value used
             self.neighbor_positives = 0 if self.image_keys else 8
         if self.neighbor_positives < 0 or not self.neighbor_bandwidth > 0:
