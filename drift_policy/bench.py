@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -366,6 +367,88 @@ def bench_train(args: list[str]) -> Path:
     return path
 
 
+def bench_rescore(args: list[str]) -> list[Path]:
+    """``drift-policy bench rescore runs=DIR policies=... seeds=0,1 set=policy.noise_scale=1``: runs of ``bench train``
+    scored again at every evaluation, with inference-only policy keys changed (``PolicyConfig.INFERENCE``).
+
+    Each evaluation reloads the EMA weights of that step's checkpoint and replays the same test seeds with the same
+    sampling seed, so the new run differs from its source only in how the trained policy acts (an unchanged policy
+    reproduces the source's scores exactly). The new run goes beside its source, named as the variant with ``set``
+    added to its overrides, so ``bench train report_only=1`` records it like any other run. It needs the checkpoint
+    of every evaluation: train with ``train.ckpt_every_steps`` dividing the evaluation interval and
+    ``train.keep_checkpoints`` at least the number of evaluations. Interrupted, it continues where it stopped."""
+    from .threads import set_threads
+
+    defaults = {"policies": "drift_unet", "seeds": "0,1", "task": "pusht_keypoints", "budget": 1_200_000,
+                "runs": "", "set": ""}
+    opts = {**defaults, **_kv(args, {k: type(v) for k, v in defaults.items()},
+                              usage="usage: drift-policy bench rescore runs=DIR policies=... seeds=0,1 "
+                                    "set=policy.noise_scale=1[+policy.KEY=VALUE ...]", defaults=defaults)}
+    items = [o for o in _split_outside_brackets(opts["set"], "+") if o]
+    changes = {}
+    for o in items:
+        key, eq, value = o.partition("=")
+        if not (key.startswith("policy.") and eq):
+            raise ConfigError(f"set: {o!r} must be policy.KEY=VALUE (only inference-only policy keys can change)")
+        changes[key[len("policy."):]] = value
+    if not changes:
+        raise ConfigError("set: name at least one inference-only policy key to change, e.g. set=policy.noise_scale=1")
+    run_root = Path(opts["runs"] or Path("runs") / f"compute_matched-{opts['task']}-{opts['budget']}")
+    set_threads(1)
+    written = []
+    for label, (pol, ov) in _variants(opts["policies"]).items():
+        for seed in (int(x) for x in opts["seeds"].split(",")):
+            src = run_root / _folder(label, seed)
+            dst = run_root / _folder(f"{pol}[{' '.join([*ov, *items])}]", seed)
+            written.append(_rescore_run(src, dst, changes))
+    return written
+
+
+def _rescore_run(src: Path, dst: Path, changes: dict) -> Path:
+    """One run of ``bench rescore``: ``dst`` holds ``src``'s training log and config with ``changes``, and every
+    evaluation of ``src`` replayed from its checkpoint."""
+    from .evaluation import save_eval_json
+    from .train import evaluate_policy
+
+    if not runs.config_path(src).exists():
+        raise SystemExit(f"bench rescore: {src} is not a run folder (no config.json)")
+    evals = [(json.loads(f.read_text()), f) for f in runs.eval_files(src)]
+    if not evals:
+        raise SystemExit(f"bench rescore: {src} has no evaluation to score again")
+    missing = [e["step"] for e, _ in evals if not runs.checkpoint_path(src, e["step"]).exists()]
+    if missing:
+        raise SystemExit(f"bench rescore: {src} kept no checkpoint for the evaluations at steps {missing}; train "
+                         f"with train.ckpt_every_steps dividing the evaluation interval and train.keep_checkpoints "
+                         f">= the number of evaluations")
+    provenance = {"source": str(src.resolve()), "set": {f"policy.{k}": v for k, v in changes.items()}}
+    prov_path = runs.rescored_path(dst)
+    resuming = prov_path.exists() and json.loads(prov_path.read_text()) == provenance
+    with runs.claim_run_dir(dst, resume=resuming):
+        if not resuming:
+            _, cfg = runs.load_policy_for_eval(runs.checkpoint_path(src, evals[0][0]["step"]), inference=changes)
+            runs.write_config(dst, cfg)
+            if runs.metrics_path(src).exists():       # the training log is the source's: the same training
+                shutil.copyfile(runs.metrics_path(src), runs.metrics_path(dst))
+            atomic_write_text(prov_path, json.dumps(provenance, indent=2))
+        for ev, f in evals:
+            out = runs.eval_path(dst, ev["step"])
+            if out.exists():
+                continue
+            policy, cfg = runs.load_policy_for_eval(runs.checkpoint_path(src, ev["step"]), inference=changes)
+            t = cfg.train
+            res = evaluate_policy(policy, cfg, t.eval_episodes, 0, progress=False, seed=t.seed)
+            # Training time, budget and held-out signals are the source's (compute_loss reads no inference key).
+            res.update({k: ev[k] for k in ("step", "sample_passes", "train_minutes", "val") if k in ev},
+                       rescored_from=str(f.resolve()))
+            save_eval_json(res, out)
+            print(f"{dst.name} step {ev['step']}: score {res['mean_score']:.3f}, success {res['success_rate']:.2f} "
+                  f"(source {ev['mean_score']:.3f}, {ev['success_rate']:.2f})", flush=True)
+        if (runs.pretrained_dir(src) / "model.safetensors").exists() and not runs.pretrained_dir(dst).exists():
+            runs.load_policy_for_eval(runs.pretrained_dir(src), inference=changes)[0].save_pretrained(
+                runs.pretrained_dir(dst))
+    return dst
+
+
 def run_summary(args: list[str]) -> dict:
     """``drift-policy bench summary run=DIR [out=FILE.json] [machine=TEXT]``: a run's evaluation history (every
     eval/step_*.json: score and success by step and training minute), its config and max / last-k statistics,
@@ -414,15 +497,18 @@ def run_summary(args: list[str]) -> dict:
 
 
 def main(args: list[str]) -> None:
-    usage = ("usage: drift-policy bench {train,latency,summary} [key=value ...]\n"
-             "  drift-policy bench <train|latency|summary> --help   lists that benchmark's keys and defaults")
+    usage = ("usage: drift-policy bench {train,rescore,latency,summary} [key=value ...]\n"
+             "  drift-policy bench <train|rescore|latency|summary> --help   lists that benchmark's keys and defaults")
     if args and args[0] in ("-h", "--help", "help"):
         print(usage)
         return
-    if not args or args[0] not in ("train", "latency", "summary"):
+    if not args or args[0] not in ("train", "rescore", "latency", "summary"):
         raise SystemExit(usage)
     if args[0] == "summary":
         run_summary(args[1:])
+    elif args[0] == "rescore":
+        for d in bench_rescore(args[1:]):
+            print(f"rescored: {d}")
     elif args[0] == "train":
         bench_train(args[1:])
     else:

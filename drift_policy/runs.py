@@ -7,6 +7,8 @@
     <run>/pretrained/                the final EMA policy (``Policy.save_pretrained``)
     <run>/ddp.json                   DDP runs: every rank's parameter digest at the end
     <run>/plots/*.png                training plots, written when training ends (``plots.py``)
+    <run>/rescored.json              a run scored again from another run's checkpoints (``bench rescore``): the
+                                     source and the inference-only keys changed
 
 Guarantees (see ``claim_run_dir``):
 
@@ -35,7 +37,7 @@ from .fileio import atomic_write_text
 
 __all__ = ["CONFIG_FILE", "METRICS_FILE", "CHECKPOINTS_DIR", "EVAL_DIR", "PRETRAINED_DIR", "DDP_FILE", "PLOTS_DIR",
            "config_path", "metrics_path", "checkpoint_path", "eval_path", "eval_files", "pretrained_dir", "ddp_path",
-           "plots_dir",
+           "plots_dir", "RESCORED_FILE", "rescored_path",
            "write_config", "read_config", "list_checkpoints", "latest_good_checkpoint", "prune_checkpoints",
            "load_policy_for_eval", "parse_kv", "flag", "comma_list", "RUN_ENTRIES", "existing_run_entries",
            "check_run_dir_free", "RunLock", "claim_run_dir", "RunDirError", "wants_help", "help_text"]
@@ -48,8 +50,9 @@ PRETRAINED_DIR = "pretrained"
 DDP_FILE = "ddp.json"
 PLOTS_DIR = "plots"
 LOCK_FILE = ".lock"
+RESCORED_FILE = "rescored.json"
 # What makes a folder "a run": training into a folder holding any of these needs resume or train.overwrite=true.
-RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, CHECKPOINTS_DIR, EVAL_DIR, PRETRAINED_DIR, DDP_FILE)
+RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, CHECKPOINTS_DIR, EVAL_DIR, PRETRAINED_DIR, DDP_FILE, RESCORED_FILE)
 PathLike = str | os.PathLike
 
 
@@ -86,6 +89,10 @@ def ddp_path(run_dir: PathLike) -> Path:
 def plots_dir(run_dir: PathLike) -> Path:
     """Where training and ``drift-policy plot`` write the run's PNGs (drift_policy/plots.py)."""
     return Path(run_dir) / PLOTS_DIR
+
+
+def rescored_path(run_dir: PathLike) -> Path:
+    return Path(run_dir) / RESCORED_FILE
 
 
 def write_config(run_dir: PathLike, config) -> Path:
@@ -206,16 +213,26 @@ def claim_run_dir(run_dir: str | os.PathLike, *, resume: bool = False, overwrite
 
 
 # ---- a trained policy -------------------------------------------------------------------------------------------
-def load_policy_for_eval(path: PathLike, device: str = "cpu"):
+def load_policy_for_eval(path: PathLike, device: str = "cpu", inference: dict | None = None):
     """(policy in eval mode, its run's Config or None) from a run folder (its newest good checkpoint's EMA
     weights), a checkpoint file, or a save_pretrained folder (with the run's config when it is a run's
-    ``pretrained/``)."""
+    ``pretrained/``). ``inference``: inference-only policy keys to change (``with_inference``), e.g.
+    ``{"noise_scale": 1.0}``; both the policy and the returned Config carry the new values."""
     from .config import Config
     from .normalizer import Normalizer
     from .policies import Policy, make_policy
+    from .policies import with_inference
     from .policies.base import load_state
 
     path = Path(path)
+    if inference:
+        policy, cfg = load_policy_for_eval(path, "cpu")
+        pc = with_inference(policy.config, inference)
+        changed = make_policy(pc, policy.normalizer)
+        load_state(changed, policy.state_dict(), str(path))   # the same weights
+        if cfg is not None:
+            cfg.policy = pc
+        return changed.to(device).eval(), cfg
     if (path / "model.safetensors").exists():
         policy = Policy.from_pretrained(path, device)
         run = path.parent                                  # a run's pretrained/ folder: the run knows its task

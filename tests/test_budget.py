@@ -377,3 +377,39 @@ def test_the_config_switch_reaches_the_neighbour_index(pusht_zarr):
     ids = torch.arange(0, len(train), 7)
     nb, _ = train.neighbors.lookup(ids)
     assert not (train.episode[nb[:, 1:]] == train.episode[ids].unsqueeze(1)).any()
+
+
+# ---- scoring a trained run again with inference-only keys changed ---------------------------------------------------
+def test_rescore_replays_every_evaluation_from_its_checkpoint(tmp_path, pusht_zarr):
+    from drift_policy.bench import bench_rescore, run_record
+
+    cfg = compose([*TINY, f"task.data_root={pusht_zarr.parents[1]}", "train.max_steps=4", "train.eval_every_steps=2",
+                   "train.ckpt_every_steps=2", "train.keep_checkpoints=5", "train.eval_episodes=2",
+                   "train.eval_workers=0", "task.max_steps=16", "policy.noise_scale=1",
+                   f"train.run_dir={tmp_path / 'drift_unet-s0'}"])
+    src = train_mod.train(cfg, progress=False)
+    common = [f"runs={tmp_path}", "policies=drift_unet", "seeds=0"]
+    # An unchanged policy reproduces its source's evaluations exactly: the same weights, test seeds and noise.
+    (same,) = bench_rescore([*common, "set=policy.noise_scale=1"])
+    assert same.name == "drift_unet_policy.noise_scale_1-s0"
+    for step in (2, 4):
+        a = json.loads((src / "eval" / f"step_{step:08d}.json").read_text())
+        b = json.loads((same / "eval" / f"step_{step:08d}.json").read_text())
+        assert [e["max_reward"] for e in b["per_episode"]] == [e["max_reward"] for e in a["per_episode"]]
+        assert b["mean_score"] == a["mean_score"] and b["train_minutes"] == a["train_minutes"]
+        assert b["val"] == a["val"] and b["rescored_from"].endswith(f"step_{step:08d}.json")
+    # A changed key: the new run holds it in config.json and in its pretrained policy, and records like any run.
+    (zero,) = bench_rescore([*common, "set=policy.noise_scale=0"])
+    assert json.loads((zero / "config.json").read_text())["policy"]["noise_scale"] == 0
+    assert json.loads((zero / "pretrained" / "config.json").read_text())["noise_scale"] == 0
+    rec = run_record(zero)
+    assert [e["steps"] for e in rec["evals"]] == [2, 4] and rec["complete"] and rec["sample_passes"] == 4 * 4 * 2
+    assert (zero / "metrics.jsonl").read_text() == (src / "metrics.jsonl").read_text()
+    # Rerunning continues (nothing left to do); a key that changes training is refused, naming it.
+    assert bench_rescore([*common, "set=policy.noise_scale=0"]) == [zero]
+    with pytest.raises(ConfigError, match="policy.n_noise"):
+        bench_rescore([*common, "set=policy.n_noise=3"])
+    # Without the checkpoint of every evaluation there is nothing to replay: the missing steps are named.
+    (src / "checkpoints" / "step_00000002.pt").unlink()
+    with pytest.raises(SystemExit, match=r"steps \[2\]"):
+        bench_rescore([*common, "set=policy.noise_scale=0.5"])

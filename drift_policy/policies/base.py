@@ -25,6 +25,9 @@ class PolicyConfig:
     # Keys added after policies were first saved, each with the value that a config.json written before the key
     # existed was trained with (``with_legacy_keys``): older run and pretrained folders still load, as what they are.
     LEGACY: ClassVar[dict] = {"action_anchor": ()}
+    # Keys that change only how a trained policy acts, never what it learns (compute_loss does not read them), so a
+    # trained run can be scored again with other values (``with_inference``; ``drift-policy bench rescore``).
+    INFERENCE: ClassVar[tuple[str, ...]] = ("n_action_steps",)
 
     type: str = ""
     architecture: str = "unet"        # "unet" (1-D conv U-Net + FiLM) or "transformer" (time-series transformer)
@@ -418,6 +421,17 @@ def with_legacy_keys(d: dict) -> dict:
     was trained with; anything else missing stays missing."""
     cls = POLICIES.get(d.get("type"), (PolicyConfig,))[0]
     return {**cls.LEGACY, **d}
+
+
+def with_inference(config: PolicyConfig, changes: dict) -> PolicyConfig:
+    """``config`` with inference-only keys (``INFERENCE``) changed and checked as any config; a key that changes
+    training (or is not the policy's) is a ConfigError, since weights trained under it would not be what it says."""
+    allowed = type(config).INFERENCE
+    for k in changes:
+        if k not in allowed:
+            raise ConfigError(f"policy.{k} is not an inference-only key of the {config.type} policy; a trained "
+                              f"policy can change only {', '.join('policy.' + a for a in allowed)}")
+    return type(config).from_dict({**config.to_dict(), **changes})
 
 
 def config_from_dict(d: dict) -> PolicyConfig:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -12,6 +13,8 @@ from .base import Policy, PolicyConfig, register_policy
 
 @dataclass
 class DiffusionConfig(PolicyConfig):
+    INFERENCE: ClassVar[tuple[str, ...]] = (*PolicyConfig.INFERENCE, "scheduler", "num_inference_steps")
+
     type: str = "diffusion"
     num_train_timesteps: int = 100
     beta_schedule: str = "squaredcos_cap_v2"

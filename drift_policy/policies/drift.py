@@ -22,6 +22,7 @@ OWN_RULE = {"per_dim_scale": False, "neighbor_same_episode": True, "noise_scale"
 @dataclass
 class DriftConfig(PolicyConfig):
     LEGACY: ClassVar[dict] = {**PolicyConfig.LEGACY, **OWN_RULE}
+    INFERENCE: ClassVar[tuple[str, ...]] = (*PolicyConfig.INFERENCE, "noise_scale")
 
     type: str = "drift"
     n_noise: int = 2                                   # generated chunks per observation (N in the paper)
