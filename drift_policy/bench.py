@@ -166,7 +166,9 @@ def _recipe(r: dict) -> str:
     default_wd = TrainConfig.weight_decay                     # the dataclass default, not a copy of it
     if t.get("weight_decay", default_wd) != default_wd:
         parts.append(f"weight decay {t['weight_decay']:g}")
-    parts += [p.get("backbone", "?"), f"lr {t['lr']:g}", f"warm-up {t['warmup_steps']}", f"EMA {t['ema_decay']:g}"]
+    parts += [p.get("backbone", "?"), f"lr {t['lr']:g}", f"warm-up {t['warmup_steps']}", f"EMA {t['ema_decay']:g}"
+              + (f" (warm-up w {t['ema_warmup']})" if t.get("ema_warmup", TrainConfig.ema_warmup) != TrainConfig.ema_warmup
+                 else "")]
     return ", ".join(parts)
 
 

@@ -66,6 +66,8 @@ class TrainConfig:
     max_minutes: float = 0.0            # a stopping guard only (0: none); the LR schedule never depends on time
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    ema_warmup: int = 10                # w in the EMA decay min(ema_decay, (1 + step) / (w + step)) (ema.py): 10 reaches
+                                        # 0.999 at ~9k steps, 2 at ~1k, 1 at once
     log_every: int = 50
     eval_every_steps: int = 0           # 0: derived from eval_fraction
     eval_fraction: float = 0.1          # evaluate every this fraction of max_steps (0.1: 10 evaluations)
@@ -85,7 +87,7 @@ class TrainConfig:
     def __post_init__(self):
         check_types(self, "train.")
         positive = ("threads", "log_every", "ckpt_every_steps", "keep_checkpoints",
-                    "max_bad_steps")
+                    "max_bad_steps", "ema_warmup")
         for k in positive:
             if getattr(self, k) < 1:
                 raise ConfigError(f"train.{k} must be >= 1, got {getattr(self, k)}")

@@ -276,7 +276,7 @@ def _train(cfg: Config | None, run_dir, resume: bool, progress: bool, hold: cont
             continue
         bad_steps = 0
         opt.step()
-        ema_update(ema, policy, step, t.ema_decay)
+        ema_update(ema, policy, step, t.ema_decay, t.ema_warmup)
         step += 1
         train_seconds += dist.max(time.perf_counter() - t0)   # the slowest rank's time: one schedule for all
         bar.update(step, train_seconds)

@@ -146,6 +146,24 @@ def test_lr_schedule_is_warmup_then_cosine_over_steps():
     assert [train_mod.lr_at(guarded, s) for s in range(101)] == lrs   # a time guard never bends the schedule
 
 
+@pytest.mark.parametrize("warmup, reaches", [(10, 8990), (2, 998), (1, 0)])
+def test_ema_warmup_reaches_the_decay_where_its_docstring_says(warmup, reaches):
+    from drift_policy.ema import ema_update
+
+    def decay_at(step):                       # read back from one update of a 1-parameter model: 0 -> 1
+        ema, model = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+        ema.weight.data.zero_(), model.weight.data.fill_(1.0)
+        ema_update(ema, model, step, 0.999, warmup)
+        return 1 - ema.weight.item()
+
+    assert decay_at(reaches) == pytest.approx(0.999, abs=1e-6)
+    if reaches:
+        assert decay_at(reaches - 1) < 0.999 - 1e-7
+        assert decay_at(0) == pytest.approx(1 / warmup)
+    with pytest.raises(ConfigError, match="train.ema_warmup"):
+        compose(["train.ema_warmup=0"])
+
+
 def test_time_guard_stops_without_changing_the_schedule(tmp_path, pusht_zarr, monkeypatch):
     clock = iter(range(0, 10**6, 30))                  # every perf_counter() call: 30 s later
     monkeypatch.setattr(train_mod.time, "perf_counter", lambda: float(next(clock)))

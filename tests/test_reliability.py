@@ -175,8 +175,8 @@ def test_item3_non_finite_weights_are_never_saved_as_a_checkpoint(tiny, monkeypa
     pretrained folder), so resume and eval cannot pick them."""
     real = train_mod.ema_update
 
-    def corrupting(ema, model, step, decay):
-        real(ema, model, step, decay)
+    def corrupting(ema, model, step, decay, warmup=10):
+        real(ema, model, step, decay, warmup)
         if step == 1:
             with torch.no_grad():
                 next(model.parameters()).fill_(float("nan"))
