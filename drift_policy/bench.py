@@ -1,4 +1,4 @@
-"""Benchmarks: ``drift-policy bench train``, ``bench latency`` and ``bench summary``.
+"""Benchmarks: ``drift-policy bench train``, ``bench rescore``, ``bench latency`` and ``bench summary``.
 
 bench train compares policies at equal TRAINING COMPUTE, counted in generator sample-passes (one forward and
 backward of one action chunk through the backbone): the drift policy pays batch_size * n_noise per step, the
@@ -10,6 +10,9 @@ skips finished runs and resumes interrupted ones.
     drift-policy bench train budget=1200000 seeds=0,1 policies=drift_unet,diffusion_unet
     drift-policy bench train budget=300000 policies=drift_unet,drift_unet:policy.n_noise=8+policy.neighbor_positives=0
     -> eval/results/compute_matched/<task>.json (+ .md table, .png score vs sample-passes and vs minutes)
+
+bench rescore scores such runs again, from the checkpoint of every evaluation, with inference-only policy keys
+changed (drift's sampling noise scale, diffusion's sampler, the executed actions per chunk): no retraining.
 """
 from __future__ import annotations
 
