@@ -413,6 +413,7 @@ def _rescore_run(src: Path, dst: Path, changes: dict) -> Path:
     """One run of ``bench rescore``: ``dst`` holds ``src``'s training log and config with ``changes``, and every
     evaluation of ``src`` replayed from its checkpoint."""
     from .evaluation import save_eval_json
+    from .policies import with_inference
     from .train import evaluate_policy
 
     if not runs.config_path(src).exists():
@@ -430,7 +431,8 @@ def _rescore_run(src: Path, dst: Path, changes: dict) -> Path:
     resuming = prov_path.exists() and json.loads(prov_path.read_text()) == provenance
     with runs.claim_run_dir(dst, resume=resuming):
         if not resuming:
-            _, cfg = runs.load_policy_for_eval(runs.checkpoint_path(src, evals[0][0]["step"]), inference=changes)
+            cfg = runs.read_config(src)                # the source's config with the changes: no weights to load
+            cfg.policy = with_inference(cfg.policy, changes)
             runs.write_config(dst, cfg)
             if runs.metrics_path(src).exists():       # the training log is the source's: the same training
                 shutil.copyfile(runs.metrics_path(src), runs.metrics_path(dst))

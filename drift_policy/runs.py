@@ -220,8 +220,7 @@ def load_policy_for_eval(path: PathLike, device: str = "cpu", inference: dict | 
     ``{"noise_scale": 1.0}``; both the policy and the returned Config carry the new values."""
     from .config import Config
     from .normalizer import Normalizer
-    from .policies import Policy, make_policy
-    from .policies import with_inference
+    from .policies import Policy, make_policy, with_inference
     from .policies.base import load_state
 
     path = Path(path)
