@@ -27,7 +27,7 @@ from pathlib import Path
 from .config import TrainConfig
 from .errors import ConfigError
 from .fileio import atomic_write_text
-from .policies import config_from_dict
+from .policies import PolicyConfig, config_from_dict
 from . import runs
 from .runs import parse_kv as _kv
 from .tasks import family
@@ -158,6 +158,8 @@ def _recipe(r: dict) -> str:
         parts.append(f"cond MLP {p['cond_mlp']}")
     if p.get("noise_scale", 1) != 1:
         parts.append(f"sampling noise x {p['noise_scale']:g}")
+    if p.get("n_action_steps", PolicyConfig.n_action_steps) != PolicyConfig.n_action_steps:
+        parts.append(f"executes {p['n_action_steps']} of {p.get('horizon', PolicyConfig.horizon)} steps")
     if p.get("guidance", 1) > 1:
         parts.append(f"guidance {p['guidance']:g}")
     if "num_inference_steps" in p:

@@ -353,6 +353,18 @@ def test_a_records_recipe_column_names_the_regularisers_of_its_runs(tmp_path):
                  "policy.neighbor_same_episode=false train.weight_decay=0.1]"]
     assert "obs noise 0.02," in noisy and "EMA 0.9999 |" in noisy and "guidance 2," in noisy and "cond MLP 64," in noisy
     assert "neighbours (other episodes)," in noisy and "weight decay 0.1," in noisy
+    assert "executes" not in rows["| drift_unet"] and "executes" not in noisy      # both execute the default 8
+
+
+def test_a_records_recipe_column_names_a_changed_execution_horizon(tmp_path):
+    from drift_policy.bench import bench_train
+
+    _fake_run(tmp_path / "runs" / "drift_unet_policy.n_action_steps_4-s0", 0, 7, [0.5, 0.75],
+              overrides=["policy.n_action_steps=4"])
+    path = bench_train(["report_only=1", "budget=640", "seeds=0", "policies=drift_unet:policy.n_action_steps=4",
+                        f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"])
+    row = next(line for line in path.with_suffix(".md").read_text().splitlines() if line.startswith("| drift"))
+    assert "executes 4 of 16 steps," in row
 
 
 def test_a_list_override_is_one_variant_in_policies(tmp_path):
