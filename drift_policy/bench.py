@@ -27,7 +27,7 @@ from pathlib import Path
 from .config import TrainConfig
 from .errors import ConfigError
 from .fileio import atomic_write_text
-from .policies import PolicyConfig, config_from_dict
+from .policies import DriftConfig, PolicyConfig, config_from_dict
 from . import runs
 from .runs import parse_kv as _kv
 from .tasks import family
@@ -152,6 +152,8 @@ def _recipe(r: dict) -> str:
     groups = {"chunk": "flat chunk", "both": "per-step + chunk groups"}.get(p.get("drift_groups"))
     if groups:
         parts.append(groups)
+    if "temperatures" in p and tuple(p["temperatures"]) != DriftConfig.temperatures:
+        parts.append("temperatures " + " / ".join(f"{t:g}" for t in p["temperatures"]))
     if p.get("per_dim_scale"):
         parts.append("per-dim kernel scale")
     if p.get("cond_mlp"):

@@ -47,6 +47,11 @@ class TaskConfig:
             raise ConfigError(f"task.max_steps must be >= 1, got {self.max_steps}")
 
 
+# What the train keys that a task may choose (TaskFamily.train_choices) become when it does not: the values every
+# run was trained with before the keys were left to the task.
+TRAIN_OWN_RULE = {"lr": 3e-4, "warmup_steps": 100}
+
+
 @dataclass
 class TrainConfig:
     seed: int = 0
@@ -54,10 +59,11 @@ class TrainConfig:
     threads: int = 2                    # torch intra-op threads of the trainer; rollout workers use 1 each
     batch_size: int = 0                 # observations per step; 0: the policy's default_batch_size (drift: 64 //
                                         # n_noise, i.e. 32 obs x 2 chunks; diffusion: 64)
-    lr: float = 3e-4
+    lr: float | None = None             # None: the task's choice for the policy (TaskFamily.train_choices), else
+                                        # TRAIN_OWN_RULE's 3e-4; Push-T keypoints' drift policy: 6e-4
     weight_decay: float = 1e-6
     betas: tuple[float, float] = (0.95, 0.999)
-    warmup_steps: int = 100
+    warmup_steps: int | None = None     # None: as lr (TRAIN_OWN_RULE's 100; Push-T keypoints' drift policy: 500)
     # The budget is counted in generator sample-passes (one forward + backward of one action chunk), so that it
     # means the same on any machine: the drift policy pays batch_size * n_noise per step, diffusion batch_size.
     # max_steps = 0 derives the step count from it; max_steps > 0 wins and the budget is recomputed from it.
@@ -86,6 +92,9 @@ class TrainConfig:
 
     def __post_init__(self):
         check_types(self, "train.")
+        for key, value in TRAIN_OWN_RULE.items():     # left to a task that did not choose (or built without one)
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         positive = ("threads", "log_every", "ckpt_every_steps", "keep_checkpoints",
                     "max_bad_steps", "ema_warmup")
         for k in positive:
@@ -155,6 +164,11 @@ class Config:
                     policy[key] = value
         train = dict(d.get("train", {}))
         check_keys(TrainConfig, train, "train.")
+        # Train keys left to the task (null) take the family's choice for this policy, resolved here so that
+        # config.json records the value used; the rest take TRAIN_OWN_RULE in TrainConfig.
+        for key, value in family(task).train_choices(task, policy.get("type", "")).items():
+            if train.get(key) is None:
+                train[key] = value
         cfg = cls(task=task, policy=config_from_dict(policy), train=TrainConfig(**train))
         cfg._resolve_budget()
         return cfg

@@ -81,6 +81,30 @@ def test_drift_keys_left_to_the_task_take_its_choice(overrides, expect):
     assert tuple(getattr(again, k) for k in KEYS) == expect
 
 
+@pytest.mark.parametrize("overrides,expect", [
+    ([], (6e-4, 500)),                                            # Push-T keypoints' choice for the drift policy
+    (["policy=diffusion_unet"], (3e-4, 100)),                     # the baseline keeps its own (TRAIN_OWN_RULE)
+    (["task=pusht_image"], (3e-4, 100)),                          # not measured from pixels
+    (["task=can_lowdim"], (3e-4, 100)),                           # not measured on robomimic
+    (["train.lr=1e-3"], (1e-3, 500)),                             # an explicit key stays; the other is still chosen
+    (["train.lr=3e-4", "train.warmup_steps=0"], (3e-4, 0)),       # 0 is a value (no warm-up), not "the task's"
+])
+def test_train_keys_left_to_the_task_take_its_choice_for_the_policy(overrides, expect):
+    cfg = compose(["policy=drift_unet", *overrides])
+    assert (cfg.train.lr, cfg.train.warmup_steps) == pytest.approx(expect)
+    again = Config.from_dict(cfg.to_dict()).train                                  # config.json keeps the values
+    assert (again.lr, again.warmup_steps) == pytest.approx(expect)
+
+
+def test_a_train_config_built_without_a_task_takes_the_own_rule():
+    from drift_policy.config import TRAIN_OWN_RULE, TrainConfig
+
+    t = TrainConfig()
+    assert (t.lr, t.warmup_steps) == (TRAIN_OWN_RULE["lr"], TRAIN_OWN_RULE["warmup_steps"]) == (3e-4, 100)
+    with pytest.raises(ConfigError, match="train.lr must be > 0"):
+        TrainConfig(lr=0.0)
+
+
 def test_a_config_written_before_the_task_choices_existed_keeps_what_it_trained_with():
     d = compose(["policy=drift_unet"]).to_dict()
     for k in KEYS:
@@ -376,6 +400,7 @@ def test_a_list_override_is_one_variant_in_policies(tmp_path):
                         f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"])
     runs = json.loads(path.read_text())["runs"]
     assert len(runs) == 1 and runs[0]["policy_config"]["temperatures"] == [0.01, 0.05]
+    assert "temperatures 0.01 / 0.05," in path.with_suffix(".md").read_text()     # the recipe column names them
     with pytest.raises(ConfigError, match="unbalanced"):
         bench_train(["report_only=1", "budget=640", "seeds=0", "policies=drift_unet:policy.temperatures=[0.01,0.05",
                      f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"])

@@ -71,6 +71,13 @@ class TaskFamily:
         was measured to help on the family's tasks."""
         return {}
 
+    def train_choices(self, task, policy_type: str) -> dict[str, Any]:
+        """The train keys (``lr``, ``warmup_steps``) that this family decides for a policy type ("drift",
+        "diffusion"), for configs that leave them null (the defaults). A key not returned takes
+        ``config.TRAIN_OWN_RULE`` (lr 3e-4, warm-up 100). Return only what was measured to help on the family's
+        tasks, with the baseline given the same sweep."""
+        return {}
+
     def resolve(self, task):
         """The task with every key explicit. A family whose keys come from its data (LeRobot: the dataset's
         features) reads them here; ``Config.from_dict`` calls it once, so a run's config.json records them."""

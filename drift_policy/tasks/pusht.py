@@ -65,6 +65,15 @@ class PushT(TaskFamily):
         #   seeds 0, 1 0.949 / 0.53 (diffusion 0.970 / 0.49): more precise finishes, more outright failures.
         return {"per_dim_scale": True, "neighbor_same_episode": False, "noise_scale": 0.5}
 
+    def train_choices(self, task, policy_type: str) -> dict[str, Any]:
+        if task.image_keys or policy_type != "drift":
+            return {}
+        # Measured on keypoints at 1.2M sample-passes (last-5 coverage / success, seeds 0, 1;
+        # eval/results/compute_matched/lr_6e-4): lr 6e-4 with a 500-step warm-up 0.962 / 0.60 against 0.949 / 0.53
+        # at TRAIN_OWN_RULE's 3e-4 / 100. The diffusion baseline was given the same change (seed 0) and is not
+        # better with it, so it keeps its own rule (0.970 / 0.49).
+        return {"lr": 6e-4, "warmup_steps": 500}
+
     def load(self, task, path: Path) -> dict[str, np.ndarray]:
         from ..data.pusht import load_pusht_image, load_pusht_lowdim
 
