@@ -117,7 +117,9 @@ def run_record(run_dir: Path) -> dict:
         keys = [k for k in (rows[0] if rows else {}) if k in ("loss", "grad_norm") or k.startswith("train/")]
         e["train"] = {k: _mean([r[k] for r in rows if isinstance(r.get(k), (int, float))]) for k in keys}
         prev = e["steps"]
-    if evals and evals[-1]["steps"] >= step:
+    # A rescored run (bench rescore) copied its source's whole training log, but it has spent only what it has scored
+    # so far: an interrupted one counts up to its last evaluation, not to the end of the source's training.
+    if evals and (evals[-1]["steps"] >= step or runs.rescored_path(run_dir).exists()):
         step, minutes = evals[-1]["steps"], evals[-1]["train_minutes"]
     scores, succ = [e["mean_score"] for e in evals], [e["success_rate"] for e in evals]
     rec = {"run_dir": str(run_dir), "policy": p["type"], "seed": t["seed"], "budget_sample_passes": t["sample_passes"],

@@ -1,6 +1,7 @@
 """Training compute counted in generator sample-passes, a step-based schedule, and neighbour positives (issue 12)."""
 import json
 import math
+import shutil
 import warnings
 
 import numpy as np
@@ -460,6 +461,12 @@ def test_rescore_replays_every_evaluation_from_its_checkpoint(tmp_path, pusht_za
     rec = run_record(zero)
     assert [e["steps"] for e in rec["evals"]] == [2, 4] and rec["complete"] and rec["sample_passes"] == 4 * 4 * 2
     assert (zero / "metrics.jsonl").read_text() == (src / "metrics.jsonl").read_text()
+    # Cut short after its first evaluation, a rescored run counts only what it scored, not its source's training.
+    (half,) = bench_rescore([*common, "set=policy.noise_scale=0.25"])
+    (half / "eval" / "step_00000004.json").unlink()
+    shutil.rmtree(half / "pretrained")
+    rec = run_record(half)
+    assert rec["steps"] == 2 and rec["sample_passes"] == 2 * 4 * 2 and not rec["complete"]
     # Rerunning continues (nothing left to do); a key that changes training is refused, naming it.
     assert bench_rescore([*common, "set=policy.noise_scale=0"]) == [zero]
     with pytest.raises(ConfigError, match="policy.n_noise"):
