@@ -212,7 +212,8 @@ def write_compute_matched(records: list[dict], out: Path, meta: dict) -> Path:
              f"Written by `{meta['command']}`.", "",
              "A variant is named by the overrides its runs were given, over the defaults of the commit they ran at; "
              "its recipe column is read from the runs' resolved configs, so it holds whatever those defaults were. "
-             "Statistics are means over the seeds.", "",
+             "Statistics are means over the seeds; a variant not done (stopped early, or still training) has them over "
+             "the evaluations it has, up to the sample-passes its done column names.", "",
              "| variant | recipe | NFE | seeds | steps | sample-passes | score max | score last-5 | score last-10 | "
              "success max | success last-5 | s/step | done |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, d=3: "-" if v is None or v != v else f"{v:.{d}f}"
@@ -223,7 +224,7 @@ def write_compute_matched(records: list[dict], out: Path, meta: dict) -> Path:
                      f"{'/'.join(str(r['steps']) for r in rs)} | {passes} | "
                      f"{f(s.get('max_score'))} | {f(s.get('last5_score'))} | {f(s.get('last10_score'))} | "
                      f"{f(s.get('max_success'), 2)} | {f(s.get('last5_success'), 2)} | "
-                     f"{'/'.join(f(r['seconds_per_step'], 2) for r in rs)} | {'yes' if s['complete'] else 'no'} |")
+                     f"{'/'.join(f(r['seconds_per_step'], 2) for r in rs)} | {_done(s, rs)} |")
     lines += ["", "Per run (seed): score at each evaluation, by sample-passes.", ""]
     for r in records:
         pts = ", ".join(f"{e['sample_passes'] / 1e6:.2f}M: {e['mean_score']:.3f}/{e['success_rate']:.2f}" for e in r["evals"])
@@ -273,6 +274,15 @@ def write_compute_matched(records: list[dict], out: Path, meta: dict) -> Path:
     fig.savefig(path.with_suffix(".png"), dpi=110)
     plt.close(fig)
     return path
+
+
+def _done(s: dict, rs: list[dict]) -> str:
+    """The done column: yes, or how far the variant's least advanced run was evaluated (its last-5 is not the last
+    5 of the budget then)."""
+    if s["complete"]:
+        return "yes"
+    reached = min((r["evals"][-1]["sample_passes"] if r["evals"] else 0) for r in rs)
+    return f"no: evaluated to {reached:,}"
 
 
 def _split_outside_brackets(s: str, sep: str) -> list[str]:

@@ -350,6 +350,10 @@ def test_a_report_only_record_states_how_its_runs_were_evaluated(tmp_path):
     rec = json.loads(path.read_text())
     assert rec["meta"]["eval_episodes"] == 7 and rec["meta"]["eval_fraction"] == 0.5   # the runs', not the command's
     assert "on 7 test seeds" in path.with_suffix(".md").read_text()
+    # Neither run has its final weights: the done column says how far they were evaluated (step 4 of 4 here, the
+    # fake runs' batch 32 x G 2).
+    row = next(line for line in path.with_suffix(".md").read_text().splitlines() if line.startswith("| drift_unet |"))
+    assert row.endswith("| no: evaluated to 640 |")
     s = rec["summary"]["drift_unet"]
     assert s["seeds"] == [0, 1] and s["max_score"] == pytest.approx(0.625) and s["last5_score"] == pytest.approx(0.5)
     _fake_run(tmp_path / "runs" / "drift_unet-s1", 1, 20, [0.25, 0.5])
