@@ -350,8 +350,8 @@ def test_a_report_only_record_states_how_its_runs_were_evaluated(tmp_path):
     rec = json.loads(path.read_text())
     assert rec["meta"]["eval_episodes"] == 7 and rec["meta"]["eval_fraction"] == 0.5   # the runs', not the command's
     assert "on 7 test seeds" in path.with_suffix(".md").read_text()
-    # Neither run has its final weights: the done column says how far they were evaluated (step 4 of 4 here, the
-    # fake runs' batch 32 x G 2).
+    # Neither run has its final weights: the done column says how far they were evaluated (here to the last step,
+    # 640 sample-passes at 32 x G 2 per step).
     row = next(line for line in path.with_suffix(".md").read_text().splitlines() if line.startswith("| drift_unet |"))
     assert row.endswith("| no: evaluated to 640 |")
     s = rec["summary"]["drift_unet"]
