@@ -158,6 +158,8 @@ def _recipe(r: dict) -> str:
         parts.append("temperatures " + " / ".join(f"{t:g}" for t in p["temperatures"]))
     if p.get("per_dim_scale"):
         parts.append("per-dim kernel scale")
+    if p.get("kernel_scale", "batch") != "batch":
+        parts.append(f"kernel scale per {p['kernel_scale']}")
     if p.get("cond_mlp"):
         parts.append(f"cond MLP {p['cond_mlp']}")
     if p.get("noise_scale", 1) != 1:

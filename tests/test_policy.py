@@ -297,3 +297,24 @@ def test_noise_scale_scales_the_sampling_noise_only():
     torch.testing.assert_close(half.compute_loss(batch)[0], l_base)
     with pytest.raises(ConfigError, match="policy.noise_scale"):
         DriftConfig(noise_scale=-1.0)
+
+
+def test_kernel_scale_per_step_makes_the_loss_invariant_to_stretching_one_step():
+    torch.manual_seed(0)
+    x, act_n = torch.randn(4, 2, 16, 2), torch.randn(4, 16, 2)
+    stretch = torch.ones(16, 1)
+    stretch[9:] = 4.0                                                   # the late steps four times wider
+    per_step = make_policy(DriftConfig(backbone="tiny", kernel_scale="step"), _norm())
+    batch = make_policy(DriftConfig(backbone="tiny"), _norm())
+    grad = {}
+    for name, pol in (("step", per_step), ("batch", batch)):
+        for k, s in (("plain", 1.0), ("stretched", stretch)):
+            xx = (x * s).clone().requires_grad_(True)
+            pol.drift_loss(xx, act_n * s, {})[0].sum().backward()
+            grad[name, k] = xx.grad * s                                   # the field in the unstretched units
+    torch.testing.assert_close(grad["step", "stretched"], grad["step", "plain"], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(grad["batch", "stretched"], grad["batch", "plain"], atol=1e-3)
+    with pytest.raises(ConfigError, match="policy.kernel_scale"):
+        DriftConfig(kernel_scale="chunk")
+    with pytest.raises(ConfigError, match="policy.kernel_scale"):
+        DriftConfig(kernel_scale="step", drift_groups="chunk")

@@ -21,7 +21,7 @@ OWN_RULE = {"per_dim_scale": False, "neighbor_same_episode": True, "noise_scale"
 
 @dataclass
 class DriftConfig(PolicyConfig):
-    LEGACY: ClassVar[dict] = {**PolicyConfig.LEGACY, **OWN_RULE}
+    LEGACY: ClassVar[dict] = {**PolicyConfig.LEGACY, **OWN_RULE, "kernel_scale": "batch"}
     INFERENCE: ClassVar[tuple[str, ...]] = (*PolicyConfig.INFERENCE, "noise_scale")
 
     type: str = "drift"
@@ -31,6 +31,10 @@ class DriftConfig(PolicyConfig):
                                                        # "both": the mean of the two losses (per-step precision,
                                                        # and a chunk whose steps come from one mode)
     temperatures: tuple[float, ...] = (0.02, 0.05, 0.2)
+    kernel_scale: str = "batch"                        # the kernel's distance scale: "batch", one for all groups (the
+                                                       # paper's); "step", one per step of the chunk for per-step
+                                                       # groups (later steps spread wider, up to 1.7x on Push-T, and
+                                                       # would set a coarse kernel for the executed first steps)
     neighbor_positives: int = -1                       # k extra positives per observation: the expert chunks of
                                                        # its k nearest training observations (0: its own only;
                                                        # -1: the task family's choice, robomimic 0; else 8 on
@@ -92,6 +96,11 @@ class DriftConfig(PolicyConfig):
             raise ConfigError(f"policy.n_noise must be >= 2 (the field needs other samples to repel), got {self.n_noise}")
         if self.drift_groups not in ("per_step", "chunk", "both"):
             raise ConfigError(f"policy.drift_groups must be 'per_step', 'chunk' or 'both', got {self.drift_groups!r}")
+        if self.kernel_scale not in ("batch", "step"):
+            raise ConfigError(f"policy.kernel_scale must be 'batch' or 'step', got {self.kernel_scale!r}")
+        if self.kernel_scale == "step" and self.drift_groups == "chunk":
+            raise ConfigError("policy.kernel_scale='step' needs per-step groups (policy.drift_groups 'per_step' or 'both'); "
+                              "a flattened-chunk group spans every step")
         for key, value in OWN_RULE.items():           # left to a task that did not choose (or no task at all)
             if getattr(self, key) is None:
                 setattr(self, key, value)
@@ -139,7 +148,11 @@ class DriftPolicy(Policy):
             if s is not None:                                   # D = Da (per step) or Tp * Da, step-major (chunk)
                 d = s.repeat(gen.shape[-1] // s.numel())
                 gen, pos, neg = gen / d, pos / d, None if neg is None else neg / d
-            loss, i = drift_loss(gen, pos, neg, pos_weight=w, neg_weight=neg_w, temperatures=self.config.temperatures)
+            # Per-step groups are ordered (observation, step): group g is step g % Tp.
+            steps = (torch.arange(gen.shape[0], device=gen.device) % self.config.horizon
+                     if self.config.kernel_scale == "step" and kind == "per_step" else None)
+            loss, i = drift_loss(gen, pos, neg, pos_weight=w, neg_weight=neg_w, temperatures=self.config.temperatures,
+                                 scale_groups=steps)
             losses.append(loss.mean())
             info.update(i if len(kinds) == 1 else {f"{k}_{kind}": v for k, v in i.items()})
         return torch.stack(losses), info
