@@ -392,7 +392,9 @@ def bench_train(args: list[str]) -> Path:
 
 def bench_rescore(args: list[str]) -> list[Path]:
     """``drift-policy bench rescore runs=DIR policies=... seeds=0,1 set=policy.noise_scale=1``: runs of ``bench train``
-    scored again at every evaluation, with inference-only policy keys changed (``PolicyConfig.INFERENCE``).
+    scored again at every evaluation, with inference-only policy keys changed (``PolicyConfig.INFERENCE``), and/or
+    on more test seeds (``episodes=200``: seeds start_seed.., the first ones the source's), optionally only at the
+    last k evaluations (``last=5``: the last-5 statistics on a larger test set, at a fraction of the cost).
 
     Each evaluation reloads the EMA weights of that step's checkpoint and replays the same test seeds with the same
     sampling seed, so the new run differs from its source only in how the trained policy acts (an unchanged policy
@@ -403,10 +405,11 @@ def bench_rescore(args: list[str]) -> list[Path]:
     from .threads import set_threads
 
     defaults = {"policies": "drift_unet", "seeds": "0,1", "task": "pusht_keypoints", "budget": 1_200_000,
-                "runs": "", "set": ""}
+                "runs": "", "set": "", "episodes": 0, "last": 0}
     opts = {**defaults, **_kv(args, {k: type(v) for k, v in defaults.items()},
                               usage="usage: drift-policy bench rescore runs=DIR policies=... seeds=0,1 "
-                                    "set=policy.noise_scale=1[+policy.KEY=VALUE ...]", defaults=defaults)}
+                                    "set=policy.noise_scale=1[+policy.KEY=VALUE ...] [episodes=N] [last=K]",
+                              defaults=defaults)}
     items = [o for o in _split_outside_brackets(opts["set"], "+") if o]
     changes = {}
     for o in items:
@@ -414,8 +417,14 @@ def bench_rescore(args: list[str]) -> list[Path]:
         if not (key.startswith("policy.") and eq):
             raise ConfigError(f"set: {o!r} must be policy.KEY=VALUE (only inference-only policy keys can change)")
         changes[key[len("policy."):]] = value
-    if not changes:
-        raise ConfigError("set: name at least one inference-only policy key to change, e.g. set=policy.noise_scale=1")
+    if opts["episodes"] < 0 or opts["last"] < 0:
+        raise ConfigError(f"episodes and last must be >= 0 (0: the source's test seeds / every evaluation), got "
+                          f"{opts['episodes']} and {opts['last']}")
+    if not changes and not opts["episodes"]:
+        raise ConfigError("set: name at least one inference-only policy key to change, e.g. set=policy.noise_scale=1, "
+                          "or score on more test seeds with episodes=N")
+    if opts["episodes"]:
+        items.append(f"train.eval_episodes={opts['episodes']}")        # in the new run's name, as an override
     run_root = Path(opts["runs"] or Path("runs") / f"compute_matched-{opts['task']}-{opts['budget']}")
     set_threads(1)
     written = []
@@ -423,13 +432,14 @@ def bench_rescore(args: list[str]) -> list[Path]:
         for seed in (int(x) for x in opts["seeds"].split(",")):
             src = run_root / _folder(label, seed)
             dst = run_root / _folder(f"{pol}[{' '.join([*ov, *items])}]", seed)
-            written.append(_rescore_run(src, dst, changes))
+            written.append(_rescore_run(src, dst, changes, opts["episodes"], opts["last"]))
     return written
 
 
-def _rescore_run(src: Path, dst: Path, changes: dict) -> Path:
-    """One run of ``bench rescore``: ``dst`` holds ``src``'s training log and config with ``changes``, and every
-    evaluation of ``src`` replayed from its checkpoint."""
+def _rescore_run(src: Path, dst: Path, changes: dict, episodes: int = 0, last: int = 0) -> Path:
+    """One run of ``bench rescore``: ``dst`` holds ``src``'s training log and config with ``changes`` (and
+    ``episodes`` test seeds, if not 0), and every evaluation of ``src`` (or its ``last`` ones) replayed from its
+    checkpoint."""
     from .evaluation import save_eval_json
     from .policies import with_inference
     from .train import evaluate_policy
@@ -439,18 +449,22 @@ def _rescore_run(src: Path, dst: Path, changes: dict) -> Path:
     evals = [(json.loads(f.read_text()), f) for f in runs.eval_files(src)]
     if not evals:
         raise SystemExit(f"bench rescore: {src} has no evaluation to score again")
+    evals = evals[-last:] if last else evals
     missing = [e["step"] for e, _ in evals if not runs.checkpoint_path(src, e["step"]).exists()]
     if missing:
         raise SystemExit(f"bench rescore: {src} kept no checkpoint for the evaluations at steps {missing}; train "
                          f"with train.ckpt_every_steps dividing the evaluation interval and train.keep_checkpoints "
                          f">= the number of evaluations")
-    provenance = {"source": str(src.resolve()), "set": {f"policy.{k}": v for k, v in changes.items()}}
+    provenance = {"source": str(src.resolve()), "set": {f"policy.{k}": v for k, v in changes.items()},
+                  **({"episodes": episodes} if episodes else {}), **({"last": last} if last else {})}
     prov_path = runs.rescored_path(dst)
     resuming = prov_path.exists() and json.loads(prov_path.read_text()) == provenance
     with runs.claim_run_dir(dst, resume=resuming):
         if not resuming:
             cfg = runs.read_config(src)                # the source's config with the changes: no weights to load
             cfg.policy = with_inference(cfg.policy, changes)
+            if episodes:
+                cfg.train.eval_episodes = episodes
             runs.write_config(dst, cfg)
             if runs.metrics_path(src).exists():       # the training log is the source's: the same training
                 shutil.copyfile(runs.metrics_path(src), runs.metrics_path(dst))
@@ -461,7 +475,7 @@ def _rescore_run(src: Path, dst: Path, changes: dict) -> Path:
                 continue
             policy, cfg = runs.load_policy_for_eval(runs.checkpoint_path(src, ev["step"]), inference=changes)
             t = cfg.train
-            res = evaluate_policy(policy, cfg, t.eval_episodes, 0, progress=False, seed=t.seed)
+            res = evaluate_policy(policy, cfg, episodes or t.eval_episodes, 0, progress=False, seed=t.seed)
             # Training time, budget and held-out signals are the source's (compute_loss reads no inference key).
             res.update({k: ev[k] for k in ("step", "sample_passes", "train_minutes", "val") if k in ev},
                        rescored_from=str(f.resolve()))

@@ -71,7 +71,7 @@ def cmd_eval(args: list[str]) -> None:
     from .threads import set_threads
     from .train import evaluate_policy
 
-    usage = "usage: drift-policy eval checkpoint=PATH [episodes=50 workers=2 videos=0 out=FILE]"
+    usage = "usage: drift-policy eval checkpoint=PATH [episodes=50 workers=2 videos=0 seed=0 out=FILE]  (seed: the sampling noise's)"
     opts = parse_kv(args, {"checkpoint": str, "episodes": int, "workers": int, "videos": int, "out": str, "seed": int,
                            "threads": int, "task": str}, usage=usage,
                     defaults={"episodes": 50, "workers": 2, "videos": 0, "seed": 0, "threads": 1,
@@ -90,6 +90,7 @@ def cmd_eval(args: list[str]) -> None:
                           video_dir=out.parent / "videos" if opts.get("videos") else None,
                           n_videos=opts.get("videos", 0), seed=opts.get("seed", 0))
     res["checkpoint"] = str(opts["checkpoint"])
+    res["sampling_seed"] = opts.get("seed", 0)       # the same weights and test seeds score differently per noise draw
     save_eval_json(res, out)
     print(f"{cfg.task.name}: score {res['mean_score']:.3f}, success rate {res['success_rate']:.2f} "
           f"over {res['n_episodes']} episodes (seeds {res['start_seed']}..); written to {out}")

@@ -471,6 +471,17 @@ def test_rescore_replays_every_evaluation_from_its_checkpoint(tmp_path, pusht_za
     shutil.rmtree(half / "pretrained")
     rec = run_record(half)
     assert rec["steps"] == 2 and rec["sample_passes"] == 2 * 4 * 2 and not rec["complete"]
+    # More test seeds, at the last evaluation only: the last-k statistics on a larger test set.
+    (wide,) = bench_rescore([*common, "episodes=3", "last=1"])
+    assert wide.name == "drift_unet_train.eval_episodes_3-s0"
+    assert [p.name for p in (wide / "eval").glob("step_*.json")] == ["step_00000004.json"]
+    ev = json.loads((wide / "eval" / "step_00000004.json").read_text())
+    assert [e["seed"] for e in ev["per_episode"]] == [100000, 100001, 100002]
+    assert json.loads((wide / "config.json").read_text())["train"]["eval_episodes"] == 3
+    rec = run_record(wide)
+    assert [e["steps"] for e in rec["evals"]] == [4] and rec["complete"]
+    with pytest.raises(ConfigError, match="episodes=N"):
+        bench_rescore(common)
     # Rerunning continues (nothing left to do); a key that changes training is refused, naming it.
     assert bench_rescore([*common, "set=policy.noise_scale=0"]) == [zero]
     with pytest.raises(ConfigError, match="policy.n_noise"):
