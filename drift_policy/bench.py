@@ -132,6 +132,8 @@ def run_record(run_dir: Path) -> dict:
            "max_success": max(succ, default=float("nan")), "last5_success": _mean(succ[-5:])}
     if len(evals) >= 10:                          # Diffusion Policy's metric: the mean of the last 10 checkpoints
         rec["last10_score"], rec["last10_success"] = _mean(scores[-10:]), _mean(succ[-10:])
+    if runs.rescored_path(run_dir).exists():      # what bench rescore did: source, changed keys, test seeds, last k
+        rec["rescored"] = json.loads(runs.rescored_path(run_dir).read_text())
     return rec
 
 
@@ -215,8 +217,12 @@ def write_compute_matched(records: list[dict], out: Path, meta: dict) -> Path:
              "A variant is named by the overrides its runs were given, over the defaults of the commit they ran at; "
              "its recipe column is read from the runs' resolved configs, so it holds whatever those defaults were. "
              "Statistics are means over the seeds; a variant not done (stopped early, or still training) has them over "
-             "the evaluations it has, up to the sample-passes its done column names.", "",
-             "| variant | recipe | NFE | seeds | steps | sample-passes | score max | score last-5 | score last-10 | "
+             "the evaluations it has, up to the sample-passes its done column names.", ""]
+    partial = sorted({f"{r['label']} (last {r['rescored']['last']})" for r in records if r.get("rescored", {}).get("last")})
+    if partial:
+        lines += ["Scored again by `bench rescore` at their source's last evaluations only, so their max is over those "
+                  "and their last-10 is not defined: " + ", ".join(partial) + ".", ""]
+    lines += ["| variant | recipe | NFE | seeds | steps | sample-passes | score max | score last-5 | score last-10 | "
              "success max | success last-5 | s/step | done |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, d=3: "-" if v is None or v != v else f"{v:.{d}f}"
     for label, rs in variants.items():

@@ -441,7 +441,7 @@ def test_the_config_switch_reaches_the_neighbour_index(pusht_zarr):
 
 # ---- scoring a trained run again with inference-only keys changed ---------------------------------------------------
 def test_rescore_replays_every_evaluation_from_its_checkpoint(tmp_path, pusht_zarr):
-    from drift_policy.bench import bench_rescore, run_record
+    from drift_policy.bench import bench_rescore, bench_train, run_record
 
     cfg = compose([*TINY, f"task.data_root={pusht_zarr.parents[1]}", "train.max_steps=4", "train.eval_every_steps=2",
                    "train.ckpt_every_steps=2", "train.keep_checkpoints=5", "train.eval_episodes=2",
@@ -479,7 +479,10 @@ def test_rescore_replays_every_evaluation_from_its_checkpoint(tmp_path, pusht_za
     assert [e["seed"] for e in ev["per_episode"]] == [100000, 100001, 100002]
     assert json.loads((wide / "config.json").read_text())["train"]["eval_episodes"] == 3
     rec = run_record(wide)
-    assert [e["steps"] for e in rec["evals"]] == [4] and rec["complete"]
+    assert [e["steps"] for e in rec["evals"]] == [4] and rec["complete"] and rec["rescored"]["last"] == 1
+    md = bench_train(["report_only=1", "budget=32", "seeds=0", "policies=drift_unet:train.eval_episodes=3",
+                      f"runs={tmp_path}", f"out={tmp_path / 'wide_record'}"]).with_suffix(".md").read_text()
+    assert "on 3 test seeds" in md and "drift_unet[train.eval_episodes=3] (last 1)" in md
     with pytest.raises(ConfigError, match="episodes=N"):
         bench_rescore(common)
     # Rerunning continues (nothing left to do); a key that changes training is refused, naming it.
