@@ -36,7 +36,7 @@ def drift_step(policy, batch, opt):
     times = {}
 
     def forward():
-        act_n = policy.normalizer.normalize("action", batch["action"])
+        act_n = policy.normalize_action(batch["action"], batch["obs"])
         B = act_n.shape[0]
         cond = policy.condition(batch).repeat_interleave(c.n_noise, dim=0)
         x = policy.model(policy._noise(B * c.n_noise, None), cond).view(B, c.n_noise, c.horizon, c.action_dim)
