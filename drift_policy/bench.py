@@ -117,9 +117,11 @@ def run_record(run_dir: Path) -> dict:
         keys = [k for k in (rows[0] if rows else {}) if k in ("loss", "grad_norm") or k.startswith("train/")]
         e["train"] = {k: _mean([r[k] for r in rows if isinstance(r.get(k), (int, float))]) for k in keys}
         prev = e["steps"]
-    # A rescored run (bench rescore) copied its source's whole training log, but it has spent only what it has scored
-    # so far: an interrupted one counts up to its last evaluation, not to the end of the source's training.
-    if evals and (evals[-1]["steps"] >= step or runs.rescored_path(run_dir).exists()):
+    # What bench rescore did (source, changed keys, test seeds, last k), for a rescored run; None otherwise.
+    rescored = json.loads(runs.rescored_path(run_dir).read_text()) if runs.rescored_path(run_dir).exists() else None
+    # A rescored run copied its source's whole training log, but it has spent only what it has scored so far: an
+    # interrupted one counts up to its last evaluation, not to the end of the source's training.
+    if evals and (evals[-1]["steps"] >= step or rescored is not None):
         step, minutes = evals[-1]["steps"], evals[-1]["train_minutes"]
     scores, succ = [e["mean_score"] for e in evals], [e["success_rate"] for e in evals]
     rec = {"run_dir": str(run_dir), "policy": p["type"], "seed": t["seed"], "budget_sample_passes": t["sample_passes"],
@@ -132,8 +134,8 @@ def run_record(run_dir: Path) -> dict:
            "max_success": max(succ, default=float("nan")), "last5_success": _mean(succ[-5:])}
     if len(evals) >= 10:                          # Diffusion Policy's metric: the mean of the last 10 checkpoints
         rec["last10_score"], rec["last10_success"] = _mean(scores[-10:]), _mean(succ[-10:])
-    if runs.rescored_path(run_dir).exists():      # what bench rescore did: source, changed keys, test seeds, last k
-        rec["rescored"] = json.loads(runs.rescored_path(run_dir).read_text())
+    if rescored is not None:
+        rec["rescored"] = rescored
     return rec
 
 
