@@ -21,6 +21,7 @@ episodes=2 eval_workers=0 threads=1 out=/tmp/g/out runs=/tmp/g/runs``: about 3 m
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -51,11 +52,11 @@ def seconds_per_step(run: Path) -> float:
     interval (compilation, warm-up) left out."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "loss" in r]
-    rates = sorted((b["train_minutes"] - a["train_minutes"]) * 60 / (b["step"] - a["step"])
-                   for a, b in zip(rows[1:], rows[2:]) if b["step"] > a["step"])
+    rates = [(b["train_minutes"] - a["train_minutes"]) * 60 / (b["step"] - a["step"])
+             for a, b in zip(rows[1:], rows[2:]) if b["step"] > a["step"]]
     if not rates:
         raise SystemExit(f"{run}: too few logged steps to calibrate; raise calib_steps")
-    return rates[len(rates) // 2]
+    return statistics.median(rates)
 
 
 def train(part: str, o: dict) -> None:

@@ -45,3 +45,26 @@ def test_failure_coverage_counts_each_test_seeds_failures_over_the_last_evaluati
     assert out["summary"]["drift"]["failure_rate_by_third"] == pytest.approx(expected)
     with pytest.raises(SystemExit, match="whole 2-d points"):
         fc.main(["--records", str(path), "--dims", "0:17", "--out", str(tmp_path / "o.json")])
+
+
+def test_gpu_check_calibrates_seconds_per_step_from_the_logged_steps_after_the_first(tmp_path):
+    gc = _script("gpu_check")
+    rows = [{"step": 0, "train_minutes": 0.0},                                   # no loss: an eval line, skipped
+            {"step": 10, "train_minutes": 1.0, "loss": 1.0},
+            {"step": 20, "train_minutes": 2.0, "loss": 1.0},                     # 6 s/step (compiling): left out
+            {"step": 30, "train_minutes": 2.1, "loss": 1.0},                     # 0.6 s/step
+            {"step": 40, "train_minutes": 2.2, "loss": 1.0},                     # 0.6 s/step
+            {"step": 50, "train_minutes": 2.5, "loss": 1.0}]                     # 1.8 s/step
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert gc.seconds_per_step(tmp_path) == pytest.approx(0.6)                  # the median of 0.6, 0.6, 1.8
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(rows[1]) + "\n")
+    with pytest.raises(SystemExit, match="calib_steps"):
+        gc.seconds_per_step(tmp_path)
+
+
+def test_gpu_check_names_an_unknown_argument_and_part():
+    gc = _script("gpu_check")
+    with pytest.raises(SystemExit, match="'minute=4'"):
+        gc.main(["minute=4"])
+    with pytest.raises(SystemExit, match="part must be"):
+        gc.main(["part=train"])
