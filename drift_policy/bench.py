@@ -58,19 +58,11 @@ def summarize_run(run_dir: Path) -> dict:
 
 def machine_info(jobs: int = 1) -> dict:
     """What a benchmark ran on: CPU model, cores, torch, and how many runs shared the machine."""
-    import platform
-
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads_per_run": 1,
+    from .timing import cpu_model
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "threads_per_run": 1,
             "concurrent_runs": jobs, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 

@@ -38,13 +38,11 @@ def sh(*cmd: str) -> None:
 
 
 def machine(device: str) -> str:
-    import torch
+    """The records' one-line machine: the GPU (the CPU for device=cpu) and torch, from timing.machine_info."""
+    from drift_policy.timing import machine_info
 
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    import os
-
-    return f"{os.cpu_count()}-core CPU, torch {torch.__version__}"
+    m = machine_info(device)
+    return f"{m.get('gpu') or m['cpu']}, torch {m['torch']}"
 
 
 def seconds_per_step(run: Path) -> float:
