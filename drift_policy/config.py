@@ -186,6 +186,10 @@ class Config:
         t = self.train
         if t.batch_size == 0:
             t.batch_size = self.policy.default_batch_size
+        cluster = 1 + getattr(self.policy, "neighbor_negatives", 0)
+        if t.batch_size % cluster:
+            raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by 1 + policy.neighbor_negatives "
+                              f"({cluster}): the batch is drawn as clusters of an observation and its mates")
         per_step = self.sample_passes_per_step
         if t.max_steps == 0:
             t.max_steps = max(1, -(-t.sample_passes // per_step))       # ceil: never under the budget

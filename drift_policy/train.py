@@ -39,7 +39,8 @@ def attach_neighbor_positives(train_set, cfg: Config, normalizer: Normalizer) ->
         from .data.windows import NeighborPositives
 
         train_set.neighbors = NeighborPositives(train_set, lambda o: normalizer.normalize("obs", o), k,
-                                                cfg.policy.neighbor_bandwidth, cfg.policy.neighbor_same_episode)
+                                                cfg.policy.neighbor_bandwidth, cfg.policy.neighbor_same_episode,
+                                                cfg.policy.neighbor_negatives)
 
 
 def make_datasets(cfg: Config):

@@ -280,6 +280,46 @@ def test_neighbours_from_other_episodes_skip_the_own_demonstration():
         NeighborPositives(train, lambda o: norm.normalize("obs", o), k=len(train) - 10, bandwidth=0.3, same_episode=False)
 
 
+def test_neighbour_negatives_draw_clusters_of_a_window_and_its_neighbours():
+    data = _toy_data(n_eps=6, length=20)
+    train, _ = make_windows(data, horizon=4, n_obs_steps=2, n_action_steps=2, val_ratio=0.0)
+    norm = Normalizer().fit("obs", train.steps("obs"))
+    train.neighbors = NeighborPositives(train, lambda o: norm.normalize("obs", o), k=5, bandwidth=0.3,
+                                        same_episode=False, mates=2)
+    batch = train.sample(12, torch.Generator().manual_seed(0))
+    assert batch["action"].shape == (12, 4, 2) and batch["pos_action"].shape == (12, 6, 4, 2)
+    step = batch["action"][:, 0, 0].long()                                  # action = flat step id: names the window
+    ids = torch.tensor([int((train.index[:, 0] == s).nonzero()[0]) for s in step.tolist()])
+    nb, _ = train.neighbors.lookup(ids)
+    for c in range(4):                                                      # rows 3c + 1, 3c + 2: mates of row 3c
+        anchor, mates = ids[3 * c], ids[3 * c + 1: 3 * c + 3]
+        assert set(mates.tolist()) <= set(nb[3 * c, 1:].tolist()) and mates[0] != mates[1]
+        assert not (train.episode[mates] == train.episode[anchor]).any()
+    # Mates are drawn by kernel weight: with one neighbour far heavier than the rest, it is nearly always drawn.
+    w_heavy = torch.tensor([[1.0, 1.0, 1e-6, 1e-6, 1e-6, 1e-6]])
+    nbrs = torch.tensor([[0, 7, 8, 9, 10, 11]])
+    one = NeighborPositives(train, lambda o: norm.normalize("obs", o), k=5, bandwidth=0.3, mates=1)
+    one.lookup = lambda ids: (nbrs.expand(len(ids), -1), w_heavy.expand(len(ids), -1))
+    drawn = one.draw_mates(torch.zeros(200, dtype=torch.long), torch.Generator().manual_seed(0))
+    assert (drawn == 7).float().mean() > 0.99
+    with pytest.raises(ValueError, match="clusters of 3"):
+        train.sample(10, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="mates <= k"):
+        NeighborPositives(train, lambda o: norm.normalize("obs", o), k=2, bandwidth=0.3, mates=3)
+
+
+def test_neighbour_negatives_config_checks_name_the_keys():
+    with pytest.raises(ConfigError, match="policy.neighbor_negatives"):
+        compose(["policy.neighbor_positives=2", "policy.neighbor_negatives=3"])
+    with pytest.raises(ConfigError, match="policy.guidance"):
+        compose(["policy.neighbor_negatives=1", "policy.guidance=2"])
+    with pytest.raises(ConfigError, match="train.batch_size=32 must be divisible by 1 \\+ policy.neighbor_negatives"):
+        compose(["policy.neighbor_negatives=2"])
+    cfg = compose(["policy.neighbor_negatives=1"])
+    assert cfg.policy.neighbor_negatives == 1 and cfg.train.batch_size == 32
+    assert Config.from_dict(cfg.to_dict()).policy.neighbor_negatives == 1
+
+
 def test_validation_episodes_never_become_positives():
     data = _toy_data(n_eps=10)
     train, val = make_windows(data, horizon=4, n_obs_steps=2, n_action_steps=2, val_ratio=0.3, seed=1)

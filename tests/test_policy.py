@@ -163,6 +163,39 @@ def test_neighbor_own_anchor_makes_each_positive_relative_to_its_own_window():
     torch.testing.assert_close(a, b)
 
 
+def test_neighbour_negatives_are_the_mates_generated_chunks_in_this_frame():
+    torch.manual_seed(0)
+    B, N, Tp, m = 4, 3, 16, 1
+    obs = torch.rand(B, 2, 20) * 512
+    W = torch.tensor([0.5, 1.5, 0.0, 2.0])                              # each row's neighbour-positive weight
+    batch = {"obs": obs, "action": torch.rand(B, Tp, 2) * 512, "pos_obs": obs[:, -1:].expand(B, 3, 20),
+             "pos_weight": torch.cat([torch.ones(B, 1), (W / 2).unsqueeze(1).expand(B, 2)], 1),
+             "pos_action": torch.rand(B, 3, Tp, 2) * 512}
+    x = torch.randn(B, N, Tp, 2)
+    pol = make_policy(DriftConfig(backbone="tiny", n_noise=N, action_anchor=(18, 19), neighbor_positives=2,
+                                  neighbor_negatives=m), _norm())
+    act_n = pol.normalize_action(batch["action"], obs)
+    gen, pos, w, neg, neg_w = pol.drift_groups(x, act_n, batch, "chunk")
+    assert neg.shape == (B, m * N, Tp * 2) and neg_w.shape == (B, m * N)
+    mate = torch.tensor([1, 0, 3, 2])                                   # clusters (0, 1), (2, 3)
+    absolute = pol.unnormalize_action(x[mate], obs[mate])               # the mate's chunks in data units ...
+    torch.testing.assert_close(neg.view(B, N, Tp, 2), pol.normalize_action(absolute, obs))   # ... in this frame
+    torch.testing.assert_close(neg_w, (W * (N - 1) / (N * m)).unsqueeze(1).expand(B, N))
+    # per-step groups: the same chunks and weights, one group per (observation, step)
+    _, _, _, neg_s, neg_ws = pol.drift_groups(x, act_n, batch, "per_step")
+    assert neg_s.shape == (B * Tp, m * N, 2) and neg_ws.shape == (B * Tp, m * N)
+    torch.testing.assert_close(neg_s[Tp + 5], neg.view(B, N, Tp, 2)[1, :, 5])
+    # the mates' chunks repel: the loss differs from the one without them; no gradient flows into the mates
+    xg = x.clone().requires_grad_(True)
+    loss = pol.drift_loss(xg, act_n, batch)[0].sum()
+    plain = make_policy(DriftConfig(backbone="tiny", n_noise=N, action_anchor=(18, 19), neighbor_positives=2), _norm())
+    assert not torch.allclose(loss, plain.drift_loss(x, act_n, batch)[0].sum())
+    loss.backward()
+    assert torch.isfinite(xg.grad).all()
+    with pytest.raises(ValueError, match="clusters of 2"):
+        pol.drift_groups(x[:3], act_n[:3], {k: v[:3] for k, v in batch.items()}, "chunk")
+
+
 def test_predict_action_shapes_and_units():
     pol = make_policy(DriftConfig(backbone="tiny"), _norm()).eval()
     out = pol.predict_action(torch.rand(3, 2, 20) * 512)

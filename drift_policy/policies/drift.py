@@ -21,7 +21,7 @@ OWN_RULE = {"per_dim_scale": False, "neighbor_same_episode": True, "noise_scale"
 
 @dataclass
 class DriftConfig(PolicyConfig):
-    LEGACY: ClassVar[dict] = {**PolicyConfig.LEGACY, **OWN_RULE, "kernel_scale": "batch"}
+    LEGACY: ClassVar[dict] = {**PolicyConfig.LEGACY, **OWN_RULE, "kernel_scale": "batch", "neighbor_negatives": 0}
     INFERENCE: ClassVar[tuple[str, ...]] = (*PolicyConfig.INFERENCE, "noise_scale")
 
     type: str = "drift"
@@ -47,6 +47,13 @@ class DriftConfig(PolicyConfig):
                                                        # Push-T keypoints at 1.2M, last-5 coverage (seeds 0, 1):
                                                        # 0.03 0.947, 0.05 0.962, 0.1 0.823 (compute_matched/
                                                        # neighbour_bandwidth)
+    neighbor_negatives: int = 0                        # m batch mates per observation whose GENERATED chunks join its
+                                                       # negatives: the batch is drawn as clusters of 1 + m, an
+                                                       # observation and m of its neighbours (drawn with probability
+                                                       # by kernel weight), and each mate's chunks weigh W / m in all
+                                                       # (W: the observation's neighbour-positive weight), so the
+                                                       # negatives carry the same neighbour blur as the positives
+                                                       # (0: the own G chunks only)
     neighbor_same_episode: bool | None = None          # False: neighbours from the other demonstrations only (not the
                                                        # own episode's windows a few steps away: a time-shifted copy).
                                                        # None: the task's choice (TaskFamily.drift_choices; True
@@ -115,6 +122,13 @@ class DriftConfig(PolicyConfig):
         if self.neighbor_positives < 0 or not self.neighbor_bandwidth > 0:
             raise ConfigError(f"policy.neighbor_positives must be >= 0 (or -1: auto) and policy.neighbor_bandwidth > 0, got "
                               f"{self.neighbor_positives} and {self.neighbor_bandwidth}")
+        if self.neighbor_negatives < 0 or self.neighbor_negatives > self.neighbor_positives:
+            raise ConfigError(f"policy.neighbor_negatives must be in [0, policy.neighbor_positives="
+                              f"{self.neighbor_positives}] (its mates are drawn from the neighbours), got "
+                              f"{self.neighbor_negatives}")
+        if self.neighbor_negatives and self.guidance != 1:
+            raise ConfigError("policy.neighbor_negatives and policy.guidance > 1 both fill the extra negatives; "
+                              "use one of them")
         if not self.noise_scale >= 0:
             raise ConfigError(f"policy.noise_scale must be >= 0 (1: the training noise), got {self.noise_scale}")
         if not self.guidance >= 1:
@@ -170,7 +184,8 @@ class DriftPolicy(Policy):
         with kernel weights (``batch["pos_action"]``, ``batch["pos_weight"]``; relative to this observation, or with
         ``neighbor_own_anchor`` each to its own window's latest observation ``batch["pos_obs"]``). With guidance alpha > 1 the negatives
         are the expert chunks of the B - 1 other observations of the batch (samples of the unconditional p(a)),
-        each weighted (alpha - 1)(N - 1)/(B - 1); otherwise there are none (``neg`` is None). ``kind``:
+        each weighted (alpha - 1)(N - 1)/(B - 1); with ``neighbor_negatives`` they are the batch mates' generated
+        chunks (``mate_negatives``); otherwise there are none (``neg`` is None). ``kind``:
         "per_step" or "chunk" (default: the config's ``drift_groups``)."""
         c = self.config
         kind = kind or c.drift_groups
@@ -187,6 +202,8 @@ class DriftPolicy(Policy):
         else:
             pos_n, w = act_n.unsqueeze(1), None
         neg_n = neg_w = None
+        if c.neighbor_negatives:
+            neg_n, neg_w = self.mate_negatives(x, batch)                                     # [B, m*N, Tp, Da], [B, m*N]
         if c.guidance > 1 and B > 1:
             others = (torch.arange(B, device=x.device).unsqueeze(1) + torch.arange(1, B, device=x.device)) % B
             neg_n = act_n[others]                                                            # [B, B-1, Tp, Da]
@@ -198,12 +215,42 @@ class DriftPolicy(Policy):
 
             gen, pos = steps(x), steps(pos_n)                                                # [B*Tp, N, Da], [B*Tp, P, Da]
             w = None if w is None else w.repeat_interleave(c.horizon, dim=0)               # [B*Tp, P]
-            neg = None if neg_n is None else steps(neg_n)                                    # [B*Tp, B-1, Da]
+            neg = None if neg_n is None else steps(neg_n)                                    # [B*Tp, M, Da]
+            if isinstance(neg_w, Tensor):
+                neg_w = neg_w.repeat_interleave(c.horizon, dim=0)                          # [B*Tp, M]
         else:
             gen = x.reshape(B, c.n_noise, c.horizon * c.action_dim)                        # [B, N, Tp*Da]
             pos = pos_n.reshape(B, P, c.horizon * c.action_dim)
-            neg = None if neg_n is None else neg_n.reshape(B, B - 1, c.horizon * c.action_dim)
+            neg = None if neg_n is None else neg_n.reshape(B, neg_n.shape[1], c.horizon * c.action_dim)
         return gen, pos, w, neg, neg_w
+
+    def mate_negatives(self, x: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The generated chunks of each observation's m batch mates as extra negatives: ``(neg [B, m*N, Tp, Da],
+        weight [B, m*N])``. The batch is clusters of 1 + m consecutive observations (``WindowDataset.sample`` with
+        ``NeighborPositives.mates``); the positives of observation i are its own chunk (weight 1) and its k
+        neighbours' (weights w_ik, sum W_i), a mixture p_i + sum_k w_ik p_k. Its own other G - 1 chunks stand for
+        q_i with weight 1 each; each mate j was drawn from the k neighbours with probability w_ik / W_i, so its N
+        chunks, each weighted W_i (N - 1) / (N m), make the negatives an unbiased sample of q_i + sum_k w_ik q_k:
+        the same neighbour blur as the positives, and the field vanishes in expectation when every q_k = p_k.
+        A mate's chunks are moved into this observation's frame (``action_anchor``) as its positives are."""
+        c = self.config
+        B, N = x.shape[:2]
+        size = 1 + c.neighbor_negatives
+        if B % size:
+            raise ValueError(f"neighbour negatives need the batch in clusters of {size} (policy.neighbor_negatives="
+                             f"{c.neighbor_negatives}); got a batch of {B}")
+        if "pos_weight" not in batch:
+            raise ValueError("neighbour negatives need the batch's neighbour positives (batch['pos_weight'])")
+        pos = torch.arange(B, device=x.device)
+        start = pos - pos % size
+        others = (pos % size).unsqueeze(1) + torch.arange(1, size, device=x.device)                # [B, m]
+        mates = start.unsqueeze(1) + others % size                                                # [B, m] in the batch
+        # Data units, then this observation's frame: the identity without action_anchor.
+        absolute = self.unnormalize_action(x.detach(), batch["obs"])                             # [B, N, Tp, Da]
+        neg = self.normalize_action(absolute[mates].flatten(1, 2), batch["obs"])                  # [B, m*N, Tp, Da]
+        W = batch["pos_weight"][:, 1:].sum(1, keepdim=True)                                       # [B, 1]
+        weight = (W * (N - 1) / (N * c.neighbor_negatives)).expand(B, neg.shape[1])
+        return neg, weight
 
     def sample(self, cond: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
         """As ``Policy.sample``; ``noise``, drawn or passed (the exported module's input), is unit Gaussian and is
