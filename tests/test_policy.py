@@ -194,6 +194,10 @@ def test_neighbour_negatives_are_the_mates_generated_chunks_in_this_frame():
     assert torch.isfinite(xg.grad).all()
     with pytest.raises(ValueError, match="clusters of 2"):
         pol.drift_groups(x[:3], act_n[:3], {k: v[:3] for k, v in batch.items()}, "chunk")
+    # a batch without neighbour positives (validation windows: no index, no clusters) has no mates either
+    own_only = {k: v[:3] for k, v in batch.items() if not k.startswith("pos_")}
+    assert pol.drift_groups(x[:3], act_n[:3], own_only, "chunk")[3] is None
+    assert torch.isfinite(pol.compute_loss(own_only)[0])
 
 
 def test_predict_action_shapes_and_units():

@@ -202,7 +202,7 @@ class DriftPolicy(Policy):
         else:
             pos_n, w = act_n.unsqueeze(1), None
         neg_n = neg_w = None
-        if c.neighbor_negatives:
+        if c.neighbor_negatives and "pos_action" in batch:  # without neighbour positives (validation) no mates either
             neg_n, neg_w = self.mate_negatives(x, batch)                                     # [B, m*N, Tp, Da], [B, m*N]
         if c.guidance > 1 and B > 1:
             others = (torch.arange(B, device=x.device).unsqueeze(1) + torch.arange(1, B, device=x.device)) % B
