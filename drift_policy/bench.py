@@ -146,7 +146,11 @@ def _recipe(r: dict) -> str:
     parts = [f"batch {t['batch_size']}" + (f" x G {p['n_noise']}" if "n_noise" in p else "")]
     if p.get("neighbor_positives"):
         parts.append(f"{p['neighbor_positives']} neighbours" + ("" if p.get("neighbor_same_episode", True) else " (other episodes)")
-                     + (" (own anchor)" if p.get("neighbor_own_anchor") and p.get("action_anchor") else ""))
+                     + (" (own anchor)" if p.get("neighbor_own_anchor") and p.get("action_anchor") else "")
+                     + (f" (bandwidth {p['neighbor_bandwidth']:g})"
+                        if p.get("neighbor_bandwidth", DriftConfig.neighbor_bandwidth) != DriftConfig.neighbor_bandwidth else ""))
+    if p.get("neighbor_negatives"):
+        parts.append(f"negatives from {p['neighbor_negatives']} neighbour mate{'s' * (p['neighbor_negatives'] > 1)}")
     groups = {"chunk": "flat chunk", "both": "per-step + chunk groups"}.get(p.get("drift_groups"))
     if groups:
         parts.append(groups)
@@ -173,6 +177,8 @@ def _recipe(r: dict) -> str:
     default_wd = TrainConfig.weight_decay                     # the dataclass default, not a copy of it
     if t.get("weight_decay", default_wd) != default_wd:
         parts.append(f"weight decay {t['weight_decay']:g}")
+    if t.get("grad_clip", TrainConfig.grad_clip) != TrainConfig.grad_clip:
+        parts.append(f"gradient clip {t['grad_clip']:g}" if t["grad_clip"] > 0 else "no gradient clip")
     parts += [p.get("backbone", "?"), f"lr {t['lr']:g}", f"warm-up {t['warmup_steps']}", f"EMA {t['ema_decay']:g}"
               + (f" (warm-up w {t['ema_warmup']})" if t.get("ema_warmup", TrainConfig.ema_warmup) != TrainConfig.ema_warmup
                  else "")]

@@ -436,6 +436,22 @@ def test_a_records_recipe_column_names_a_changed_execution_horizon(tmp_path):
     assert "executes 4 of 16 steps," in row
 
 
+def test_a_records_recipe_column_names_neighbour_negatives_bandwidth_and_gradient_clip(tmp_path):
+    from drift_policy.bench import bench_train
+
+    _fake_run(tmp_path / "runs" / "drift_unet-s0", 0, 7, [0.5, 0.75])
+    _fake_run(tmp_path / "runs" / "drift_unet_policy.neighbor_negatives_1_policy.neighbor_bandwidth_0.03_train.grad_clip_0-s0",
+              0, 7, [0.5, 0.75], overrides=["policy.neighbor_negatives=1", "policy.neighbor_bandwidth=0.03", "train.grad_clip=0"])
+    path = bench_train(["report_only=1", "budget=640", "seeds=0",
+                        "policies=drift_unet,drift_unet:policy.neighbor_negatives=1+policy.neighbor_bandwidth=0.03+train.grad_clip=0",
+                        f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"])
+    rows = [line for line in path.with_suffix(".md").read_text().splitlines() if line.startswith("| drift")]
+    assert len(rows) == 2
+    assert not any(k in rows[0] for k in ("negatives", "bandwidth", "clip"))
+    assert "8 neighbours (other episodes) (bandwidth 0.03), negatives from 1 neighbour mate," in rows[1]
+    assert "no gradient clip," in rows[1]
+
+
 def test_a_list_override_is_one_variant_in_policies(tmp_path):
     from drift_policy.bench import bench_train
 
