@@ -71,7 +71,7 @@ class TrainConfig:
     max_steps: int = 0
     max_minutes: float = 0.0            # a stopping guard only (0: none); the LR schedule never depends on time
     grad_clip: float = 1.0              # max gradient norm (0: none). Drift's loss is a sum of unit-RMS fields whose
-                                        # gradient norm is 12-26 on Push-T, so this clips every drift step (AdamW on
+                                        # gradient norm is 13-26 on Push-T, so this clips every drift step (AdamW on
                                         # normalised gradients) and almost no diffusion step; without it drift scored
                                         # 0.933 against 0.962 last-5 (compute_matched/neighbour_negatives)
     ema_decay: float = 0.999
