@@ -1,4 +1,4 @@
-"""Benchmarks: ``drift-policy bench train``, ``bench rescore``, ``bench latency`` and ``bench summary``.
+"""Benchmarks: ``drift-policy bench train``, ``bench rescore``, ``bench merge``, ``bench latency`` and ``bench summary``.
 
 bench train compares policies at equal TRAINING COMPUTE, counted in generator sample-passes (one forward and
 backward of one action chunk through the backbone): the drift policy pays batch_size * n_noise per step, the
@@ -10,6 +10,9 @@ skips finished runs and resumes interrupted ones.
     drift-policy bench train budget=1200000 seeds=0,1 policies=drift_unet,diffusion_unet
     drift-policy bench train budget=300000 policies=drift_unet,drift_unet:policy.n_noise=8+policy.neighbor_positives=0
     -> eval/results/compute_matched/<task>.json (+ .md table, .png score vs sample-passes and vs minutes)
+
+bench merge writes one record from the runs of several records (seeds trained in different sessions, whose run
+folders are gone), grouping runs by their resolved recipe rather than by label.
 
 bench rescore scores such runs again, from the checkpoint of every evaluation, with inference-only policy keys
 changed (drift's sampling noise scale, diffusion's sampler, the executed actions per chunk): no retraining.
@@ -218,6 +221,11 @@ def write_compute_matched(records: list[dict], out: Path, meta: dict) -> Path:
              "its recipe column is read from the runs' resolved configs, so it holds whatever those defaults were. "
              "Statistics are means over the seeds; a variant not done (stopped early, or still training) has them over "
              "the evaluations it has, up to the sample-passes its done column names.", ""]
+    if meta.get("sources"):
+        lines += ["Merged by `bench merge` from the records " + ", ".join(f"`{s['record']}`" for s in meta["sources"])
+                  + ". Runs of one recipe (the same resolved policy and training config, but for the seed and how they "
+                  "ran: threads, checkpoints, torch.compile) are one variant, named by its first run's label; the "
+                  "JSON keeps each run's source record and label.", ""]
     partial = sorted({f"{r['label']} (last {r['rescored']['last']})" for r in records if r.get("rescored", {}).get("last")})
     if partial:
         lines += ["Scored again by `bench rescore` at their source's last evaluations only, so their max is over those "
@@ -494,6 +502,97 @@ def _rescore_run(src: Path, dst: Path, changes: dict, episodes: int = 0, last: i
     return dst
 
 
+# How a run was carried out rather than what it trained: runs of ``bench train`` that differ only in these (and
+# in their seed) are one recipe. torch.compile computes the same function as eager (to float rounding).
+HOW_RUN_KEYS = ("seed", "run_dir", "overwrite", "threads", "eval_workers", "ckpt_every_steps", "keep_checkpoints",
+                "compile", "device", "wandb", "wandb_project", "log_every", "max_minutes")
+
+
+def recipe_key(run: dict) -> str:
+    """A record run's recipe: its policy config with the keys added since filled as it was trained
+    (``with_legacy_keys``), and its train config without ``HOW_RUN_KEYS``, as one canonical string."""
+    import dataclasses
+
+    from .policies import with_legacy_keys
+
+    policy = config_from_dict(with_legacy_keys(run["policy_config"])).to_dict()
+    try:
+        train = dataclasses.asdict(TrainConfig(**run["train_config"]))
+    except TypeError as exc:
+        raise SystemExit(f"bench merge: run {run.get('run_dir')} has a train config this version cannot read ({exc})")
+    train = {k: v for k, v in train.items() if k not in HOW_RUN_KEYS}
+    return json.dumps({"policy": policy, "train": train}, sort_keys=True, default=list)
+
+
+def bench_merge(args: list[str]) -> Path:
+    """``drift-policy bench merge records=A.json,B.json=LABEL;LABEL out=DIR``: one record from the runs of
+    committed ``bench train`` records, so that seeds trained in different sessions (whose run folders are gone)
+    are compared as one variant. Each entry of ``records`` is a record's path, with ``=LABEL;LABEL...`` to take
+    only the runs of those variants (a label means what its record's command meant: ``drift_unet`` is the default
+    of the commit that record ran at). Runs of one recipe (``recipe_key``: the same resolved policy and training
+    config but for the seed and how they ran) form one variant, named by its first run's label; each keeps its
+    source record and label. The same run found in two records is kept once; two different runs of one recipe and
+    seed, or runs trained for another budget or evaluated on other test seeds, are refused."""
+    defaults = {"records": "", "out": ""}
+    usage = "usage: drift-policy bench merge records=A.json[=LABEL;LABEL...],B.json[=...] out=DIR"
+    opts = {**defaults, **_kv(args, {k: str for k in defaults}, usage=usage, defaults=defaults)}
+    if not opts["records"] or not opts["out"]:
+        raise ConfigError(f"bench merge: records and out are required ({usage})")
+    sources, picked = [], []
+    for entry in (e for e in _split_outside_brackets(opts["records"], ",") if e):
+        name, _, chosen = entry.partition("=")
+        wanted = [x for x in chosen.split(";") if x]
+        path = Path(name)
+        if not path.is_file():
+            raise SystemExit(f"bench merge: no record at {path}")
+        rec = json.loads(path.read_text())
+        if "runs" not in rec or "meta" not in rec:
+            raise SystemExit(f"bench merge: {path} is not a bench train record (no meta and runs)")
+        labels = {r["label"] for r in rec["runs"]}
+        missing = [w for w in wanted if w not in labels]
+        if missing:
+            raise SystemExit(f"bench merge: {path} has no run labelled {missing} (its labels: {sorted(labels)})")
+        sources.append((str(path), rec["meta"]))
+        picked += [(str(path), rec["meta"], r) for r in rec["runs"] if not wanted or r["label"] in wanted]
+    if not picked:
+        raise SystemExit("bench merge: the records hold no run")
+    # One comparison: the same task, budget and test seeds for every run.
+    for key in ("task", "budget", "start_seed"):
+        used = sorted({str(meta[key]) for _, meta, _ in picked})
+        if len(used) > 1:
+            raise SystemExit(f"bench merge: the runs come from records with different {key} ({used}); one record "
+                             f"compares runs alike")
+    for key in ("eval_episodes", "eval_fraction"):
+        used = sorted({r["train_config"][key] for _, _, r in picked})
+        if len(used) > 1:
+            raise SystemExit(f"bench merge: the runs were evaluated with different train.{key} ({used}); one record "
+                             f"compares runs evaluated alike")
+    label_of, records, kept = {}, [], {}
+    for path, _, r in picked:
+        key = recipe_key(r)
+        label = label_of.setdefault(key, r["label"])
+        trace = [(e["steps"], e["mean_score"], e["success_rate"]) for e in r["evals"]]
+        if (key, r["seed"]) in kept:
+            first_path, first_label, first_trace = kept[(key, r["seed"])]
+            if first_trace != trace:
+                raise SystemExit(f"bench merge: two different runs of one recipe with seed {r['seed']}: "
+                                 f"{first_label!r} in {first_path} and {r['label']!r} in {path}")
+            continue                                              # the same run, recorded twice
+        kept[(key, r["seed"])] = (path, r["label"], trace)
+        records.append({**r, "label": label, "source_label": r["label"], "source_record": path})
+    metas = [meta for _, meta in sources]
+    machine = {k: " / ".join(dict.fromkeys(str(m["machine"][k]) for m in metas)) for k in ("cpu", "cores", "torch")}
+    meta = {"task": metas[0]["task"], "budget": picked[0][1]["budget"], "start_seed": picked[0][1]["start_seed"],
+            "eval_episodes": records[0]["train_config"]["eval_episodes"],
+            "eval_fraction": records[0]["train_config"]["eval_fraction"],
+            "machine": {**machine, "threads_per_run": 1, "concurrent_runs": None, "gpu": None},
+            "command": "drift-policy bench merge " + " ".join(args), "report_only": True,
+            "sources": [{"record": p, "command": m.get("command")} for p, m in sources]}
+    path = write_compute_matched(records, Path(opts["out"]), meta)
+    print(path.with_suffix(".md").read_text())
+    return path
+
+
 def run_summary(args: list[str]) -> dict:
     """``drift-policy bench summary run=DIR [out=FILE.json] [machine=TEXT]``: a run's evaluation history (every
     eval/step_*.json: score and success by step and training minute), its config and max / last-k statistics,
@@ -542,12 +641,12 @@ def run_summary(args: list[str]) -> dict:
 
 
 def main(args: list[str]) -> None:
-    usage = ("usage: drift-policy bench {train,rescore,latency,summary} [key=value ...]\n"
-             "  drift-policy bench <train|rescore|latency|summary> --help   lists that benchmark's keys and defaults")
+    usage = ("usage: drift-policy bench {train,rescore,merge,latency,summary} [key=value ...]\n"
+             "  drift-policy bench <train|rescore|merge|latency|summary> --help   lists that benchmark's keys and defaults")
     if args and args[0] in ("-h", "--help", "help"):
         print(usage)
         return
-    if not args or args[0] not in ("train", "rescore", "latency", "summary"):
+    if not args or args[0] not in ("train", "rescore", "merge", "latency", "summary"):
         raise SystemExit(usage)
     if args[0] == "summary":
         run_summary(args[1:])
@@ -556,6 +655,8 @@ def main(args: list[str]) -> None:
             print(f"rescored: {d}")
     elif args[0] == "train":
         bench_train(args[1:])
+    elif args[0] == "merge":
+        bench_merge(args[1:])
     else:
         from .bench_latency import main as latency_main
 

@@ -3,7 +3,7 @@
     drift-policy train task=pusht_keypoints policy=drift_unet train.max_minutes=60
     drift-policy resume runs/<run>
     drift-policy eval checkpoint=runs/<run> [episodes=50 workers=2 videos=2 out=eval.json]
-    drift-policy bench latency | bench train | bench rescore | bench summary   (see drift_policy/bench.py)
+    drift-policy bench latency | bench train | bench rescore | bench merge | bench summary   (see drift_policy/bench.py)
     drift-policy plot run=runs/<run> [out=DIR]   (training plots as PNGs, see drift_policy/plots.py)
     drift-policy export checkpoint=PATH format=onnx|torchscript out=FILE   (see drift_policy/export.py)
     drift-policy run checkpoint=PATH rate_hz=10 seconds=60 async=1 ensemble=0 backend=eager out=report.json

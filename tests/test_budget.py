@@ -3,6 +3,7 @@ import json
 import math
 import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -483,6 +484,73 @@ def test_a_record_names_the_test_seeds_that_failed_outright(tmp_path):
     rec = json.loads(path.read_text())["runs"][0]
     assert [e["low_score_seeds"] for e in rec["evals"]] == [[100001, 100003]] * 2
     assert "- drift_unet seed 0: 4 of 8 episodes; 100001 (2), 100003 (2)" in path.with_suffix(".md").read_text()
+
+
+def _record(tmp_path, name: str, runs_spec: list) -> str:
+    """A ``bench train`` record at tmp_path/<name>/pusht_keypoints.json of fake runs [(label folder, seed, episodes,
+    scores, overrides)]; the policies option names each variant."""
+    from drift_policy.bench import bench_train
+
+    root = tmp_path / f"runs_{name}"
+    for folder, seed, episodes, scores, overrides in runs_spec:
+        _fake_run(root / f"{folder}-s{seed}", seed, episodes, scores, overrides)
+    variants = {}
+    for folder, seed, _, _, overrides in runs_spec:
+        variants.setdefault("drift_unet" + (":" + "+".join(overrides) if overrides else ""), []).append(seed)
+    seeds = sorted({s for v in variants.values() for s in v})
+    path = bench_train(["report_only=1", "budget=640", f"seeds={','.join(map(str, seeds))}",
+                        "policies=" + ",".join(variants), f"runs={root}", f"out={tmp_path / name}"])
+    return str(path)
+
+
+def test_merge_joins_the_seeds_of_one_recipe_from_several_records(tmp_path):
+    from drift_policy.bench import bench_merge
+
+    # Seed 1 of the lr-1e-3 variant ran with torch.compile and other checkpoint settings (how it ran, not what it
+    # trained), so its record labels it otherwise.
+    a = _record(tmp_path, "a", [("drift_unet_train.lr_1e-3", 0, 7, [0.5, 0.75], ["train.lr=1e-3"]),
+                                ("drift_unet", 0, 7, [0.25, 0.25], [])])
+    b = _record(tmp_path, "b", [("drift_unet_train.lr_1e-3_train.compile_true_train.keep_checkpoints_5", 1, 7,
+                                 [0.25, 0.5], ["train.lr=1e-3", "train.compile=true", "train.keep_checkpoints=5"])])
+    # b was written before two policy keys and a train key existed: read as what it was trained with (LEGACY).
+    old = json.loads(Path(b).read_text())
+    for key in ("kernel_scale", "neighbor_negatives"):
+        del old["runs"][0]["policy_config"][key]
+    del old["runs"][0]["train_config"]["ema_warmup"]
+    Path(b).write_text(json.dumps(old))
+    path = bench_merge([f"records={a}=drift_unet[train.lr=1e-3],{b}", f"out={tmp_path / 'm'}"])
+    rec = json.loads(path.read_text())
+    assert list(rec["summary"]) == ["drift_unet[train.lr=1e-3]"]            # the unchosen default-lr runs are left out
+    s = rec["summary"]["drift_unet[train.lr=1e-3]"]
+    assert s["seeds"] == [0, 1] and s["max_score"] == pytest.approx(0.625) and s["last5_score"] == pytest.approx(0.5)
+    assert [r["source_label"] for r in rec["runs"]] == [
+        "drift_unet[train.lr=1e-3]", "drift_unet[train.lr=1e-3 train.compile=true train.keep_checkpoints=5]"]
+    assert rec["runs"][1]["source_record"] == b and rec["meta"]["sources"][1]["record"] == b
+    assert "Merged by `bench merge`" in path.with_suffix(".md").read_text()
+    # Without a choice every run comes, and a different recipe (the default's lr) is its own variant; the same run read
+    # twice (record a given twice) is kept once.
+    rec = json.loads(bench_merge([f"records={a},{a}", f"out={tmp_path / 'm2'}"]).read_text())
+    assert sorted(rec["summary"]) == ["drift_unet", "drift_unet[train.lr=1e-3]"]
+    assert len(rec["runs"]) == 2
+
+
+def test_merge_refuses_runs_that_do_not_compare(tmp_path):
+    from drift_policy.bench import bench_merge
+
+    a = _record(tmp_path, "a", [("drift_unet", 0, 7, [0.5, 0.75], [])])
+    other_run = _record(tmp_path, "b", [("drift_unet", 0, 7, [0.5, 0.5], [])])        # same recipe and seed
+    other_seeds = _record(tmp_path, "c", [("drift_unet", 1, 9, [0.5, 0.5], [])])      # 9 test episodes, not 7
+    with pytest.raises(SystemExit, match="two different runs of one recipe with seed 0"):
+        bench_merge([f"records={a},{other_run}", f"out={tmp_path / 'm'}"])
+    with pytest.raises(SystemExit, match="different train.eval_episodes"):
+        bench_merge([f"records={a},{other_seeds}", f"out={tmp_path / 'm'}"])
+    with pytest.raises(SystemExit, match="no run labelled \\['diffusion_unet'\\]"):
+        bench_merge([f"records={a}=diffusion_unet", f"out={tmp_path / 'm'}"])
+    with pytest.raises(SystemExit, match="no record at"):
+        bench_merge([f"records={tmp_path / 'none.json'}", f"out={tmp_path / 'm'}"])
+    with pytest.raises(ConfigError, match="records and out are required"):
+        bench_merge([f"records={a}"])
+    assert not (tmp_path / "m").exists()                      # nothing written by a refused merge
 
 
 def test_the_config_switch_reaches_the_neighbour_index(pusht_zarr):
