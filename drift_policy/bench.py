@@ -73,6 +73,12 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def _sd(xs):
+    """The sample standard deviation (n - 1)."""
+    m = _mean(xs)
+    return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else float("nan")
+
+
 LOW_SCORE = 0.5          # an episode scoring under this is a failure, not an imprecise finish
 
 
@@ -205,6 +211,8 @@ def write_compute_matched(records: list[dict], out: Path, meta: dict) -> Path:
                           **{k: _mean([r[k] for r in rs if k in r]) for k in
                              ("max_score", "last5_score", "last10_score", "max_success", "last5_success", "last10_success")
                              if any(k in r for r in rs)}}
+        if len(rs) >= 2:            # how far apart the seeds are: the yardstick for a gap between two variants
+            summary[label]["last5_score_sd"] = _sd([r["last5_score"] for r in rs])
     path = out / f"{meta['task']}.json"
     atomic_write_text(path, json.dumps({"meta": meta, "summary": summary, "runs": records}, indent=2))
 
@@ -219,7 +227,8 @@ def write_compute_matched(records: list[dict], out: Path, meta: dict) -> Path:
              f"Written by `{meta['command']}`.", "",
              "A variant is named by the overrides its runs were given, over the defaults of the commit they ran at; "
              "its recipe column is read from the runs' resolved configs, so it holds whatever those defaults were. "
-             "Statistics are means over the seeds; a variant not done (stopped early, or still training) has them over "
+             "Statistics are means over the seeds (score last-5: ± the standard deviation of the seeds' last-5 means, "
+             "where there are two or more); a variant not done (stopped early, or still training) has them over "
              "the evaluations it has, up to the sample-passes its done column names.", ""]
     if meta.get("sources"):
         lines += ["Merged by `bench merge` from the records " + ", ".join(f"`{s['record']}`" for s in meta["sources"])
@@ -238,7 +247,8 @@ def write_compute_matched(records: list[dict], out: Path, meta: dict) -> Path:
         passes = "/".join(f"{r['sample_passes']:,}" for r in rs)
         lines.append(f"| {label} | {_recipe(rs[0])} | {rs[0]['nfe']} | {','.join(map(str, s['seeds']))} | "
                      f"{'/'.join(str(r['steps']) for r in rs)} | {passes} | "
-                     f"{f(s.get('max_score'))} | {f(s.get('last5_score'))} | {f(s.get('last10_score'))} | "
+                     f"{f(s.get('max_score'))} | {f(s.get('last5_score'))}"
+                     f"{'' if s.get('last5_score_sd') is None else ' ± ' + f(s['last5_score_sd'])} | {f(s.get('last10_score'))} | "
                      f"{f(s.get('max_success'), 2)} | {f(s.get('last5_success'), 2)} | "
                      f"{'/'.join(f(r['seconds_per_step'], 2) for r in rs)} | {_done(s, rs)} |")
     lines += ["", "Per run (seed): score at each evaluation, by sample-passes.", ""]

@@ -523,6 +523,8 @@ def test_merge_joins_the_seeds_of_one_recipe_from_several_records(tmp_path):
     assert list(rec["summary"]) == ["drift_unet[train.lr=1e-3]"]            # the unchosen default-lr runs are left out
     s = rec["summary"]["drift_unet[train.lr=1e-3]"]
     assert s["seeds"] == [0, 1] and s["max_score"] == pytest.approx(0.625) and s["last5_score"] == pytest.approx(0.5)
+    assert s["last5_score_sd"] == pytest.approx(math.sqrt(2) * 0.125)          # last-5 0.625 and 0.375
+    assert "| 0.500 ± 0.177 |" in path.with_suffix(".md").read_text()
     assert [r["source_label"] for r in rec["runs"]] == [
         "drift_unet[train.lr=1e-3]", "drift_unet[train.lr=1e-3 train.compile=true train.keep_checkpoints=5]"]
     assert rec["runs"][1]["source_record"] == b and rec["meta"]["sources"][1]["record"] == b
