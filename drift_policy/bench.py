@@ -429,10 +429,11 @@ def bench_rescore(args: list[str]) -> list[Path]:
     from .threads import set_threads
 
     defaults = {"policies": "drift_unet", "seeds": "0,1", "task": "pusht_keypoints", "budget": 1_200_000,
-                "runs": "", "set": "", "episodes": 0, "last": 0}
+                "runs": "", "set": "", "episodes": 0, "last": 0, "sampling_seed": -1}
     opts = {**defaults, **_kv(args, {k: type(v) for k, v in defaults.items()},
                               usage="usage: drift-policy bench rescore runs=DIR policies=... seeds=0,1 "
-                                    "set=policy.noise_scale=1[+policy.KEY=VALUE ...] [episodes=N] [last=K]",
+                                    "set=policy.noise_scale=1[+policy.KEY=VALUE ...] [episodes=N] [last=K] "
+                                    "[sampling_seed=S]",
                               defaults=defaults)}
     items = [o for o in _split_outside_brackets(opts["set"], "+") if o]
     changes = {}
@@ -444,11 +445,17 @@ def bench_rescore(args: list[str]) -> list[Path]:
     if opts["episodes"] < 0 or opts["last"] < 0:
         raise ConfigError(f"episodes and last must be >= 0 (0: the source's test seeds / every evaluation), got "
                           f"{opts['episodes']} and {opts['last']}")
-    if not changes and not opts["episodes"]:
+    if opts["sampling_seed"] < -1:
+        raise ConfigError(f"sampling_seed must be >= 0 (-1: the run's training seed, as when it was trained), got "
+                          f"{opts['sampling_seed']}")
+    sampling_seed = opts["sampling_seed"] if opts["sampling_seed"] >= 0 else None
+    if not changes and not opts["episodes"] and sampling_seed is None:
         raise ConfigError("set: name at least one inference-only policy key to change, e.g. set=policy.noise_scale=1, "
-                          "or score on more test seeds with episodes=N")
+                          "or score on more test seeds with episodes=N, or with other sampling noise (sampling_seed=S)")
     if opts["episodes"]:
         items.append(f"train.eval_episodes={opts['episodes']}")        # in the new run's name, as an override
+    if sampling_seed is not None:
+        items.append(f"sampling_seed={sampling_seed}")                 # in the new run's name (not a config key)
     run_root = Path(opts["runs"] or Path("runs") / f"compute_matched-{opts['task']}-{opts['budget']}")
     set_threads(1)
     written = []
@@ -456,14 +463,16 @@ def bench_rescore(args: list[str]) -> list[Path]:
         for seed in (int(x) for x in opts["seeds"].split(",")):
             src = run_root / _folder(label, seed)
             dst = run_root / _folder(f"{pol}[{' '.join([*ov, *items])}]", seed)
-            written.append(_rescore_run(src, dst, changes, opts["episodes"], opts["last"]))
+            written.append(_rescore_run(src, dst, changes, opts["episodes"], opts["last"], sampling_seed))
     return written
 
 
-def _rescore_run(src: Path, dst: Path, changes: dict, episodes: int = 0, last: int = 0) -> Path:
+def _rescore_run(src: Path, dst: Path, changes: dict, episodes: int = 0, last: int = 0,
+                 sampling_seed: int | None = None) -> Path:
     """One run of ``bench rescore``: ``dst`` holds ``src``'s training log and config with ``changes`` (and
     ``episodes`` test seeds, if not 0), and every evaluation of ``src`` (or its ``last`` ones) replayed from its
-    checkpoint."""
+    checkpoint, with the sampling noise seeded by ``sampling_seed`` (None: the run's training seed, as in
+    training)."""
     from .evaluation import save_eval_json
     from .policies import with_inference
     from .train import evaluate_policy
@@ -480,7 +489,8 @@ def _rescore_run(src: Path, dst: Path, changes: dict, episodes: int = 0, last: i
                          f"with train.ckpt_every_steps dividing the evaluation interval and train.keep_checkpoints "
                          f">= the number of evaluations")
     provenance = {"source": str(src.resolve()), "set": {f"policy.{k}": v for k, v in changes.items()},
-                  **({"episodes": episodes} if episodes else {}), **({"last": last} if last else {})}
+                  **({"episodes": episodes} if episodes else {}), **({"last": last} if last else {}),
+                  **({"sampling_seed": sampling_seed} if sampling_seed is not None else {})}
     prov_path = runs.rescored_path(dst)
     resuming = prov_path.exists() and json.loads(prov_path.read_text()) == provenance
     with runs.claim_run_dir(dst, resume=resuming):
@@ -499,7 +509,8 @@ def _rescore_run(src: Path, dst: Path, changes: dict, episodes: int = 0, last: i
                 continue
             policy, cfg = runs.load_policy_for_eval(runs.checkpoint_path(src, ev["step"]), inference=changes)
             t = cfg.train
-            res = evaluate_policy(policy, cfg, episodes or t.eval_episodes, 0, progress=False, seed=t.seed)
+            res = evaluate_policy(policy, cfg, episodes or t.eval_episodes, 0, progress=False,
+                                  seed=t.seed if sampling_seed is None else sampling_seed)
             # Training time, budget and held-out signals are the source's (compute_loss reads no inference key).
             res.update({k: ev[k] for k in ("step", "sample_passes", "train_minutes", "val") if k in ev},
                        rescored_from=str(f.resolve()))
@@ -531,7 +542,10 @@ def recipe_key(run: dict) -> str:
     except TypeError as exc:
         raise SystemExit(f"bench merge: run {run.get('run_dir')} has a train config this version cannot read ({exc})")
     train = {k: v for k, v in train.items() if k not in HOW_RUN_KEYS}
-    return json.dumps({"policy": policy, "train": train}, sort_keys=True, default=list)
+    # The same weights scored with other sampling noise (bench rescore sampling_seed=S) are another measurement.
+    sampling = (run.get("rescored") or {}).get("sampling_seed")
+    sampling = None if sampling == run.get("seed") else sampling     # the run's own seed: the same noise as trained
+    return json.dumps({"policy": policy, "train": train, "sampling_seed": sampling}, sort_keys=True, default=list)
 
 
 def bench_merge(args: list[str]) -> Path:

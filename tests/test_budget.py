@@ -611,6 +611,17 @@ def test_rescore_replays_every_evaluation_from_its_checkpoint(tmp_path, pusht_za
     assert "on 3 test seeds" in md and "drift_unet[train.eval_episodes=3] (last 1)" in md
     with pytest.raises(ConfigError, match="episodes=N"):
         bench_rescore(common)
+    # The run's own sampling seed (its training seed, 0) reproduces it; another draws other noise, into its own run.
+    (own,) = bench_rescore([*common, "sampling_seed=0", "last=1"])
+    assert own.name == "drift_unet_sampling_seed_0-s0" and run_record(own)["rescored"]["sampling_seed"] == 0
+    ev = json.loads((own / "eval" / "step_00000004.json").read_text())
+    assert ev["per_episode"] == json.loads((src / "eval" / "step_00000004.json").read_text())["per_episode"]
+    (other,) = bench_rescore([*common, "sampling_seed=7", "last=1"])
+    assert run_record(other)["rescored"]["sampling_seed"] == 7
+    from drift_policy.bench import recipe_key
+    assert recipe_key(run_record(other)) != recipe_key(run_record(own)) == recipe_key(run_record(src))
+    with pytest.raises(ConfigError, match="sampling_seed must be >= 0"):
+        bench_rescore([*common, "sampling_seed=-2"])
     # Rerunning continues (nothing left to do); a key that changes training is refused, naming it.
     assert bench_rescore([*common, "set=policy.noise_scale=0"]) == [zero]
     with pytest.raises(ConfigError, match="policy.n_noise"):
