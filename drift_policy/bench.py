@@ -173,6 +173,8 @@ def _recipe(r: dict) -> str:
         parts.append(f"cond MLP {p['cond_mlp']}")
     if p.get("noise_scale", 1) != 1:
         parts.append(f"sampling noise x {p['noise_scale']:g}")
+    if (r.get("rescored") or {}).get("sampling_seed") is not None:
+        parts.append(f"sampling seed {r['rescored']['sampling_seed']} (training seed {r['seed']})")
     if p.get("n_action_steps", PolicyConfig.n_action_steps) != PolicyConfig.n_action_steps:
         parts.append(f"executes {p['n_action_steps']} of {p.get('horizon', PolicyConfig.horizon)} steps")
     if p.get("guidance", 1) > 1:

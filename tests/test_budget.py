@@ -620,6 +620,9 @@ def test_rescore_replays_every_evaluation_from_its_checkpoint(tmp_path, pusht_za
     assert run_record(other)["rescored"]["sampling_seed"] == 7
     from drift_policy.bench import recipe_key
     assert recipe_key(run_record(other)) != recipe_key(run_record(own)) == recipe_key(run_record(src))
+    md = bench_train(["report_only=1", "budget=32", "seeds=0", "policies=drift_unet:sampling_seed=7", f"runs={tmp_path}",
+                      f"out={tmp_path / 'sampling_record'}"]).with_suffix(".md").read_text()
+    assert "sampling seed 7 (training seed 0)," in md
     with pytest.raises(ConfigError, match="sampling_seed must be >= 0"):
         bench_rescore([*common, "sampling_seed=-2"])
     # Rerunning continues (nothing left to do); a key that changes training is refused, naming it.
