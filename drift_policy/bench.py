@@ -196,6 +196,20 @@ def _recipe(r: dict) -> str:
     return ", ".join(parts)
 
 
+def evaluated_alike(records: list[dict], command: str) -> dict:
+    """{"eval_episodes": n, "eval_fraction": f} shared by every run record (empty without runs); SystemExit naming
+    the key when they differ, since one record compares runs evaluated alike."""
+    out = {}
+    for key in ("eval_episodes", "eval_fraction"):
+        used = sorted({r["train_config"][key] for r in records})
+        if len(used) > 1:
+            raise SystemExit(f"{command}: the runs were evaluated with different train.{key} ({used}); "
+                             f"one record compares runs evaluated alike")
+        if used:
+            out[key] = used[0]
+    return out
+
+
 def write_compute_matched(records: list[dict], out: Path, meta: dict) -> Path:
     """``<out>/<task>.json`` (+ ``.md``, ``.png``): every run, and each variant's statistics over its seeds."""
     import matplotlib
@@ -374,13 +388,7 @@ def bench_train(args: list[str]) -> Path:
                 recs.append({"label": label, **run_record(d)})
         # How the runs were evaluated is read from the runs themselves, so a report_only record cannot claim the
         # options of the command that rewrote it.
-        for key in ("eval_episodes", "eval_fraction"):
-            used = sorted({r["train_config"][key] for r in recs})
-            if len(used) > 1:
-                raise SystemExit(f"bench train: the runs were evaluated with different train.{key} ({used}); "
-                                 f"one record compares runs evaluated alike")
-            if used:
-                meta[key] = used[0]
+        meta.update(evaluated_alike(recs, "bench train"))
         return write_compute_matched(recs, out, meta)
 
     if not opts["report_only"]:
@@ -588,11 +596,7 @@ def bench_merge(args: list[str]) -> Path:
         if len(used) > 1:
             raise SystemExit(f"bench merge: the runs come from records with different {key} ({used}); one record "
                              f"compares runs alike")
-    for key in ("eval_episodes", "eval_fraction"):
-        used = sorted({r["train_config"][key] for _, _, r in picked})
-        if len(used) > 1:
-            raise SystemExit(f"bench merge: the runs were evaluated with different train.{key} ({used}); one record "
-                             f"compares runs evaluated alike")
+    evaluation = evaluated_alike([r for _, _, r in picked], "bench merge")
     label_of, records, kept = {}, [], {}
     for path, _, r in picked:
         key = recipe_key(r)
@@ -609,9 +613,7 @@ def bench_merge(args: list[str]) -> Path:
     metas = [meta for _, meta in sources]
     machine = {k: " / ".join(dict.fromkeys(str(m["machine"][k]) for m in metas)) for k in ("cpu", "cores", "torch")}
     meta = {"task": metas[0]["task"], "budget": picked[0][1]["budget"], "start_seed": picked[0][1]["start_seed"],
-            "eval_episodes": records[0]["train_config"]["eval_episodes"],
-            "eval_fraction": records[0]["train_config"]["eval_fraction"],
-            "machine": {**machine, "threads_per_run": 1, "concurrent_runs": None, "gpu": None},
+            **evaluation, "machine": {**machine, "threads_per_run": 1, "concurrent_runs": None, "gpu": None},
             "command": "drift-policy bench merge " + " ".join(args), "report_only": True,
             "sources": [{"record": p, "command": m.get("command")} for p, m in sources]}
     path = write_compute_matched(records, Path(opts["out"]), meta)
