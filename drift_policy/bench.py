@@ -169,6 +169,8 @@ def _recipe(r: dict) -> str:
         parts.append("per-dim kernel scale")
     if p.get("kernel_scale", "batch") != "batch":
         parts.append(f"kernel scale per {p['kernel_scale']}")
+    if p.get("obs_origin"):
+        parts.append(f"obs also relative to dims {','.join(map(str, p['obs_origin']))}")
     if p.get("cond_mlp"):
         parts.append(f"cond MLP {p['cond_mlp']}")
     if p.get("noise_scale", 1) != 1:

@@ -24,7 +24,7 @@ from ..observations import check_chunk, check_observation
 class PolicyConfig:
     # Keys added after policies were first saved, each with the value that a config.json written before the key
     # existed was trained with (``with_legacy_keys``): older run and pretrained folders still load, as what they are.
-    LEGACY: ClassVar[dict] = {"action_anchor": ()}
+    LEGACY: ClassVar[dict] = {"action_anchor": (), "obs_origin": ()}
     # Keys that change only how a trained policy acts, never what it learns (compute_loss does not read them), so a
     # trained run can be scored again with other values (``with_inference``; ``drift-policy bench rescore``).
     INFERENCE: ClassVar[tuple[str, ...]] = ("n_action_steps",)
@@ -46,6 +46,11 @@ class PolicyConfig:
                                       # what the normaliser and the generator see (Push-T keypoints: (18, 19), the
                                       # agent's position). (): absolute actions, Diffusion Policy's choice; None:
                                       # the task's choice (TaskFamily.action_anchor), resolved by Config.from_dict
+    obs_origin: tuple[int, ...] = ()  # obs dims (x, y, ...: Push-T keypoints' agent position, (18, 19)) to measure
+                                      # positions from: the conditioning also gets every other low-dim dim minus
+                                      # the origin dim of its axis (the other dims are assigned to the origin's
+                                      # axes in turn), in the origin's normalised units. Where things are from the
+                                      # agent, which FiLM's Linear(Mish(obs)) cannot subtract exactly. (): none
     horizon: int = 16                 # Tp: predicted actions per chunk
     n_obs_steps: int = 2              # To
     n_action_steps: int = 8           # Ta: executed actions, starting at index To - 1
@@ -87,6 +92,13 @@ class PolicyConfig:
                                    or not all(0 <= i < self.obs_dim for i in self.action_anchor)):
             raise ConfigError(f"policy.action_anchor must name one observation dim (0..{self.obs_dim - 1}) per action "
                               f"dim ({self.action_dim}), or be empty; got {list(self.action_anchor)}")
+        self.obs_origin = tuple(int(i) for i in self.obs_origin)
+        if self.obs_origin and (not all(0 <= i < self.obs_dim for i in self.obs_origin)
+                                or len(set(self.obs_origin)) != len(self.obs_origin)
+                                or (self.obs_dim - len(self.obs_origin)) % len(self.obs_origin)):
+            raise ConfigError(f"policy.obs_origin must name distinct observation dims (0..{self.obs_dim - 1}) whose "
+                              f"count divides the number of the other dims ({self.obs_dim} - its length), or be "
+                              f"empty; got {list(self.obs_origin)}")
         self.image_keys = tuple(self.image_keys)
         self.image_shape, self.crop_shape = tuple(self.image_shape), tuple(self.crop_shape)
         if self.image_keys:
@@ -140,7 +152,7 @@ class Policy(nn.Module):
         self.normalizer = normalizer if normalizer is not None else Normalizer({"obs": c.obs_dim, "action": c.action_dim})
         # Images are encoded once per (sample, step), trained end to end with the generator (no frozen encoder).
         self.obs_encoder = None
-        step_dim = c.obs_dim
+        step_dim = c.obs_dim + (c.obs_dim - len(c.obs_origin) if c.obs_origin else 0)
         if c.image_keys:
             from ..models.resnet import MultiImageEncoder
 
@@ -169,6 +181,8 @@ class Policy(nn.Module):
         [B, cond_mlp] through the conditioning MLP when the config has one)."""
         c = self.config
         low = self.normalizer.normalize("obs", obs["obs"][:, -c.n_obs_steps:])          # [B, To, D]
+        if c.obs_origin:                                                                 # [B, To, 2D - len(origin)]
+            low = torch.cat([low, self.relative_obs(obs["obs"][:, -c.n_obs_steps:])], dim=-1)
         if self.training and c.obs_noise > 0:                                            # never at inference
             low = low + c.obs_noise * torch.randn_like(low)
         if self.obs_encoder is None:
@@ -179,6 +193,15 @@ class Policy(nn.Module):
             feats = self.obs_encoder(images).view(B, To, -1)                             # [B, To, cams*F]
             flat = torch.cat([low, feats], dim=-1).flatten(1)
         return flat if self.cond_mlp is None else self.cond_mlp(flat)
+
+    def relative_obs(self, obs: Tensor) -> Tensor:
+        """``obs_origin``: obs [..., D] in data units -> [..., D - O], every other dim minus the origin dim of its
+        axis (the other dims taken in order, assigned to the O origin dims in turn), times that origin dim's
+        normaliser scale: a keypoint at the agent's position reads 0, one a table's width away about 2."""
+        origin = list(self.config.obs_origin)
+        others = [i for i in range(obs.shape[-1]) if i not in origin]
+        ref = [origin[j % len(origin)] for j in range(len(others))]
+        return (obs[..., others] - obs[..., ref]) * self.normalizer.params("obs")[0][ref]
 
     def normalize_action(self, action: Tensor, obs: Tensor) -> Tensor:
         """Chunks in data units [B, ..., Tp, Da] -> what the generator models: normalised, and relative to the
