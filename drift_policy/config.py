@@ -157,6 +157,8 @@ class Config:
         policy = with_legacy_keys(policy)
         if policy["action_anchor"] is None:
             policy["action_anchor"] = family(task).action_anchor(task)
+        if policy["obs_origin"] is None:
+            policy["obs_origin"] = family(task).obs_origin(task)
         if policy.get("type") == "drift":
             from .policies.drift import TASK_CHOICE
 

@@ -63,5 +63,23 @@ def test_a_bad_origin_is_a_config_error_naming_the_key(origin):
         DriftConfig(obs_origin=origin)
 
 
-def test_configs_saved_before_the_key_load_without_it():
-    assert DriftConfig.LEGACY["obs_origin"] == () and DiffusionConfig.LEGACY["obs_origin"] == ()
+@pytest.mark.parametrize("overrides,expect", [
+    (["policy.obs_origin=null"], (18, 19)),                                 # Push-T keypoints: the agent's position
+    (["policy=diffusion_unet", "policy.obs_origin=null"], (18, 19)),
+    (["task=pusht_image", "policy.obs_origin=null"], ()),                   # from pixels the obs is the agent alone
+    (["policy.obs_origin=[18,19]"], (18, 19)),
+])
+def test_a_null_origin_is_the_tasks_choice_recorded_in_the_config(overrides, expect):
+    from drift_policy.config import Config, compose
+
+    cfg = compose(overrides)
+    assert cfg.policy.obs_origin == expect
+    assert Config.from_dict(cfg.to_dict()).policy.obs_origin == expect        # config.json holds the dims used
+
+
+def test_a_config_written_before_the_key_reads_as_no_origin():
+    from drift_policy.config import Config, compose
+
+    d = compose(["policy.obs_origin=null"]).to_dict()
+    del d["policy"]["obs_origin"]
+    assert Config.from_dict(d).policy.obs_origin == ()

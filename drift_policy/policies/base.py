@@ -46,11 +46,12 @@ class PolicyConfig:
                                       # what the normaliser and the generator see (Push-T keypoints: (18, 19), the
                                       # agent's position). (): absolute actions, Diffusion Policy's choice; None:
                                       # the task's choice (TaskFamily.action_anchor), resolved by Config.from_dict
-    obs_origin: tuple[int, ...] = ()  # obs dims (x, y, ...: Push-T keypoints' agent position, (18, 19)) to measure
+    obs_origin: tuple[int, ...] | None = ()  # obs dims (x, y, ...: Push-T keypoints' agent position, (18, 19)) to measure
                                       # positions from: the conditioning also gets every other low-dim dim minus
                                       # the origin dim of its axis (the other dims are assigned to the origin's
                                       # axes in turn), in the origin's normalised units. Where things are from the
-                                      # agent, which FiLM's Linear(Mish(obs)) cannot subtract exactly. (): none
+                                      # agent, which FiLM's Linear(Mish(obs)) cannot subtract exactly. (): none;
+                                      # None: the task's choice (TaskFamily.obs_origin), resolved by Config.from_dict
     horizon: int = 16                 # Tp: predicted actions per chunk
     n_obs_steps: int = 2              # To
     n_action_steps: int = 8           # Ta: executed actions, starting at index To - 1
@@ -92,7 +93,8 @@ class PolicyConfig:
                                    or not all(0 <= i < self.obs_dim for i in self.action_anchor)):
             raise ConfigError(f"policy.action_anchor must name one observation dim (0..{self.obs_dim - 1}) per action "
                               f"dim ({self.action_dim}), or be empty; got {list(self.action_anchor)}")
-        self.obs_origin = tuple(int(i) for i in self.obs_origin)
+        if self.obs_origin is not None:
+            self.obs_origin = tuple(int(i) for i in self.obs_origin)
         if self.obs_origin and (not all(0 <= i < self.obs_dim for i in self.obs_origin)
                                 or len(set(self.obs_origin)) != len(self.obs_origin)
                                 or (self.obs_dim - len(self.obs_origin)) % len(self.obs_origin)):

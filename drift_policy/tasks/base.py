@@ -63,6 +63,12 @@ class TaskFamily:
         chunks have not been measured to help."""
         return ()
 
+    def obs_origin(self, task) -> tuple[int, ...]:
+        """What ``policy.obs_origin: null`` becomes: the low-dim observation dims (x, y, ...) of a position that the
+        other dims' positions are also given relative to (Push-T keypoints: the agent's); () where the
+        observation is not a set of points, or where the relative view has not been measured to help."""
+        return ()
+
     def drift_choices(self, task) -> dict[str, Any]:
         """The drift policy's keys that this family decides, for configs that leave them to the task
         (``policy.neighbor_positives: -1``; ``per_dim_scale``, ``neighbor_same_episode`` and ``noise_scale``: null;

@@ -45,13 +45,19 @@ class PushT(TaskFamily):
     def spaces(self, task) -> tuple[int, int]:
         return sum(KEY_DIMS[k] for k in task.obs_keys), ACTION_DIM
 
+    def agent_dims(self, task) -> tuple[int, ...]:
+        """The low-dim observation dims of the agent's position (x, y)."""
+        start = sum(KEY_DIMS[k] for k in task.obs_keys[:task.obs_keys.index("agent_pos")])
+        return (start, start + 1)
+
     def action_anchor(self, task) -> tuple[int, ...]:
         # The action is the agent's target position, observed as agent_pos. Relative chunks are measured on
         # keypoints (eval/results/compute_matched/action_anchor); the image task keeps absolute actions.
-        if task.image_keys:
-            return ()
-        start = sum(KEY_DIMS[k] for k in task.obs_keys[:task.obs_keys.index("agent_pos")])
-        return (start, start + 1)
+        return () if task.image_keys else self.agent_dims(task)
+
+    def obs_origin(self, task) -> tuple[int, ...]:
+        # The block's keypoints also as seen from the agent; from pixels the low-dim observation is the agent alone.
+        return () if task.image_keys else self.agent_dims(task)
 
     def drift_choices(self, task) -> dict[str, Any]:
         if task.image_keys:
