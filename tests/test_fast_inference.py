@@ -109,7 +109,9 @@ def test_dtype_moves_copies_and_pickles():
     policy = _policy("policy.backbone=tiny")
     obs = _obs(policy, 1)
     _assert_parity(policy, obs)
-    net, s, c = policy.model, torch.randn(1, 16, 2), torch.randn(1, policy.config.n_obs_steps * 20)
+    with torch.no_grad():                               # the conditioning's width: the obs (and its relative view)
+        width = policy.condition({"obs": obs}).shape[1]
+    net, s, c = policy.model, torch.randn(1, 16, 2), torch.randn(1, width)
     with torch.no_grad():
         for dtype in (torch.float64, torch.float32):     # _apply swaps every parameter tensor
             net.to(dtype)

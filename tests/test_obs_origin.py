@@ -68,6 +68,8 @@ def test_a_bad_origin_is_a_config_error_naming_the_key(origin):
     (["policy=diffusion_unet", "policy.obs_origin=null"], (18, 19)),
     (["task=pusht_image", "policy.obs_origin=null"], ()),                   # from pixels the obs is the agent alone
     (["policy.obs_origin=[18,19]"], (18, 19)),
+    ([], (18, 19)),                                                         # the drift policy's default: the task's
+    (["policy.obs_origin=[]"], ()),
 ])
 def test_a_null_origin_is_the_tasks_choice_recorded_in_the_config(overrides, expect):
     from drift_policy.config import Config, compose

@@ -71,6 +71,10 @@ class DriftConfig(PolicyConfig):
                                                        # relative to the agent, 0.940 against 0.919 last-5
                                                        # coverage at 1.2M sample-passes, 2 seeds
                                                        # (eval/results/compute_matched/action_anchor)
+    obs_origin: tuple[int, ...] | None = None          # the task's choice (PolicyConfig): Push-T keypoints' block
+                                                       # keypoints also relative to the agent; the far-from-the-
+                                                       # demonstrations failures of issue 12 were the generator not
+                                                       # finding the block (eval/results/compute_matched/obs_origin)
     per_dim_scale: bool | None = None                  # the kernel's distances in units of each action dim's spread
                                                        # in the batch (std of the expert chunks), not in the
                                                        # normaliser's [-1, 1]. None: the task's choice
