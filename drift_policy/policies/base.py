@@ -154,7 +154,11 @@ class Policy(nn.Module):
         self.normalizer = normalizer if normalizer is not None else Normalizer({"obs": c.obs_dim, "action": c.action_dim})
         # Images are encoded once per (sample, step), trained end to end with the generator (no frozen encoder).
         self.obs_encoder = None
-        step_dim = c.obs_dim + (c.obs_dim - len(c.obs_origin) if c.obs_origin else 0)
+        # obs_origin: each other dim and the origin dim of its axis, fixed by the config (relative_obs)
+        origin = list(c.obs_origin or ())
+        self._rel_dims = [i for i in range(c.obs_dim) if i not in origin]
+        self._rel_ref = [origin[j % len(origin)] for j in range(len(self._rel_dims))] if origin else []
+        step_dim = c.obs_dim + (len(self._rel_dims) if origin else 0)
         if c.image_keys:
             from ..models.resnet import MultiImageEncoder
 
@@ -200,10 +204,8 @@ class Policy(nn.Module):
         """``obs_origin``: obs [..., D] in data units -> [..., D - O], every other dim minus the origin dim of its
         axis (the other dims taken in order, assigned to the O origin dims in turn), times that origin dim's
         normaliser scale: a keypoint at the agent's position reads 0, one a table's width away about 2."""
-        origin = list(self.config.obs_origin)
-        others = [i for i in range(obs.shape[-1]) if i not in origin]
-        ref = [origin[j % len(origin)] for j in range(len(others))]
-        return (obs[..., others] - obs[..., ref]) * self.normalizer.params("obs")[0][ref]
+        ref = self._rel_ref
+        return (obs[..., self._rel_dims] - obs[..., ref]) * self.normalizer.params("obs")[0][ref]
 
     def normalize_action(self, action: Tensor, obs: Tensor) -> Tensor:
         """Chunks in data units [B, ..., Tp, Da] -> what the generator models: normalised, and relative to the
