@@ -420,6 +420,7 @@ def evaluate(
         "success_rate": float(np.mean([e["success"] for e in per_episode])),
         **{k: float(np.mean([e[k] for e in per_episode])) for k in env["family"].episode_flags},
         "flags": list(env["family"].episode_flags),
+        **env["family"].eval_protocol,
         "n_episodes": int(n_episodes),
         "start_seed": int(start_seed),
         "n_obs_steps": int(n_obs_steps),

@@ -79,12 +79,57 @@ def _dp_state(seed):
             rs.randn() * 2 * np.pi - np.pi]
 
 
-def test_reset_seed_gives_diffusion_policy_initial_state():
+# The T's centre of gravity in its body frame, by hand: Diffusion Policy's add_tee (copied by gym-pusht) sets it to
+# the mean of its two polygons' centroids, the 120x30 bar's (0, 15) and the 30x90 stem's (0, 75).
+TEE_COG = (0.0, (15 + 75) / 2)
+
+
+def _dp_official_block(seed: int) -> np.ndarray:
+    """Diffusion Policy's PushTEnv with legacy=True (its shipped eval configs, legacy_test: True): block.position =
+    the drawn (x, y) at angle 0, then block.angle = the drawn angle, which pymunk applies about the fixed centre of
+    gravity: origin = p + c - R(angle) c, written out here without the library's helpers."""
+    _, _, bx, by, a = _dp_state(seed)
+    cx, cy = TEE_COG
+    rx, ry = np.cos(a) * cx - np.sin(a) * cy, np.sin(a) * cx + np.cos(a) * cy
+    return np.array([bx + cx - rx, by + cy - ry])
+
+
+@pytest.mark.parametrize("seed", [100000, 100001, 100017, 100035, 100049])
+def test_seeded_reset_places_the_block_as_diffusion_policys_official_runner(seed):
     env = PushTKeypointsEnv()
+    assert env.placement == "official"
+    env.reset(seed=seed)
+    ax, ay, bx, by, angle = _dp_state(seed)
+    assert tuple(env.agent.position) == (ax, ay)
+    assert tuple(env.block.center_of_gravity) == pytest.approx(TEE_COG, abs=1e-9)
+    np.testing.assert_allclose(tuple(env.block.position), _dp_official_block(seed), atol=1e-6)
+    assert env.block.angle == pytest.approx(angle, abs=1e-9)
+    # The official start differs from the drawn position (here by up to ~90 px) unless the angle is ~0.
+    shift = np.hypot(*(np.array(env.block.position) - (bx, by)))
+    assert shift == pytest.approx(np.hypot(*(_dp_official_block(seed) - (bx, by))), abs=1e-6)
+
+
+def test_official_and_exact_placement_differ_and_replays_place_exactly():
+    official, exact = PushTKeypointsEnv(), PushTKeypointsEnv(placement="exact")
+    official.reset(seed=100000)
+    exact.reset(seed=100000)
+    _, _, bx, by, _ = _dp_state(100000)
+    np.testing.assert_allclose(tuple(exact.block.position), (bx, by), atol=1e-6)
+    assert np.hypot(*(np.array(official.block.position) - exact.block.position)) > 1.0
+    # A recorded state is replayed exactly whatever the env's placement for seeds.
+    state = np.array([100.0, 200.0, 300.0, 250.0, 1.3])
+    official.reset(options={"reset_to_state": state})
+    np.testing.assert_allclose(official.get_state(), state, atol=1e-6)
+    with pytest.raises(ValueError, match="placement"):
+        PushTKeypointsEnv(placement="legacy")
+
+
+def test_reset_seed_gives_diffusion_policy_initial_state():
+    env = PushTKeypointsEnv(placement="exact")
     obs, info = env.reset(seed=100000)
     ax, ay, bx, by, angle = _dp_state(100000)
     assert tuple(env.agent.position) == (ax, ay)
-    # Angle set before position: the body origin lands exactly where asked (the other order is ~90 px off).
+    # Exact placement: angle before position, the body origin lands exactly where asked.
     np.testing.assert_allclose(tuple(env.block.position), (bx, by), atol=1e-6)
     assert env.block.angle == pytest.approx(angle, abs=1e-9)
     assert env.get_state()[4] == pytest.approx(angle % (2 * np.pi), abs=1e-9)
@@ -177,6 +222,7 @@ def test_evaluate_same_result_in_process_and_in_workers(tmp_path):
     np.testing.assert_array_equal(first[:, 0], first[:, 1])  # history at reset repeats the first observation
     for key in ("coverage_score", "success_rate", "per_episode", "n_episodes", "start_seed"):
         assert local[key] == pooled[key], key
+    assert local["placement"] == pooled["placement"] == "official"   # the record says how the test seeds start
 
     assert local["n_episodes"] == 4 and local["start_seed"] == 100000
     assert 0.0 <= local["coverage_score"] <= 1.0 and 0.0 <= local["success_rate"] <= 1.0

@@ -9,8 +9,11 @@ Diffusion Policy's evaluation protocol needs:
   "keypoints" are the 8 corners of the T, a different observation.
 * seeding: a seed maps to an initial state with numpy's legacy ``RandomState`` exactly as Diffusion
   Policy draws it (``legacy_initial_state``), not with gym-pusht's ``np_random``.
-* state placement: the block's angle is set before its position, so ``block.position`` ends where asked
-  (pymunk rotates a body about its centre of gravity, which for the T is not the body origin).
+* state placement (``placement``): a seeded reset places the block as Diffusion Policy's official evaluation
+  does (its shipped Push-T configs set ``legacy_test: True``): position first, then angle. pymunk turns a body
+  about its centre of gravity, which for the T is not the body origin, so the block ends away from the drawn
+  position by (I - R(angle)) @ cog (``official_block_position``). ``placement="exact"`` sets the angle first, so
+  ``block.position`` ends where asked; ``reset_to_state`` (replaying a recorded state) always places exactly.
 * episode length: truncation after ``max_steps`` env steps (300 in Diffusion Policy's protocol).
 
 Run ``python -m drift_policy.envs.pusht --episode 0`` for the demo-replay diagnostic (see envs/README.md).
@@ -45,6 +48,8 @@ __all__ = [
     "keypoint_obs_from_state",
     "fit_local_keypoints",
     "legacy_initial_state",
+    "official_block_position",
+    "PLACEMENTS",
     "coverage_from_block_pose",
     "replay_episode",
 ]
@@ -76,6 +81,9 @@ GOAL_POSE = (256.0, 256.0, math.pi / 4)  # block x, y, angle of the target T
 SUCCESS_THRESHOLD = 0.95  # coverage above which an episode succeeds (and terminates)
 OBS_DIM = 2 * len(PUSHT_LOCAL_KEYPOINTS) + 2  # 20
 DEFAULT_MAX_STEPS = 300
+# How a seeded reset places the block. "official": Diffusion Policy's evaluation (legacy_test: True), position then
+# angle; "exact": angle then position (block.position = the drawn position; how a recorded state is replayed).
+PLACEMENTS = ("official", "exact")
 
 # The T in its body frame, as gym_pusht.add_tee builds it with scale=30, length=4: a 120x30 bar and a
 # 30x90 stem below it (pymunk y grows downwards on screen).
@@ -145,6 +153,15 @@ def legacy_initial_state(seed: int) -> np.ndarray:
     )
 
 
+def official_block_position(state: np.ndarray, cog: tuple[float, float]) -> np.ndarray:
+    """Where Diffusion Policy's official (legacy) placement puts the block origin for a drawn state [5]: the
+    position is set at angle 0, then the angle turns the body about its centre of gravity ``cog`` (body frame),
+    which stays fixed, so origin = pos + (I - R(angle)) @ cog."""
+    state = np.asarray(state, dtype=np.float64)
+    cog = np.asarray(cog, dtype=np.float64)
+    return state[2:4] + cog - _rotation(state[4]) @ cog
+
+
 def _tee_geometry(x: float, y: float, angle: float) -> sg.MultiPolygon:
     c, s = math.cos(angle), math.sin(angle)
     polys = [sg.Polygon([(x + c * px - s * py, y + s * px + c * py) for px, py in poly]) for poly in _TEE_LOCAL_POLYS]
@@ -161,8 +178,9 @@ def coverage_from_block_pose(x: float, y: float, angle: float) -> float:
 class PushTKeypointsEnv(_GymPushTEnv):
     """Push-T with Diffusion Policy's 20-d keypoint observation, legacy seeding and a step limit.
 
-    ``reset(seed=s)`` starts from ``legacy_initial_state(s)``; ``reset(options={"reset_to_state": state5})``
-    from a given [agent x, agent y, block x, block y, block angle]. ``step(action)`` takes an absolute agent
+    ``reset(seed=s)`` starts from ``legacy_initial_state(s)`` placed as ``placement`` says ("official": Diffusion
+    Policy's evaluation; "exact"); ``reset(options={"reset_to_state": state5})`` from a given [agent x, agent y,
+    block x, block y, block angle], placed exactly. ``step(action)`` takes an absolute agent
     target (x, y) in [0, 512] px (not clipped, like Diffusion Policy) and returns
     ``(obs[20] float32, reward, terminated, truncated, info)`` with ``info["coverage"]``,
     ``info["is_success"]`` and ``info["state"]``. ``render()`` returns an RGB uint8 image
@@ -171,8 +189,11 @@ class PushTKeypointsEnv(_GymPushTEnv):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
-    def __init__(self, max_steps: int | None = DEFAULT_MAX_STEPS, render_size: int = 96):
+    def __init__(self, max_steps: int | None = DEFAULT_MAX_STEPS, render_size: int = 96, placement: str = "official"):
         super().__init__(obs_type="state", render_mode="rgb_array")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        self.placement = placement
         if max_steps is not None and max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or None, got {max_steps}")
         if render_size < 1:
@@ -195,12 +216,17 @@ class PushTKeypointsEnv(_GymPushTEnv):
         bx, by = self.block.position
         return np.array([ax, ay, bx, by, self.block.angle % (2 * np.pi)], dtype=np.float64)
 
-    def _set_state(self, state: np.ndarray) -> None:
-        # Angle first, then position: pymunk keeps the centre of gravity fixed when the angle changes, so
-        # the other order (gym-pusht's legacy one) leaves the body origin away from the requested position.
+    def _set_state(self, state: np.ndarray, placement: str = "exact") -> None:
+        # pymunk keeps the centre of gravity fixed when the angle changes. "exact": angle first, then position, so
+        # the body origin ends where asked. "official": Diffusion Policy's legacy order (position, then angle),
+        # which its evaluation uses for the test seeds, so the origin ends away from the drawn position.
         self.agent.position = (float(state[0]), float(state[1]))
-        self.block.angle = float(state[4])
-        self.block.position = (float(state[2]), float(state[3]))
+        if placement == "official":
+            self.block.position = (float(state[2]), float(state[3]))
+            self.block.angle = float(state[4])
+        else:
+            self.block.angle = float(state[4])
+            self.block.position = (float(state[2]), float(state[3]))
         self.space.step(self.dt)  # as gym-pusht and Diffusion Policy: one physics step to settle contacts
 
     def get_obs(self) -> np.ndarray:
@@ -216,6 +242,7 @@ class PushTKeypointsEnv(_GymPushTEnv):
         self._last_action = None
         self.elapsed_steps = 0
         state = None if options is None else options.get("reset_to_state")
+        placement = "exact" if state is not None else self.placement
         if state is not None:
             state = np.asarray(state, dtype=np.float64)
             if state.shape != (5,) or not np.all(np.isfinite(state)):
@@ -227,7 +254,7 @@ class PushTKeypointsEnv(_GymPushTEnv):
             state = legacy_initial_state(seed)
             self.seed_used = int(seed)
         self.initial_state = state.copy()
-        self._set_state(state)
+        self._set_state(state, placement)
         self._ready = True
         coverage = self.get_coverage()
         info = {"coverage": coverage, "is_success": coverage > self.success_threshold, "state": self.get_state()}
@@ -273,8 +300,8 @@ class PushTImageEnv(PushTKeypointsEnv):
     ``PushTKeypointsEnv``'s.
     """
 
-    def __init__(self, max_steps: int | None = DEFAULT_MAX_STEPS, render_size: int = 96):
-        super().__init__(max_steps=max_steps, render_size=render_size)
+    def __init__(self, max_steps: int | None = DEFAULT_MAX_STEPS, render_size: int = 96, placement: str = "official"):
+        super().__init__(max_steps=max_steps, render_size=render_size, placement=placement)
         s = self.render_size
         self.observation_space = spaces.Dict({
             "obs": spaces.Box(low=0.0, high=512.0, shape=(2,), dtype=np.float32),

@@ -38,6 +38,8 @@ class TaskFamily:
     success_key: ClassVar[str] = "success"          # the info key that says an env step reached the goal
     episode_flags: ClassVar[tuple[str, ...]] = ()   # info keys counted per episode as true at any step, reported
                                                     # as fractions of episodes (BlockPush: p1, p2, ...)
+    eval_protocol: ClassVar[dict] = {}             # how its evaluation episodes start, written into every eval
+                                                    # record (Push-T: the block placement of the test seeds)
     options_class: ClassVar[type] = NoOptions       # dataclass of task.options (defaults = the family's defaults)
     no_env_hint: ClassVar[str] = ""                 # what to do when eval_family() is None (how to name an env)
 

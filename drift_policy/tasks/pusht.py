@@ -29,6 +29,8 @@ class PushT(TaskFamily):
     score_aliases = ("coverage_score",)
     track_max = ("coverage",)
     success_key = "is_success"
+    # Test seeds start where Diffusion Policy's official runner starts them (legacy_test: True; envs/pusht.py).
+    eval_protocol = {"placement": "official"}
 
     def check(self, task) -> None:
         super().check(task)
