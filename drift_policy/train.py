@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from . import runs
+from .provenance import write_provenance
 from .checkpoint import non_finite_tensors, save_checkpoint
 from .config import Config
 from .distributed import Distributed
@@ -177,6 +178,8 @@ def _train(cfg: Config | None, run_dir, resume: bool, progress: bool, hold: cont
         try:
             hold.enter_context(runs.claim_run_dir(run_dir, resume=resume, overwrite=t.overwrite))
             runs.write_config(run_dir, cfg)
+            if not resume:                     # the commit, command and machine that trained it, for its records
+                write_provenance(run_dir)
         except (RunDirError, OSError) as e:
             refused = e
     if dist.max(float(refused is not None)) > 0:     # a collective: under torchrun every rank stops, none hangs

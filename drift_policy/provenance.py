@@ -1,0 +1,71 @@
+"""Where a result came from: the code's git commit, the command line and the machine, written beside each run.
+
+Every record of a result names the commit and machine it was made at (records are built from run folders), so a
+number can always be traced to the code that produced it. Nothing here names a folder of the machine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+PROVENANCE_FILE = "provenance.json"
+
+
+def git_commit(path: str | os.PathLike | None = None) -> str | None:
+    """The commit of the checkout holding ``path`` (default: this package), with ``+dirty`` when tracked files
+    differ from it; None outside a git checkout (an installed wheel)."""
+    where = Path(path) if path is not None else Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + ("+dirty" if dirty else "")
+
+
+def machine() -> dict:
+    """CPU model, cores, torch version, threads and GPU of this process's machine."""
+    import torch
+
+    from .timing import cpu_model
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command as a user would type it: ``drift-policy <args>``, with every absolute path shortened to
+    ``<dir>/<its last part>`` (a record must not name a folder of the machine it was made on)."""
+    def clean(a: str) -> str:
+        key, eq, value = a.rpartition("=")
+        if value.startswith(("/", "~")) or (len(value) > 2 and value[1] == ":" and value[2] in "/\\"):
+            return f"{key}{eq}<dir>/{Path(value).name}"
+        return a
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    return " ".join(["drift-policy", *(clean(a) for a in args)])
+
+
+def provenance(argv: list[str] | None = None) -> dict:
+    from . import __version__
+
+    return {"commit": git_commit(), "version": __version__, "command": command_line(argv), "machine": machine()}
+
+
+def write_provenance(run_dir: str | os.PathLike, argv: list[str] | None = None) -> Path:
+    from .fileio import atomic_write_text
+
+    path = Path(run_dir) / PROVENANCE_FILE
+    atomic_write_text(path, json.dumps(provenance(argv), indent=2) + "\n")
+    return path
+
+
+def read_provenance(run_dir: str | os.PathLike) -> dict | None:
+    path = Path(run_dir) / PROVENANCE_FILE
+    return json.loads(path.read_text()) if path.exists() else None
