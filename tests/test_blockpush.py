@@ -199,3 +199,82 @@ def test_train_and_eval_end_to_end_reports_p1_p2(store, tmp_path):
     assert "| p1 |" in (tmp_path / "summary.md").read_text()
     # rendered with TINY_RENDERER; an eval JSON names its videos relative to itself
     assert len(res["videos"]) == 1 and (run / res["videos"][0]).stat().st_size > 0
+
+
+# -- mode statistics ------------------------------------------------------------------------------------------
+def _scripted_obs(order, targets, switch=False, steps=12):
+    """Observations [T, 16] of a made-up episode: the effector visits the blocks in ``order`` (optionally going to
+    the second block first and back: a switch), pushing each straight into its target in ``targets``."""
+    t_pos = {"target": np.array([0.28, 0.2]), "target2": np.array([0.52, 0.2])}
+    pos = {"block": np.array([0.35, -0.2]), "block2": np.array([0.45, -0.25])}
+    frames = []
+
+    def frame(ee):
+        o = np.zeros(16)
+        for name in ("block", "block2"):
+            o[OBS_SLICES[f"{name}_translation"]] = pos[name]
+        for name, p in t_pos.items():
+            o[OBS_SLICES[f"{name}_translation"]] = p
+        o[OBS_SLICES["effector_translation"]] = ee
+        frames.append(o)
+
+    frame(np.array([0.3, -0.4]))
+    if switch:                                   # touch the other block first, then turn back
+        frame(pos[order[1]] + [0, -0.02])
+    for blk, tgt in zip(order, targets):
+        start, goal = pos[blk].copy(), t_pos[tgt]
+        for k in range(1, steps + 1):
+            pos[blk] = start + (goal - start) * k / steps
+            frame(pos[blk] + [0, -0.02])          # the effector just behind the block it pushes
+    return np.stack(frames)
+
+
+@pytest.mark.parametrize("order,targets,expect", [
+    (("block", "block2"), ("target", "target2"), {"a_first": True, "a_in_t1": True, "b_in_t2": True}),
+    (("block", "block2"), ("target2", "target"), {"a_first": True, "a_in_t2": True, "b_in_t1": True}),
+    (("block2", "block"), ("target", "target2"), {"b_first": True, "b_in_t1": True, "a_in_t2": True}),
+    (("block2", "block"), ("target2", "target"), {"b_first": True, "b_in_t2": True, "a_in_t1": True}),
+])
+def test_mode_flags_of_known_orders(order, targets, expect):
+    from drift_policy.envs.blockpush import MODE_FLAGS, episode_modes
+
+    flags = episode_modes(_scripted_obs(order, targets))
+    assert flags == {k: expect.get(k, False) for k in MODE_FLAGS}
+    assert episode_modes(_scripted_obs(order, targets, switch=True))["switched"] is True
+
+
+def test_store_modes_give_known_fractions(tmp_path):
+    """Four made-up demonstrations, three block A first (two of them into target 1), one switching."""
+    eps = [_scripted_obs(("block", "block2"), ("target", "target2")),
+           _scripted_obs(("block", "block2"), ("target", "target2"), switch=True),
+           _scripted_obs(("block", "block2"), ("target2", "target")),
+           _scripted_obs(("block2", "block"), ("target", "target2"))]
+    path = tmp_path / "made.zarr"
+    root = zarr.open_group(str(path), mode="w")
+    obs = np.concatenate(eps).astype(np.float32)
+    root.create_group("data").array("obs", obs)
+    root["data"].array("action", np.zeros((len(obs), 2), np.float32))
+    root.create_group("meta").array("episode_ends", np.cumsum([len(e) for e in eps]).astype(np.int64))
+    m = bp.store_modes(path)
+    assert m["episodes"] == 4
+    assert m["a_first"] == 0.75 and m["b_first"] == 0.25 and m["switched"] == 0.25
+    assert m["a_first_to_t1"] == 0.5 and m["a_first_to_t2"] == 0.25 and m["b_first_to_t1"] == 0.25
+    assert m["b_first_to_t2"] == 0.0
+
+
+def test_env_mode_flags_agree_with_the_oracles_plan(env):
+    """On real oracle episodes the env's flags name the block and targets the oracle planned, without a switch."""
+    from drift_policy.envs.blockpush import episode_modes
+
+    for s in (20, 21, 22):
+        obs, _ = env.reset(seed=s)
+        plan = bp.MultimodalPushOracle(np.random.default_rng([s, 1]), obs).plan
+        ep = bp.run_oracle_episode(env, s)
+        flags = episode_modes(np.vstack([ep["obs"], ep["final_obs"]]))
+        if not ep["p2"]:
+            continue
+        first = "a" if plan[0][0] == "block" else "b"
+        assert flags[f"{first}_first"]
+        for blk, tgt in plan:
+            assert flags[f"{'a' if blk == 'block' else 'b'}_in_{'t1' if tgt == 'target' else 't2'}"]
+        assert not flags["switched"]

@@ -180,8 +180,9 @@ class MultimodalPushOracle:
 def run_oracle_episode(env, seed: int, max_steps: int | None = None) -> dict:
     """One oracle episode on env seed ``seed`` (the oracle's own draws come from the same seed).
 
-    Returns obs [T, 16], action [T, 2], p1, p2, first_block (env's: which block reached a target first),
-    plan_first (the oracle's intended first block) and steps."""
+    Returns obs [T, 16], action [T, 2], final_obs [16] (after the last action; not stored in a data set), p1, p2,
+    first_block (env's: which block reached a target first), plan_first (the oracle's intended first block) and
+    steps."""
     obs, info = env.reset(seed=int(seed))
     oracle = MultimodalPushOracle(np.random.default_rng([int(seed), 1]), obs)
     limit = env.max_steps if max_steps is None else int(max_steps)
@@ -194,7 +195,7 @@ def run_oracle_episode(env, seed: int, max_steps: int | None = None) -> dict:
         if terminated or truncated:
             break
     return {"obs": np.stack(obs_l).astype(np.float32), "action": np.stack(act_l).astype(np.float32),
-            "p1": bool(info["p1"]), "p2": bool(info["p2"]), "first_block": int(info["first_block"]),
+            "final_obs": np.asarray(obs, np.float32), "p1": bool(info["p1"]), "p2": bool(info["p2"]), "first_block": int(info["first_block"]),
             "plan_first": oracle.first_block, "steps": len(act_l)}
 
 
@@ -312,18 +313,39 @@ def load_blockpush(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return {"obs": obs.astype(np.float32), "action": action.astype(np.float32), "episode_ends": ends.astype(np.int64)}
 
 
+def store_modes(path: str | os.PathLike) -> dict:
+    """The mode fractions of a store's demonstrations (``envs.blockpush.episode_modes`` on each episode's
+    observations, as rollouts are measured): which block went first, which target each block reached, and how
+    often the demonstrator went from one block to the other before the first reached a target. A store holds the
+    observation before each action, not the one after the last, so the block that finished an episode may miss
+    its ``*_in_t*`` flag; the first block and its target (``*_first_to_*``) are complete."""
+    from ..envs.blockpush import MODE_FLAGS, episode_modes
+
+    d = load_blockpush(path)
+    starts = np.concatenate([[0], d["episode_ends"][:-1]])
+    per = [episode_modes(d["obs"][a:b]) for a, b in zip(starts, d["episode_ends"])]
+    out = {"store": Path(path).name, "episodes": len(per),
+           **{k: float(np.mean([e[k] for e in per])) for k in MODE_FLAGS}}
+    # The four plans (first block, its target): the joint fractions a policy's rollouts are compared with.
+    for blk, first in (("a", "a_first"), ("b", "b_first")):
+        for t in ("t1", "t2"):
+            out[f"{blk}_first_to_{t}"] = float(np.mean([e[first] and e[f"{blk}_in_{t}"] for e in per]))
+    return out
+
+
 def oracle_eval(n_episodes: int, start_seed: int = EVAL_START_SEED, progress: bool = True) -> dict:
     """The oracle's own p1 / p2 and block order over ``n_episodes`` env seeds from ``start_seed``."""
     from tqdm.auto import tqdm
 
-    from ..envs.blockpush import BlockPushEnv
+    from ..envs.blockpush import MODE_FLAGS, BlockPushEnv, episode_modes
 
     env = BlockPushEnv()
     per, t0 = [], time.perf_counter()
     try:
         for s in tqdm(range(start_seed, start_seed + n_episodes), desc="oracle eval", disable=not progress, leave=False):
             ep = run_oracle_episode(env, s)
-            per.append({k: ep[k] for k in ("p1", "p2", "first_block", "plan_first", "steps")} | {"seed": s})
+            per.append({k: ep[k] for k in ("p1", "p2", "first_block", "plan_first", "steps")} | {"seed": s}
+                       | episode_modes(np.vstack([ep["obs"], ep["final_obs"]])))
     finally:
         env.close()
     wall = time.perf_counter() - t0
@@ -332,6 +354,7 @@ def oracle_eval(n_episodes: int, start_seed: int = EVAL_START_SEED, progress: bo
         "task": "blockpush_lowdim", "policy": "MultimodalPushOracle (scripted)",
         "p1": float(np.mean([e["p1"] for e in per])), "p2": float(np.mean([e["p2"] for e in per])),
         "a_first": float(np.mean(first == 0)), "b_first": float(np.mean(first == 1)),
+        **{k: float(np.mean([e[k] for e in per])) for k in MODE_FLAGS if k not in ("a_first", "b_first")},
         "n_episodes": int(n_episodes), "start_seed": int(start_seed),
         "mean_steps": float(np.mean([e["steps"] for e in per])),
         "cpu_s_per_episode": wall / n_episodes, "wall_s": wall,
@@ -357,6 +380,9 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--episodes", type=int, default=200)
     e.add_argument("--start-seed", type=int, default=EVAL_START_SEED)
     e.add_argument("--out", required=True, help="JSON record")
+    m = sub.add_parser("modes", help="the mode fractions of a store's demonstrations (block order, targets, switches)")
+    m.add_argument("--store", required=True)
+    m.add_argument("--out", default=None, help="also write them as a JSON record here")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "generate":
@@ -368,6 +394,14 @@ def main(argv: list[str] | None = None) -> None:
 
                 save_eval_json(stats, args.record)
             print(json.dumps(stats, indent=2))
+        elif args.cmd == "modes":
+            res = store_modes(args.store)
+            res["command"] = "python -m drift_policy.data.blockpush " + " ".join(argv if argv is not None else sys.argv[1:])
+            if args.out:
+                from ..evaluation import save_eval_json
+
+                save_eval_json(res, args.out)
+            print(json.dumps(res, indent=2))
         else:
             from ..evaluation import save_eval_json
 

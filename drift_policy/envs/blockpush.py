@@ -33,7 +33,7 @@ import numpy as np
 from gymnasium import spaces
 
 
-__all__ = ["BlockPushEnv", "OBS_DIM", "ACTION_DIM", "OBS_SLICES", "WORKSPACE_BOUNDS", "GOAL_TOLERANCE",
+__all__ = ["BlockPushEnv", "ModeTracker", "episode_modes", "MODE_FLAGS", "ENGAGE_DIST", "OBS_DIM", "ACTION_DIM", "OBS_SLICES", "WORKSPACE_BOUNDS", "GOAL_TOLERANCE",
            "MAX_STEPS", "CONTROL_HZ", "BLOCK_SIZE", "EFFECTOR_RADIUS", "P1_SCORE", "P2_SCORE"]
 
 WORKSPACE_BOUNDS = np.array([[0.15, -0.5], [0.70, 0.5]])  # [[x_min, y_min], [x_max, y_max]] (m)
@@ -59,6 +59,13 @@ OBS_SLICES = {
 }
 OBS_DIM, ACTION_DIM = 16, 2
 BLOCKS, TARGETS = ("block", "block2"), ("target", "target2")
+# The effector is "at" a block when its centre is this close to the block's: the cube's half-diagonal, the
+# effector's radius and 1 cm of slack, i.e. touching or about to touch it.
+ENGAGE_DIST = BLOCK_SIZE / 2 * math.sqrt(2) + EFFECTOR_RADIUS + 0.01
+# Per-episode mode flags (true at any step): which block reached a target first, which target each block was in
+# at some step (block A = "block", target 1 = "target"), and whether the effector went from one block to the other
+# before either reached a target (a rollout that hesitates between the two orders: mode averaging).
+MODE_FLAGS = ("a_first", "b_first", "a_in_t1", "a_in_t2", "b_in_t1", "b_in_t2", "switched")
 
 _EFFECTOR_Z = 0.025               # cylinder centre: spans z 0.005..0.045, so it touches the cubes, not the table
 _EFFECTOR_LENGTH = 0.04
@@ -81,12 +88,55 @@ def _yaw_of(quat) -> float:
     return float(math.atan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z)) % math.pi)
 
 
+class ModeTracker:
+    """The modes of one episode from its observations alone (so stored demonstrations and rollouts are measured
+    the same way): ``update(obs)`` after every reset/step returns the flags so far (``MODE_FLAGS``)."""
+
+    def __init__(self, goal_tolerance: float = GOAL_TOLERANCE, engage_dist: float = ENGAGE_DIST):
+        self.goal_tolerance, self.engage_dist = float(goal_tolerance), float(engage_dist)
+        self.first_block = -1            # 0: block A reached a target first, 1: block B, -1: none yet
+        self.ever_in = np.zeros((2, 2), bool)   # [block, target]
+        self.engaged = -1                # the block the effector was last at, before the first reached a target
+        self.switched = False
+
+    def update(self, obs: np.ndarray) -> dict:
+        obs = np.asarray(obs, np.float64)
+        blocks = [obs[OBS_SLICES[f"{b}_translation"]] for b in BLOCKS]
+        dist = np.array([[np.linalg.norm(p - obs[OBS_SLICES[f"{t}_translation"]]) for t in TARGETS] for p in blocks])
+        inside = dist < self.goal_tolerance
+        if self.first_block < 0:
+            ee = obs[OBS_SLICES["effector_translation"]]
+            near = [np.linalg.norm(ee - p) for p in blocks]
+            at = int(np.argmin(near))
+            if near[at] < self.engage_dist:
+                self.switched = self.switched or (self.engaged >= 0 and at != self.engaged)
+                self.engaged = at
+            if inside.any():
+                hit = np.flatnonzero(inside.any(1))
+                self.first_block = int(hit[np.argmin(dist[hit].min(1))])   # both at once: the closer one
+        self.ever_in |= inside
+        self.inside, self.dist = inside, dist
+        return {"a_first": self.first_block == 0, "b_first": self.first_block == 1,
+                "a_in_t1": bool(self.ever_in[0, 0]), "a_in_t2": bool(self.ever_in[0, 1]),
+                "b_in_t1": bool(self.ever_in[1, 0]), "b_in_t2": bool(self.ever_in[1, 1]),
+                "switched": self.switched}
+
+
+def episode_modes(obs: np.ndarray, goal_tolerance: float = GOAL_TOLERANCE) -> dict:
+    """The mode flags of one stored episode, observations [T, 16] (a demonstration's or a rollout's)."""
+    tracker = ModeTracker(goal_tolerance)
+    flags = {}
+    for o in np.asarray(obs):
+        flags = tracker.update(o)
+    return flags
+
+
 class BlockPushEnv(gym.Env):
     """Gymnasium env; observation float32 [16] (see ``OBS_SLICES``), action float32 [2] (effector target xy, m).
 
     ``info`` after every reset/step: ``p1`` / ``p2`` (so far in the episode), ``is_success`` (= p2),
-    ``first_block`` (0: block A reached a target first, 1: block B, -1: none yet) and the same as the flags
-    ``a_first`` / ``b_first``, ``in_target`` (per block, now). ``render(size)`` draws an RGB frame with
+    ``first_block`` (0: block A reached a target first, 1: block B, -1: none yet), the mode flags ``MODE_FLAGS``
+    (``ModeTracker``: a_first, b_first, which target each block was in, switched), ``in_target`` (per block, now). ``render(size)`` draws an RGB frame with
     pybullet's CPU renderer. pybullet is imported when the first env is made (``_pybullet``).
     """
 
@@ -178,7 +228,7 @@ class BlockPushEnv(gym.Env):
         self._effector_target = EFFECTOR_START.copy()
         self._steps = 0
         self._p1 = self._p2 = False
-        self._first_block = -1
+        self._modes = ModeTracker(self.goal_tolerance)
         obs = self._observe()
         return obs, self._info(obs)
 
@@ -220,19 +270,13 @@ class BlockPushEnv(gym.Env):
         return obs.astype(np.float32)
 
     def _info(self, obs: np.ndarray) -> dict:
-        # dist[b, t]: block b to target t
-        dist = np.array([[np.linalg.norm(obs[OBS_SLICES[f"{b}_translation"]] - obs[OBS_SLICES[f"{t}_translation"]])
-                          for t in TARGETS] for b in BLOCKS])
-        inside = dist < self.goal_tolerance
-        if self._first_block < 0 and inside.any():
-            hit = np.flatnonzero(inside.any(1))
-            self._first_block = int(hit[np.argmin(dist[hit].min(1))])   # both at once: the closer one
+        modes = self._modes.update(obs)
+        inside = self._modes.inside                      # [block, target] now
         self._p1 = self._p1 or bool(inside.any())
         # success: each block inside a different target (the targets are 0.24 m apart, more than twice the tolerance)
         self._p2 = self._p2 or bool((inside[0, 0] and inside[1, 1]) or (inside[0, 1] and inside[1, 0]))
-        return {"p1": self._p1, "p2": self._p2, "is_success": self._p2, "first_block": self._first_block,
-                "a_first": self._first_block == 0, "b_first": self._first_block == 1,
-                "in_target": inside.any(1).tolist(), "steps": self._steps}
+        return {"p1": self._p1, "p2": self._p2, "is_success": self._p2, "first_block": self._modes.first_block,
+                **modes, "in_target": inside.any(1).tolist(), "steps": self._steps}
 
     def render(self, size: int = 256) -> np.ndarray:
         """uint8 [size, size, 3], the table seen from straight above, +x up (pybullet's CPU renderer)."""

@@ -5,7 +5,8 @@ Data: zarr stores written by the scripted multimodal oracle (``data/blockpush.py
 16-d state vector per step (block poses, effector and its target, target poses) and the action the absolute
 effector target xy. The score is Diffusion Policy's: per episode 0.49 once a block reached a target, 1 when
 both are in different targets (success); the episode flags ``p1`` / ``p2`` give the paper's phase-1 / phase-2
-rates and ``a_first`` / ``b_first`` which block reached a target first (multimodality).
+rates, and the mode flags (``envs.blockpush.MODE_FLAGS``) which block reached a target first, which target each
+block was in, and whether a rollout went from one block to the other before finishing the first (mode averaging).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..envs.blockpush import ACTION_DIM, OBS_DIM   # constants only: pybullet is imported when an env is made
+from ..envs.blockpush import ACTION_DIM, MODE_FLAGS, OBS_DIM   # constants only: pybullet is imported when an env is made
 from ..errors import ConfigError
 from .base import TaskFamily
 
@@ -25,7 +26,7 @@ class BlockPush(TaskFamily):
     control_hz = 10.0
     score_label = "score"
     success_key = "is_success"
-    episode_flags = ("p1", "p2", "a_first", "b_first")
+    episode_flags = ("p1", "p2", *MODE_FLAGS)
 
     def check(self, task) -> None:
         super().check(task)
