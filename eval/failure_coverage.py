@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from drift_policy.bench import machine_info
+from drift_policy.provenance import machine_free
+from drift_policy.records import machine_info
 from drift_policy.config import compose
 from drift_policy.tasks import env_spec, make_env
 from drift_policy.train import make_datasets
@@ -94,9 +95,10 @@ def main(argv=None) -> Path:
                          "spearman_nearest_vs_failures": spearman(nearest, f),
                          "most_failed": [[seeds[i], int(f[i]), round(float(nearest[i]), 1)]
                                          for i in np.argsort(-f, kind="stable")[:8] if f[i] > 0]}
-    rec = {"task": task, "test_seeds": seeds, "dims": [lo, hi], "last": a.last, "records": a.records,
+    rec = {"task": task, "test_seeds": seeds, "dims": [lo, hi], "last": a.last,
+           "records": [machine_free(p) for p in a.records],
            "nearest": nearest.round(2).tolist(), "runs": runs, "summary": summary, "machine": machine_info()}
-    out = Path(a.out or f"eval/results/failure_coverage_{task}.json")
+    out = Path(a.out or f"eval/diagnostics/{task}/failure_coverage_{task}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rec, indent=1) + "\n")
     for kind, s in summary.items():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from drift_policy.bench import machine_info
+from drift_policy.records import machine_info
 from drift_policy.config import compose
 from drift_policy.normalizer import Normalizer
 from drift_policy.policies import make_policy

@@ -35,6 +35,7 @@ import numpy as np
 
 from ..envs.blockpush import ACTION_DIM, BLOCKS, OBS_DIM, OBS_SLICES, TARGETS, WORKSPACE_BOUNDS
 from ..errors import DatasetError
+from ..provenance import machine_free
 
 __all__ = ["EVAL_START_SEED", "SCHEMA", "MultimodalPushOracle", "run_oracle_episode", "generate", "load_blockpush",
            "oracle_eval", "check_generation_seeds"]
@@ -260,7 +261,7 @@ def generate(n_episodes: int, out: str | os.PathLike, seed: int = 0, *, max_atte
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     firsts = np.asarray([e["first_block"] for e in episodes])
-    return {"path": str(out), "episodes": int(n_episodes), "attempts": int(attempts),
+    return {"path": machine_free(out), "episodes": int(n_episodes), "attempts": int(attempts),
             "success_rate": n_episodes / attempts, "steps": int(ends[-1]), "seeds": [int(seed), int(seed + attempts - 1)],
             "a_first": float(np.mean(firsts == 0)), "b_first": float(np.mean(firsts == 1)),
             "wall_s": time.perf_counter() - t0}
