@@ -176,5 +176,6 @@ def run_markdown(s: dict) -> str:
               + "".join(f" {r.get(k, float('nan')):.2f} |" for k in flags) for r in s["evals"]]
     lines += ["", f"max score {s['max_coverage']:.3f}, mean of the last {s['n_last']} evaluations "
                   f"{s['last10_coverage']:.3f} (success {s['last10_success']:.2f})"]
-    lines += [""] + [f"![{Path(p).stem}]({p})" for p in s.get("plots", [])]
+    if s.get("plots"):
+        lines += [""] + [f"![{Path(p).stem}]({p})" for p in s["plots"]]
     return "\n".join(lines) + "\n"
