@@ -243,11 +243,12 @@ def default_configs(task: str, names, budget: int, eval_fraction: float, eval_ep
     return out
 
 
-def recipe_defaults(meta: dict, labels) -> dict:
-    """``meta["recipe_defaults"]`` for a record of these variant labels: the commit of this code and the default
-    config of each policy the labels start from (the task's overrides of the command, e.g. a data file, kept)."""
+def recipe_defaults(meta: dict, labels, commit: str | None = None) -> dict:
+    """``meta["recipe_defaults"]`` for a record of these variant labels: the commit of this code (``commit``: as
+    read before the caller changed any file) and the default config of each policy the labels start from (the
+    task's overrides of the command, e.g. a data file, kept)."""
     overrides = [o for o in meta.get("overrides", []) if o.startswith("task.")]
-    return {"commit": git_commit(),
+    return {"commit": commit or git_commit(),
             "configs": default_configs(meta["task"], [policy_name(x) for x in labels], meta["budget"],
                                        meta.get("eval_fraction", 0.1), meta.get("eval_episodes", 50), overrides)}
 

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from drift_policy.fileio import atomic_write_text  # noqa: E402
-from drift_policy.provenance import machine_free_text  # noqa: E402
+from drift_policy.provenance import git_commit, machine_free_text  # noqa: E402
 from drift_policy.records import record_kind, recipe_defaults  # noqa: E402
 
 ROOTS = ("eval/results", "eval/diagnostics")
@@ -181,9 +181,9 @@ def _indent(text: str) -> int | None:
     return len(second) - len(second.lstrip(" ")) or None
 
 
-def migrate(path: Path) -> tuple[str, str | None]:
+def migrate(path: Path, commit: str | None = None) -> tuple[str, str | None]:
     """(the JSON text this migration gives ``path``, the text of the ``.md`` beside it, or None when none is
-    rendered from it)."""
+    rendered from it). ``commit``: this code's, read before any file was written."""
     from drift_policy.rendering import bench_markdown, run_markdown
 
     text = path.read_text()
@@ -198,7 +198,7 @@ def migrate(path: Path) -> tuple[str, str | None]:
             new["last_committed_at"] = last
     kind = record_kind(new)
     if kind == "bench" and "recipe_defaults" not in new["meta"]:
-        new["meta"]["recipe_defaults"] = recipe_defaults(new["meta"], [r["label"] for r in new["runs"]])
+        new["meta"]["recipe_defaults"] = recipe_defaults(new["meta"], [r["label"] for r in new["runs"]], commit)
     kept = {k: v for k, v in new.items() if k in d}           # what was there, without what this adds
     if kind == "bench":
         kept["meta"] = {k: v for k, v in new["meta"].items() if k in d["meta"]}
@@ -232,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
                 atomic_write_text(f, fixed)
                 print(f"references fixed: {f}")
         return 0
-    changed = []
+    changed, commit = [], git_commit()          # before this run writes anything
     for path in committed_files():
-        out, md = migrate(path)
+        out, md = migrate(path, commit)
         if out != path.read_text():
             changed.append(path)
             if not a.check:
