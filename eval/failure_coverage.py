@@ -1,7 +1,7 @@
 """Are the test episodes that fail outright the ones whose initial state the demonstrations do not cover? (issue 12)
 
-    python eval/failure_coverage.py --records eval/results/compute_matched/more_levers/pusht_keypoints.json ... \
-        [--dims 0:18] [--last 5] [--out eval/results/failure_coverage_pusht_keypoints.json]
+    python eval/failure_coverage.py --records eval/results/pusht_keypoints/levers/more_levers/pusht_keypoints.json ... \
+        [--dims 0:18] [--last 5] [--out eval/diagnostics/pusht_keypoints/failure_coverage_pusht_keypoints.json]
 
 For each test seed of the records' task (the records' ``start_seed`` and ``eval_episodes``), the initial
 observation of the evaluation environment is compared with every training-split observation: ``nearest`` is the

@@ -7,7 +7,7 @@ runs' ``metrics.jsonl`` and their largest difference.
 
     /work/lerobot-venv/bin/python tests/fixtures/lerobot/make_fixture.py --episodes all --no-video \
         --out /tmp/pusht_lerobot                       # the official writer, in its own venv
-    python eval/lerobot_parity.py --lerobot /tmp/pusht_lerobot --steps 30 --out eval/results/lerobot_parity.json
+    python eval/lerobot_parity.py --lerobot /tmp/pusht_lerobot --steps 30 --out eval/diagnostics/lerobot_parity.json
 """
 from __future__ import annotations
 

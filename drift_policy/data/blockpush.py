@@ -18,7 +18,7 @@ Generation seeds start at ``--seed`` and must stay below the evaluation seeds (`
 only successful episodes are stored, so a store of N episodes uses seeds seed .. seed + attempts - 1.
 
     python -m drift_policy.data.blockpush generate --episodes 1000 --seed 0 --out datasets/blockpush/oracle.zarr
-    python -m drift_policy.data.blockpush oracle-eval --episodes 200 --out eval/results/blockpush_oracle.json
+    python -m drift_policy.data.blockpush oracle-eval --episodes 200 --out eval/results/blockpush_lowdim/default/blockpush_oracle.json
 """
 from __future__ import annotations
 
