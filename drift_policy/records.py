@@ -341,7 +341,12 @@ def variant_stats(record: dict, label: str | None = None, seeds: list[int] | Non
         t = record["config"]["train"]
         final = ev[-1] if ev else {}
         flags = {k: v for k, v in final.items() if k not in ("step", "train_minutes", "coverage_score", "success_rate")}
+        try:                                  # steps x batch x samples per observation, where the config reads
+            per_obs = config_from_dict(with_legacy_keys(record["config"]["policy"])).sample_passes_per_obs
+        except (ConfigError, TypeError):
+            per_obs = None
         return {"kind": "run", "seeds": [t["seed"]], "final": final.get("coverage_score"),
+                "sample_passes": record["final_step"] * t["batch_size"] * per_obs if per_obs else None,
                 "final_success": final.get("success_rate"), "max": record["max_coverage"], "flags": flags,
                 "steps": record["final_step"], "minutes": final.get("train_minutes"),
                 "budget": t.get("sample_passes") if not t.get("max_minutes") else None,
