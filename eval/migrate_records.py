@@ -124,6 +124,12 @@ def new_path(old: str) -> str:
     for src in sorted(MOVES, key=len, reverse=True):
         if old == src or old.startswith(src + "/"):
             return MOVES[src] + old[len(src):]
+    # The stem of a file group, as in "eval/results/bench_train.{md,json,png}" or "blockpush_{drift_g2,...}.json":
+    # moved when every file it starts moved into one folder under its own name.
+    group = [src for src in MOVES if src.startswith(old) and "/" not in src[len(old):]]
+    folders = {MOVES[src].rsplit("/", 1)[0] for src in group}
+    if group and len(folders) == 1 and all(MOVES[s].endswith("/" + s.rsplit("/", 1)[1]) for s in group):
+        return folders.pop() + "/" + old.rsplit("/", 1)[1]
     return old
 
 

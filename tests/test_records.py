@@ -159,6 +159,9 @@ def test_the_migration_shortens_paths_and_never_a_number():
         "eval/results/pusht_keypoints/levers/lr_6e-4/pusht_keypoints.md"
     assert mig.fix_references("see eval/results/" + "compute_matched/obs_origin/wide200/pusht_keypoints.md.") == \
         "see eval/results/pusht_keypoints/default/obs_origin/wide200/pusht_keypoints.md."
+    assert mig.fix_references("`eval/results/" + "bench_train.{md,json,png}`, eval/results/" + "blockpush_{a,b}.json") == \
+        "`eval/results/pusht_keypoints/superseded/wall_clock/bench_train.{md,json,png}`, " \
+        "eval/results/blockpush_lowdim/default/blockpush_{a,b}.json"
     assert all(not (REPO / old).exists() and (REPO / new).exists() for old, new in mig.MOVES.items())
 
 

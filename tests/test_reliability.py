@@ -571,7 +571,8 @@ def test_item15_run_records_are_written_by_bench_summary(tmp_path, capsys):
         assert written - later <= set(json.loads(p.read_text())) <= written | {"committed_at", "last_committed_at"}, p
     import re
 
-    cited = set(re.findall(r"eval/results/[\w./-]+\.(?:json|md|png)", (REPO / "README.md").read_text()))
+    cited = set(re.findall(r"eval/(?:results|diagnostics)/[\w./-]+\.(?:json|md|png|yaml)",
+                           (REPO / "README.md").read_text()))
     missing = sorted(c for c in cited if not (REPO / c).exists() and c != "eval/results/x.json")   # x: an example
     assert not missing, missing
 
