@@ -139,9 +139,9 @@ def test_every_committed_records_md_is_what_its_json_renders():
 
 
 def test_the_migration_shortens_paths_and_never_a_number():
-    from drift_policy.provenance import machine_free_text
-
     import importlib.util
+
+    from drift_policy.provenance import machine_free_text
 
     spec = importlib.util.spec_from_file_location("migrate_records", REPO / "eval" / "migrate_records.py")
     mig = importlib.util.module_from_spec(spec)
