@@ -376,7 +376,7 @@ def main(args: list[str]) -> dict:
 
     defaults = {k: p.default for k, p in inspect.signature(bench_latency).parameters.items() if k in OPTIONS}
     defaults.update(device="cuda if available, else cpu", profile=50, backends="all of the device's backends",
-                    task_policies=",".join(TASK_POLICIES), xlarge=0, out="eval/results/latency_<device>.json")
+                    task_policies=",".join(TASK_POLICIES), xlarge=0, out="eval/results/latency/latency_<device>.json")
     try:
         opts = parse_kv(args, OPTIONS, usage="usage: drift-policy bench latency [key=value ...]", defaults=defaults)
     except ConfigError as e:                          # an unknown option or a value its parser rejects
@@ -386,7 +386,7 @@ def main(args: list[str]) -> dict:
     if opts.pop("xlarge", False) and "xlarge" not in presets:
         presets.append("xlarge")
     default_backends = list(CUDA_BACKENDS if device.startswith("cuda") else BENCH_CPU_BACKENDS)
-    out = opts.pop("out", str(REPO_ROOT / "eval" / "results" / f"latency_{device.split(':')[0]}.json"))
+    out = opts.pop("out", str(REPO_ROOT / "eval" / "results" / "latency" / f"latency_{device.split(':')[0]}.json"))
     try:
         res = bench_latency(presets=presets, device=device, backends=opts.pop("backends", default_backends),
                             profile=opts.pop("profile", 50),

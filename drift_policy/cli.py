@@ -4,6 +4,7 @@
     drift-policy resume runs/<run>
     drift-policy eval checkpoint=runs/<run> [episodes=50 workers=2 videos=2 out=eval.json]
     drift-policy bench latency | bench train | bench rescore | bench merge | bench summary   (see drift_policy/bench.py)
+    drift-policy results [check=1]   (README.md's results block and docs/results/*.md from eval/results/index.yaml)
     drift-policy plot run=runs/<run> [out=DIR]   (training plots as PNGs, see drift_policy/plots.py)
     drift-policy export checkpoint=PATH format=onnx|torchscript out=FILE   (see drift_policy/export.py)
     drift-policy run checkpoint=PATH rate_hz=10 seconds=60 async=1 ensemble=0 backend=eager out=report.json
@@ -67,6 +68,7 @@ def cmd_eval(args: list[str]) -> None:
     from .config import compose
     from .evaluation import save_eval_json
     from .fileio import check_writable
+    from .provenance import machine_free
     from .runs import load_policy_for_eval, parse_kv
     from .threads import set_threads
     from .train import evaluate_policy
@@ -89,7 +91,7 @@ def cmd_eval(args: list[str]) -> None:
     res = evaluate_policy(policy, cfg, opts.get("episodes", 50), opts.get("workers", 2),
                           video_dir=out.parent / "videos" if opts.get("videos") else None,
                           n_videos=opts.get("videos", 0), seed=opts.get("seed", 0))
-    res["checkpoint"] = str(opts["checkpoint"])
+    res["checkpoint"] = machine_free(opts["checkpoint"])    # a record names no folder of the machine
     res["sampling_seed"] = opts.get("seed", 0)       # the same weights and test seeds score differently per noise draw
     save_eval_json(res, out)
     print(f"{cfg.task.name}: score {res['mean_score']:.3f}, success rate {res['success_rate']:.2f} "
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="drift-policy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["train", "resume", "eval", "bench", "export", "run", "image", "plot"])
+    parser.add_argument("command", choices=["train", "resume", "eval", "bench", "results", "export", "run", "image",
+                                                       "plot"])
     parser.add_argument("args", nargs=argparse.REMAINDER)
     ns = parser.parse_args(argv)
     from .errors import USER_ERRORS
@@ -136,6 +139,10 @@ def _dispatch(ns: argparse.Namespace) -> None:
         from .bench import main as bench_main
 
         bench_main(ns.args)
+    elif ns.command == "results":
+        from .results import main as results_main
+
+        results_main(ns.args)
     elif ns.command == "export":
         from .export import cmd_export
 

@@ -7,11 +7,37 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 PROVENANCE_FILE = "provenance.json"
+# An absolute path inside free text (a command line, a record's note): it starts the text or follows a space, "=",
+# a quote, a bracket, a comma or a backtick, and runs to the next space, quote or backtick. "//" (a URL's host) and
+# a lone "/" (as in "0.02 / 0.05") are not paths.
+_PATH_IN_TEXT = re.compile(r"(?:(?<=^)|(?<=[\s='\"(\[,`]))(?:~/|/(?!/))[^\s'\"`]+")
+
+
+def machine_free(path: str | os.PathLike) -> str:
+    """``path`` as a record may hold it, naming no folder of the machine: a relative path unchanged, an absolute
+    one relative to the working directory when inside it, else ``<dir>/`` and its last two parts
+    (``/work/runs/r19/drift_unet-s2`` -> ``<dir>/r19/drift_unet-s2``)."""
+    text = os.fspath(path)
+    if not (text.startswith("/") or text.startswith("~")):
+        return text
+    p = Path(text).expanduser()
+    try:
+        return PurePosixPath(p.resolve().relative_to(Path.cwd().resolve())).as_posix() or "."
+    except (ValueError, OSError):
+        pass
+    parts = [x for x in PurePosixPath(text).parts if x not in ("/", "~")]
+    return "<dir>/" + "/".join(parts[-2:]) if parts else "<dir>"
+
+
+def machine_free_text(text: str) -> str:
+    """Every absolute path inside ``text`` made ``machine_free``."""
+    return _PATH_IN_TEXT.sub(lambda m: machine_free(m.group(0)), text)
 
 
 def git_commit(path: str | os.PathLike | None = None) -> str | None:
@@ -40,22 +66,22 @@ def machine() -> dict:
 
 
 def command_line(argv: list[str] | None = None) -> str:
-    """The command as a user would type it: ``drift-policy <args>``, with every absolute path shortened to
-    ``<dir>/<its last part>`` (a record must not name a folder of the machine it was made on)."""
+    """The command as a user would type it: ``drift-policy <args>``, with every absolute path made
+    ``machine_free`` (a record must not name a folder of the machine it was made on)."""
     def clean(a: str) -> str:
         key, eq, value = a.rpartition("=")
-        if value.startswith(("/", "~")) or (len(value) > 2 and value[1] == ":" and value[2] in "/\\"):
-            return f"{key}{eq}<dir>/{Path(value).name}"
-        return a
+        if len(value) > 2 and value[1] == ":" and value[2] in "/\\":       # a Windows drive
+            return f"{key}{eq}<dir>/{PurePosixPath(value.replace(chr(92), '/')).name}"
+        return machine_free_text(a)
 
     args = list(sys.argv[1:] if argv is None else argv)
     return " ".join(["drift-policy", *(clean(a) for a in args)])
 
 
 def provenance(argv: list[str] | None = None) -> dict:
-    from . import __version__
+    import drift_policy      # its __version__ (``from . import __version__`` would read as a private name)
 
-    return {"commit": git_commit(), "version": __version__, "command": command_line(argv), "machine": machine()}
+    return {"commit": git_commit(), "version": drift_policy.__version__, "command": command_line(argv), "machine": machine()}
 
 
 def write_provenance(run_dir: str | os.PathLike, argv: list[str] | None = None) -> Path:

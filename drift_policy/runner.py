@@ -2,7 +2,7 @@
 it kept up. The task is the run's (a bare ``pretrained/`` folder: Push-T keypoints).
 
     drift-policy run checkpoint=runs/<run>/pretrained rate_hz=10 seconds=120 async=1 ensemble=0 backend=eager \\
-        out=eval/results/runner.json
+        out=eval/results/runner/runner.json
     drift-policy run checkpoint=... rate_hz=max seconds=60 async=1 out=...   # find the highest sustained rate
 
 Every control tick (period 1 / rate_hz) the loop sleeps until the tick's start time, picks the action for this

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from drift_policy.bench import machine_info
+from drift_policy.records import machine_info
 from drift_policy.fileio import atomic_write_text
+from drift_policy.provenance import machine_free
 from drift_policy.runs import load_policy_for_eval
 from drift_policy.threads import set_threads
 from drift_policy.train import evaluate_policy, make_datasets
@@ -87,7 +88,7 @@ def main() -> None:
     if policy.config.type != "drift":
         raise SystemExit(f"{a.checkpoint}: a {policy.config.type} policy; this diagnosis is for drift")
     train_set, val_set = make_datasets(cfg)
-    rec = {"checkpoint": str(a.checkpoint), "task": cfg.task.name, "machine": machine_info(),
+    rec = {"checkpoint": machine_free(a.checkpoint), "task": cfg.task.name, "machine": machine_info(),
            "windows": WINDOWS, "draws": a.draws, "train": chunk_errors(policy, train_set, a.draws)}
     if val_set is not None and len(val_set):
         rec["val"] = chunk_errors(policy, val_set, a.draws)

@@ -1,7 +1,7 @@
 """Are the test episodes that fail outright the ones whose initial state the demonstrations do not cover? (issue 12)
 
-    python eval/failure_coverage.py --records eval/results/compute_matched/more_levers/pusht_keypoints.json ... \
-        [--dims 0:18] [--last 5] [--out eval/results/failure_coverage_pusht_keypoints.json]
+    python eval/failure_coverage.py --records eval/results/pusht_keypoints/levers/more_levers/pusht_keypoints.json ... \
+        [--dims 0:18] [--last 5] [--out eval/diagnostics/pusht_keypoints/failure_coverage_pusht_keypoints.json]
 
 For each test seed of the records' task (the records' ``start_seed`` and ``eval_episodes``), the initial
 observation of the evaluation environment is compared with every training-split observation: ``nearest`` is the
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from drift_policy.bench import machine_info
+from drift_policy.provenance import machine_free
+from drift_policy.records import machine_info
 from drift_policy.config import compose
 from drift_policy.tasks import env_spec, make_env
 from drift_policy.train import make_datasets
@@ -94,9 +95,10 @@ def main(argv=None) -> Path:
                          "spearman_nearest_vs_failures": spearman(nearest, f),
                          "most_failed": [[seeds[i], int(f[i]), round(float(nearest[i]), 1)]
                                          for i in np.argsort(-f, kind="stable")[:8] if f[i] > 0]}
-    rec = {"task": task, "test_seeds": seeds, "dims": [lo, hi], "last": a.last, "records": a.records,
+    rec = {"task": task, "test_seeds": seeds, "dims": [lo, hi], "last": a.last,
+           "records": [machine_free(p) for p in a.records],
            "nearest": nearest.round(2).tolist(), "runs": runs, "summary": summary, "machine": machine_info()}
-    out = Path(a.out or f"eval/results/failure_coverage_{task}.json")
+    out = Path(a.out or f"eval/diagnostics/{task}/failure_coverage_{task}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rec, indent=1) + "\n")
     for kind, s in summary.items():

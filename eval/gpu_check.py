@@ -10,7 +10,7 @@ default and with the diffusion baseline (batch 256 observations; drift x G noise
 Time enters only here, never into a schedule: a short calibration run measures seconds per training step on
 this machine, and the real run gets ``train.max_steps`` = minutes / (seconds per step), so its cosine runs over
 steps like every other run (``train.max_minutes`` stays a guard at twice the time). Each part writes its records
-under ``out`` (default eval/results/gpu/): ``<part>_calibration.json`` (the measured step time and the step count
+under ``out`` (default eval/diagnostics/gpu_check/): ``<part>_calibration.json`` (the measured step time and the step count
 derived from it), ``<part>.json`` / ``.md`` / ``_*.png`` (``drift-policy bench summary`` of the run: every
 evaluation, max and last-k coverage and success) and ``latency_cuda.json`` (``drift-policy bench latency``).
 The run folders go to ``runs`` (default runs/gpu_check/). ``evals`` evaluations of ``episodes`` test seeds each,
@@ -29,7 +29,7 @@ from pathlib import Path
 
 POLICIES = {"drift": "drift_unet", "diffusion": "diffusion_unet"}
 OPTIONS = {"part": "all", "minutes": "10", "device": "cuda", "batch": "256", "calib_steps": "60", "eval_workers": "8",
-           "episodes": "50", "evals": "5", "presets": "small,medium", "out": "eval/results/gpu", "runs": "runs/gpu_check", "threads": "4"}
+           "episodes": "50", "evals": "5", "presets": "small,medium", "out": "eval/diagnostics/gpu_check", "runs": "runs/gpu_check", "threads": "4"}
 
 
 def sh(*cmd: str) -> None:

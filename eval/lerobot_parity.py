@@ -7,7 +7,7 @@ runs' ``metrics.jsonl`` and their largest difference.
 
     /work/lerobot-venv/bin/python tests/fixtures/lerobot/make_fixture.py --episodes all --no-video \
         --out /tmp/pusht_lerobot                       # the official writer, in its own venv
-    python eval/lerobot_parity.py --lerobot /tmp/pusht_lerobot --steps 30 --out eval/results/lerobot_parity.json
+    python eval/lerobot_parity.py --lerobot /tmp/pusht_lerobot --steps 30 --out eval/diagnostics/lerobot_parity.json
 """
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from drift_policy.provenance import machine_free  # noqa: E402
 
 
 def train(run_dir: Path, task_args: list[str], steps: int, seed: int, extra: list[str]) -> tuple[list[dict], float]:
@@ -59,7 +62,7 @@ def main() -> None:
     record = {
         "what": "training loss per step: task=lerobot on a LeRobotDataset conversion of Push-T (official writer, "
                 "lerobot-dataset 0.4.4) vs task=pusht_keypoints on the zarr store",
-        "lerobot_dataset": str(args.lerobot), "steps": args.steps, "seed": args.seed, "threads": 1,
+        "lerobot_dataset": machine_free(args.lerobot), "steps": args.steps, "seed": args.seed, "threads": 1,
         "overrides": args.overrides, "evaluation": "off",
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "python": platform.python_version()},

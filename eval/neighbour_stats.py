@@ -1,6 +1,6 @@
 """Which training windows the drift policy's neighbour positives are (issue 12): own episode or other demonstrations.
 
-    python eval/neighbour_stats.py [--k 8] [--queries 2000] [--out eval/results/neighbour_stats_pusht_keypoints.json]
+    python eval/neighbour_stats.py [--k 8] [--queries 2000] [--out eval/diagnostics/pusht_keypoints/neighbour_stats_pusht_keypoints.json]
 
 For ``--queries`` training windows drawn with a fixed seed, the k nearest training observations (normalised
 units, ``data/windows.py`` ``NeighborPositives``, the default ``neighbor_bandwidth``) are looked up twice: as the
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from drift_policy.bench import machine_info
+from drift_policy.records import machine_info
 from drift_policy.config import compose
 from drift_policy.data.windows import NeighborPositives
 from drift_policy.normalizer import Normalizer
@@ -65,7 +65,7 @@ def main(argv=None) -> Path:
         "other_episodes_only": {"weight": q(w_o[:, 1:])},
         "machine": machine_info(),
     }
-    out = Path(a.out or f"eval/results/neighbour_stats_{a.task}.json")
+    out = Path(a.out or f"eval/diagnostics/{a.task}/neighbour_stats_{a.task}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rec, indent=2) + "\n")
     d = rec["default"]

@@ -1,6 +1,6 @@
 """Where one training step's time goes, for the drift policy and the diffusion baseline (issue 12).
 
-    python eval/profile_step.py [--steps 6] [--compile] [--out eval/results/profile_step_cpu.json]
+    python eval/profile_step.py [--steps 6] [--compile] [--out eval/diagnostics/profile_step/profile_step_cpu.json]
 
 Times, per step on the real Push-T batch, on 1 thread: the generator's forward, the drift field and loss (the
 kernel), the backward and the optimiser step, plus seconds per sample-pass. With --compile it also times the
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from drift_policy.bench import machine_info
+from drift_policy.records import machine_info
 from drift_policy.config import compose
 from drift_policy.normalizer import Normalizer
 from drift_policy.policies import make_policy
@@ -98,7 +98,7 @@ def main():
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--compile", action="store_true", help="also time each variant with the backbone compiled")
     ap.add_argument("--variants", default="", help="comma-separated subset of the variant names (default: all)")
-    ap.add_argument("--out", default="eval/results/profile_step_cpu.json")
+    ap.add_argument("--out", default="eval/diagnostics/profile_step/profile_step_cpu.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     variants = {"drift B=32 x G=2 (default)": ["policy=drift_unet"],

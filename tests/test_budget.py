@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from drift_policy import train as train_mod
-from drift_policy.bench import run_record
+from drift_policy.records import run_record
 from drift_policy.checkpoint import load_checkpoint
 from drift_policy.errors import ConfigError
 from drift_policy.runs import list_checkpoints
@@ -403,27 +403,50 @@ def test_a_report_only_record_states_how_its_runs_were_evaluated(tmp_path):
                      f"out={tmp_path / 'out'}"])
 
 
-def test_a_records_recipe_column_names_the_regularisers_of_its_runs(tmp_path):
+def _recipes(path) -> dict[str, str]:
+    """{variant label: its recipe column} of a record's .md table."""
+    rows = [line.split(" | ") for line in path.with_suffix(".md").read_text().splitlines() if line.startswith("| drift")]
+    return {r[0][2:]: r[1] for r in rows}
+
+
+def test_a_records_recipe_column_names_exactly_the_keys_that_differ_from_the_default(tmp_path):
     from drift_policy.bench import bench_train
 
     _fake_run(tmp_path / "runs" / "drift_unet-s0", 0, 7, [0.5, 0.75])
-    _fake_run(tmp_path / "runs" / "drift_unet_policy.obs_noise_0.02_train.ema_decay_0.9999_policy.guidance_2_policy.cond_mlp_64_policy.neighbor_same_episode_false_train.weight_decay_0.1-s0", 0, 7, [0.5, 0.75],
-              overrides=["policy.obs_noise=0.02", "train.ema_decay=0.9999", "policy.guidance=2", "policy.cond_mlp=64",
-                         "policy.neighbor_same_episode=false", "train.weight_decay=0.1"])
-    path = bench_train(["report_only=1", "budget=640", "seeds=0",
-                        "policies=drift_unet,drift_unet:policy.obs_noise=0.02+train.ema_decay=0.9999+policy.guidance=2+policy.cond_mlp=64+policy.neighbor_same_episode=false+train.weight_decay=0.1",
+    keys = ["policy.obs_noise=0.02", "train.ema_decay=0.9999", "policy.guidance=2", "policy.cond_mlp=64",
+            "policy.neighbor_same_episode=true", "train.weight_decay=0.1"]
+    _fake_run(tmp_path / "runs" / "drift_unet_policy.obs_noise_0.02_train.ema_decay_0.9999_policy.guidance_2_policy.cond_mlp_64_policy.neighbor_same_episode_true_train.weight_decay_0.1-s0", 0, 7, [0.5, 0.75],
+              overrides=keys)
+    path = bench_train(["report_only=1", "budget=640", "seeds=0", "policies=drift_unet,drift_unet:" + "+".join(keys),
                         f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"])
-    rows = {line.split(" | ")[0]: line for line in path.with_suffix(".md").read_text().splitlines() if line.startswith("| drift")}
-    assert "obs noise" not in rows["| drift_unet"] and "EMA 0.999 |" in rows["| drift_unet"]
-    assert "guidance" not in rows["| drift_unet"] and "MLP" not in rows["| drift_unet"]
-    assert "weight decay" not in rows["| drift_unet"]
-    # the task's choices are read from the resolved config too (Push-T keypoints: TaskFamily.drift_choices)
-    assert all(k in rows["| drift_unet"] for k in ("(other episodes)", "per-dim kernel scale", "sampling noise x 0.5"))
-    noisy = rows["| drift_unet[policy.obs_noise=0.02 train.ema_decay=0.9999 policy.guidance=2 policy.cond_mlp=64 "
-                 "policy.neighbor_same_episode=false train.weight_decay=0.1]"]
-    assert "obs noise 0.02," in noisy and "EMA 0.9999 |" in noisy and "guidance 2," in noisy and "cond MLP 64," in noisy
-    assert "neighbours (other episodes)," in noisy and "weight decay 0.1," in noisy
-    assert "executes" not in rows["| drift_unet"] and "executes" not in noisy      # both execute the default 8
+    recipes = _recipes(path)
+    # The default's runs (whatever the task chose for it: Push-T keypoints' lr, neighbours, noise scale) differ in
+    # nothing; the variant in exactly its six keys, policy keys first, each as an override writes it. How the runs
+    # were carried out (threads, workers, seed) and the budget are not part of a recipe.
+    assert recipes["drift_unet"] == "defaults"
+    assert recipes["drift_unet[" + " ".join(keys) + "]"] == ("policy.obs_noise=0.02 policy.cond_mlp=64 "
+                                                          "policy.neighbor_same_episode=true policy.guidance=2 "
+                                                          "train.weight_decay=0.1 train.ema_decay=0.9999")
+    rec = json.loads(path.read_text())
+    assert set(rec["meta"]["recipe_defaults"]["configs"]) == {"drift_unet"}       # the reference, kept with the record
+
+
+def test_a_recipe_column_names_a_key_it_was_never_told_about(tmp_path, monkeypatch):
+    """A key added to a policy later needs no edit of the namer: the column is a diff of the resolved configs."""
+    from drift_policy.records import recipe_diff, resolved_recipe
+
+    _fake_run(tmp_path / "a", 0, 7, [0.5], overrides=["policy.n_action_steps=4", "policy.temperatures=[0.01,0.05]"])
+    _fake_run(tmp_path / "b", 0, 7, [0.5])
+    from drift_policy.records import run_record
+
+    run, default = run_record(tmp_path / "a"), run_record(tmp_path / "b")
+    assert recipe_diff(run, default) == [("policy.n_action_steps", 4), ("policy.temperatures", [0.01, 0.05])]
+    assert recipe_diff(default, default) == []
+    # A policy key this version has never heard of would make the resolved config unreadable, so the diff can only
+    # see keys of the config class; any of them, such as one no namer listed, shows up:
+    run["policy_config"]["neighbor_own_anchor"] = True
+    assert ("policy.neighbor_own_anchor", True) in recipe_diff(run, default)
+    assert set(resolved_recipe(run)) == {"policy", "train"}
 
 
 def test_a_records_recipe_column_names_a_changed_execution_horizon(tmp_path):
@@ -433,8 +456,7 @@ def test_a_records_recipe_column_names_a_changed_execution_horizon(tmp_path):
               overrides=["policy.n_action_steps=4"])
     path = bench_train(["report_only=1", "budget=640", "seeds=0", "policies=drift_unet:policy.n_action_steps=4",
                         f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"])
-    row = next(line for line in path.with_suffix(".md").read_text().splitlines() if line.startswith("| drift"))
-    assert "executes 4 of 16 steps," in row
+    assert _recipes(path) == {"drift_unet[policy.n_action_steps=4]": "policy.n_action_steps=4"}
 
 
 def test_a_records_recipe_column_names_neighbour_negatives_bandwidth_and_gradient_clip(tmp_path):
@@ -446,11 +468,8 @@ def test_a_records_recipe_column_names_neighbour_negatives_bandwidth_and_gradien
     path = bench_train(["report_only=1", "budget=640", "seeds=0",
                         "policies=drift_unet,drift_unet:policy.neighbor_negatives=1+policy.neighbor_bandwidth=0.03+train.grad_clip=0",
                         f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"])
-    rows = [line for line in path.with_suffix(".md").read_text().splitlines() if line.startswith("| drift")]
-    assert len(rows) == 2
-    assert not any(k in rows[0] for k in ("negatives", "bandwidth", "clip"))
-    assert "8 neighbours (other episodes) (bandwidth 0.03), negatives from 1 neighbour mate," in rows[1]
-    assert "no gradient clip," in rows[1]
+    assert list(_recipes(path).values()) == [
+        "defaults", "policy.neighbor_bandwidth=0.03 policy.neighbor_negatives=1 train.grad_clip=0"]
 
 
 def test_a_list_override_is_one_variant_in_policies(tmp_path):
@@ -462,7 +481,7 @@ def test_a_list_override_is_one_variant_in_policies(tmp_path):
                         f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"])
     runs = json.loads(path.read_text())["runs"]
     assert len(runs) == 1 and runs[0]["policy_config"]["temperatures"] == [0.01, 0.05]
-    assert "temperatures 0.01 / 0.05," in path.with_suffix(".md").read_text()     # the recipe column names them
+    assert list(_recipes(path).values()) == ["policy.temperatures=[0.01,0.05]"]      # the recipe column names them
     with pytest.raises(ConfigError, match="unbalanced"):
         bench_train(["report_only=1", "budget=640", "seeds=0", "policies=drift_unet:policy.temperatures=[0.01,0.05",
                      f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"])
@@ -470,7 +489,8 @@ def test_a_list_override_is_one_variant_in_policies(tmp_path):
 
 def test_a_record_names_the_test_seeds_that_failed_outright(tmp_path):
     from drift_policy import runs
-    from drift_policy.bench import LOW_SCORE, bench_train
+    from drift_policy.bench import bench_train
+    from drift_policy.records import LOW_SCORE
 
     d = tmp_path / "runs" / "drift_unet-s0"
     _fake_run(d, 0, 4, [0.5, 0.75])
@@ -527,7 +547,10 @@ def test_merge_joins_the_seeds_of_one_recipe_from_several_records(tmp_path):
     assert "| 0.500 ± 0.177 |" in path.with_suffix(".md").read_text()
     assert [r["source_label"] for r in rec["runs"]] == [
         "drift_unet[train.lr=1e-3]", "drift_unet[train.lr=1e-3 train.compile=true train.keep_checkpoints=5]"]
-    assert rec["runs"][1]["source_record"] == b and rec["meta"]["sources"][1]["record"] == b
+    from drift_policy.provenance import machine_free
+
+    assert rec["runs"][1]["source_record"] == machine_free(b) == rec["meta"]["sources"][1]["record"]
+    assert machine_free(b).endswith("b/pusht_keypoints.json") and str(tmp_path) not in path.read_text()
     assert "Merged by `bench merge`" in path.with_suffix(".md").read_text()
     # Without a choice every run comes, and a different recipe (the default's lr) is its own variant; the same run read
     # twice (record a given twice) is kept once.
@@ -567,7 +590,7 @@ def test_the_config_switch_reaches_the_neighbour_index(pusht_zarr):
 
 # ---- scoring a trained run again with inference-only keys changed ---------------------------------------------------
 def test_rescore_replays_every_evaluation_from_its_checkpoint(tmp_path, pusht_zarr):
-    from drift_policy.bench import bench_rescore, bench_train, run_record
+    from drift_policy.bench import bench_rescore, bench_train
 
     cfg = compose([*TINY, f"task.data_root={pusht_zarr.parents[1]}", "train.max_steps=4", "train.eval_every_steps=2",
                    "train.ckpt_every_steps=2", "train.keep_checkpoints=5", "train.eval_episodes=2",
@@ -618,11 +641,12 @@ def test_rescore_replays_every_evaluation_from_its_checkpoint(tmp_path, pusht_za
     assert ev["per_episode"] == json.loads((src / "eval" / "step_00000004.json").read_text())["per_episode"]
     (other,) = bench_rescore([*common, "sampling_seed=7", "last=1"])
     assert run_record(other)["rescored"]["sampling_seed"] == 7
-    from drift_policy.bench import recipe_key
+    from drift_policy.records import recipe_key
     assert recipe_key(run_record(other)) != recipe_key(run_record(own)) == recipe_key(run_record(src))
     md = bench_train(["report_only=1", "budget=32", "seeds=0", "policies=drift_unet:sampling_seed=7", f"runs={tmp_path}",
                       f"out={tmp_path / 'sampling_record'}"]).with_suffix(".md").read_text()
-    assert "sampling seed 7 (training seed 0)," in md
+    row = next(x.split(" | ") for x in md.splitlines() if x.startswith("| drift_unet[sampling_seed=7] |"))
+    assert row[1].endswith(" sampling_seed=7") and "policy.backbone=tiny" in row[1]     # TINY's keys, then the seed
     with pytest.raises(ConfigError, match="sampling_seed must be >= 0"):
         bench_rescore([*common, "sampling_seed=-2"])
     # Rerunning continues (nothing left to do); a key that changes training is refused, naming it.

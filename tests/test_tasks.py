@@ -125,7 +125,9 @@ def test_bench_summary_reads_a_runs_evaluations(tmp_path, capsys):
     assert s["plots"] == ["rec_score_steps.png"] and (tmp_path / "rec_score_steps.png").stat().st_size > 1000
     assert "![rec_score_steps](rec_score_steps.png)" in (tmp_path / "rec.md").read_text()
     assert "| 300 | 3.0 | 0.800 | 0.80 |" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="not a run folder"):
+    from drift_policy.errors import RunFolderError
+
+    with pytest.raises(RunFolderError, match="not a run folder"):
         run_summary([f"run={tmp_path}"])
 
 

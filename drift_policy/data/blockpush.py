@@ -18,7 +18,7 @@ Generation seeds start at ``--seed`` and must stay below the evaluation seeds (`
 only successful episodes are stored, so a store of N episodes uses seeds seed .. seed + attempts - 1.
 
     python -m drift_policy.data.blockpush generate --episodes 1000 --seed 0 --out datasets/blockpush/oracle.zarr
-    python -m drift_policy.data.blockpush oracle-eval --episodes 200 --out eval/results/blockpush_oracle.json
+    python -m drift_policy.data.blockpush oracle-eval --episodes 200 --out eval/results/blockpush_lowdim/default/blockpush_oracle.json
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ import numpy as np
 
 from ..envs.blockpush import ACTION_DIM, BLOCKS, OBS_DIM, OBS_SLICES, TARGETS, WORKSPACE_BOUNDS
 from ..errors import DatasetError
+from ..provenance import machine_free
 
 __all__ = ["EVAL_START_SEED", "SCHEMA", "MultimodalPushOracle", "run_oracle_episode", "generate", "load_blockpush",
            "oracle_eval", "check_generation_seeds"]
@@ -261,7 +262,7 @@ def generate(n_episodes: int, out: str | os.PathLike, seed: int = 0, *, max_atte
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     firsts = np.asarray([e["first_block"] for e in episodes])
-    return {"path": str(out), "episodes": int(n_episodes), "attempts": int(attempts),
+    return {"path": machine_free(out), "episodes": int(n_episodes), "attempts": int(attempts),
             "success_rate": n_episodes / attempts, "steps": int(ends[-1]), "seeds": [int(seed), int(seed + attempts - 1)],
             "a_first": float(np.mean(firsts == 0)), "b_first": float(np.mean(firsts == 1)),
             "wall_s": time.perf_counter() - t0}

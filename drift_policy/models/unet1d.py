@@ -8,7 +8,7 @@ scale and bias predicted from the conditioning (FiLM).
 Fast CPU inference (the default, see ``ConditionalUnet1D.forward``): at small batch on the CPU, PyTorch runs
 these short 1-D convolutions through its slow im2col path (``_slow_conv2d_forward``: W [C_out, C_in*k] @ cols
 [C_in*k, T] with T = 4..16, a shape the BLAS handles badly), which took ~70 % of an eager call at batch 1
-(profile in eval/results/latency_fast_default_cpu.md). Without
+(profile in eval/results/latency/latency_fast_default_cpu.md). Without
 gradients, the net is instead computed as time-major matrix products (cols [B*T, C_in*k] @ W^T, one ``addmm``
 per convolution, the transposed convolutions as one ``mm`` plus two shifted adds), with the FiLM Mish shared by
 all blocks, and run through a TorchScript trace of that formulation (no Python overhead per op). The trace reads
