@@ -369,15 +369,40 @@ def run_summary(args: list[str]) -> dict:
     return s
 
 
+def bench_headline(args: list[str]) -> Path:
+    """``drift-policy bench headline runs=DIR policies=drift_unet,diffusion_unet seeds=0,1 episodes=200
+    sampling_seeds=1000,1001 out=DIR``: the final weights of finished ``bench train`` runs scored on more test seeds
+    with several sampling seeds, with 95 % intervals and the paired difference (``headline.py``)."""
+    from .headline import headline
+    from .provenance import command_line
+
+    defaults = {"runs": "", "policies": "drift_unet,diffusion_unet", "seeds": "0,1", "episodes": 200,
+                "sampling_seeds": "1000,1001", "out": "", "task": "pusht_keypoints", "budget": 1_200_000}
+    opts = {**defaults, **_kv(args, {k: type(v) for k, v in defaults.items()},
+                              usage="usage: drift-policy bench headline runs=DIR [policies=drift_unet,diffusion_unet "
+                                    "seeds=0,1 episodes=200 sampling_seeds=1000,1001 out=DIR]", defaults=defaults)}
+    run_root = Path(opts["runs"] or Path("runs") / f"compute_matched-{opts['task']}-{opts['budget']}")
+    variants = {label: _folder(label, 0)[:-3] for label in _variants(opts["policies"])}
+    path = headline(run_root, variants, [int(x) for x in opts["seeds"].split(",")],
+                    Path(opts["out"] or run_root / "headline"), episodes=opts["episodes"],
+                    sampling_seeds=tuple(int(x) for x in opts["sampling_seeds"].split(",")),
+                    command=command_line(["bench", "headline", *args]))
+    print(path.with_suffix(".md").read_text())
+    return path
+
+
 def main(args: list[str]) -> None:
-    usage = ("usage: drift-policy bench {train,rescore,merge,latency,summary} [key=value ...]\n"
-             "  drift-policy bench <train|rescore|merge|latency|summary> --help   lists that benchmark's keys and defaults")
+    usage = ("usage: drift-policy bench {train,rescore,merge,headline,latency,summary} [key=value ...]\n"
+             "  drift-policy bench <train|rescore|merge|headline|latency|summary> --help   lists that benchmark's keys "
+             "and defaults")
     if args and args[0] in ("-h", "--help", "help"):
         print(usage)
         return
-    if not args or args[0] not in ("train", "rescore", "merge", "latency", "summary"):
+    if not args or args[0] not in ("train", "rescore", "merge", "headline", "latency", "summary"):
         raise ConfigError(usage.replace("\n", "; "))
-    if args[0] == "summary":
+    if args[0] == "headline":
+        bench_headline(args[1:])
+    elif args[0] == "summary":
         run_summary(args[1:])
     elif args[0] == "rescore":
         for d in bench_rescore(args[1:]):
