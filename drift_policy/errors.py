@@ -11,7 +11,8 @@ import math
 import types
 import typing
 
-__all__ = ["ConfigError", "DatasetError", "CheckpointError", "RunFolderError", "RunDirError", "USER_ERRORS",
+__all__ = ["ConfigError", "DatasetError", "CheckpointError", "RunFolderError", "RunDirError", "DivergenceError",
+           "USER_ERRORS",
            "check_keys", "check_types"]
 
 
@@ -36,12 +37,18 @@ class RunDirError(RuntimeError):
     what to do."""
 
 
+class DivergenceError(FloatingPointError):
+    """Training diverged (non-finite losses, gradients or weights) and stopped; the message names the step, where
+    the last good weights are, and what to change."""
+
+
 # What the command line reports as a user's mistake (exit status 2, one line, no traceback): a bad key or value,
 # a bad data file, a missing/corrupt/mismatched checkpoint or pretrained folder (safetensors and state-dict errors
-# are raised as CheckpointError by the loaders), a run folder in use, a file that is not valid JSON (e.g. a run's
-# config.json), and a path that cannot be read or written. Anything else is a bug and keeps its traceback.
+# are raised as CheckpointError by the loaders), a run folder in use, a training that diverged (a learning rate
+# too high), a file that is not valid JSON (e.g. a run's config.json), and a path that cannot be read or written.
+# Anything else is a bug and keeps its traceback.
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DatasetError, CheckpointError, RunDirError,
-                                            RunFolderError, json.JSONDecodeError, OSError)
+                                            RunFolderError, DivergenceError, json.JSONDecodeError, OSError)
 
 
 def check_keys(cls, d: dict, prefix: str) -> None:

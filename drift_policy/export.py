@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .backends import jit_trace, onnx_export, ort_session
+from .errors import ConfigError
 from .fileio import atomic_write_text, unique_temp_path
 from .policies import Policy
 
@@ -141,10 +142,10 @@ def cmd_export(args: list[str]) -> None:
                     defaults={"format": "onnx", "out": "required"})
     if "checkpoint" not in opts or "out" not in opts:
         raise SystemExit(usage)
-    check_writable(opts["out"], "export out=")
     fmt = opts.get("format", "onnx")
     if fmt not in ("onnx", "torchscript"):
-        raise SystemExit(f"format must be onnx or torchscript, got {fmt!r}")
+        raise ConfigError(f"format must be onnx or torchscript, got {fmt!r}")
+    check_writable(opts["out"], "export out=")
     policy, _ = load_policy_for_eval(opts["checkpoint"])
     out = export_policy(policy, opts["out"], fmt)
     print(f"exported {policy.config.type} policy ({fmt}) to {out}; interface in {out}.json")

@@ -365,6 +365,19 @@ def find_max_rate(policy, cfg: RunConfig, seconds: float = 5.0, tolerance: float
 
 
 # ---- command line ---------------------------------------------------------------------------------------------
+def rate_or_max(v: str) -> float | str:
+    """The ``rate_hz`` option: a positive number of Hz, or ``max`` (search the highest sustained rate)."""
+    if v == "max":
+        return v
+    try:
+        hz = float(v)
+    except ValueError:
+        hz = math.nan
+    if not (math.isfinite(hz) and hz > 0):
+        raise ValueError(f"expected a positive number of Hz or 'max', got {v!r}")
+    return hz
+
+
 def cmd_run(args: list[str]) -> None:
     from .evaluation import save_eval_json
     from .fileio import check_writable
@@ -375,7 +388,7 @@ def cmd_run(args: list[str]) -> None:
     defaults = {("async" if f.name == "async_" else f.name): f.default for f in dataclasses.fields(RunConfig)}
     defaults.update(rate_hz="10 (or max: search the highest sustained rate)", out="runner_report.json",
                     search_seconds=5.0, tolerance=0.01)
-    opts = parse_kv(args, {"checkpoint": str, "rate_hz": str, "seconds": float, "episodes": int, "async": flag,
+    opts = parse_kv(args, {"checkpoint": str, "rate_hz": rate_or_max, "seconds": float, "episodes": int, "async": flag,
                            "ensemble": flag, "ensemble_k": float, "lead": int, "backend": str, "threads": int,
                            "max_steps": int, "start_seed": int, "seed": int, "warmup": int, "out": str,
                            "search_seconds": float, "tolerance": float}, usage=usage, defaults=defaults)
@@ -385,7 +398,7 @@ def cmd_run(args: list[str]) -> None:
     out = check_writable(opts.pop("out", "runner_report.json"), "run out=")   # before the run, not after
     policy, run_cfg = load_policy_for_eval(checkpoint)
     task = run_cfg.task if run_cfg is not None else None      # a bare pretrained folder: Push-T keypoints
-    rate = opts.pop("rate_hz", "10")
+    rate = opts.pop("rate_hz", 10.0)
     search = {"seconds": opts.pop("search_seconds", 5.0), "tolerance": opts.pop("tolerance", 0.01)}
     if "async" in opts:
         opts["async_"] = opts.pop("async")

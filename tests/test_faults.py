@@ -162,3 +162,54 @@ def test_same_seed_same_evaluation(tiny):
         results.append(res)
     assert results[0] == results[1]
     assert len(results[0]["per_episode"]) == 2 and results[0]["step"] == 6
+
+
+# ---- issue 38 item 10: faults found by probing main ---------------------------------------------------------------
+def cli_error(capsys, *argv) -> str:
+    """The one-line error of ``drift-policy argv`` (exit status 2), without a traceback."""
+    from drift_policy.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("drift-policy ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture
+def pretrained(tmp_path):
+    """A bare pretrained folder of a tiny Push-T keypoints policy (obs_dim 20, no camera)."""
+    from drift_policy.normalizer import Normalizer
+
+    norm = Normalizer().fit("obs", torch.rand(50, 20) * 512).fit("action", torch.rand(50, 2) * 512)
+    return DriftPolicy(compose(["policy.backbone=tiny"]).policy, norm).save_pretrained(tmp_path / "pretrained")
+
+
+def test_cli_option_errors_are_one_line(capsys, pretrained, tmp_path, monkeypatch):
+    import drift_policy.evaluation as evaluation
+
+    def no_rollouts(*a, **kw):
+        raise AssertionError("an evaluation started before the options were checked")
+
+    monkeypatch.setattr(evaluation, "evaluate", no_rollouts)
+    out = tmp_path / "e.json"
+    msg = cli_error(capsys, "eval", f"checkpoint={pretrained}", "episodes=0", f"out={out}")
+    assert msg == "drift-policy eval: error: episodes must be >= 1, got 0"
+    msg = cli_error(capsys, "eval", f"checkpoint={pretrained}", "task=pusht_image", "episodes=1", f"out={out}")
+    assert "task=pusht_image" in msg and "obs_dim 20" in msg and "camera" in msg
+    assert not out.exists()
+    msg = cli_error(capsys, "run", f"checkpoint={pretrained}", "rate_hz=abc", f"out={tmp_path / 'r.json'}")
+    assert "rate_hz" in msg and "'abc'" in msg and "max" in msg
+    msg = cli_error(capsys, "export", f"checkpoint={pretrained}", "format=tflite", f"out={tmp_path / 'p.tfl'}")
+    assert msg == "drift-policy export: error: format must be onnx or torchscript, got 'tflite'"
+
+
+def test_divergence_is_a_one_line_error(capsys, tiny, tmp_path):
+    run = tmp_path / "diverged"
+    msg = cli_error(capsys, "train", *TINY, "train.lr=1e30", "train.max_steps=50", "train.max_bad_steps=3",
+                    f"train.run_dir={run}")
+    assert msg.startswith("drift-policy train: error: training diverged: 3 consecutive non-finite steps at step ")
+    assert "train.lr" in msg and "1e+30" in msg and str(run / "checkpoints") in msg
