@@ -97,9 +97,11 @@ def cmd_eval(args: list[str]) -> None:
                           n_videos=opts.get("videos", 0), seed=opts.get("seed", 0))
     res["checkpoint"] = str(opts["checkpoint"])
     res["sampling_seed"] = opts.get("seed", 0)       # the same weights and test seeds score differently per noise draw
-    save_eval_json(res, out)
+    # The score first: if the file cannot be written (a full disk), the episodes' result is not lost with it.
     print(f"{cfg.task.name}: score {res['mean_score']:.3f}, success rate {res['success_rate']:.2f} "
-          f"over {res['n_episodes']} episodes (seeds {res['start_seed']}..); written to {out}")
+          f"over {res['n_episodes']} episodes (seeds {res['start_seed']}..)", flush=True)
+    save_eval_json(res, out)
+    print(f"written to {out}")
 
 
 def cmd_plot(args: list[str]) -> None:

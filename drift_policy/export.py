@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from .backends import jit_trace, onnx_export, ort_session
 from .errors import ConfigError
-from .fileio import atomic_write_text, unique_temp_path
+from .fileio import atomic_write_text, unique_temp_path, write_error
 from .policies import Policy
 
 INPUT_NAMES = ["obs", "noise"]
@@ -108,6 +108,8 @@ def export_policy(policy: Policy, out: str | os.PathLike, fmt: str) -> Path:
             onnx_export(module, args, str(tmp), INPUT_NAMES, OUTPUT_NAMES, ONNX_OPSET,
                         dynamic_axes={n: {0: "batch"} for n in INPUT_NAMES + OUTPUT_NAMES})
         os.replace(tmp, out)
+    except OSError as e:
+        raise write_error(e, out) from e
     finally:
         tmp.unlink(missing_ok=True)
     atomic_write_text(str(out) + ".json", json.dumps(metadata(policy, fmt), indent=2))

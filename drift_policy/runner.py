@@ -423,11 +423,13 @@ def cmd_run(args: list[str]) -> None:
             final.append({"rate_hz": cfg.rate_hz, "missed_fraction": report["missed_fraction"]})
         report["rate_search"] = {**search, "trials": trials, "full_length_runs": final,
                                  "max_sustained_hz": cfg.rate_hz if sustained(report, search["tolerance"]) else None}
-    save_eval_json(report, out)
     lat = report["inference_latency_ms"]
     score = report["mean_score"]
+    # The summary first: if the report cannot be written (a full disk), the run's result is not lost with it.
     print(f"{report['ticks']} ticks at {report['achieved_rate_hz']:.1f} Hz (target {cfg.rate_hz:g}); missed deadlines "
           f"{report['missed_deadlines']} ({report['missed_fraction']:.2%}); inference p50 {lat['p50']:.2f} ms, "
           f"p99 {lat['p99']:.2f} ms, max {lat['max']:.2f} ms; {report['task']} score "
-          f"{'n/a' if score is None else f'{score:.3f}'} over {report['n_complete_episodes']} complete episodes; "
-          f"written to {out}")
+          f"{'n/a' if score is None else f'{score:.3f}'} over {report['n_complete_episodes']} complete episodes",
+          flush=True)
+    save_eval_json(report, out)
+    print(f"written to {out}")

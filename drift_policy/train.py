@@ -25,7 +25,7 @@ from .config import Config
 from .distributed import Distributed
 from .ema import ema_update
 from .errors import DivergenceError, RunDirError
-from .fileio import atomic_write_text
+from .fileio import append_text, atomic_write_text
 from .normalizer import Normalizer
 from .policies import Policy, make_policy
 from .threads import set_threads
@@ -121,8 +121,7 @@ class Logger:
                                     config=cfg.to_dict(), name=run_dir.name, resume="allow", id=run_dir.name)
 
     def log(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_text(self.path, json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log(record, step=record["step"])
 

@@ -213,3 +213,46 @@ def test_divergence_is_a_one_line_error(capsys, tiny, tmp_path):
                     f"train.run_dir={run}")
     assert msg.startswith("drift-policy train: error: training diverged: 3 consecutive non-finite steps at step ")
     assert "train.lr" in msg and "1e+30" in msg and str(run / "checkpoints") in msg
+
+
+# A full disk, simulated with a file-size limit (prlimit --fsize): the writes fail with EFBIG, not a signal.
+FULL_DISK = """
+import resource, signal, sys
+import torch
+from drift_policy import cli, train
+from drift_policy.checkpoint import save_checkpoint
+
+def rollouts(policy, cfg, n, workers, **kw):   # the episodes' results, without running them: writing is under test
+    eps = [{"seed": 100000 + i, "max_reward": 0.25, "steps": 300, "success": False} for i in range(n)]
+    return {"task": cfg.task.name, "mean_score": sum(e["max_reward"] for e in eps) / n, "success_rate": 0.0,
+            "n_episodes": n, "start_seed": 100000, "per_episode": eps, "videos": []}
+
+train.evaluate_policy = rollouts
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+if sys.argv[1] == "checkpoint":
+    try:
+        save_checkpoint({"model": {"w": torch.zeros(1000)}, "ema": {}}, sys.argv[2])
+    except OSError as e:
+        print(f"{type(e).__name__}: {e}")
+else:
+    cli.main(sys.argv[1:])
+"""
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_score(pretrained, tmp_path):
+    def run(*args):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        return subprocess.run([sys.executable, "-c", FULL_DISK, *args], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300)
+
+    out = tmp_path / "records" / "eval.json"
+    res = run("eval", f"checkpoint={pretrained}", "episodes=20", f"out={out}")
+    assert res.returncode == 2, res.stderr
+    assert "pusht_keypoints: score 0.250, success rate 0.00 over 20 episodes" in res.stdout    # not lost
+    err = [line for line in res.stderr.splitlines() if line.startswith("drift-policy")]
+    assert err == [f"drift-policy eval: error: [Errno 27] cannot write {out}: File too large"], res.stderr
+    assert not out.exists() and list(out.parent.iterdir()) == []              # no temporary file left behind
+    ckpt = tmp_path / "checkpoints" / "step_00000005.pt"
+    res = run("checkpoint", str(ckpt))
+    assert res.stdout.strip() == f"OSError: [Errno 27] cannot write {ckpt}: File too large", res.stderr
