@@ -256,3 +256,28 @@ def test_a_full_disk_names_the_file_and_keeps_the_score(pretrained, tmp_path):
     ckpt = tmp_path / "checkpoints" / "step_00000005.pt"
     res = run("checkpoint", str(ckpt))
     assert res.stdout.strip() == f"OSError: [Errno 27] cannot write {ckpt}: File too large", res.stderr
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_respect_the_umask(tmp_path, umask, mode):
+    """Issue 38 item 10.5: files are created as a plain open() would create them (0666 minus the umask), not
+    0600 as mkstemp makes its temporary files: a released policy can be read by another user or container."""
+    import stat
+
+    from drift_policy.checkpoint import save_checkpoint
+    from drift_policy.fileio import atomic_write_text, unique_temp_path
+    from drift_policy.normalizer import Normalizer
+
+    norm = Normalizer().fit("obs", torch.rand(50, 20) * 512).fit("action", torch.rand(50, 2) * 512)
+    policy = DriftPolicy(compose(["policy.backbone=tiny"]).policy, norm)
+    old = os.umask(umask)
+    try:
+        files = [atomic_write_text(tmp_path / "config.json", "{}"),
+                 save_checkpoint({"model": {"w": torch.zeros(3)}, "ema": {}}, tmp_path / "ckpt" / "step_00000001.pt"),
+                 unique_temp_path(tmp_path / "policy.onnx")]           # what export writes into, then renames
+        files += list(policy.save_pretrained(tmp_path / "pretrained").iterdir())
+    finally:
+        os.umask(old)
+    assert len(files) == 6
+    got = {str(f.relative_to(tmp_path)): oct(stat.S_IMODE(f.stat().st_mode)) for f in files}
+    assert got == {name: oct(mode) for name in got}
