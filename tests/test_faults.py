@@ -281,3 +281,23 @@ def test_written_files_respect_the_umask(tmp_path, umask, mode):
     assert len(files) == 6
     got = {str(f.relative_to(tmp_path)): oct(stat.S_IMODE(f.stat().st_mode)) for f in files}
     assert got == {name: oct(mode) for name in got}
+
+
+@pytest.mark.parametrize("typo,fix", [
+    ("train.lrr=0.1", "train.lr=0.1"), ("trian.lr=0.1", "train.lr=0.1"), ("policy.n_noize=4", "policy.n_noise=4"),
+    ("taskk=pusht_image", "task=pusht_image"), ("+train.lrr=0.1", "train.lr")])
+def test_a_typo_hint_names_the_real_key(typo, fix, capsys):
+    """Issue 38 item 10.6: the hint names the closest real key, and following it works; it never suggests a '+'
+    override (an added key is refused)."""
+    import re
+
+    from drift_policy.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        compose([typo])
+    msg = str(e.value)
+    assert f"did you mean {fix}?" in msg and "+" not in msg, msg
+    if "=" in fix:
+        compose([fix])                                                     # the hint is accepted
+    line = cli_error(capsys, "train", typo)
+    assert re.search(rf"did you mean {re.escape(fix)}\?", line) and "+" not in line
