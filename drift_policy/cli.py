@@ -66,10 +66,12 @@ def cmd_resume(args: list[str]) -> None:
 
 def cmd_eval(args: list[str]) -> None:
     from .config import compose
+    from .errors import ConfigError
     from .evaluation import save_eval_json
     from .fileio import check_writable
     from .provenance import machine_free
     from .runs import load_policy_for_eval, parse_kv
+    from .tasks import check_policy_fits_task
     from .threads import set_threads
     from .train import evaluate_policy
 
@@ -81,6 +83,9 @@ def cmd_eval(args: list[str]) -> None:
                               "task": "the run's task (pusht_keypoints for a bare pretrained folder)"})
     if "checkpoint" not in opts:
         raise SystemExit(usage)
+    for key, least in (("episodes", 1), ("workers", 0), ("videos", 0), ("threads", 1)):
+        if opts.get(key, least) < least:
+            raise ConfigError(f"{key} must be >= {least}, got {opts[key]}")
     ckpt = Path(opts["checkpoint"])
     out = Path(opts["out"]) if "out" in opts else (ckpt / "eval.json" if ckpt.is_dir() else ckpt.with_suffix(".eval.json"))
     check_writable(out, "eval out=")          # before the rollouts, not after
@@ -88,14 +93,17 @@ def cmd_eval(args: list[str]) -> None:
     policy, cfg = load_policy_for_eval(opts["checkpoint"])
     if "task" in opts or cfg is None:
         cfg = compose([f"task={opts['task']}"] if "task" in opts else [])   # else the default task
+    check_policy_fits_task(policy.config, cfg.task)       # before the rollouts, not in the first one
     res = evaluate_policy(policy, cfg, opts.get("episodes", 50), opts.get("workers", 2),
                           video_dir=out.parent / "videos" if opts.get("videos") else None,
                           n_videos=opts.get("videos", 0), seed=opts.get("seed", 0))
     res["checkpoint"] = machine_free(opts["checkpoint"])    # a record names no folder of the machine
     res["sampling_seed"] = opts.get("seed", 0)       # the same weights and test seeds score differently per noise draw
-    save_eval_json(res, out)
+    # The score first: if the file cannot be written (a full disk), the episodes' result is not lost with it.
     print(f"{cfg.task.name}: score {res['mean_score']:.3f}, success rate {res['success_rate']:.2f} "
-          f"over {res['n_episodes']} episodes (seeds {res['start_seed']}..); written to {out}")
+          f"over {res['n_episodes']} episodes (seeds {res['start_seed']}..)", flush=True)
+    save_eval_json(res, out)
+    print(f"written to {out}")
 
 
 def cmd_plot(args: list[str]) -> None:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError, check_keys, check_types
+from .errors import ConfigError, check_keys, check_types, unknown_key_error
 from .paths import CONFIG_DIR
 from .policies import PolicyConfig, config_from_dict, with_legacy_keys
 
@@ -273,9 +274,23 @@ def compose(overrides: list[str] | None = None, config_dir: str | Path | None = 
     if search_path:
         overrides.append("hydra.searchpath=[" + ",".join(f"file://{Path(p).resolve()}" for p in search_path) + "]")
     register_schemas()
-    try:
+
+    def tree(overrides: list[str]) -> dict:
         with initialize_config_dir(config_dir=str(config_dir), version_base=None):
-            cfg = hydra_compose(config_name="config", overrides=overrides)
+            return OmegaConf.to_container(hydra_compose(config_name="config", overrides=overrides), resolve=True)
+
+    try:
+        d = tree(overrides)
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(str(e)) from e
-    return Config.from_dict(OmegaConf.to_container(cfg, resolve=True))
+        typo = re.match(r"Could not override '([^']+)'\.\s*To append", str(e))
+        if typo is None:
+            raise ConfigError(str(e)) from e
+        # Hydra's hint, "use +key=value", would be refused by check_keys: name the closest real key instead.
+        key = typo.group(1)
+        value = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == key), None)
+        try:
+            known = tree([o for o in overrides if o.split("=", 1)[0] != key])
+        except (HydraException, OmegaConfBaseException):
+            known = {}
+        raise unknown_key_error(key, value, known) from e
+    return Config.from_dict(d)

@@ -6,13 +6,15 @@ traceback and exits with status 2 (``USER_ERRORS``).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import types
 import typing
 
-__all__ = ["ConfigError", "DatasetError", "CheckpointError", "RunFolderError", "RunDirError", "USER_ERRORS",
-           "check_keys", "check_types"]
+__all__ = ["ConfigError", "DatasetError", "CheckpointError", "RunFolderError", "RunDirError", "DivergenceError",
+           "USER_ERRORS",
+           "check_keys", "check_types", "closest", "unknown_key_error"]
 
 
 class ConfigError(ValueError):
@@ -36,20 +38,57 @@ class RunDirError(RuntimeError):
     what to do."""
 
 
+class DivergenceError(FloatingPointError):
+    """Training diverged (non-finite losses, gradients or weights) and stopped; the message names the step, where
+    the last good weights are, and what to change."""
+
+
 # What the command line reports as a user's mistake (exit status 2, one line, no traceback): a bad key or value,
 # a bad data file, a missing/corrupt/mismatched checkpoint or pretrained folder (safetensors and state-dict errors
-# are raised as CheckpointError by the loaders), a run folder in use, a file that is not valid JSON (e.g. a run's
-# config.json), and a path that cannot be read or written. Anything else is a bug and keeps its traceback.
+# are raised as CheckpointError by the loaders), a run folder in use, a training that diverged (a learning rate
+# too high), a file that is not valid JSON (e.g. a run's config.json), and a path that cannot be read or written.
+# Anything else is a bug and keeps its traceback.
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DatasetError, CheckpointError, RunDirError,
-                                            RunFolderError, json.JSONDecodeError, OSError)
+                                            RunFolderError, DivergenceError, json.JSONDecodeError, OSError)
+
+
+def closest(word: str, choices) -> str | None:
+    """The choice that ``word`` is most likely a typo of, or None."""
+    near = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return near[0] if near else None
 
 
 def check_keys(cls, d: dict, prefix: str) -> None:
-    """ConfigError naming every key of ``d`` that is not a field of the dataclass ``cls``."""
+    """ConfigError naming every key of ``d`` that is not a field of the dataclass ``cls`` (and the real key it is
+    most likely a typo of)."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)}; known: {sorted(known)}")
+        named = [prefix + k + (f" (did you mean {prefix}{near}?)" if (near := closest(k, known)) else "")
+                 for k in unknown]
+        raise ConfigError(f"unknown key(s) {', '.join(named)}; known: {sorted(known)}")
+
+
+def unknown_key_error(key: str, value: str | None, tree: dict) -> ConfigError:
+    """ConfigError for an override ``key=value`` of a key that the composed config ``tree`` (plain dicts) does
+    not have, naming the closest real key with the value: ``train.lrr=0.1`` -> "did you mean train.lr=0.1?".
+    Never a ``+key`` hint: an added key is refused by ``check_keys``."""
+    parts, node = key.split("."), tree
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict):
+            return ConfigError(f"unknown key {key}: {'.'.join(parts[:i])} is a value, not a group of keys")
+        if part not in node:
+            break
+        node = node[part]
+    else:
+        return ConfigError(f"unknown key {key}")
+    where, known = ".".join(parts[:i]), sorted(map(str, node))
+    listed = f"(keys of {where or 'the config'}: {', '.join(known)})"
+    near = closest(part, known)
+    if near is None:
+        return ConfigError(f"unknown key {key} {listed}")
+    fix = ".".join([*parts[:i], near, *parts[i + 1:]]) + ("" if value is None else f"={value}")
+    return ConfigError(f"unknown key {key}; did you mean {fix}? {listed}")
 
 
 def check_types(obj, prefix: str) -> None:

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from .backends import jit_trace, onnx_export, ort_session
-from .fileio import atomic_write_text, unique_temp_path
+from .errors import ConfigError
+from .fileio import atomic_write_text, unique_temp_path, write_error
 from .policies import Policy
 
 INPUT_NAMES = ["obs", "noise"]
@@ -107,6 +108,8 @@ def export_policy(policy: Policy, out: str | os.PathLike, fmt: str) -> Path:
             onnx_export(module, args, str(tmp), INPUT_NAMES, OUTPUT_NAMES, ONNX_OPSET,
                         dynamic_axes={n: {0: "batch"} for n in INPUT_NAMES + OUTPUT_NAMES})
         os.replace(tmp, out)
+    except OSError as e:
+        raise write_error(e, out) from e
     finally:
         tmp.unlink(missing_ok=True)
     atomic_write_text(str(out) + ".json", json.dumps(metadata(policy, fmt), indent=2))
@@ -141,10 +144,10 @@ def cmd_export(args: list[str]) -> None:
                     defaults={"format": "onnx", "out": "required"})
     if "checkpoint" not in opts or "out" not in opts:
         raise SystemExit(usage)
-    check_writable(opts["out"], "export out=")
     fmt = opts.get("format", "onnx")
     if fmt not in ("onnx", "torchscript"):
-        raise SystemExit(f"format must be onnx or torchscript, got {fmt!r}")
+        raise ConfigError(f"format must be onnx or torchscript, got {fmt!r}")
+    check_writable(opts["out"], "export out=")
     policy, _ = load_policy_for_eval(opts["checkpoint"])
     out = export_policy(policy, opts["out"], fmt)
     print(f"exported {policy.config.type} policy ({fmt}) to {out}; interface in {out}.json")

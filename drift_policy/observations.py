@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["check_observation", "check_image", "check_chunk"]
+__all__ = ["check_observation", "check_image", "check_image_step", "check_chunk"]
 
 
 def _numpy(x) -> np.ndarray:
@@ -61,6 +61,20 @@ def check_image(img, key: str, where: str = "predict_action") -> None:
     if _is_float(img) and 0 < hi <= 1.0:
         raise ValueError(f"{where}: image {key!r} is float with values in [{lo:g}, {hi:g}]: that looks like a [0, 1] "
                          f"image, but images are read as 0..255. Pass uint8, or multiply by 255")
+
+
+def check_image_step(img, key: str, image_shape, batch: int, where: str = "select_action") -> None:
+    """ValueError unless one step of camera ``key`` is [batch, *image_shape] (channels first). Checked before the
+    step joins a history: a refused step must leave nothing behind that later correct steps would be compared
+    with."""
+    shape, image_shape = tuple(img.shape), tuple(image_shape)
+    if shape == (batch, *image_shape):
+        return
+    hint = ""
+    if len(shape) == 4 and shape[1:] == (*image_shape[1:], image_shape[0]):
+        hint = "; that is channels last (H, W, C): pass channels first, e.g. img.permute(0, 3, 1, 2)"
+    raise ValueError(f"{where}: {key!r} must be one step [B={batch}, {', '.join(map(str, image_shape))}] "
+                     f"(channels first), got {shape}{hint}")
 
 
 def check_chunk(chunk, where: str = "predict_action"):

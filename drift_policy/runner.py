@@ -365,6 +365,19 @@ def find_max_rate(policy, cfg: RunConfig, seconds: float = 5.0, tolerance: float
 
 
 # ---- command line ---------------------------------------------------------------------------------------------
+def rate_or_max(v: str) -> float | str:
+    """The ``rate_hz`` option: a positive number of Hz, or ``max`` (search the highest sustained rate)."""
+    if v == "max":
+        return v
+    try:
+        hz = float(v)
+    except ValueError:
+        hz = math.nan
+    if not (math.isfinite(hz) and hz > 0):
+        raise ValueError(f"expected a positive number of Hz or 'max', got {v!r}")
+    return hz
+
+
 def cmd_run(args: list[str]) -> None:
     from .evaluation import save_eval_json
     from .fileio import check_writable
@@ -375,7 +388,7 @@ def cmd_run(args: list[str]) -> None:
     defaults = {("async" if f.name == "async_" else f.name): f.default for f in dataclasses.fields(RunConfig)}
     defaults.update(rate_hz="10 (or max: search the highest sustained rate)", out="runner_report.json",
                     search_seconds=5.0, tolerance=0.01)
-    opts = parse_kv(args, {"checkpoint": str, "rate_hz": str, "seconds": float, "episodes": int, "async": flag,
+    opts = parse_kv(args, {"checkpoint": str, "rate_hz": rate_or_max, "seconds": float, "episodes": int, "async": flag,
                            "ensemble": flag, "ensemble_k": float, "lead": int, "backend": str, "threads": int,
                            "max_steps": int, "start_seed": int, "seed": int, "warmup": int, "out": str,
                            "search_seconds": float, "tolerance": float}, usage=usage, defaults=defaults)
@@ -385,7 +398,7 @@ def cmd_run(args: list[str]) -> None:
     out = check_writable(opts.pop("out", "runner_report.json"), "run out=")   # before the run, not after
     policy, run_cfg = load_policy_for_eval(checkpoint)
     task = run_cfg.task if run_cfg is not None else None      # a bare pretrained folder: Push-T keypoints
-    rate = opts.pop("rate_hz", "10")
+    rate = opts.pop("rate_hz", 10.0)
     search = {"seconds": opts.pop("search_seconds", 5.0), "tolerance": opts.pop("tolerance", 0.01)}
     if "async" in opts:
         opts["async_"] = opts.pop("async")
@@ -410,11 +423,13 @@ def cmd_run(args: list[str]) -> None:
             final.append({"rate_hz": cfg.rate_hz, "missed_fraction": report["missed_fraction"]})
         report["rate_search"] = {**search, "trials": trials, "full_length_runs": final,
                                  "max_sustained_hz": cfg.rate_hz if sustained(report, search["tolerance"]) else None}
-    save_eval_json(report, out)
     lat = report["inference_latency_ms"]
     score = report["mean_score"]
+    # The summary first: if the report cannot be written (a full disk), the run's result is not lost with it.
     print(f"{report['ticks']} ticks at {report['achieved_rate_hz']:.1f} Hz (target {cfg.rate_hz:g}); missed deadlines "
           f"{report['missed_deadlines']} ({report['missed_fraction']:.2%}); inference p50 {lat['p50']:.2f} ms, "
           f"p99 {lat['p99']:.2f} ms, max {lat['max']:.2f} ms; {report['task']} score "
-          f"{'n/a' if score is None else f'{score:.3f}'} over {report['n_complete_episodes']} complete episodes; "
-          f"written to {out}")
+          f"{'n/a' if score is None else f'{score:.3f}'} over {report['n_complete_episodes']} complete episodes",
+          flush=True)
+    save_eval_json(report, out)
+    print(f"written to {out}")

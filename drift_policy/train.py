@@ -24,8 +24,8 @@ from .checkpoint import non_finite_tensors, save_checkpoint
 from .config import Config
 from .distributed import Distributed
 from .ema import ema_update
-from .errors import RunDirError
-from .fileio import atomic_write_text
+from .errors import DivergenceError, RunDirError
+from .fileio import append_text, atomic_write_text
 from .normalizer import Normalizer
 from .policies import Policy, make_policy
 from .threads import set_threads
@@ -121,8 +121,7 @@ class Logger:
                                     config=cfg.to_dict(), name=run_dir.name, resume="allow", id=run_dir.name)
 
     def log(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_text(self.path, json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log(record, step=record["step"])
 
@@ -217,6 +216,8 @@ def _train(cfg: Config | None, run_dir, resume: bool, progress: bool, hold: cont
 
     logger = Logger(run_dir, cfg, resume_step=step if ckpt is not None else None) if is_main else None
 
+    lower_lr = f"; train again with a lower train.lr (this run: {t.lr:g})"   # what to do when it diverges
+
     def checkpoint():
         torch_rng = dist.rng_states()         # every rank's noise stream (a collective: all ranks get here)
         bad = non_finite_tensors(policy.state_dict()) + non_finite_tensors(ema.state_dict())
@@ -224,8 +225,8 @@ def _train(cfg: Config | None, run_dir, resume: bool, progress: bool, hold: cont
             # Never stored as "good": resume and eval would pick NaN weights. The newest checkpoint on disk stays
             # the newest good one.
             newest = runs.newest_verified_checkpoint(run_dir)
-            raise FloatingPointError(f"step {step}: the weights hold NaN or inf ({bad[0]}); not saved. Newest good "
-                                     f"checkpoint: {newest or 'none'}")
+            raise DivergenceError(f"training diverged: step {step}: the weights hold NaN or inf ({bad[0]}); not "
+                                  f"saved. Newest good checkpoint: {newest or 'none'}{lower_lr}")
         if not is_main:
             return
         save_checkpoint({"model": policy.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
@@ -274,9 +275,11 @@ def _train(cfg: Config | None, run_dir, resume: bool, progress: bool, hold: cont
             bad_steps += 1
             warnings.warn(f"step {step}: non-finite loss or gradient ({float(loss)}, {float(grad_norm)}); step skipped")
             if bad_steps >= t.max_bad_steps:
+                bar.close()                   # the error goes on a line of its own
                 checkpoint()                  # skipped steps left the weights as they were: save them if finite
-                raise FloatingPointError(f"{bad_steps} consecutive non-finite steps at step {step}; aborting "
-                                         f"(last good weights saved in {runs.checkpoint_path(run_dir, step).parent})")
+                raise DivergenceError(f"training diverged: {bad_steps} consecutive non-finite steps at step {step}; "
+                                      f"aborting (last good weights saved in "
+                                      f"{runs.checkpoint_path(run_dir, step).parent}){lower_lr}")
             continue
         bad_steps = 0
         opt.step()

@@ -185,6 +185,32 @@ def test_missing_column_and_nan_are_clear_errors(tmp_path):
     assert str(p) in str(e.value)
 
 
+def test_flipped_bytes_are_caught_by_the_dataset_statistics(tmp_path):
+    """Issue 38 item 10.1: 64 flipped bytes inside a data parquet's compressed values still decode, into numbers
+    far outside meta/stats.json's range; the loader refuses them, naming the file, the column and the rows."""
+    import pyarrow.parquet as pq
+
+    root = copy_fixture(tmp_path)
+    p = root / "data" / "chunk-000" / "file-000.parquet"
+    col = pq.ParquetFile(p).metadata.row_group(0).column(0)
+    assert col.path_in_schema == "observation.state.list.element"
+    start = (col.dictionary_page_offset or col.data_page_offset) + 36      # inside its values, past the page header
+    data = bytearray(p.read_bytes())
+    data[start:start + 64] = bytes(b ^ 0xFF for b in data[start:start + 64])
+    p.write_bytes(bytes(data))
+    table = pq.read_table(p)                                                # still a readable parquet file
+    state = np.asarray(table.column("observation.state").to_pylist())
+    damaged = np.flatnonzero((state != load_lerobot(FIXTURE, image_keys=[])["obs"][:, 18:]).any(1))
+    assert len(damaged) > 0
+    with pytest.raises(DatasetError, match=r"'observation.state' lies outside meta/stats.json's \[min, max\]") as e:
+        load_lerobot(root, image_keys=[])
+    msg = str(e.value)
+    assert str(p) in msg and "\n" not in msg
+    assert f"{len(damaged)} rows" in msg and f"rows {damaged[0]}-{damaged[-1]}" in msg
+    # the same values in the untouched fixture are inside the range, to the last row
+    assert load_lerobot(FIXTURE, image_keys=[])["obs"].shape == (N, 20)
+
+
 def test_missing_or_damaged_video_is_a_clear_error(tmp_path):
     root = copy_fixture(tmp_path)
     v = root / "videos" / "observation.image" / "chunk-000" / "file-000.mp4"

@@ -148,3 +148,27 @@ def test_missing_normaliser_statistics_raise_keyerror(policy, tmp_path):
     save_file(state, str(path / "model.safetensors"))
     with pytest.raises(CheckpointError, match="does not match manifest.json|changed"):
         Policy.from_pretrained(path)
+
+
+def test_a_refused_image_layout_never_enters_the_history():
+    """Issue 38 item 10.2: a channels-last image on the first step after reset() is refused before it joins the
+    history, so the next correct step acts normally instead of failing with a "batch size changed" message."""
+    norm = Normalizer().fit("obs", torch.rand(50, 2) * 512).fit("action", torch.rand(50, DA) * 512)
+    torch.manual_seed(0)
+    pol = make_policy(DriftConfig(backbone="tiny", obs_dim=2, image_keys=("image",), image_shape=(3, 32, 32),
+                                  crop_shape=(28, 28), vision_backbone="tiny"), norm).eval()
+    obs = torch.rand(1, 2) * 512
+    img = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    pol.reset()
+    with pytest.raises(ValueError, match=r"'image' must be one step \[B=1, 3, 32, 32\].*channels last"):
+        pol.select_action({"obs": obs, "image": img.permute(0, 2, 3, 1)}, gen())
+    assert not pol.executor.history and len(pol.executor) == 0
+    with pytest.raises(ValueError, match=r"must be one step \[B=1, 3, 32, 32\] \(channels first\), got \(2, 3"):
+        pol.select_action({"obs": obs, "image": img.expand(2, -1, -1, -1)}, gen())
+    a = pol.select_action({"obs": obs, "image": img}, gen())
+    # the same action as a fresh episode's first step: nothing of the refused steps was kept
+    pol.reset()
+    assert a.shape == (1, DA) and torch.equal(a, pol.select_action({"obs": obs, "image": img}, gen()))
+    # an unbatched step (obs [D], image [3, H, W]) is still accepted
+    pol.reset()
+    assert pol.select_action({"obs": obs[0], "image": img[0]}, gen()).shape == (1, DA)

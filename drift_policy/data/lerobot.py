@@ -214,9 +214,43 @@ def _column(table, key: str, width: int, path: Path) -> np.ndarray:
     return values.reshape(len(table), width)
 
 
+def _row_ranges(rows: np.ndarray, most: int = 4) -> str:
+    """[1, 2, 3, 7] -> "1-3, 7" (the first ``most`` runs of consecutive rows)."""
+    runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)
+    text = ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs[:most])
+    return text + (", ..." if len(runs) > most else "")
+
+
+def _check_range(path: Path, key: str, values: np.ndarray, stats: dict) -> None:
+    """DatasetError when values of ``key`` lie outside the dataset's own ``meta/stats.json`` min/max.
+
+    Parquet pages carry no checksum: flipped bytes inside compressed values can still decode, into numbers that
+    would be trained on silently. The statistics were computed from the same frames, so every value lies in
+    [min, max]; the tolerance (1 % of the range) only absorbs rounding. Keys without usable statistics are not
+    checked."""
+    s = stats.get(key, {})
+    lo, hi = s.get("min"), s.get("max")
+    width = values.shape[1]
+    if lo is None or hi is None or lo.size != width or hi.size != width:
+        return
+    lo, hi = lo.reshape(width), hi.reshape(width)
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all() and (lo <= hi).all()):
+        return
+    tol = 0.01 * (hi - lo) + 1e-6 * np.maximum(np.abs(lo), np.abs(hi)) + 1e-6
+    bad = np.flatnonzero(((values < lo - tol) | (values > hi + tol)).any(1))
+    if len(bad):
+        fmt = lambda a: "[" + ", ".join(f"{x:.4g}" for x in a) + "]"  # noqa: E731
+        raise DatasetError(f"{path}: {key!r} lies outside meta/stats.json's [min, max] at {len(bad)} rows "
+                           f"(rows {_row_ranges(bad)} of the file; row {bad[0]} holds {fmt(values[bad[0]])}, "
+                           f"min {fmt(lo)}, max {fmt(hi)}): the file is damaged, or meta/stats.json does not "
+                           f"describe it")
+
+
 def _read_frames(meta: LeRobotMeta, keys: Sequence[str], episodes: np.ndarray) -> dict[str, np.ndarray]:
-    """The numeric ``keys`` and the frame bookkeeping of the selected episodes, in episode order."""
+    """The numeric ``keys`` and the frame bookkeeping of the selected episodes, in episode order. Values are
+    checked against the dataset's statistics (``_check_range``)."""
     ep = meta.episodes
+    stats = meta.stats()
     files = sorted({(int(ep["data/chunk_index"][e]), int(ep["data/file_index"][e])) for e in episodes})
     cols = ["index", "episode_index", "frame_index", "timestamp", *keys]
     parts = []
@@ -225,6 +259,8 @@ def _read_frames(meta: LeRobotMeta, keys: Sequence[str], episodes: np.ndarray) -
         t = _read_parquet(path, cols)
         part = {k: (_column(t, k, meta.dim(k), path) if k in keys else t.column(k).to_numpy()) for k in cols}
         check_arrays(path, len(t), [(k, part[k], (len(t), meta.dim(k))) for k in keys])   # finite, as every loader
+        for k in keys:
+            _check_range(path, k, part[k], stats)
         parts.append(part | {"_file": np.full(len(t), len(parts))})
     frames = {k: np.concatenate([p[k] for p in parts]) for k in [*cols, "_file"]}
     paths = [meta.root / meta.info["data_path"].format(chunk_index=c, file_index=f) for c, f in files]

@@ -17,7 +17,7 @@ from ..executor import ChunkExecutor, executable
 from ..models.transformer import TRANSFORMER_PRESETS, TimeSeriesTransformer
 from ..models.unet1d import UNET_PRESETS, ConditionalUnet1D
 from ..normalizer import Normalizer
-from ..observations import check_chunk, check_observation
+from ..observations import check_chunk, check_image_step, check_observation
 
 
 @dataclass
@@ -301,6 +301,7 @@ class Policy(nn.Module):
             if k not in step:
                 raise ValueError(f"observation is missing {k!r} (this policy needs {['obs', *c.image_keys]})")
             step[k] = torch.as_tensor(step[k], device=self.device)
+            check_image_step(step[k], k, c.image_shape, step["obs"].shape[0])   # before it enters the history
         step = {k: step[k] for k in ("obs", *c.image_keys)}      # what the policy reads (extra keys ignored)
         ex = self.executor
         ex.observe(step)

@@ -25,7 +25,8 @@ from .pusht import FAMILY as PUSHT
 from .robomimic import FAMILY as ROBOMIMIC
 
 __all__ = ["TaskFamily", "NoOptions", "POLICY_KEYS_FROM_TASK", "register_family", "family", "families", "check_task",
-           "resolve_task", "task_spaces", "dataset_path", "load_data", "has_env", "env_spec", "make_env", "control_hz"]
+           "resolve_task", "task_spaces", "check_policy_fits_task", "dataset_path", "load_data", "has_env", "env_spec",
+           "make_env", "control_hz"]
 
 _FAMILIES: dict[str, TaskFamily] = {}
 # Policy config keys that come from the task (``task_spaces``), never from a policy's YAML.
@@ -101,6 +102,21 @@ def task_spaces(task) -> dict:
     obs_dim, action_dim = family(task).spaces(task)
     return {"obs_dim": obs_dim, "action_dim": action_dim, "image_keys": tuple(task.image_keys),
             "image_shape": (3, task.image_size, task.image_size), "crop_shape": (task.crop_size, task.crop_size)}
+
+
+def check_policy_fits_task(policy_config, task) -> None:
+    """ConfigError unless the task's environment gives what the policy was trained on (observation size,
+    cameras and their image size, action size): checked before an evaluation starts any rollout."""
+    def spaces(obs_dim, action_dim, image_keys, image_shape) -> str:
+        cams = f"camera(s) {list(image_keys)} of {list(image_shape)}" if image_keys else "no camera"
+        return f"obs_dim {obs_dim}, action_dim {action_dim}, {cams}"
+
+    t, c = task_spaces(task), policy_config
+    ours = (c.obs_dim, c.action_dim, tuple(c.image_keys), tuple(c.image_shape) if c.image_keys else ())
+    theirs = (t["obs_dim"], t["action_dim"], t["image_keys"], t["image_shape"] if t["image_keys"] else ())
+    if ours != theirs:
+        raise ConfigError(f"task={task.name} does not fit this policy: the task gives {spaces(*theirs)}, the policy "
+                          f"takes {spaces(*ours)}; evaluate it on the task it was trained on")
 
 
 def dataset_path(task) -> Path:
