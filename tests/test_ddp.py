@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.slow   # every test here launches torchrun processes
 import torch
 
 from drift_policy.checkpoint import load_checkpoint

@@ -56,6 +56,7 @@ def tiny(tmp_path, datasets, monkeypatch):
     return make
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume(tmp_path, pusht_zarr):
     run = tmp_path / "run"
     env = {**os.environ, "DRIFT_POLICY_DATA_ROOT": str(pusht_zarr.parents[1]), "OMP_NUM_THREADS": "1",
@@ -240,6 +241,7 @@ else:
 """
 
 
+@pytest.mark.slow
 def test_a_full_disk_names_the_file_and_keeps_the_score(pretrained, tmp_path):
     def run(*args):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

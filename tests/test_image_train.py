@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from drift_policy.image.config import load_config
@@ -56,6 +57,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_with_torchrun(tmp_path):
     args = [f"train.out={tmp_path / 'run'}", f"encoder.path={tmp_path / 'enc.pt'}", "train.max_steps=3"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",

@@ -336,6 +336,7 @@ def test_task_dataset_from_the_hub(monkeypatch, tmp_path):
     assert calls and all(c["repo_id"] == "someone/pusht_three" and c["repo_type"] == "dataset" for c in calls)
 
 
+@pytest.mark.slow
 def test_short_cli_training_writes_pretrained(tmp_path):
     import os
     import subprocess

@@ -49,6 +49,7 @@ def test_training_writes_the_plots(tiny_run):
         _png_ok(p)
 
 
+@pytest.mark.slow
 def test_plot_command_writes_pngs(tiny_run, tmp_path):
     out = tmp_path / "figs"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -83,6 +84,7 @@ def test_score_against_sample_passes_when_records_carry_them(tiny_run, tmp_path)
     _png_ok(tmp_path / "out" / "score_sample_passes.png")
 
 
+@pytest.mark.slow
 def test_missing_or_empty_run_folder_is_a_clear_error(tmp_path):
     with pytest.raises(RunFolderError, match="not a run folder"):
         plot_run(tmp_path / "nope")

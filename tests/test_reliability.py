@@ -65,7 +65,7 @@ def _truncate(path: Path) -> None:
 
 
 # ---- item 1: pruning ------------------------------------------------------------------------------------------
-def test_item1_prune_never_counts_or_keeps_out_a_corrupt_checkpoint(tmp_path):
+def test_prune_never_counts_or_keeps_out_a_corrupt_checkpoint(tmp_path):
     """Item 1: a corrupt newer checkpoint does not take the keep slot; the newest verified one survives."""
     ck = tmp_path / "checkpoints"
     state = {"model": {"w": torch.ones(3)}, "ema": {"w": torch.ones(3)}, "step": 0}
@@ -80,7 +80,7 @@ def test_item1_prune_never_counts_or_keeps_out_a_corrupt_checkpoint(tmp_path):
     assert (ck / "step_00000004.pt").exists()
 
 
-def test_item1_resume_beside_a_truncated_newer_checkpoint_keeps_the_good_one(tiny):
+def test_resume_beside_a_truncated_newer_checkpoint_keeps_the_good_one(tiny):
     """Item 1, the reproduction: keep_checkpoints=1, a truncated newer checkpoint, resume, resume again."""
     cfg = tiny("run", "train.max_steps=4", "train.ckpt_every_steps=2", "train.keep_checkpoints=1")
     run = train_mod.train(cfg, progress=False)
@@ -96,7 +96,7 @@ def test_item1_resume_beside_a_truncated_newer_checkpoint_keeps_the_good_one(tin
 
 
 # ---- item 2: run folders --------------------------------------------------------------------------------------
-def test_item2_a_finished_run_is_not_overwritten_without_the_flag(tiny):
+def test_a_finished_run_is_not_overwritten_without_the_flag(tiny):
     """Item 2: training into a finished run whose checkpoints were removed is refused; overwrite=true replaces it."""
     cfg = tiny("run", "train.max_steps=2", "train.ckpt_every_steps=2")
     run = train_mod.train(cfg, progress=False)
@@ -113,7 +113,7 @@ def test_item2_a_finished_run_is_not_overwritten_without_the_flag(tiny):
     assert json.loads((run / "config.json").read_text())["train"]["seed"] == 1
 
 
-def test_item2_a_run_that_died_before_its_first_checkpoint_is_not_joined(tiny):
+def test_a_run_that_died_before_its_first_checkpoint_is_not_joined(tiny):
     """Item 2: metrics.jsonl of a dead run is not appended to (it would read steps 1..5, then 1..3)."""
     run = Path(tiny("dead").train.run_dir)
     run.mkdir()
@@ -124,7 +124,7 @@ def test_item2_a_run_that_died_before_its_first_checkpoint_is_not_joined(tiny):
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 5
 
 
-def test_item2_bad_data_writes_nothing(tmp_path):
+def test_bad_data_writes_nothing(tmp_path):
     """Item 2: a run that fails on its data has not created or changed anything in its folder."""
     run = tmp_path / "run"
     cfg = compose([*TINY, f"train.run_dir={run}", f"task.dataset={tmp_path / 'missing.zarr'}"])
@@ -133,7 +133,7 @@ def test_item2_bad_data_writes_nothing(tmp_path):
     assert not run.exists()
 
 
-def test_item2_a_run_folder_is_claimed_exclusively(tiny):
+def test_a_run_folder_is_claimed_exclusively(tiny):
     """Item 2: while another process holds the folder's lock, a training into it fails at once."""
     cfg = tiny("locked", "train.max_steps=2")
     run = Path(cfg.train.run_dir)
@@ -147,7 +147,7 @@ def test_item2_a_run_folder_is_claimed_exclusively(tiny):
     assert (run / "pretrained" / "model.safetensors").exists()
 
 
-def test_item2_atomic_writes_use_unique_temporary_files(tmp_path, monkeypatch):
+def test_atomic_writes_use_unique_temporary_files(tmp_path, monkeypatch):
     """Item 2: two writers of one checkpoint path never share a temporary file name."""
     sources = []
     real_replace = os.replace
@@ -162,14 +162,14 @@ def test_item2_atomic_writes_use_unique_temporary_files(tmp_path, monkeypatch):
 # ---- item 3: non-finite weights and config values ---------------------------------------------------------------
 @pytest.mark.parametrize("override", ["train.lr=inf", "train.max_minutes=nan", "train.grad_clip=inf",
                                       "train.weight_decay=-inf"])
-def test_item3_non_finite_config_values_are_rejected(override):
+def test_non_finite_config_values_are_rejected(override):
     """Item 3: lr, max_minutes, grad_clip (every float key) must be finite."""
     with pytest.raises(ConfigError, match=rf"{override.split('=')[0]} must be a finite number"):
         compose([override])
 
 
 @pytest.mark.parametrize("every, newest", [(1, r"step_00000001\.pt"), (100, "none")])
-def test_item3_non_finite_weights_are_never_saved_as_a_checkpoint(tiny, monkeypatch, every, newest):
+def test_non_finite_weights_are_never_saved_as_a_checkpoint(tiny, monkeypatch, every, newest):
     """Item 3: an update that leaves NaN in the weights (simulated: the model is corrupted after step 2) makes the
     following steps non-finite; the run aborts without saving those weights as "the last good" checkpoint (nor a
     pretrained folder), so resume and eval cannot pick them."""
@@ -198,7 +198,7 @@ def test_item3_non_finite_weights_are_never_saved_as_a_checkpoint(tiny, monkeypa
 
 
 # ---- item 4: output paths -----------------------------------------------------------------------------------------
-def test_item4_eval_and_run_check_the_output_path_before_working(tmp_path, monkeypatch, capsys):
+def test_eval_and_run_check_the_output_path_before_working(tmp_path, monkeypatch, capsys):
     """Item 4: an out= path that cannot be written is an error before any rollout or control loop runs."""
     import drift_policy.runner as runner_mod
 
@@ -232,7 +232,7 @@ def _pusht_store(path: Path, n_eps=4, length=40, action=None) -> Path:
     return path
 
 
-def test_item5_a_missing_zarr_chunk_is_an_error_not_zeros(tmp_path):
+def test_a_missing_zarr_chunk_is_an_error_not_zeros(tmp_path):
     """Item 5: zarr reads a deleted chunk as its fill value; the loader names the array and the chunk instead."""
     from drift_policy.data.pusht import load_pusht_lowdim
 
@@ -244,7 +244,7 @@ def test_item5_a_missing_zarr_chunk_is_an_error_not_zeros(tmp_path):
         load_pusht_lowdim(store)
 
 
-def test_item5_a_corrupt_zarr_chunk_names_array_and_chunk(tmp_path):
+def test_a_corrupt_zarr_chunk_names_array_and_chunk(tmp_path):
     """Item 5: a truncated chunk gives a DatasetError naming the array and chunk, not a raw codec error."""
     from drift_policy.data.pusht import load_pusht_lowdim
 
@@ -254,7 +254,7 @@ def test_item5_a_corrupt_zarr_chunk_names_array_and_chunk(tmp_path):
         load_pusht_lowdim(store)
 
 
-def test_item6_one_absurd_value_is_refused_naming_file_key_and_index(tmp_path, monkeypatch):
+def test_one_absurd_value_is_refused_naming_file_key_and_index(tmp_path, monkeypatch):
     """Item 6: a single action of 1e30 is finite but would collapse the normaliser; the shared window builder
     refuses it, naming the file, the key and the step, for every loader (here through train's make_datasets)."""
     action = np.random.default_rng(1).uniform(0, 512, (160, 2)).astype(np.float32)
@@ -273,7 +273,7 @@ def test_item6_one_absurd_value_is_refused_naming_file_key_and_index(tmp_path, m
 
 # ---- items 7, 8, 9: the deployment API ---------------------------------------------------------------------------
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_item7_non_finite_observations_are_rejected(bad):
+def test_non_finite_observations_are_rejected(bad):
     """Item 7: predict_action and select_action refuse NaN/inf observations; nothing non-finite is queued."""
     policy = _tiny_policy()
     obs = torch.rand(2, 2, 20) * 512
@@ -289,7 +289,7 @@ def test_item7_non_finite_observations_are_rejected(bad):
     assert all(torch.isfinite(a).all() for a in policy.executor.queue)
 
 
-def test_item7_a_non_finite_chunk_is_never_queued(monkeypatch):
+def test_a_non_finite_chunk_is_never_queued(monkeypatch):
     """Item 7: if the generator itself returns NaN, select_action raises and the queue stays empty."""
     policy = _tiny_policy()
     policy.reset()
@@ -302,7 +302,7 @@ def test_item7_a_non_finite_chunk_is_never_queued(monkeypatch):
     assert torch.isfinite(policy.select_action(torch.rand(1, 20) * 512)).all()
 
 
-def test_items7_8_the_chunk_executor_checks_what_enters_history_and_queue():
+def test_the_chunk_executor_checks_what_enters_history_and_queue():
     """Items 7 and 8 where the queue lives (executor.ChunkExecutor, also used by the evaluation episode and the
     runner, on numpy arrays): non-finite steps and chunks are refused, a shape change needs reset()."""
     from drift_policy.executor import ChunkExecutor
@@ -322,7 +322,7 @@ def test_items7_8_the_chunk_executor_checks_what_enters_history_and_queue():
     ex.observe({"obs": np.zeros((3, 20), np.float32), "image": np.zeros((3, 3, 8, 8), np.uint8)})
 
 
-def test_item7_the_runner_never_plays_a_non_finite_chunk():
+def test_the_runner_never_plays_a_non_finite_chunk():
     """Item 7 in the real-time runner, whose Controller holds the chunks it plays."""
     from drift_policy.runner import Controller, RunConfig
 
@@ -331,7 +331,7 @@ def test_item7_the_runner_never_plays_a_non_finite_chunk():
         ctrl.begin_episode(np.zeros((2, 20), np.float32))
 
 
-def test_item8_a_batch_size_change_without_reset_is_a_clear_error():
+def test_a_batch_size_change_without_reset_is_a_clear_error():
     """Item 8: 1 row then 3 rows (or 3 then 1) without reset() raises, naming reset(); after reset() it works."""
     policy = _tiny_policy()
     for first, second in ((1, 3), (3, 1)):
@@ -343,7 +343,7 @@ def test_item8_a_batch_size_change_without_reset_is_a_clear_error():
         assert policy.select_action(torch.rand(second, 20) * 512).shape == (second, 2)
 
 
-def test_item9_float_images_in_0_1_are_rejected_uint8_and_0_255_accepted():
+def test_float_images_in_0_1_are_rejected_uint8_and_0_255_accepted():
     """Item 9: the image contract is 0..255 (uint8 or float); a float image in [0, 1] is refused, not misread."""
     cfg = compose(["task=pusht_image", "policy.backbone=tiny", "policy.vision_backbone=tiny", "policy.n_noise=4"])
     torch.manual_seed(0)
@@ -373,7 +373,7 @@ def _rewrite_manifest(folder: Path) -> None:
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
-def test_item10_pretrained_folders_are_verified(tmp_path):
+def test_pretrained_folders_are_verified(tmp_path):
     """Item 10: flipped bytes are detected; missing config keys and a config that contradicts the weights
     (horizon, n_action_steps) are refused rather than filled with defaults or accepted."""
     policy = _tiny_policy()
@@ -431,7 +431,7 @@ class _Payload:
         return (os.mkdir, (self.marker,))
 
 
-def test_item11_loading_a_checkpoint_cannot_run_code(tmp_path):
+def test_loading_a_checkpoint_cannot_run_code(tmp_path):
     """Item 11: a .pt whose pickle calls a function (here os.mkdir) is refused and the call never happens,
     even with a valid checksum file beside it; a real checkpoint (optimizer state, RNG states) still loads."""
     marker = tmp_path / "code_ran"
@@ -447,7 +447,7 @@ def test_item11_loading_a_checkpoint_cannot_run_code(tmp_path):
     assert not marker.exists()
 
 
-def test_item11_a_training_checkpoint_loads_with_weights_only(tiny):
+def test_a_training_checkpoint_loads_with_weights_only(tiny):
     """Item 11: everything a training checkpoint holds is allowed by the weights-only loader."""
     run = train_mod.train(tiny("ok", "train.max_steps=2", "train.ckpt_every_steps=2"), progress=False)
     state = load_checkpoint(list_checkpoints(run)[0])
@@ -464,13 +464,13 @@ def test_item11_a_training_checkpoint_loads_with_weights_only(tiny):
     ("task.val_ratio=[1]", r"task\.val_ratio must be a finite number"),
     ("train.wandb=[1]", r"train\.wandb must be a string"),
 ])
-def test_item12_every_type_error_names_the_key_and_the_type(override, match):
+def test_every_type_error_names_the_key_and_the_type(override, match):
     """Item 12: one generic check over the dataclass field types, for every config group."""
     with pytest.raises(ConfigError, match=match):
         compose([override])
 
 
-def test_item12_cli_reports_a_type_error_in_one_line(capsys):
+def test_cli_reports_a_type_error_in_one_line(capsys):
     """Item 12: through the CLI, exit code 2 and the key, no traceback."""
     with pytest.raises(SystemExit) as e:
         main(["train", "train.lr=abc"])
@@ -479,7 +479,7 @@ def test_item12_cli_reports_a_type_error_in_one_line(capsys):
 
 
 # ---- item 13: the command line's errors -----------------------------------------------------------------------------
-def test_item13_cli_reports_checkpoint_and_weight_errors_in_one_line(tmp_path, capsys):
+def test_cli_reports_checkpoint_and_weight_errors_in_one_line(tmp_path, capsys):
     """Item 13: a missing checkpoint, corrupt safetensors / JSON and a config of another policy type over the
     weights are one-line errors with exit code 2."""
     def fails(*args):
@@ -508,7 +508,7 @@ def test_item13_cli_reports_checkpoint_and_weight_errors_in_one_line(tmp_path, c
     assert "manifest.json is corrupted" in fails("run", f"checkpoint={folder}", "episodes=1")
 
 
-def test_item13_resume_survives_a_truncated_config_json(tiny, capsys):
+def test_resume_survives_a_truncated_config_json(tiny, capsys):
     """Item 13: config.json is written atomically, and resume uses the checkpoint's own config (then repairs
     config.json from it)."""
     cfg = tiny("run", "train.max_steps=4", "train.ckpt_every_steps=2")
@@ -533,7 +533,7 @@ def test_item13_resume_survives_a_truncated_config_json(tiny, capsys):
     (["bench", "train", "--help"], ["usage: drift-policy bench train", "budget", "default: 1200000"]),
     (["bench", "summary", "--help"], ["usage: drift-policy bench summary", "run"]),
 ])
-def test_item14_every_subcommand_has_help(cmd, expect, capsys):
+def test_every_subcommand_has_help(cmd, expect, capsys):
     """Item 14: --help prints the usage and the keys with their defaults (train: also the task/policy options)."""
     try:
         main(cmd)
@@ -548,7 +548,7 @@ def test_item14_every_subcommand_has_help(cmd, expect, capsys):
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_item15_run_records_are_written_by_bench_summary(tmp_path, capsys):
+def test_run_records_are_written_by_bench_summary(tmp_path, capsys):
     """Item 15: every committed run record (eval/results/**.json with a run's evaluations) has exactly the fields
     `drift-policy bench summary` writes, taken from running it on a small run folder, not from a list here;
     a hand-assembled record (extra or missing fields) fails. Every eval/results file the README cites exists."""
@@ -578,7 +578,8 @@ def test_item15_run_records_are_written_by_bench_summary(tmp_path, capsys):
 
 
 # ---- item 16: the tests themselves ----------------------------------------------------------------------------------
-def test_item16_ci_fails_loudly_when_the_pusht_store_is_missing(tmp_path):
+@pytest.mark.slow
+def test_ci_fails_loudly_when_the_pusht_store_is_missing(tmp_path):
     """Item 16: with CI set, a test that needs the Push-T store errors instead of skipping; locally it skips."""
     import subprocess
     import sys
@@ -592,7 +593,7 @@ def test_item16_ci_fails_loudly_when_the_pusht_store_is_missing(tmp_path):
     assert ci.returncode != 0 and "Push-T store not found" in ci.stdout and "CI must run" in ci.stdout, ci.stdout
 
 
-def test_item16_robomimic_image_tests_skip_only_without_a_renderer():
+def test_robomimic_image_tests_skip_only_without_a_renderer():
     """Item 16: the skip condition is one probe of the offscreen OpenGL context (None: available), so any other
     failure of the image tests is a failure, not a skip."""
     pytest.importorskip("robosuite")
@@ -607,7 +608,7 @@ def test_item16_robomimic_image_tests_skip_only_without_a_renderer():
 @pytest.mark.parametrize("override, match", [("train.minutes=abc", r"train\.minutes must be a finite number, got 'abc'"),
                                              ("train.max_steps=2.5", r"train\.max_steps must be an integer, got 2\.5"),
                                              ("train.nope=1", r"unknown config key 'train\.nope'")])
-def test_item12_image_track_config_errors_name_the_key_and_type(override, match):
+def test_image_track_config_errors_name_the_key_and_type(override, match):
     """Item 12 for the image-generation track's dict config: the same kind of error, checked against DEFAULTS."""
     from drift_policy.image.config import load_config
 

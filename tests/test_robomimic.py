@@ -332,6 +332,7 @@ def test_demonstrators_succeed(task):
         env.close()
 
 
+@pytest.mark.slow
 def test_train_and_eval_from_the_cli(lift_file, tmp_path):
     """hdf5 -> windows -> drift policy -> rollouts in robosuite (a worker process), then `drift-policy eval`."""
     import os

@@ -131,6 +131,7 @@ def test_bench_summary_reads_a_runs_evaluations(tmp_path, capsys):
         run_summary([f"run={tmp_path}"])
 
 
+@pytest.mark.slow
 def test_cli_reports_config_and_data_errors_without_a_traceback(tmp_path):
     import subprocess
     import sys
