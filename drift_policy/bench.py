@@ -546,9 +546,9 @@ def recipe_key(run: dict) -> str:
     (``with_legacy_keys``), and its train config without ``HOW_RUN_KEYS``, as one canonical string."""
     import dataclasses
 
-    from .policies import with_legacy_keys
+    from .policies import removed_options, with_legacy_keys
 
-    policy = config_from_dict(with_legacy_keys(run["policy_config"])).to_dict()
+    policy = {**config_from_dict(with_legacy_keys(run["policy_config"], removed="quiet")).to_dict(), **removed_options(run["policy_config"])}
     try:
         train = dataclasses.asdict(TrainConfig(**run["train_config"]))
     except TypeError as exc:

@@ -135,7 +135,10 @@ class Config:
                 "train": dataclasses.asdict(self.train)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Config":
+    def from_dict(cls, d: dict, where: str = "config", new: bool = False) -> "Config":
+        """The validated config of a dict: a saved one (a run's config.json, a checkpoint's config; ``where``
+        names it in messages about removed options, ``with_legacy_keys``), or with ``new`` one being made
+        (``compose``), where a removed option is an error."""
         check_keys(cls, d, "")
         for k in ("task", "policy"):
             if k not in d:
@@ -154,7 +157,7 @@ class Config:
         # A config.json written before a key existed reads as what it was trained with (action_anchor: [], absolute
         # actions); null, the drift policy's default, is the task's choice, resolved here so that config.json
         # records the dims used.
-        policy = with_legacy_keys(policy)
+        policy = with_legacy_keys(policy, where, removed="refuse" if new else "warn")
         if policy["action_anchor"] is None:
             policy["action_anchor"] = family(task).action_anchor(task)
         if policy["obs_origin"] is None:
@@ -191,10 +194,6 @@ class Config:
         t = self.train
         if t.batch_size == 0:
             t.batch_size = self.policy.default_batch_size
-        cluster = 1 + getattr(self.policy, "neighbor_negatives", 0)
-        if t.batch_size % cluster:
-            raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by 1 + policy.neighbor_negatives "
-                              f"({cluster}): the batch is drawn as clusters of an observation and its mates")
         per_step = self.sample_passes_per_step
         if t.max_steps == 0:
             t.max_steps = max(1, -(-t.sample_passes // per_step))       # ceil: never under the budget
@@ -278,4 +277,4 @@ def compose(overrides: list[str] | None = None, config_dir: str | Path | None = 
             cfg = hydra_compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(str(e)) from e
-    return Config.from_dict(OmegaConf.to_container(cfg, resolve=True))
+    return Config.from_dict(OmegaConf.to_container(cfg, resolve=True), new=True)

@@ -40,8 +40,7 @@ def attach_neighbor_positives(train_set, cfg: Config, normalizer: Normalizer) ->
         from .data.windows import NeighborPositives
 
         train_set.neighbors = NeighborPositives(train_set, lambda o: normalizer.normalize("obs", o), k,
-                                                cfg.policy.neighbor_bandwidth, cfg.policy.neighbor_same_episode,
-                                                cfg.policy.neighbor_negatives)
+                                                cfg.policy.neighbor_bandwidth, cfg.policy.neighbor_same_episode)
 
 
 def make_datasets(cfg: Config):
@@ -154,7 +153,7 @@ def _train(cfg: Config | None, run_dir, resume: bool, progress: bool, hold: cont
         if found is None:
             raise FileNotFoundError(f"{run_dir}: no usable checkpoint to resume from")
         ckpt_path, ckpt = found
-        cfg = Config.from_dict(ckpt["config"])
+        cfg = Config.from_dict(ckpt["config"], where=str(ckpt_path))
         print(f"resuming {run_dir} from {ckpt_path.name} (step {ckpt['step']})")
     else:
         runs.check_run_dir_free(run_dir, cfg.train.overwrite)    # fail before loading data; writes nothing

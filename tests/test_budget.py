@@ -237,8 +237,6 @@ def test_neighbour_positives_shapes_weights_and_own_chunk_first():
     batch = train.sample(7, torch.Generator().manual_seed(0))
     assert batch["pos_action"].shape == (7, 6, 4, 2) and batch["pos_weight"].shape == (7, 6)
     assert torch.equal(batch["pos_action"][:, 0], batch["action"])          # the sample's own chunk, first
-    assert batch["pos_obs"].shape == (7, 6, 3)                               # each positive's latest observation
-    assert torch.equal(batch["pos_obs"][:, 0], batch["obs"][:, -1])
     w = batch["pos_weight"]
     assert torch.all(w[:, 0] == 1) and torch.all((w > 0) & (w <= 1))
     assert torch.all(w[:, :-1] >= w[:, 1:])                                  # nearer observations weigh more
@@ -279,46 +277,6 @@ def test_neighbours_from_other_episodes_skip_the_own_demonstration():
         assert torch.allclose(w[i, 1:], torch.exp(-0.5 * (got / 0.3) ** 2), atol=1e-5)
     with pytest.raises(ValueError, match="other episodes"):
         NeighborPositives(train, lambda o: norm.normalize("obs", o), k=len(train) - 10, bandwidth=0.3, same_episode=False)
-
-
-def test_neighbour_negatives_draw_clusters_of_a_window_and_its_neighbours():
-    data = _toy_data(n_eps=6, length=20)
-    train, _ = make_windows(data, horizon=4, n_obs_steps=2, n_action_steps=2, val_ratio=0.0)
-    norm = Normalizer().fit("obs", train.steps("obs"))
-    train.neighbors = NeighborPositives(train, lambda o: norm.normalize("obs", o), k=5, bandwidth=0.3,
-                                        same_episode=False, mates=2)
-    batch = train.sample(12, torch.Generator().manual_seed(0))
-    assert batch["action"].shape == (12, 4, 2) and batch["pos_action"].shape == (12, 6, 4, 2)
-    step = batch["action"][:, 0, 0].long()                                  # action = flat step id: names the window
-    ids = torch.tensor([int((train.index[:, 0] == s).nonzero()[0]) for s in step.tolist()])
-    nb, _ = train.neighbors.lookup(ids)
-    for c in range(4):                                                      # rows 3c + 1, 3c + 2: mates of row 3c
-        anchor, mates = ids[3 * c], ids[3 * c + 1: 3 * c + 3]
-        assert set(mates.tolist()) <= set(nb[3 * c, 1:].tolist()) and mates[0] != mates[1]
-        assert not (train.episode[mates] == train.episode[anchor]).any()
-    # Mates are drawn by kernel weight: with one neighbour far heavier than the rest, it is nearly always drawn.
-    w_heavy = torch.tensor([[1.0, 1.0, 1e-6, 1e-6, 1e-6, 1e-6]])
-    nbrs = torch.tensor([[0, 7, 8, 9, 10, 11]])
-    one = NeighborPositives(train, lambda o: norm.normalize("obs", o), k=5, bandwidth=0.3, mates=1)
-    one.lookup = lambda ids: (nbrs.expand(len(ids), -1), w_heavy.expand(len(ids), -1))
-    drawn = one.draw_mates(torch.zeros(200, dtype=torch.long), torch.Generator().manual_seed(0))
-    assert (drawn == 7).float().mean() > 0.99
-    with pytest.raises(ValueError, match="clusters of 3"):
-        train.sample(10, torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match="mates <= k"):
-        NeighborPositives(train, lambda o: norm.normalize("obs", o), k=2, bandwidth=0.3, mates=3)
-
-
-def test_neighbour_negatives_config_checks_name_the_keys():
-    with pytest.raises(ConfigError, match="policy.neighbor_negatives"):
-        compose(["policy.neighbor_positives=2", "policy.neighbor_negatives=3"])
-    with pytest.raises(ConfigError, match="policy.guidance"):
-        compose(["policy.neighbor_negatives=1", "policy.guidance=2"])
-    with pytest.raises(ConfigError, match="train.batch_size=32 must be divisible by 1 \\+ policy.neighbor_negatives"):
-        compose(["policy.neighbor_negatives=2"])
-    cfg = compose(["policy.neighbor_negatives=1"])
-    assert cfg.policy.neighbor_negatives == 1 and cfg.train.batch_size == 32
-    assert Config.from_dict(cfg.to_dict()).policy.neighbor_negatives == 1
 
 
 def test_validation_episodes_never_become_positives():
@@ -407,21 +365,21 @@ def test_a_records_recipe_column_names_the_regularisers_of_its_runs(tmp_path):
     from drift_policy.bench import bench_train
 
     _fake_run(tmp_path / "runs" / "drift_unet-s0", 0, 7, [0.5, 0.75])
-    _fake_run(tmp_path / "runs" / "drift_unet_policy.obs_noise_0.02_train.ema_decay_0.9999_policy.guidance_2_policy.cond_mlp_64_policy.neighbor_same_episode_false_train.weight_decay_0.1-s0", 0, 7, [0.5, 0.75],
-              overrides=["policy.obs_noise=0.02", "train.ema_decay=0.9999", "policy.guidance=2", "policy.cond_mlp=64",
-                         "policy.neighbor_same_episode=false", "train.weight_decay=0.1"])
+    _fake_run(tmp_path / "runs" / "drift_unet_train.ema_decay_0.9999_policy.guidance_2_policy.neighbor_same_episode_false_train.weight_decay_0.1-s0", 0, 7, [0.5, 0.75],
+              overrides=["train.ema_decay=0.9999", "policy.guidance=2", "policy.neighbor_same_episode=false",
+                         "train.weight_decay=0.1"])
     path = bench_train(["report_only=1", "budget=640", "seeds=0",
-                        "policies=drift_unet,drift_unet:policy.obs_noise=0.02+train.ema_decay=0.9999+policy.guidance=2+policy.cond_mlp=64+policy.neighbor_same_episode=false+train.weight_decay=0.1",
+                        "policies=drift_unet,drift_unet:train.ema_decay=0.9999+policy.guidance=2+policy.neighbor_same_episode=false+train.weight_decay=0.1",
                         f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"])
     rows = {line.split(" | ")[0]: line for line in path.with_suffix(".md").read_text().splitlines() if line.startswith("| drift")}
-    assert "obs noise" not in rows["| drift_unet"] and "EMA 0.999 |" in rows["| drift_unet"]
-    assert "guidance" not in rows["| drift_unet"] and "MLP" not in rows["| drift_unet"]
+    assert "EMA 0.999 |" in rows["| drift_unet"]
+    assert "guidance" not in rows["| drift_unet"]
     assert "weight decay" not in rows["| drift_unet"]
     # the task's choices are read from the resolved config too (Push-T keypoints: TaskFamily.drift_choices)
     assert all(k in rows["| drift_unet"] for k in ("(other episodes)", "per-dim kernel scale", "sampling noise x 0.5"))
-    noisy = rows["| drift_unet[policy.obs_noise=0.02 train.ema_decay=0.9999 policy.guidance=2 policy.cond_mlp=64 "
-                 "policy.neighbor_same_episode=false train.weight_decay=0.1]"]
-    assert "obs noise 0.02," in noisy and "EMA 0.9999 |" in noisy and "guidance 2," in noisy and "cond MLP 64," in noisy
+    noisy = rows["| drift_unet[train.ema_decay=0.9999 policy.guidance=2 policy.neighbor_same_episode=false "
+                 "train.weight_decay=0.1]"]
+    assert "EMA 0.9999 |" in noisy and "guidance 2," in noisy
     assert "neighbours (other episodes)," in noisy and "weight decay 0.1," in noisy
     assert "executes" not in rows["| drift_unet"] and "executes" not in noisy      # both execute the default 8
 
@@ -437,19 +395,19 @@ def test_a_records_recipe_column_names_a_changed_execution_horizon(tmp_path):
     assert "executes 4 of 16 steps," in row
 
 
-def test_a_records_recipe_column_names_neighbour_negatives_bandwidth_and_gradient_clip(tmp_path):
+def test_a_records_recipe_column_names_the_bandwidth_and_gradient_clip(tmp_path):
     from drift_policy.bench import bench_train
 
     _fake_run(tmp_path / "runs" / "drift_unet-s0", 0, 7, [0.5, 0.75])
-    _fake_run(tmp_path / "runs" / "drift_unet_policy.neighbor_negatives_1_policy.neighbor_bandwidth_0.03_train.grad_clip_0-s0",
-              0, 7, [0.5, 0.75], overrides=["policy.neighbor_negatives=1", "policy.neighbor_bandwidth=0.03", "train.grad_clip=0"])
+    _fake_run(tmp_path / "runs" / "drift_unet_policy.neighbor_bandwidth_0.03_train.grad_clip_0-s0",
+              0, 7, [0.5, 0.75], overrides=["policy.neighbor_bandwidth=0.03", "train.grad_clip=0"])
     path = bench_train(["report_only=1", "budget=640", "seeds=0",
-                        "policies=drift_unet,drift_unet:policy.neighbor_negatives=1+policy.neighbor_bandwidth=0.03+train.grad_clip=0",
+                        "policies=drift_unet,drift_unet:policy.neighbor_bandwidth=0.03+train.grad_clip=0",
                         f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"])
     rows = [line for line in path.with_suffix(".md").read_text().splitlines() if line.startswith("| drift")]
     assert len(rows) == 2
-    assert not any(k in rows[0] for k in ("negatives", "bandwidth", "clip"))
-    assert "8 neighbours (other episodes) (bandwidth 0.03), negatives from 1 neighbour mate," in rows[1]
+    assert not any(k in rows[0] for k in ("bandwidth", "clip"))
+    assert "8 neighbours (other episodes) (bandwidth 0.03)," in rows[1]
     assert "no gradient clip," in rows[1]
 
 
@@ -512,10 +470,10 @@ def test_merge_joins_the_seeds_of_one_recipe_from_several_records(tmp_path):
                                 ("drift_unet", 0, 7, [0.25, 0.25], [])])
     b = _record(tmp_path, "b", [("drift_unet_train.lr_1e-3_train.compile_true_train.keep_checkpoints_5", 1, 7,
                                  [0.25, 0.5], ["train.lr=1e-3", "train.compile=true", "train.keep_checkpoints=5"])])
-    # b was written before two policy keys and a train key existed: read as what it was trained with (LEGACY).
+    # b was written while two policy keys existed that are gone (at the value the code now always uses) and before
+    # a train key existed: read as what it was trained with (REMOVED, LEGACY).
     old = json.loads(Path(b).read_text())
-    for key in ("kernel_scale", "neighbor_negatives"):
-        del old["runs"][0]["policy_config"][key]
+    old["runs"][0]["policy_config"].update(kernel_scale="batch", neighbor_negatives=0)
     del old["runs"][0]["train_config"]["ema_warmup"]
     Path(b).write_text(json.dumps(old))
     path = bench_merge([f"records={a}=drift_unet[train.lr=1e-3],{b}", f"out={tmp_path / 'm'}"])
