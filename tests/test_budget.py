@@ -18,7 +18,7 @@ from drift_policy.config import Config, compose
 from drift_policy.data.windows import NeighborPositives, make_windows
 from drift_policy.errors import ConfigError
 from drift_policy.normalizer import Normalizer
-from drift_policy.policies import make_policy
+from drift_policy.policies import make_policy, policy_class
 
 TINY = ["policy.backbone=tiny", "train.batch_size=4", "train.eval_episodes=0", "train.threads=1",
         "train.log_every=1", "train.warmup_steps=3", "train.wandb=disabled"]
@@ -56,11 +56,12 @@ def test_default_batch_keeps_64_chunks_per_step_and_an_explicit_batch_wins():
     (["task=pusht_keypoints"], 8),                               # the policy's low-dim rule
     (["task=pusht_image"], 0),                                   # the index would see only agent_pos
     (["task=pusht_image", "policy.neighbor_positives=4"], 4),
-    (["task=can_lowdim"], 0),                                    # robomimic's choice: no neighbours
+    (["task=can_lowdim"], 0),                                    # robomimic's recipe: no neighbours
+    (["task=can_lowdim", "recipe=null"], 8),                     # without it, the policy's low-dim rule
     (["task=can_lowdim", "policy.neighbor_positives=8"], 8),     # an explicit count stays
     (["policy.neighbor_positives=0"], 0),
 ])
-def test_neighbour_positives_default_from_the_task(overrides, expect):
+def test_neighbour_positives_from_the_policy_rule_or_the_recipe(overrides, expect):
     cfg = compose(["policy=drift_unet", *overrides])
     assert cfg.policy.neighbor_positives == expect
     assert Config.from_dict(cfg.to_dict()).policy.neighbor_positives == expect   # config.json keeps the count
@@ -70,13 +71,14 @@ KEYS = ("per_dim_scale", "neighbor_same_episode", "noise_scale")
 
 
 @pytest.mark.parametrize("overrides,expect", [
-    ([], (True, False, 0.5)),                                    # Push-T keypoints' choices
-    (["task=pusht_image"], (False, True, 1.0)),                  # not measured from pixels: the policy's rule
+    ([], (True, False, 0.5)),                                    # Push-T keypoints' drift recipe
+    (["recipe=null"], (False, True, 1.0)),                       # the policy's defaults
+    (["task=pusht_image"], (False, True, 1.0)),                  # not measured from pixels: no recipe
     (["task=can_lowdim"], (False, True, 1.0)),                   # robomimic: the gripper would lose its weight
     (["task=can_lowdim", "policy.per_dim_scale=true", "policy.noise_scale=0.7"], (True, True, 0.7)),  # explicit stays
     (["policy.per_dim_scale=false", "policy.neighbor_same_episode=true", "policy.noise_scale=1"], (False, True, 1.0)),
 ])
-def test_drift_keys_left_to_the_task_take_its_choice(overrides, expect):
+def test_the_recipe_sets_the_tasks_drift_keys_and_the_command_line_wins(overrides, expect):
     cfg = compose(["policy=drift_unet", *overrides])
     assert tuple(getattr(cfg.policy, k) for k in KEYS) == expect
     again = Config.from_dict(cfg.to_dict()).policy                                  # config.json keeps the values
@@ -84,30 +86,31 @@ def test_drift_keys_left_to_the_task_take_its_choice(overrides, expect):
 
 
 @pytest.mark.parametrize("overrides,expect", [
-    ([], (6e-4, 500)),                                            # Push-T keypoints' choice for the drift policy
-    (["policy=diffusion_unet"], (3e-4, 100)),                     # the baseline keeps its own (TRAIN_OWN_RULE)
+    ([], (6e-4, 500)),                                            # Push-T keypoints' drift recipe
+    (["recipe=null"], (3e-4, 100)),                               # the trainer's defaults
+    (["policy=diffusion_unet"], (3e-4, 100)),                     # the baseline keeps them (no recipe)
     (["task=pusht_image"], (3e-4, 100)),                          # not measured from pixels
     (["task=can_lowdim"], (3e-4, 100)),                           # not measured on robomimic
-    (["train.lr=1e-3"], (1e-3, 500)),                             # an explicit key stays; the other is still chosen
-    (["train.lr=3e-4", "train.warmup_steps=0"], (3e-4, 0)),       # 0 is a value (no warm-up), not "the task's"
+    (["train.lr=1e-3"], (1e-3, 500)),                             # an explicit key wins; the other is the recipe's
+    (["train.lr=3e-4", "train.warmup_steps=0"], (3e-4, 0)),
 ])
-def test_train_keys_left_to_the_task_take_its_choice_for_the_policy(overrides, expect):
+def test_the_recipe_sets_the_train_keys_for_the_policy_and_the_command_line_wins(overrides, expect):
     cfg = compose(["policy=drift_unet", *overrides])
     assert (cfg.train.lr, cfg.train.warmup_steps) == pytest.approx(expect)
     again = Config.from_dict(cfg.to_dict()).train                                  # config.json keeps the values
     assert (again.lr, again.warmup_steps) == pytest.approx(expect)
 
 
-def test_a_train_config_built_without_a_task_takes_the_own_rule():
-    from drift_policy.config import TRAIN_OWN_RULE, TrainConfig
+def test_a_train_config_built_without_a_recipe_takes_the_trainers_defaults():
+    from drift_policy.config import TrainConfig
 
     t = TrainConfig()
-    assert (t.lr, t.warmup_steps) == (TRAIN_OWN_RULE["lr"], TRAIN_OWN_RULE["warmup_steps"]) == (3e-4, 100)
+    assert (t.lr, t.warmup_steps) == (3e-4, 100)
     with pytest.raises(ConfigError, match="train.lr must be > 0"):
         TrainConfig(lr=0.0)
 
 
-def test_a_config_written_before_the_task_choices_existed_keeps_what_it_trained_with():
+def test_a_config_written_before_the_recipe_keys_existed_keeps_what_it_trained_with():
     d = compose(["policy=drift_unet"]).to_dict()
     for k in KEYS:
         del d["policy"][k]
@@ -375,7 +378,7 @@ def test_a_records_recipe_column_names_the_regularisers_of_its_runs(tmp_path):
     assert "EMA 0.999 |" in rows["| drift_unet"]
     assert "guidance" not in rows["| drift_unet"]
     assert "weight decay" not in rows["| drift_unet"]
-    # the task's choices are read from the resolved config too (Push-T keypoints: TaskFamily.drift_choices)
+    # the recipe's choices are read from the resolved config too (recipe/pusht_keypoints_drift.yaml)
     assert all(k in rows["| drift_unet"] for k in ("(other episodes)", "per-dim kernel scale", "sampling noise x 0.5"))
     noisy = rows["| drift_unet[train.ema_decay=0.9999 policy.guidance=2 policy.neighbor_same_episode=false "
                  "train.weight_decay=0.1]"]
@@ -517,10 +520,16 @@ def test_the_config_switch_reaches_the_neighbour_index(pusht_zarr):
     cfg = compose(["policy.neighbor_positives=4", "policy.neighbor_same_episode=false", f"task.data_root={pusht_zarr.parents[1]}"])
     train, _ = train_mod.make_datasets(cfg)
     norm = Normalizer().fit("obs", train.steps("obs")).fit("action", train.steps("action"))
-    train_mod.attach_neighbor_positives(train, cfg, norm)
+    policy_class(cfg.policy).prepare_data(cfg.policy, train, norm)      # what train.py does
     ids = torch.arange(0, len(train), 7)
     nb, _ = train.neighbors.lookup(ids)
+    assert nb.shape[1] == 1 + 4
     assert not (train.episode[nb[:, 1:]] == train.episode[ids].unsqueeze(1)).any()
+    # a policy that reads nothing more (the diffusion baseline; drift without neighbours) leaves the windows alone
+    for other in (compose(["policy=diffusion_unet"]).policy, compose(["policy.neighbor_positives=0"]).policy):
+        train.neighbors = None
+        policy_class(other).prepare_data(other, train, norm)
+        assert train.neighbors is None and "pos_action" not in train.sample(2, torch.Generator().manual_seed(0))
 
 
 # ---- scoring a trained run again with inference-only keys changed ---------------------------------------------------

@@ -47,17 +47,16 @@ class PolicyConfig:
     n_groups: int = 8                 # U-Net only: GroupNorm groups
     causal: bool = True               # transformer only: causal self- and cross-attention
     p_drop: float = 0.0               # transformer only: dropout
-    action_anchor: tuple[int, ...] | None = ()   # obs dims (of the latest observation step), one per action
-                                      # dim, that the chunk is predicted relative to: action - obs[-1, anchor] is
-                                      # what the normaliser and the generator see (Push-T keypoints: (18, 19), the
-                                      # agent's position). (): absolute actions, Diffusion Policy's choice; None:
-                                      # the task's choice (TaskFamily.action_anchor), resolved by Config.from_dict
-    obs_origin: tuple[int, ...] | None = ()  # obs dims (x, y, ...: Push-T keypoints' agent position, (18, 19)) to measure
+    action_anchor: tuple[int, ...] = ()   # obs dims (of the latest observation step), one per action dim, that
+                                      # the chunk is predicted relative to: action - obs[-1, anchor] is what the
+                                      # normaliser and the generator see (the drift recipe for Push-T keypoints:
+                                      # (18, 19), the agent's position). (): absolute actions, Diffusion Policy's
+                                      # choice
+    obs_origin: tuple[int, ...] = ()  # obs dims (x, y, ...: Push-T keypoints' agent position, (18, 19)) to measure
                                       # positions from: the conditioning also gets every other low-dim dim minus
                                       # the origin dim of its axis (the other dims are assigned to the origin's
                                       # axes in turn), in the origin's normalised units. Where things are from the
-                                      # agent, which FiLM's Linear(Mish(obs)) cannot subtract exactly. (): none;
-                                      # None: the task's choice (TaskFamily.obs_origin), resolved by Config.from_dict
+                                      # agent, which FiLM's Linear(Mish(obs)) cannot subtract exactly. (): none
     horizon: int = 16                 # Tp: predicted actions per chunk
     n_obs_steps: int = 2              # To
     n_action_steps: int = 8           # Ta: executed actions, starting at index To - 1
@@ -87,14 +86,12 @@ class PolicyConfig:
         if self.n_obs_steps - 1 + self.n_action_steps > self.horizon:
             raise ConfigError(f"policy.n_obs_steps - 1 + policy.n_action_steps must be <= policy.horizon "
                               f"({self.n_obs_steps} - 1 + {self.n_action_steps} > {self.horizon})")
-        if self.action_anchor is not None:
-            self.action_anchor = tuple(int(i) for i in self.action_anchor)
+        self.action_anchor = tuple(int(i) for i in self.action_anchor)
         if self.action_anchor and (len(self.action_anchor) != self.action_dim
                                    or not all(0 <= i < self.obs_dim for i in self.action_anchor)):
             raise ConfigError(f"policy.action_anchor must name one observation dim (0..{self.obs_dim - 1}) per action "
                               f"dim ({self.action_dim}), or be empty; got {list(self.action_anchor)}")
-        if self.obs_origin is not None:
-            self.obs_origin = tuple(int(i) for i in self.obs_origin)
+        self.obs_origin = tuple(int(i) for i in self.obs_origin)
         if self.obs_origin and (not all(0 <= i < self.obs_dim for i in self.obs_origin)
                                 or len(set(self.obs_origin)) != len(self.obs_origin)
                                 or (self.obs_dim - len(self.obs_origin)) % len(self.obs_origin)):
@@ -250,6 +247,12 @@ class Policy(nn.Module):
 
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
         raise NotImplementedError
+
+    @classmethod
+    def prepare_data(cls, config: PolicyConfig, train_set, normalizer: Normalizer) -> None:
+        """Give the training windows (``data.windows.WindowDataset``) what this policy's ``compute_loss`` reads
+        beyond them, before the policy is built: train.py calls it once, on the training split, with the fitted
+        normaliser. Nothing by default (drift: its neighbour positives)."""
 
     @torch.no_grad()
     def predict_action(self, obs, generator: torch.Generator | None = None) -> dict[str, Tensor]:
@@ -433,8 +436,12 @@ def register_policy(config_cls: type[PolicyConfig], policy_cls: type[Policy]) ->
     POLICIES[kind] = (config_cls, policy_cls)
 
 
+def policy_class(config: PolicyConfig) -> type[Policy]:
+    return POLICIES[config.type][1]
+
+
 def make_policy(config: PolicyConfig, normalizer=None) -> Policy:
-    return POLICIES[config.type][1](config, normalizer)
+    return policy_class(config)(config, normalizer)
 
 
 def removed_options(d: dict) -> dict:

@@ -12,16 +12,10 @@ from ..errors import ConfigError
 from .base import Policy, PolicyConfig, register_policy
 
 
-# The keys a config may leave to the task (TaskFamily.drift_choices), each with the value that means so.
-TASK_CHOICE = {"neighbor_positives": -1, "per_dim_scale": None, "neighbor_same_episode": None, "noise_scale": None}
-# What those keys (but the neighbour count, which depends on the cameras) become when no task chooses: the policy's
-# own rule, which is also what every config written before the keys existed was trained with.
-OWN_RULE = {"per_dim_scale": False, "neighbor_same_episode": True, "noise_scale": 1.0}
-
-
 @dataclass
 class DriftConfig(PolicyConfig):
-    LEGACY: ClassVar[dict] = {**PolicyConfig.LEGACY, **OWN_RULE}
+    LEGACY: ClassVar[dict] = {**PolicyConfig.LEGACY, "neighbor_positives": 0, "per_dim_scale": False,
+                              "neighbor_same_episode": True, "noise_scale": 1.0}
     # Removed after runs were saved with them, each lost when measured (the records stay in eval/results): what
     # the code now always does. Each changed only training, so a saved policy loads and acts the same.
     REMOVED: ClassVar[dict] = {
@@ -44,41 +38,22 @@ class DriftConfig(PolicyConfig):
                                                        # more_levers)
     neighbor_positives: int = -1                       # k extra positives per observation: the expert chunks of
                                                        # its k nearest training observations (0: its own only;
-                                                       # -1: the task family's choice, robomimic 0; else 8 on
-                                                       # low-dim tasks, 0 with cameras, whose index would see
-                                                       # only the proprioception)
+                                                       # -1: 8 on low-dim tasks, 0 with cameras, whose index would
+                                                       # see only the proprioception; robomimic's recipes: 0)
     neighbor_bandwidth: float = 0.05                   # Gaussian kernel width on the RMS normalised-obs distance;
                                                        # the field's target is the neighbours' chunks blurred by it.
                                                        # Push-T keypoints at 1.2M, last-5 coverage (seeds 0, 1):
                                                        # 0.03 0.947, 0.05 0.962, 0.1 0.823 (compute_matched/
                                                        # neighbour_bandwidth)
-    neighbor_same_episode: bool | None = None          # False: neighbours from the other demonstrations only (not the
-                                                       # own episode's windows a few steps away: a time-shifted copy).
-                                                       # None: the task's choice (TaskFamily.drift_choices; True
-                                                       # without one): False on Push-T keypoints
-    action_anchor: tuple[int, ...] | None = None       # the task's choice (PolicyConfig): Push-T keypoints' chunks
-                                                       # relative to the agent, 0.940 against 0.919 last-5
-                                                       # coverage at 1.2M sample-passes, 2 seeds
-                                                       # (eval/results/compute_matched/action_anchor)
-    obs_origin: tuple[int, ...] | None = None          # the task's choice (PolicyConfig): Push-T keypoints' block
-                                                       # keypoints also relative to the agent; the far-from-the-
-                                                       # demonstrations failures of issue 12 were the generator not
-                                                       # finding the block (eval/results/compute_matched/obs_origin)
-    per_dim_scale: bool | None = None                  # the kernel's distances in units of each action dim's spread
+    neighbor_same_episode: bool = True                 # False: neighbours from the other demonstrations only (not the
+                                                       # own episode's windows a few steps away: a time-shifted copy)
+    per_dim_scale: bool = False                        # the kernel's distances in units of each action dim's spread
                                                        # in the batch (std of the expert chunks), not in the
-                                                       # normaliser's [-1, 1]. None: the task's choice
-                                                       # (TaskFamily.drift_choices; resolved by Config.from_dict,
-                                                       # False without a task): on for Push-T keypoints (0.952
-                                                       # against 0.940 last-5 at 1.2M, seeds 0, 1), off elsewhere
-                                                       # (Can 0.38 against 0.52, seed 0: a +-1 gripper's weight
-                                                       # goes to the noisy rotation deltas; compute_matched/
-                                                       # levers_1200k, can_levers)
-    noise_scale: float | None = None                   # inference only: the sampling noise is eps * noise_scale (the
+                                                       # normaliser's [-1, 1]
+    noise_scale: float = 1.0                           # inference only: the sampling noise is eps * noise_scale (the
                                                        # truncation trick: below 1, samples nearer the middle of
                                                        # the generator's distribution); training always draws unit
-                                                       # noise, so it changes no weight. None: the task's choice
-                                                       # (TaskFamily.drift_choices; 1 without one): 0.5 on Push-T
-                                                       # keypoints
+                                                       # noise, so it changes no weight
     guidance: float = 1.0                              # CFG scale alpha (paper Sec. 3.5): above 1, the expert chunks of
                                                        # the batch's other observations join as negatives, weighted so
                                                        # that q = alpha p(a|o) - (alpha - 1) p(a) at equilibrium
@@ -106,9 +81,6 @@ class DriftConfig(PolicyConfig):
             raise ConfigError(f"policy.n_noise must be >= 2 (the field needs other samples to repel), got {self.n_noise}")
         if self.drift_groups not in ("per_step", "chunk"):
             raise ConfigError(f"policy.drift_groups must be 'per_step' or 'chunk', got {self.drift_groups!r}")
-        for key, value in OWN_RULE.items():           # left to a task that did not choose (or no task at all)
-            if getattr(self, key) is None:
-                setattr(self, key, value)
         if self.neighbor_positives == -1:              # resolved here, so config.json holds the value used
             self.neighbor_positives = 0 if self.image_keys else 8
         if self.neighbor_positives < 0 or not self.neighbor_bandwidth > 0:
@@ -187,6 +159,17 @@ class DriftPolicy(Policy):
             pos = pos_n.reshape(B, P, c.horizon * c.action_dim)
             neg = None if neg_n is None else neg_n.reshape(B, neg_n.shape[1], c.horizon * c.action_dim)
         return gen, pos, w, neg, neg_w
+
+    @classmethod
+    def prepare_data(cls, config: DriftConfig, train_set, normalizer) -> None:
+        """The neighbour positives (``neighbor_positives`` > 0): an index of the training split's observations in
+        normalised units, so that validation episodes never become positives."""
+        if config.neighbor_positives:
+            from ..data.windows import NeighborPositives
+
+            train_set.neighbors = NeighborPositives(train_set, lambda o: normalizer.normalize("obs", o),
+                                                    config.neighbor_positives, config.neighbor_bandwidth,
+                                                    config.neighbor_same_episode)
 
     def sample(self, cond: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
         """As ``Policy.sample``; ``noise``, drawn or passed (the exported module's input), is unit Gaussian and is
