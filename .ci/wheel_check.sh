@@ -33,5 +33,6 @@ esac
 env -u PYTHONPATH "$TMP/venv/bin/drift-policy" train task=pusht_keypoints train.max_steps=2 train.max_minutes=0 \
   train.eval_episodes=0 train.threads=1 train.log_every=1 train.run_dir=run
 test -s run/pretrained/model.safetensors
+grep -q '"lr": 0.0006' run/config.json      # the task's drift recipe (configs/recipe/) came with the wheel
 test "$(wc -l < run/metrics.jsonl)" -eq 2
 echo "wheel check: ok ($(basename "$TMP"/dist/*.whl), trained from $PWD with the packaged configs)"

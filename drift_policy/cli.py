@@ -1,6 +1,7 @@
 """``drift-policy`` command line: train, resume, eval, bench.
 
     drift-policy train task=pusht_keypoints policy=drift_unet train.max_minutes=60
+    drift-policy train --config-dir configs --config-name pusht_keypoints_drift   (an experiment of configs/)
     drift-policy resume runs/<run>
     drift-policy eval checkpoint=runs/<run> [episodes=50 workers=2 videos=2 out=eval.json]
     drift-policy bench latency | bench train | bench rescore | bench merge | bench summary   (see drift_policy/bench.py)
@@ -26,9 +27,14 @@ def train_help() -> str:
 
     names = lambda group: sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))  # noqa: E731
     cfg = compose([])
-    lines = ["usage: drift-policy train [task=NAME] [policy=NAME] [group.key=value ...]", "",
+    lines = ["usage: drift-policy train [--config-dir DIR [--config-name NAME]] [task=NAME] [policy=NAME] "
+             "[recipe=NAME|null] [group.key=value ...]", "",
              f"task=   {' | '.join(names('task'))}   (default {cfg.task.name})",
-             f"policy= {' | '.join(names('policy'))}", "",
+             f"policy= {' | '.join(names('policy'))}",
+             f"recipe= {' | '.join(names('recipe'))}   (default <task>_<policy type> where it exists; null: none)",
+             "--config-dir DIR --config-name NAME: compose DIR/NAME.yaml, a config that builds on the package's "
+             "(the repository's configs/: one per recorded result); --config-dir DIR alone: more config folders "
+             "(task/, recipe/, ...) searched after the package's", "",
              "keys with their defaults (task and policy keys: for the default task and policy; values derived from "
              "the task, such as policy.obs_dim, are set in Python):"]
     for group, obj in (("train", cfg.train), ("task", cfg.task), ("policy", cfg.policy)):
@@ -36,16 +42,39 @@ def train_help() -> str:
     return "\n".join(lines)
 
 
-def cmd_train(overrides: list[str]) -> None:
+def config_flags(args: list[str]) -> tuple[dict, list[str]]:
+    """``--config-dir DIR`` and ``--config-name NAME`` (also ``--flag=value``) as ``compose`` keywords, and the
+    other arguments (the overrides)."""
+    flags, rest, i = {}, [], 0
+    while i < len(args):
+        name, eq, value = args[i].partition("=")
+        if name in ("--config-dir", "--config-name"):
+            if not eq:
+                if i + 1 == len(args):
+                    raise SystemExit(f"drift-policy train: {name} needs a value")
+                value, i = args[i + 1], i + 1
+            flags[name] = value
+        else:
+            rest.append(args[i])
+        i += 1
+    if "--config-name" in flags:           # a config of its own, in DIR (else in the package's folder)
+        kw = {"config_name": flags["--config-name"], "config_dir": flags.get("--config-dir")}
+    else:                                  # more config groups (task/, recipe/, ...) of one's own
+        kw = {"search_path": [flags["--config-dir"]]} if "--config-dir" in flags else {}
+    return kw, rest
+
+
+def cmd_train(args: list[str]) -> None:
     from .runs import wants_help
 
-    if wants_help(overrides):
+    if wants_help(args):
         print(train_help())
         return
     from .config import compose
     from .train import train
 
-    train(compose(overrides))
+    kw, overrides = config_flags(args)
+    train(compose(overrides, **kw))
 
 
 def cmd_resume(args: list[str]) -> None:

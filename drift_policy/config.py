@@ -6,6 +6,11 @@ and the allowed values. Values derived from others (observation size, run folder
 Each default is written once, in these dataclasses (and in each policy's and task family's own dataclass):
 ``compose`` registers them with Hydra as schemas (``/schema/train``, ``/schema/task/<family>``,
 ``/schema/policy/<type>``), and a YAML file selects a schema and holds only what differs from it.
+
+What a policy was tuned to on a task is its recipe, one YAML file: ``configs/recipe/<task>_<policy type>.yaml``
+(e.g. ``pusht_keypoints_drift.yaml``), which sets the policy and train keys that differ from the defaults, each
+with the measurement behind it. ``compose`` selects the recipe of the chosen task and policy type when one exists
+(``recipe=<name>`` picks another, ``recipe=null`` none); keys on the command line override it.
 """
 from __future__ import annotations
 
@@ -48,11 +53,6 @@ class TaskConfig:
             raise ConfigError(f"task.max_steps must be >= 1, got {self.max_steps}")
 
 
-# What the train keys that a task may choose (TaskFamily.train_choices) become when it does not: the values every
-# run was trained with before the keys were left to the task.
-TRAIN_OWN_RULE = {"lr": 3e-4, "warmup_steps": 100}
-
-
 @dataclass
 class TrainConfig:
     seed: int = 0
@@ -60,11 +60,10 @@ class TrainConfig:
     threads: int = 2                    # torch intra-op threads of the trainer; rollout workers use 1 each
     batch_size: int = 0                 # observations per step; 0: the policy's default_batch_size (drift: 64 //
                                         # n_noise, i.e. 32 obs x 2 chunks; diffusion: 64)
-    lr: float | None = None             # None: the task's choice for the policy (TaskFamily.train_choices), else
-                                        # TRAIN_OWN_RULE's 3e-4; Push-T keypoints' drift policy: 6e-4
+    lr: float = 3e-4                    # peak learning rate (the drift recipe for Push-T keypoints: 6e-4)
     weight_decay: float = 1e-6
     betas: tuple[float, float] = (0.95, 0.999)
-    warmup_steps: int | None = None     # None: as lr (TRAIN_OWN_RULE's 100; Push-T keypoints' drift policy: 500)
+    warmup_steps: int = 100             # linear warm-up steps before the cosine decay (Push-T keypoints' drift: 500)
     # The budget is counted in generator sample-passes (one forward + backward of one action chunk), so that it
     # means the same on any machine: the drift policy pays batch_size * n_noise per step, diffusion batch_size.
     # max_steps = 0 derives the step count from it; max_steps > 0 wins and the budget is recomputed from it.
@@ -96,9 +95,6 @@ class TrainConfig:
 
     def __post_init__(self):
         check_types(self, "train.")
-        for key, value in TRAIN_OWN_RULE.items():     # left to a task that did not choose (or built without one)
-            if getattr(self, key) is None:
-                setattr(self, key, value)
         positive = ("threads", "log_every", "ckpt_every_steps", "keep_checkpoints",
                     "max_bad_steps", "ema_warmup")
         for k in positive:
@@ -136,14 +132,17 @@ class Config:
                 "train": dataclasses.asdict(self.train)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Config":
+    def from_dict(cls, d: dict, where: str = "config", new: bool = False) -> "Config":
+        """The validated config of a dict: a saved one (a run's config.json, a checkpoint's config; ``where``
+        names it in messages about removed options, ``with_legacy_keys``), or with ``new`` one being made
+        (``compose``), where a removed option is an error."""
         check_keys(cls, d, "")
         for k in ("task", "policy"):
             if k not in d:
                 raise ConfigError(f"config is missing '{k}'")
         task = _legacy_task(dict(d["task"]))
         check_keys(TaskConfig, task, "task.")
-        from .tasks import family, resolve_task, task_spaces
+        from .tasks import resolve_task, task_spaces
 
         task = resolve_task(TaskConfig(**task))   # every key explicit (LeRobot: read from the dataset's features)
         policy = dict(d["policy"])
@@ -153,28 +152,10 @@ class Config:
                 raise ConfigError(f"policy.{k}={policy[k]} contradicts task {task.name} ({k}={v})")
             policy[k] = v
         # A config.json written before a key existed reads as what it was trained with (action_anchor: [], absolute
-        # actions); null, the drift policy's default, is the task's choice, resolved here so that config.json
-        # records the dims used.
-        policy = with_legacy_keys(policy)
-        if policy["action_anchor"] is None:
-            policy["action_anchor"] = family(task).action_anchor(task)
-        if policy["obs_origin"] is None:
-            policy["obs_origin"] = family(task).obs_origin(task)
-        if policy.get("type") == "drift":
-            from .policies.drift import TASK_CHOICE
-
-            # The keys left to the task (their defaults) take the family's choice where it has one, resolved
-            # here so that config.json records the value used; the rest take the policy's own rule.
-            for key, value in family(task).drift_choices(task).items():
-                if policy.get(key, TASK_CHOICE[key]) == TASK_CHOICE[key]:
-                    policy[key] = value
+        # actions), and one written with a key removed since reads without it.
+        policy = with_legacy_keys(policy, where, removed="refuse" if new else "warn")
         train = dict(d.get("train", {}))
         check_keys(TrainConfig, train, "train.")
-        # Train keys left to the task (null) take the family's choice for this policy, resolved here so that
-        # config.json records the value used; the rest take TRAIN_OWN_RULE in TrainConfig.
-        for key, value in family(task).train_choices(task, policy.get("type", "")).items():
-            if train.get(key) is None:
-                train[key] = value
         cfg = cls(task=task, policy=config_from_dict(policy), train=TrainConfig(**train))
         cfg._resolve_budget()
         return cfg
@@ -192,10 +173,6 @@ class Config:
         t = self.train
         if t.batch_size == 0:
             t.batch_size = self.policy.default_batch_size
-        cluster = 1 + getattr(self.policy, "neighbor_negatives", 0)
-        if t.batch_size % cluster:
-            raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by 1 + policy.neighbor_negatives "
-                              f"({cluster}): the batch is drawn as clusters of an observation and its mates")
         per_step = self.sample_passes_per_step
         if t.max_steps == 0:
             t.max_steps = max(1, -(-t.sample_passes // per_step))       # ceil: never under the budget
@@ -257,27 +234,46 @@ def register_schemas() -> None:
         cs.store(group="schema/policy", name=kind, node=defaults_of(config_cls, exclude=POLICY_KEYS_FROM_TASK))
 
 
+RECIPES = "recipe"          # the config group of recipes: configs/recipe/<task>_<policy type>.yaml
+
+
 def compose(overrides: list[str] | None = None, config_dir: str | Path | None = None,
-            search_path: list[str | Path] = ()) -> Config:
-    """Compose ``configs/config.yaml`` with Hydra-style overrides and validate the result. ``search_path``:
-    more config folders (e.g. with a ``task/`` of one's own), searched after ``config_dir``."""
+            search_path: list[str | Path] = (), config_name: str = "config") -> Config:
+    """Compose ``config_dir/<config_name>.yaml`` (default: the package's ``configs/config.yaml``; another one, such
+    as an experiment of the repository's ``configs/``, builds on it) with Hydra-style overrides and validate the
+    result. ``search_path``: more config folders (e.g. with a ``task/`` of one's own), searched after
+    ``config_dir``; the package's folder is always searched. The recipe of the chosen task and policy type
+    (``recipe/<task>_<type>.yaml``) is selected when one exists, unless the overrides or the config name one
+    (``recipe=<name>``; ``recipe=null``: none)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
 
     config_dir = Path(config_dir or CONFIG_DIR).resolve()
-    if not (config_dir / "config.yaml").exists():
-        raise ConfigError(f"no config.yaml in {config_dir}")
+    if not (config_dir / f"{config_name}.yaml").exists():
+        raise ConfigError(f"no {config_name}.yaml in {config_dir}")
+    search_path = [Path(p).resolve() for p in search_path]
+    if config_dir != CONFIG_DIR.resolve():
+        search_path.append(CONFIG_DIR.resolve())      # what an experiment builds on: config.yaml, task/, policy/, ...
     overrides = list(overrides or [])
+    chosen = any(o.lstrip("+~").split("=")[0] == RECIPES for o in overrides)       # the command line chose
+    overrides = [o for o in overrides if o not in (f"{RECIPES}=null", f"{RECIPES}=none")]  # the default: no recipe
     if search_path:
-        overrides.append("hydra.searchpath=[" + ",".join(f"file://{Path(p).resolve()}" for p in search_path) + "]")
+        overrides.append("hydra.searchpath=[" + ",".join(f"file://{p}" for p in search_path) + "]")
     register_schemas()
 
     def tree(overrides: list[str]) -> dict:
         with initialize_config_dir(config_dir=str(config_dir), version_base=None):
-            return OmegaConf.to_container(hydra_compose(config_name="config", overrides=overrides), resolve=True)
+            cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+            recipe = None if chosen else _default_recipe(cfg, [config_dir, *search_path])
+            if recipe:
+                cfg = hydra_compose(config_name=config_name, overrides=[*overrides, f"{RECIPES}={recipe}"],
+                                    return_hydra_config=True)
+            with open_dict(cfg):
+                del cfg["hydra"]                 # Hydra's own settings (asked for above: the group choices)
+            return OmegaConf.to_container(cfg, resolve=True)
 
     try:
         d = tree(overrides)
@@ -293,4 +289,13 @@ def compose(overrides: list[str] | None = None, config_dir: str | Path | None = 
         except (HydraException, OmegaConfBaseException):
             known = {}
         raise unknown_key_error(key, value, known) from e
-    return Config.from_dict(d)
+    return Config.from_dict(d, new=True)
+
+
+def _default_recipe(cfg, config_dirs: list) -> str | None:
+    """``<task>_<policy type>`` when a config folder holds that recipe and the config did not choose one already."""
+    choices = cfg.hydra.runtime.choices
+    if choices.get(RECIPES) is not None:
+        return None
+    name = f"{choices.get('task')}_{cfg.policy.get('type')}"
+    return name if any((Path(d) / RECIPES / f"{name}.yaml").is_file() for d in config_dirs) else None

@@ -52,16 +52,13 @@ def cfg_neg_weight(alpha, n_gen: int, n_unc: int) -> Tensor:
 
 
 def drift_field(x: Tensor, y_pos: Tensor, y_neg: Tensor | None = None, *, gen_weight=None,
-                pos_weight=None, neg_weight=None, temperatures=(0.02, 0.05, 0.2), attraction: float = 1.0,
-                scale_groups: Tensor | None = None):
+                pos_weight=None, neg_weight=None, temperatures=(0.02, 0.05, 0.2), attraction: float = 1.0):
     """The normalised drift field V at x, in the batch's scaled coordinates.
 
     Returns ``(x_scaled, V, info)``: x_scaled = x / s carries the gradient of x; V = sum_tau V_tau has
-    no gradient. ``info`` holds ``scale`` (its mean over the groups) and each tau's un-normalised
+    no gradient. ``info`` holds ``scale`` (the batch's mean distance) and each tau's un-normalised
     ``mean(V_tau^2)``. ``attraction`` scales the attraction term (an ablation: any value but 1 breaks the
-    anti-symmetry V_{p,q} = -V_{q,p}, so V no longer vanishes at p = q). ``scale_groups`` [G], integer labels:
-    groups with the same label share one distance scale (default: one scale for the whole batch, the paper's);
-    the field is then invariant to rescaling any one label's coordinates.
+    anti-symmetry V_{p,q} = -V_{q,p}, so V no longer vanishes at p = q).
     """
     if x.dim() != 3 or y_pos.dim() != 3:
         raise ValueError(f"gen and pos must be [G, N, D] and [G, P, D], got {tuple(x.shape)} and {tuple(y_pos.shape)}")
@@ -74,8 +71,6 @@ def drift_field(x: Tensor, y_pos: Tensor, y_neg: Tensor | None = None, *, gen_we
         raise ValueError(f"temperatures must be a non-empty list of positive numbers, got {temperatures}")
     if not attraction >= 0:
         raise ValueError(f"attraction must be >= 0, got {attraction}")
-    if scale_groups is not None and tuple(scale_groups.shape) != (G,):
-        raise ValueError(f"scale_groups must hold one label per group, shape ({G},), got {tuple(scale_groups.shape)}")
 
     # Float32 or higher: softmax over 1/tau-scaled distances loses too much precision in half.
     dtype = torch.promote_types(x.dtype, torch.float32)
@@ -95,16 +90,9 @@ def drift_field(x: Tensor, y_pos: Tensor, y_neg: Tensor | None = None, *, gen_we
         # Exact pairwise differences (no |a|^2+|b|^2-2ab cancellation), so tiny distances stay exact.
         dist = torch.cdist(xd, y, compute_mode="donot_use_mm_for_euclid_dist")
         dist = dist.pow(2).clamp_min(1e-8).sqrt()                          # L2, not squared  [G, N, T]
-        # One scale for the whole batch so that every group shares one kernel bandwidth; or one per label of
-        # scale_groups (e.g. per step of a chunk, whose later steps spread wider than the executed first ones).
+        # One scale for the whole batch so that every group shares one kernel bandwidth.
         w_full = w.unsqueeze(1).expand_as(dist)
-        if scale_groups is None:
-            scale = (dist * w_full).mean() / w_full.mean().clamp_min(1e-12)
-        else:
-            labels = torch.unique(scale_groups, return_inverse=True)[1]               # [G] -> 0..L-1
-            num = dist.new_zeros(int(labels.max()) + 1).index_add_(0, labels, (dist * w_full).sum((1, 2)))
-            den = dist.new_zeros(num.shape).index_add_(0, labels, w_full.sum((1, 2)))
-            scale = (num / den.clamp_min(1e-12))[labels].view(G, 1, 1)                # [G, 1, 1]
+        scale = (dist * w_full).mean() / w_full.mean().clamp_min(1e-12)
         coord_s = (scale / D ** 0.5).clamp_min(1e-3)                       # per-coordinate scale
         dist_n = dist / scale.clamp_min(1e-3)                              # ~unit mean distance
         eye = torch.eye(N, dtype=dtype, device=x.device)
@@ -113,7 +101,7 @@ def drift_field(x: Tensor, y_pos: Tensor, y_neg: Tensor | None = None, *, gen_we
         x_s = xd / coord_s
         y_s = y / coord_s
         V_total = torch.zeros_like(x_s)
-        info = {"scale": scale.mean()}
+        info = {"scale": scale}
         for tau in temperatures:
             logits = -dist_n / tau
             # Doubly normalised kernel (Alg. 2): normalise over targets and over generated samples,
@@ -133,8 +121,7 @@ def drift_field(x: Tensor, y_pos: Tensor, y_neg: Tensor | None = None, *, gen_we
 
 
 def drift_loss(gen: Tensor, pos: Tensor, neg: Tensor | None = None, *, gen_weight=None, pos_weight=None,
-               neg_weight=None, temperatures=(0.02, 0.05, 0.2), attraction: float = 1.0,
-               scale_groups: Tensor | None = None):
+               neg_weight=None, temperatures=(0.02, 0.05, 0.2), attraction: float = 1.0):
     """Per-group drifting loss ``||x - stopgrad(x + V)||^2`` in scaled coordinates.
 
     Args:
@@ -144,14 +131,12 @@ def drift_loss(gen: Tensor, pos: Tensor, neg: Tensor | None = None, *, gen_weigh
         *_weight: per-sample weights broadcastable to [G, N] / [G, P] / [G, M]; default 1.
         temperatures: kernel temperatures tau (in units of the batch's mean distance).
         attraction: scale of the attraction term (1: the paper's field; other values only for ablations).
-        scale_groups: [G] labels; groups with one label share a distance scale (None: one for the batch).
     Returns:
         loss [G] (mean over N and D) and ``info``: ``scale`` and ``v2_tau*`` = mean(V_tau^2) before
         normalisation. Log v2, not the loss: the loss is ~constant by construction (each V_tau has unit RMS).
     """
     x_s, V, info = drift_field(gen, pos, neg, gen_weight=gen_weight, pos_weight=pos_weight,
-                               neg_weight=neg_weight, temperatures=temperatures, attraction=attraction,
-                               scale_groups=scale_groups)
+                               neg_weight=neg_weight, temperatures=temperatures, attraction=attraction)
     goal = (x_s + V).detach()
     loss = (x_s - goal).pow(2).mean(dim=(1, 2))
     return loss, info

@@ -24,7 +24,7 @@ from . import runs
 from .config import TrainConfig, compose
 from .errors import ConfigError
 from .fileio import atomic_write_text
-from .policies import config_from_dict, with_legacy_keys
+from .policies import config_from_dict, removed_options, with_legacy_keys
 from .provenance import git_commit, machine_free, read_provenance
 from .tasks import family
 
@@ -200,8 +200,10 @@ _RECORD_LEGACY = {"drift": {"neighbor_positives": 0}}
 def resolved_recipe(run: dict) -> dict:
     """A record run's policy and train config as this version reads them: the policy keys added since filled as the
     run was trained (``with_legacy_keys``), the train keys through ``TrainConfig``."""
-    saved = run["policy_config"]
-    policy = config_from_dict(with_legacy_keys({**_RECORD_LEGACY.get(saved.get("type"), {}), **saved})).to_dict()
+    saved = {**_RECORD_LEGACY.get(run["policy_config"].get("type"), {}), **run["policy_config"]}
+    # Options removed since (measured worse) are kept in the recipe where the run used them, so old lever records
+    # still name what they measured.
+    policy = {**config_from_dict(with_legacy_keys(saved, removed="quiet")).to_dict(), **removed_options(saved)}
     try:
         train = dataclasses.asdict(TrainConfig(**run["train_config"]))
     except TypeError as exc:

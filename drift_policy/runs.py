@@ -107,7 +107,7 @@ def read_config(run_dir: PathLike):
     path = config_path(run_dir)
     if not path.exists():
         raise ConfigError(f"{run_dir}: not a run folder (no {CONFIG_FILE})")
-    return Config.from_dict(json.loads(path.read_text()))
+    return Config.from_dict(json.loads(path.read_text()), where=str(path))
 
 
 # ---- checkpoints of a run ----------------------------------------------------------------------------------------
@@ -244,7 +244,7 @@ def load_policy_for_eval(path: PathLike, device: str = "cpu", inference: dict | 
         ckpt = found[1]
     else:
         ckpt = load_checkpoint(path)
-    cfg = Config.from_dict(ckpt["config"])
+    cfg = Config.from_dict(ckpt["config"], where=str(path))
     norm = Normalizer.from_state_dict({k[len("normalizer."):]: v for k, v in ckpt["ema"].items()
                                        if k.startswith("normalizer.")})
     policy = make_policy(cfg.policy, norm)

@@ -27,23 +27,11 @@ from .ema import ema_update
 from .errors import DivergenceError, RunDirError
 from .fileio import append_text, atomic_write_text
 from .normalizer import Normalizer
-from .policies import Policy, make_policy
+from .policies import Policy, make_policy, policy_class
 from .threads import set_threads
 
 
 # ---- task plumbing --------------------------------------------------------------------------------------------
-def attach_neighbor_positives(train_set, cfg: Config, normalizer: Normalizer) -> None:
-    """Give the training split its neighbour-positive index when the policy asks for one (drift's
-    ``neighbor_positives``); built from the training split only, in normalised observation units."""
-    k = getattr(cfg.policy, "neighbor_positives", 0)
-    if k:
-        from .data.windows import NeighborPositives
-
-        train_set.neighbors = NeighborPositives(train_set, lambda o: normalizer.normalize("obs", o), k,
-                                                cfg.policy.neighbor_bandwidth, cfg.policy.neighbor_same_episode,
-                                                cfg.policy.neighbor_negatives)
-
-
 def make_datasets(cfg: Config):
     from .data.windows import make_windows
     from .tasks import dataset_path, load_data
@@ -153,7 +141,7 @@ def _train(cfg: Config | None, run_dir, resume: bool, progress: bool, hold: cont
         if found is None:
             raise FileNotFoundError(f"{run_dir}: no usable checkpoint to resume from")
         ckpt_path, ckpt = found
-        cfg = Config.from_dict(ckpt["config"])
+        cfg = Config.from_dict(ckpt["config"], where=str(ckpt_path))
         print(f"resuming {run_dir} from {ckpt_path.name} (step {ckpt['step']})")
     else:
         runs.check_run_dir_free(run_dir, cfg.train.overwrite)    # fail before loading data; writes nothing
@@ -171,7 +159,7 @@ def _train(cfg: Config | None, run_dir, resume: bool, progress: bool, hold: cont
     train_set, val_set = make_datasets(cfg)
     normalizer = Normalizer().fit("obs", train_set.steps("obs"))
     normalizer.fit("action", train_set.action_targets(cfg.policy.action_anchor))
-    attach_neighbor_positives(train_set, cfg, normalizer)
+    policy_class(cfg.policy).prepare_data(cfg.policy, train_set, normalizer)    # what its loss reads (drift: neighbours)
     refused = None
     if is_main:
         try:

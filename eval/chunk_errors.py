@@ -61,10 +61,8 @@ def binary_dims(act_n: torch.Tensor) -> list[int]:
 def neighbour_sign_share(policy, cfg, ds, k: int) -> dict:
     """For each binary dim: the share of the positives' kernel weight (own chunk + k neighbours) whose sign differs
     from the own chunk's, per chunk step, on WINDOWS fixed training windows."""
-    from drift_policy.train import attach_neighbor_positives
-
     cfg.policy.neighbor_positives = k
-    attach_neighbor_positives(ds, cfg, policy.normalizer)
+    type(policy).prepare_data(cfg.policy, ds, policy.normalizer)                     # the drift policy's neighbours
     b = ds.sample(WINDOWS, torch.Generator().manual_seed(0))
     with torch.no_grad():
         pos = policy.normalize_action(b["pos_action"], b["obs"])                       # [B, 1+k, Tp, Da]

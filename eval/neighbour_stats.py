@@ -4,8 +4,8 @@
 
 For ``--queries`` training windows drawn with a fixed seed, the k nearest training observations (normalised
 units, ``data/windows.py`` ``NeighborPositives``, the default ``neighbor_bandwidth``) are looked up twice: as the
-``neighbor_same_episode=true`` does (any window; the record's "default", the Push-T keypoints default until
-``TaskFamily.drift_choices`` chose other episodes) and with ``neighbor_same_episode=false`` (other episodes only).
+``neighbor_same_episode=true`` does (any window; the record's "default", the Push-T keypoints default until its
+drift recipe chose other episodes) and with ``neighbor_same_episode=false`` (other episodes only).
 The record gives the share of the any-window neighbours that lie in the query's own episode, their time offsets,
 and the kernel weights of both kinds: how much of the "extra positives" are the same demonstration shifted in time.
 """

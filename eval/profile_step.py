@@ -20,8 +20,8 @@ import torch
 from drift_policy.records import machine_info
 from drift_policy.config import compose
 from drift_policy.normalizer import Normalizer
-from drift_policy.policies import make_policy
-from drift_policy.train import attach_neighbor_positives, make_datasets
+from drift_policy.policies import make_policy, policy_class
+from drift_policy.train import make_datasets
 
 
 def _timed(fn):
@@ -65,7 +65,7 @@ def profile(variant: str, overrides: list[str], steps: int, compiled: bool) -> d
     cfg = compose(overrides)
     train_set, _ = make_datasets(cfg)
     norm = Normalizer().fit("obs", train_set.steps("obs")).fit("action", train_set.steps("action"))
-    attach_neighbor_positives(train_set, cfg, norm)
+    policy_class(cfg.policy).prepare_data(cfg.policy, train_set, norm)
     torch.manual_seed(0)
     policy = make_policy(cfg.policy, norm).train()
     if compiled:

@@ -96,14 +96,15 @@ def test_training_on_pusht_fits_the_normaliser_on_relative_chunks(tmp_path, push
 
 
 @pytest.mark.parametrize("overrides,expect", [
-    (["policy=drift_unet"], (18, 19)),                           # the drift default: the task's choice
+    (["policy=drift_unet"], (18, 19)),                           # Push-T keypoints' drift recipe: the agent
+    (["policy=drift_unet", "recipe=null"], ()),                  # the policy's default: absolute
     (["policy=drift_unet", "task=pusht_image"], ()),             # not measured from pixels: absolute
     (["policy=drift_unet", "task=can_lowdim"], ()),              # robomimic actions are not observed positions
     (["policy=diffusion_unet"], ()),                             # the baseline's default: Diffusion Policy's
-    (["policy=diffusion_unet", "policy.action_anchor=null"], (18, 19)),
+    (["policy=diffusion_unet", "policy.action_anchor=[18,19]"], (18, 19)),
     (["policy=drift_unet", "policy.action_anchor=[]"], ()),
 ])
-def test_the_default_anchor_is_resolved_from_the_task(overrides, expect):
+def test_the_anchor_is_the_recipes_recorded_in_the_config(overrides, expect):
     cfg = compose(overrides)
     assert cfg.policy.action_anchor == expect
     # Resolved once: config.json records the dims, and reading it back gives the same policy.

@@ -18,7 +18,7 @@ from drift_policy.config import Config, compose
 from drift_policy.data.windows import NeighborPositives, make_windows
 from drift_policy.errors import ConfigError
 from drift_policy.normalizer import Normalizer
-from drift_policy.policies import make_policy
+from drift_policy.policies import make_policy, policy_class
 
 TINY = ["policy.backbone=tiny", "train.batch_size=4", "train.eval_episodes=0", "train.threads=1",
         "train.log_every=1", "train.warmup_steps=3", "train.wandb=disabled"]
@@ -56,11 +56,12 @@ def test_default_batch_keeps_64_chunks_per_step_and_an_explicit_batch_wins():
     (["task=pusht_keypoints"], 8),                               # the policy's low-dim rule
     (["task=pusht_image"], 0),                                   # the index would see only agent_pos
     (["task=pusht_image", "policy.neighbor_positives=4"], 4),
-    (["task=can_lowdim"], 0),                                    # robomimic's choice: no neighbours
+    (["task=can_lowdim"], 0),                                    # robomimic's recipe: no neighbours
+    (["task=can_lowdim", "recipe=null"], 8),                     # without it, the policy's low-dim rule
     (["task=can_lowdim", "policy.neighbor_positives=8"], 8),     # an explicit count stays
     (["policy.neighbor_positives=0"], 0),
 ])
-def test_neighbour_positives_default_from_the_task(overrides, expect):
+def test_neighbour_positives_from_the_policy_rule_or_the_recipe(overrides, expect):
     cfg = compose(["policy=drift_unet", *overrides])
     assert cfg.policy.neighbor_positives == expect
     assert Config.from_dict(cfg.to_dict()).policy.neighbor_positives == expect   # config.json keeps the count
@@ -70,13 +71,14 @@ KEYS = ("per_dim_scale", "neighbor_same_episode", "noise_scale")
 
 
 @pytest.mark.parametrize("overrides,expect", [
-    ([], (True, False, 0.5)),                                    # Push-T keypoints' choices
-    (["task=pusht_image"], (False, True, 1.0)),                  # not measured from pixels: the policy's rule
+    ([], (True, False, 0.5)),                                    # Push-T keypoints' drift recipe
+    (["recipe=null"], (False, True, 1.0)),                       # the policy's defaults
+    (["task=pusht_image"], (False, True, 1.0)),                  # not measured from pixels: no recipe
     (["task=can_lowdim"], (False, True, 1.0)),                   # robomimic: the gripper would lose its weight
     (["task=can_lowdim", "policy.per_dim_scale=true", "policy.noise_scale=0.7"], (True, True, 0.7)),  # explicit stays
     (["policy.per_dim_scale=false", "policy.neighbor_same_episode=true", "policy.noise_scale=1"], (False, True, 1.0)),
 ])
-def test_drift_keys_left_to_the_task_take_its_choice(overrides, expect):
+def test_the_recipe_sets_the_tasks_drift_keys_and_the_command_line_wins(overrides, expect):
     cfg = compose(["policy=drift_unet", *overrides])
     assert tuple(getattr(cfg.policy, k) for k in KEYS) == expect
     again = Config.from_dict(cfg.to_dict()).policy                                  # config.json keeps the values
@@ -84,30 +86,31 @@ def test_drift_keys_left_to_the_task_take_its_choice(overrides, expect):
 
 
 @pytest.mark.parametrize("overrides,expect", [
-    ([], (6e-4, 500)),                                            # Push-T keypoints' choice for the drift policy
-    (["policy=diffusion_unet"], (3e-4, 100)),                     # the baseline keeps its own (TRAIN_OWN_RULE)
+    ([], (6e-4, 500)),                                            # Push-T keypoints' drift recipe
+    (["recipe=null"], (3e-4, 100)),                               # the trainer's defaults
+    (["policy=diffusion_unet"], (3e-4, 100)),                     # the baseline keeps them (no recipe)
     (["task=pusht_image"], (3e-4, 100)),                          # not measured from pixels
     (["task=can_lowdim"], (3e-4, 100)),                           # not measured on robomimic
-    (["train.lr=1e-3"], (1e-3, 500)),                             # an explicit key stays; the other is still chosen
-    (["train.lr=3e-4", "train.warmup_steps=0"], (3e-4, 0)),       # 0 is a value (no warm-up), not "the task's"
+    (["train.lr=1e-3"], (1e-3, 500)),                             # an explicit key wins; the other is the recipe's
+    (["train.lr=3e-4", "train.warmup_steps=0"], (3e-4, 0)),
 ])
-def test_train_keys_left_to_the_task_take_its_choice_for_the_policy(overrides, expect):
+def test_the_recipe_sets_the_train_keys_for_the_policy_and_the_command_line_wins(overrides, expect):
     cfg = compose(["policy=drift_unet", *overrides])
     assert (cfg.train.lr, cfg.train.warmup_steps) == pytest.approx(expect)
     again = Config.from_dict(cfg.to_dict()).train                                  # config.json keeps the values
     assert (again.lr, again.warmup_steps) == pytest.approx(expect)
 
 
-def test_a_train_config_built_without_a_task_takes_the_own_rule():
-    from drift_policy.config import TRAIN_OWN_RULE, TrainConfig
+def test_a_train_config_built_without_a_recipe_takes_the_trainers_defaults():
+    from drift_policy.config import TrainConfig
 
     t = TrainConfig()
-    assert (t.lr, t.warmup_steps) == (TRAIN_OWN_RULE["lr"], TRAIN_OWN_RULE["warmup_steps"]) == (3e-4, 100)
+    assert (t.lr, t.warmup_steps) == (3e-4, 100)
     with pytest.raises(ConfigError, match="train.lr must be > 0"):
         TrainConfig(lr=0.0)
 
 
-def test_a_config_written_before_the_task_choices_existed_keeps_what_it_trained_with():
+def test_a_config_written_before_the_recipe_keys_existed_keeps_what_it_trained_with():
     d = compose(["policy=drift_unet"]).to_dict()
     for k in KEYS:
         del d["policy"][k]
@@ -237,8 +240,6 @@ def test_neighbour_positives_shapes_weights_and_own_chunk_first():
     batch = train.sample(7, torch.Generator().manual_seed(0))
     assert batch["pos_action"].shape == (7, 6, 4, 2) and batch["pos_weight"].shape == (7, 6)
     assert torch.equal(batch["pos_action"][:, 0], batch["action"])          # the sample's own chunk, first
-    assert batch["pos_obs"].shape == (7, 6, 3)                               # each positive's latest observation
-    assert torch.equal(batch["pos_obs"][:, 0], batch["obs"][:, -1])
     w = batch["pos_weight"]
     assert torch.all(w[:, 0] == 1) and torch.all((w > 0) & (w <= 1))
     assert torch.all(w[:, :-1] >= w[:, 1:])                                  # nearer observations weigh more
@@ -279,46 +280,6 @@ def test_neighbours_from_other_episodes_skip_the_own_demonstration():
         assert torch.allclose(w[i, 1:], torch.exp(-0.5 * (got / 0.3) ** 2), atol=1e-5)
     with pytest.raises(ValueError, match="other episodes"):
         NeighborPositives(train, lambda o: norm.normalize("obs", o), k=len(train) - 10, bandwidth=0.3, same_episode=False)
-
-
-def test_neighbour_negatives_draw_clusters_of_a_window_and_its_neighbours():
-    data = _toy_data(n_eps=6, length=20)
-    train, _ = make_windows(data, horizon=4, n_obs_steps=2, n_action_steps=2, val_ratio=0.0)
-    norm = Normalizer().fit("obs", train.steps("obs"))
-    train.neighbors = NeighborPositives(train, lambda o: norm.normalize("obs", o), k=5, bandwidth=0.3,
-                                        same_episode=False, mates=2)
-    batch = train.sample(12, torch.Generator().manual_seed(0))
-    assert batch["action"].shape == (12, 4, 2) and batch["pos_action"].shape == (12, 6, 4, 2)
-    step = batch["action"][:, 0, 0].long()                                  # action = flat step id: names the window
-    ids = torch.tensor([int((train.index[:, 0] == s).nonzero()[0]) for s in step.tolist()])
-    nb, _ = train.neighbors.lookup(ids)
-    for c in range(4):                                                      # rows 3c + 1, 3c + 2: mates of row 3c
-        anchor, mates = ids[3 * c], ids[3 * c + 1: 3 * c + 3]
-        assert set(mates.tolist()) <= set(nb[3 * c, 1:].tolist()) and mates[0] != mates[1]
-        assert not (train.episode[mates] == train.episode[anchor]).any()
-    # Mates are drawn by kernel weight: with one neighbour far heavier than the rest, it is nearly always drawn.
-    w_heavy = torch.tensor([[1.0, 1.0, 1e-6, 1e-6, 1e-6, 1e-6]])
-    nbrs = torch.tensor([[0, 7, 8, 9, 10, 11]])
-    one = NeighborPositives(train, lambda o: norm.normalize("obs", o), k=5, bandwidth=0.3, mates=1)
-    one.lookup = lambda ids: (nbrs.expand(len(ids), -1), w_heavy.expand(len(ids), -1))
-    drawn = one.draw_mates(torch.zeros(200, dtype=torch.long), torch.Generator().manual_seed(0))
-    assert (drawn == 7).float().mean() > 0.99
-    with pytest.raises(ValueError, match="clusters of 3"):
-        train.sample(10, torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match="mates <= k"):
-        NeighborPositives(train, lambda o: norm.normalize("obs", o), k=2, bandwidth=0.3, mates=3)
-
-
-def test_neighbour_negatives_config_checks_name_the_keys():
-    with pytest.raises(ConfigError, match="policy.neighbor_negatives"):
-        compose(["policy.neighbor_positives=2", "policy.neighbor_negatives=3"])
-    with pytest.raises(ConfigError, match="policy.guidance"):
-        compose(["policy.neighbor_negatives=1", "policy.guidance=2"])
-    with pytest.raises(ConfigError, match="train.batch_size=32 must be divisible by 1 \\+ policy.neighbor_negatives"):
-        compose(["policy.neighbor_negatives=2"])
-    cfg = compose(["policy.neighbor_negatives=1"])
-    assert cfg.policy.neighbor_negatives == 1 and cfg.train.batch_size == 32
-    assert Config.from_dict(cfg.to_dict()).policy.neighbor_negatives == 1
 
 
 def test_validation_episodes_never_become_positives():
@@ -413,9 +374,9 @@ def test_a_records_recipe_column_names_exactly_the_keys_that_differ_from_the_def
     from drift_policy.bench import bench_train
 
     _fake_run(tmp_path / "runs" / "drift_unet-s0", 0, 7, [0.5, 0.75])
-    keys = ["policy.obs_noise=0.02", "train.ema_decay=0.9999", "policy.guidance=2", "policy.cond_mlp=64",
+    keys = ["policy.neighbor_bandwidth=0.03", "train.ema_decay=0.9999", "policy.guidance=2", "policy.n_action_steps=4",
             "policy.neighbor_same_episode=true", "train.weight_decay=0.1"]
-    _fake_run(tmp_path / "runs" / "drift_unet_policy.obs_noise_0.02_train.ema_decay_0.9999_policy.guidance_2_policy.cond_mlp_64_policy.neighbor_same_episode_true_train.weight_decay_0.1-s0", 0, 7, [0.5, 0.75],
+    _fake_run(tmp_path / "runs" / "drift_unet_policy.neighbor_bandwidth_0.03_train.ema_decay_0.9999_policy.guidance_2_policy.n_action_steps_4_policy.neighbor_same_episode_true_train.weight_decay_0.1-s0", 0, 7, [0.5, 0.75],
               overrides=keys)
     path = bench_train(["report_only=1", "budget=640", "seeds=0", "policies=drift_unet,drift_unet:" + "+".join(keys),
                         f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"])
@@ -424,7 +385,7 @@ def test_a_records_recipe_column_names_exactly_the_keys_that_differ_from_the_def
     # nothing; the variant in exactly its six keys, policy keys first, each as an override writes it. How the runs
     # were carried out (threads, workers, seed) and the budget are not part of a recipe.
     assert recipes["drift_unet"] == "defaults"
-    assert recipes["drift_unet[" + " ".join(keys) + "]"] == ("policy.obs_noise=0.02 policy.cond_mlp=64 "
+    assert recipes["drift_unet[" + " ".join(keys) + "]"] == ("policy.n_action_steps=4 policy.neighbor_bandwidth=0.03 "
                                                           "policy.neighbor_same_episode=true policy.guidance=2 "
                                                           "train.weight_decay=0.1 train.ema_decay=0.9999")
     rec = json.loads(path.read_text())
@@ -444,8 +405,8 @@ def test_a_recipe_column_names_a_key_it_was_never_told_about(tmp_path, monkeypat
     assert recipe_diff(default, default) == []
     # A policy key this version has never heard of would make the resolved config unreadable, so the diff can only
     # see keys of the config class; any of them, such as one no namer listed, shows up:
-    run["policy_config"]["neighbor_own_anchor"] = True
-    assert ("policy.neighbor_own_anchor", True) in recipe_diff(run, default)
+    run["policy_config"]["neighbor_bandwidth"] = 0.07
+    assert ("policy.neighbor_bandwidth", 0.07) in recipe_diff(run, default)
     assert set(resolved_recipe(run)) == {"policy", "train"}
 
 
@@ -459,17 +420,17 @@ def test_a_records_recipe_column_names_a_changed_execution_horizon(tmp_path):
     assert _recipes(path) == {"drift_unet[policy.n_action_steps=4]": "policy.n_action_steps=4"}
 
 
-def test_a_records_recipe_column_names_neighbour_negatives_bandwidth_and_gradient_clip(tmp_path):
+def test_a_records_recipe_column_names_the_bandwidth_and_gradient_clip(tmp_path):
     from drift_policy.bench import bench_train
 
     _fake_run(tmp_path / "runs" / "drift_unet-s0", 0, 7, [0.5, 0.75])
-    _fake_run(tmp_path / "runs" / "drift_unet_policy.neighbor_negatives_1_policy.neighbor_bandwidth_0.03_train.grad_clip_0-s0",
-              0, 7, [0.5, 0.75], overrides=["policy.neighbor_negatives=1", "policy.neighbor_bandwidth=0.03", "train.grad_clip=0"])
+    _fake_run(tmp_path / "runs" / "drift_unet_policy.neighbor_bandwidth_0.03_train.grad_clip_0-s0",
+              0, 7, [0.5, 0.75], overrides=["policy.neighbor_bandwidth=0.03", "train.grad_clip=0"])
     path = bench_train(["report_only=1", "budget=640", "seeds=0",
-                        "policies=drift_unet,drift_unet:policy.neighbor_negatives=1+policy.neighbor_bandwidth=0.03+train.grad_clip=0",
+                        "policies=drift_unet,drift_unet:policy.neighbor_bandwidth=0.03+train.grad_clip=0",
                         f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"])
     assert list(_recipes(path).values()) == [
-        "defaults", "policy.neighbor_bandwidth=0.03 policy.neighbor_negatives=1 train.grad_clip=0"]
+        "defaults", "policy.neighbor_bandwidth=0.03 train.grad_clip=0"]
 
 
 def test_a_list_override_is_one_variant_in_policies(tmp_path):
@@ -532,10 +493,10 @@ def test_merge_joins_the_seeds_of_one_recipe_from_several_records(tmp_path):
                                 ("drift_unet", 0, 7, [0.25, 0.25], [])])
     b = _record(tmp_path, "b", [("drift_unet_train.lr_1e-3_train.compile_true_train.keep_checkpoints_5", 1, 7,
                                  [0.25, 0.5], ["train.lr=1e-3", "train.compile=true", "train.keep_checkpoints=5"])])
-    # b was written before two policy keys and a train key existed: read as what it was trained with (LEGACY).
+    # b was written while two policy keys existed that are gone (at the value the code now always uses) and before
+    # a train key existed: read as what it was trained with (REMOVED, LEGACY).
     old = json.loads(Path(b).read_text())
-    for key in ("kernel_scale", "neighbor_negatives"):
-        del old["runs"][0]["policy_config"][key]
+    old["runs"][0]["policy_config"].update(kernel_scale="batch", neighbor_negatives=0)
     del old["runs"][0]["train_config"]["ema_warmup"]
     Path(b).write_text(json.dumps(old))
     path = bench_merge([f"records={a}=drift_unet[train.lr=1e-3],{b}", f"out={tmp_path / 'm'}"])
@@ -582,10 +543,16 @@ def test_the_config_switch_reaches_the_neighbour_index(pusht_zarr):
     cfg = compose(["policy.neighbor_positives=4", "policy.neighbor_same_episode=false", f"task.data_root={pusht_zarr.parents[1]}"])
     train, _ = train_mod.make_datasets(cfg)
     norm = Normalizer().fit("obs", train.steps("obs")).fit("action", train.steps("action"))
-    train_mod.attach_neighbor_positives(train, cfg, norm)
+    policy_class(cfg.policy).prepare_data(cfg.policy, train, norm)      # what train.py does
     ids = torch.arange(0, len(train), 7)
     nb, _ = train.neighbors.lookup(ids)
+    assert nb.shape[1] == 1 + 4
     assert not (train.episode[nb[:, 1:]] == train.episode[ids].unsqueeze(1)).any()
+    # a policy that reads nothing more (the diffusion baseline; drift without neighbours) leaves the windows alone
+    for other in (compose(["policy=diffusion_unet"]).policy, compose(["policy.neighbor_positives=0"]).policy):
+        train.neighbors = None
+        policy_class(other).prepare_data(other, train, norm)
+        assert train.neighbors is None and "pos_action" not in train.sample(2, torch.Generator().manual_seed(0))
 
 
 # ---- scoring a trained run again with inference-only keys changed ---------------------------------------------------

@@ -241,28 +241,3 @@ def test_toy_one_step_generator_matches_mixture_of_gaussians():
     frac = torch.bincount(mode[near], minlength=8).float() / len(samples)
     assert near.float().mean() > 0.75  # N(0, I) puts ~25% there
     assert frac.min() > 0.07 and frac.max() < 0.17, frac  # every mode kept, none dominating (12.5% ideal)
-
-
-def test_scale_groups_make_the_field_invariant_to_rescaling_one_label():
-    """With one distance scale per label, stretching every group of one label by c leaves the whole field, in
-    scaled coordinates, unchanged; with the batch's one scale it does not. One label for all is the default."""
-    torch.manual_seed(0)
-    G, N, P, D = 6, 4, 5, 2
-    x, y = torch.randn(G, N, D, dtype=torch.float64), torch.randn(G, P, D, dtype=torch.float64)
-    labels = torch.arange(G) % 3
-    stretch = torch.ones(G, 1, 1, dtype=torch.float64)
-    stretch[labels == 1] = 5.0
-    xs0, V0, _ = drift_field(x, y, scale_groups=labels)
-    xs1, V1, _ = drift_field(x * stretch, y * stretch, scale_groups=labels)
-    # up to the distance floor (a sample's distance to itself counts as 1e-4 in the scale, stretched or not)
-    torch.testing.assert_close(xs1, xs0, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(V1, V0, rtol=1e-4, atol=1e-4)
-    _, Vb0, _ = drift_field(x, y)
-    _, Vb1, _ = drift_field(x * stretch, y * stretch)
-    assert not torch.allclose(Vb1, Vb0, atol=1e-3)
-    # one label for every group is the batch's scale
-    xs, V, info = drift_field(x, y, scale_groups=torch.zeros(G, dtype=torch.long))
-    xr, Vr, info_r = drift_field(x, y)
-    torch.testing.assert_close((xs, V, info["scale"]), (xr, Vr, info_r["scale"]))
-    with pytest.raises(ValueError, match="scale_groups"):
-        drift_field(x, y, scale_groups=torch.zeros(G + 1, dtype=torch.long))

@@ -64,14 +64,14 @@ def test_a_bad_origin_is_a_config_error_naming_the_key(origin):
 
 
 @pytest.mark.parametrize("overrides,expect", [
-    (["policy.obs_origin=null"], (18, 19)),                                 # Push-T keypoints: the agent's position
-    (["policy=diffusion_unet", "policy.obs_origin=null"], (18, 19)),
-    (["task=pusht_image", "policy.obs_origin=null"], ()),                   # from pixels the obs is the agent alone
-    (["policy.obs_origin=[18,19]"], (18, 19)),
-    ([], (18, 19)),                                                         # the drift policy's default: the task's
+    ([], (18, 19)),                                                         # Push-T keypoints' drift recipe: the agent
+    (["recipe=null"], ()),                                                  # the policy's default: none
+    (["policy=diffusion_unet"], ()),                                        # the baseline: no recipe
+    (["policy=diffusion_unet", "policy.obs_origin=[18,19]"], (18, 19)),
+    (["task=pusht_image"], ()),                                             # from pixels the obs is the agent alone
     (["policy.obs_origin=[]"], ()),
 ])
-def test_a_null_origin_is_the_tasks_choice_recorded_in_the_config(overrides, expect):
+def test_the_origin_is_the_recipes_recorded_in_the_config(overrides, expect):
     from drift_policy.config import Config, compose
 
     cfg = compose(overrides)
@@ -82,6 +82,6 @@ def test_a_null_origin_is_the_tasks_choice_recorded_in_the_config(overrides, exp
 def test_a_config_written_before_the_key_reads_as_no_origin():
     from drift_policy.config import Config, compose
 
-    d = compose(["policy.obs_origin=null"]).to_dict()
+    d = compose([]).to_dict()
     del d["policy"]["obs_origin"]
     assert Config.from_dict(d).policy.obs_origin == ()

@@ -32,7 +32,7 @@ def test_large_preset_is_diffusion_policys_net():
     assert abs(n / 1e6 - 65.8) < 0.5, n
 
 
-@pytest.mark.parametrize("groups", ["per_step", "chunk", "both"])
+@pytest.mark.parametrize("groups", ["per_step", "chunk"])
 def test_drift_policy_loss_trains_toward_expert(groups):
     torch.manual_seed(0)
     cfg = DriftConfig(backbone="tiny", drift_groups=groups, n_noise=4)
@@ -48,8 +48,7 @@ def test_drift_policy_loss_trains_toward_expert(groups):
         opt.step()
         first = first if first is not None else info["mse_to_expert"]
     assert loss.shape == () and torch.isfinite(loss)
-    kinds = ["_per_step", "_chunk"] if groups == "both" else [""]
-    assert {"mse_to_expert", "sample_std"} | {f"{k}{sfx}" for k in ("scale", "v2_tau0.02") for sfx in kinds} <= set(info)
+    assert {"mse_to_expert", "sample_std", "scale", "v2_tau0.02"} <= set(info)
     assert info["mse_to_expert"] < 0.5 * first  # memorises the 4 expert chunks
 
 
@@ -81,35 +80,6 @@ def test_guidance_negatives_are_the_other_observations_expert_chunks(groups):
     assert torch.isfinite(l_guided) and not torch.allclose(l_plain, l_guided)
 
 
-@pytest.mark.parametrize("cfg_cls", [DriftConfig, DiffusionConfig])
-def test_the_conditioning_mlp_sits_between_the_observation_and_film(cfg_cls, tmp_path):
-    pol = make_policy(cfg_cls(backbone="tiny", cond_mlp=32), _norm()).eval()
-    obs = {"obs": torch.rand(3, 2, 20) * 512}
-    cond = pol.condition(obs)
-    flat = pol.normalizer.normalize("obs", obs["obs"]).flatten(1)
-    assert cond.shape == (3, 32)
-    torch.testing.assert_close(cond, pol.cond_mlp(flat))
-    batch = {"obs": obs["obs"], "action": torch.rand(3, 16, 2) * 512}
-    loss, _ = pol.train().compute_loss(batch)
-    loss.backward()                                   # the MLP is trained with the generator
-    assert pol.cond_mlp[0].weight.grad is not None and pol.cond_mlp[0].weight.grad.abs().sum() > 0
-    pol.eval().save_pretrained(tmp_path / "p")
-    back = type(pol).from_pretrained(tmp_path / "p")
-    torch.testing.assert_close(back.condition(obs), pol.condition(obs))
-    assert make_policy(cfg_cls(backbone="tiny"), _norm()).cond_mlp is None      # off by default
-
-
-def test_both_groups_is_the_mean_of_the_per_step_and_chunk_losses():
-    x, act_n = torch.randn(4, 2, 16, 2), torch.randn(4, 16, 2)
-    one = {g: make_policy(DriftConfig(backbone="tiny", drift_groups=g), _norm()) for g in ("per_step", "chunk", "both")}
-    both, info = one["both"].drift_loss(x, act_n, {})
-    parts = [one[g].drift_loss(x, act_n, {})[0] for g in ("per_step", "chunk")]
-    torch.testing.assert_close(both, torch.cat(parts))
-    assert info["scale_per_step"] != info["scale_chunk"]
-    with pytest.raises(ValueError, match="per_step"):
-        one["both"].drift_groups(x, act_n, {})                        # a group set is one kind or the other
-
-
 @pytest.mark.parametrize("groups", ["per_step", "chunk"])
 def test_per_dim_scale_makes_the_loss_invariant_to_rescaling_an_action_dim(groups):
     torch.manual_seed(0)
@@ -135,71 +105,6 @@ def test_per_dim_scale_makes_the_loss_invariant_to_rescaling_an_action_dim(group
     assert torch.isfinite(scaled.drift_loss(x, act_c, {})[0]).all()
 
 
-def test_neighbor_own_anchor_makes_each_positive_relative_to_its_own_window():
-    torch.manual_seed(0)
-    B, P, Tp = 3, 4, 16
-    obs = torch.rand(B, 2, 20) * 512
-    pos_obs = torch.rand(B, P, 20) * 512
-    pos_obs[:, 0] = obs[:, -1]                                          # column 0: the window itself
-    offset = (pos_obs[:, :, 18:20] - obs[:, -1:, 18:20]).unsqueeze(2)  # [B, P, 1, 2]: the other agents' positions
-    rel = torch.rand(B, P, Tp, 2) * 40                                  # each chunk relative to its own agent
-    batch = {"obs": obs, "pos_obs": pos_obs, "pos_weight": torch.ones(B, P),
-             "pos_action": rel + pos_obs[:, :, None, 18:20]}
-    act = batch["pos_action"][:, 0]
-    x = torch.randn(B, 2, Tp, 2)
-    own = make_policy(DriftConfig(backbone="tiny", action_anchor=(18, 19), neighbor_own_anchor=True), _norm())
-    query = make_policy(DriftConfig(backbone="tiny", action_anchor=(18, 19)), _norm())
-    act_n = own.normalize_action(act, obs)
-    _, pos_own, *_ = own.drift_groups(x, act_n, batch, "chunk")
-    _, pos_query, *_ = query.drift_groups(x, act_n, batch, "chunk")
-    n = own.normalizer
-    torch.testing.assert_close(pos_own.view(B, P, Tp, 2), n.normalize("action", rel))            # displacements
-    torch.testing.assert_close(pos_query.view(B, P, Tp, 2), n.normalize("action", rel + offset))  # targets
-    torch.testing.assert_close(pos_own[:, 0], act_n.flatten(1))         # the own chunk is the same either way
-    torch.testing.assert_close(pos_query[:, 0], act_n.flatten(1))
-    # without an anchor there is nothing to re-anchor: the option changes nothing
-    plain = [make_policy(DriftConfig(backbone="tiny", neighbor_own_anchor=f), _norm()) for f in (False, True)]
-    a, b = (p.drift_groups(x, p.normalize_action(act, obs), batch, "chunk")[1] for p in plain)
-    torch.testing.assert_close(a, b)
-
-
-def test_neighbour_negatives_are_the_mates_generated_chunks_in_this_frame():
-    torch.manual_seed(0)
-    B, N, Tp, m = 4, 3, 16, 1
-    obs = torch.rand(B, 2, 20) * 512
-    W = torch.tensor([0.5, 1.5, 0.0, 2.0])                              # each row's neighbour-positive weight
-    batch = {"obs": obs, "action": torch.rand(B, Tp, 2) * 512, "pos_obs": obs[:, -1:].expand(B, 3, 20),
-             "pos_weight": torch.cat([torch.ones(B, 1), (W / 2).unsqueeze(1).expand(B, 2)], 1),
-             "pos_action": torch.rand(B, 3, Tp, 2) * 512}
-    x = torch.randn(B, N, Tp, 2)
-    pol = make_policy(DriftConfig(backbone="tiny", n_noise=N, action_anchor=(18, 19), neighbor_positives=2,
-                                  neighbor_negatives=m), _norm())
-    act_n = pol.normalize_action(batch["action"], obs)
-    gen, pos, w, neg, neg_w = pol.drift_groups(x, act_n, batch, "chunk")
-    assert neg.shape == (B, m * N, Tp * 2) and neg_w.shape == (B, m * N)
-    mate = torch.tensor([1, 0, 3, 2])                                   # clusters (0, 1), (2, 3)
-    absolute = pol.unnormalize_action(x[mate], obs[mate])               # the mate's chunks in data units ...
-    torch.testing.assert_close(neg.view(B, N, Tp, 2), pol.normalize_action(absolute, obs))   # ... in this frame
-    torch.testing.assert_close(neg_w, (W * (N - 1) / (N * m)).unsqueeze(1).expand(B, N))
-    # per-step groups: the same chunks and weights, one group per (observation, step)
-    _, _, _, neg_s, neg_ws = pol.drift_groups(x, act_n, batch, "per_step")
-    assert neg_s.shape == (B * Tp, m * N, 2) and neg_ws.shape == (B * Tp, m * N)
-    torch.testing.assert_close(neg_s[Tp + 5], neg.view(B, N, Tp, 2)[1, :, 5])
-    # the mates' chunks repel: the loss differs from the one without them; no gradient flows into the mates
-    xg = x.clone().requires_grad_(True)
-    loss = pol.drift_loss(xg, act_n, batch)[0].sum()
-    plain = make_policy(DriftConfig(backbone="tiny", n_noise=N, action_anchor=(18, 19), neighbor_positives=2), _norm())
-    assert not torch.allclose(loss, plain.drift_loss(x, act_n, batch)[0].sum())
-    loss.backward()
-    assert torch.isfinite(xg.grad).all()
-    with pytest.raises(ValueError, match="clusters of 2"):
-        pol.drift_groups(x[:3], act_n[:3], {k: v[:3] for k, v in batch.items()}, "chunk")
-    # a batch without neighbour positives (validation windows: no index, no clusters) has no mates either
-    own_only = {k: v[:3] for k, v in batch.items() if not k.startswith("pos_")}
-    assert pol.drift_groups(x[:3], act_n[:3], own_only, "chunk")[3] is None
-    assert torch.isfinite(pol.compute_loss(own_only)[0])
-
-
 def test_predict_action_shapes_and_units():
     pol = make_policy(DriftConfig(backbone="tiny"), _norm()).eval()
     out = pol.predict_action(torch.rand(3, 2, 20) * 512)
@@ -207,19 +112,6 @@ def test_predict_action_shapes_and_units():
     torch.testing.assert_close(out["action"], out["action_pred"][:, 1:9])   # executed slice starts at To - 1
     with pytest.raises(ValueError, match="obs must be"):
         pol.predict_action(torch.rand(3, 2, 19))
-
-
-@pytest.mark.parametrize("cfg_cls", [DriftConfig, DiffusionConfig])
-def test_observation_noise_is_a_training_only_perturbation_of_the_normalised_obs(cfg_cls):
-    pol = make_policy(cfg_cls(backbone="tiny", obs_noise=0.05), _norm())
-    obs = {"obs": torch.rand(256, 2, 20) * 512}
-    clean = pol.normalizer.normalize("obs", obs["obs"]).flatten(1)
-    torch.manual_seed(0)
-    noisy = pol.train().condition(obs)
-    assert abs(float((noisy - clean).std()) - 0.05) < 0.005 and abs(float((noisy - clean).mean())) < 0.005
-    torch.testing.assert_close(pol.eval().condition(obs), clean)        # evaluation and export see clean obs
-    off = make_policy(cfg_cls(backbone="tiny"), _norm()).train()
-    torch.testing.assert_close(off.condition(obs), clean)               # the default leaves training unchanged
 
 
 def test_diffusion_baseline_uses_n_forward_passes():
@@ -240,13 +132,11 @@ def test_diffusion_baseline_uses_n_forward_passes():
     (dict(backbone="huge"), "policy.backbone"),
     (dict(n_noise=1), "policy.n_noise"),
     (dict(drift_groups="flat"), "policy.drift_groups"),
+    (dict(drift_groups="both"), "policy.drift_groups"),   # removed (saved configs with it still load)
     (dict(horizon=10), "policy.horizon"),
     (dict(n_action_steps=16), "n_action_steps"),
     (dict(temperatures=(0.1, -1.0)), "policy.temperatures"),
-    (dict(obs_noise=-0.1), "policy.obs_noise"),
     (dict(guidance=0.5), "policy.guidance"),
-    (dict(cond_mlp=-1), "policy.cond_mlp"),
-    (dict(cond_mlp=64, architecture="transformer"), "policy.cond_mlp"),
 ])
 def test_drift_config_validation(kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -334,24 +224,3 @@ def test_noise_scale_scales_the_sampling_noise_only():
     torch.testing.assert_close(half.compute_loss(batch)[0], l_base)
     with pytest.raises(ConfigError, match="policy.noise_scale"):
         DriftConfig(noise_scale=-1.0)
-
-
-def test_kernel_scale_per_step_makes_the_loss_invariant_to_stretching_one_step():
-    torch.manual_seed(0)
-    x, act_n = torch.randn(4, 2, 16, 2), torch.randn(4, 16, 2)
-    stretch = torch.ones(16, 1)
-    stretch[9:] = 4.0                                                   # the late steps four times wider
-    per_step = make_policy(DriftConfig(backbone="tiny", kernel_scale="step"), _norm())
-    batch = make_policy(DriftConfig(backbone="tiny"), _norm())
-    grad = {}
-    for name, pol in (("step", per_step), ("batch", batch)):
-        for k, s in (("plain", 1.0), ("stretched", stretch)):
-            xx = (x * s).clone().requires_grad_(True)
-            pol.drift_loss(xx, act_n * s, {})[0].sum().backward()
-            grad[name, k] = xx.grad * s                                   # the field in the unstretched units
-    torch.testing.assert_close(grad["step", "stretched"], grad["step", "plain"], rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(grad["batch", "stretched"], grad["batch", "plain"], atol=1e-3)
-    with pytest.raises(ConfigError, match="policy.kernel_scale"):
-        DriftConfig(kernel_scale="chunk")
-    with pytest.raises(ConfigError, match="policy.kernel_scale"):
-        DriftConfig(kernel_scale="step", drift_groups="chunk")

@@ -172,3 +172,27 @@ def test_a_refused_image_layout_never_enters_the_history():
     # an unbatched step (obs [D], image [3, H, W]) is still accepted
     pol.reset()
     assert pol.select_action({"obs": obs[0], "image": img[0]}, gen()).shape == (1, DA)
+
+
+def test_the_policies_are_importable_from_the_package_top(tmp_path):
+    """``from drift_policy import ...`` gives the very classes of drift_policy.policies, and a pretrained folder
+    loads through them; ``import drift_policy`` alone does not load torch (the command line starts fast)."""
+    import subprocess
+    import sys
+
+    import drift_policy
+    from drift_policy import DiffusionConfig, DriftConfig
+    from drift_policy import DiffusionPolicy as TopDiffusion
+    from drift_policy import DriftPolicy as TopDrift
+    from drift_policy.policies import DiffusionConfig as D2
+    from drift_policy.policies import DriftConfig as C2
+
+    assert (TopDrift, TopDiffusion, DriftConfig, DiffusionConfig) == (DriftPolicy, DiffusionPolicy, C2, D2)
+    assert {"DriftPolicy", "DiffusionPolicy", "DriftConfig", "DiffusionConfig"} <= set(drift_policy.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        drift_policy.Nope
+    folder = make_policy(DriftConfig(backbone="tiny"), _norm()).save_pretrained(tmp_path / "p")
+    assert isinstance(TopDrift.from_pretrained(folder), TopDrift)
+    light = subprocess.run([sys.executable, "-c", "import sys, drift_policy; print('torch' in sys.modules)"],
+                           capture_output=True, text=True, check=True)
+    assert light.stdout.strip() == "False"

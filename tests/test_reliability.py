@@ -406,7 +406,7 @@ def test_a_pretrained_folder_written_before_later_keys_existed_loads_as_trained(
 
     policy = _tiny_policy()
     folder = policy.save_pretrained(tmp_path / "old")
-    later = ("per_dim_scale", "neighbor_same_episode", "noise_scale", "kernel_scale", "action_anchor")
+    later = ("per_dim_scale", "neighbor_same_episode", "noise_scale", "action_anchor")
     cfg = json.loads((folder / "config.json").read_text())
     for k in later:
         cfg.pop(k)
@@ -418,8 +418,8 @@ def test_a_pretrained_folder_written_before_later_keys_existed_loads_as_trained(
     (folder / "model.safetensors").write_bytes(save(load(weights), metadata=meta))
     _rewrite_manifest(folder)
     loaded = Policy.from_pretrained(folder).config
-    assert (loaded.per_dim_scale, loaded.neighbor_same_episode, loaded.noise_scale, loaded.kernel_scale,
-            loaded.action_anchor) == (False, True, 1.0, "batch", ())
+    assert (loaded.per_dim_scale, loaded.neighbor_same_episode, loaded.noise_scale,
+            loaded.action_anchor) == (False, True, 1.0, ())
 
 
 # ---- item 11: unpickling ------------------------------------------------------------------------------------------

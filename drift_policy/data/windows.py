@@ -82,25 +82,14 @@ class WindowDataset:
 
     def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """{"obs": [B, To, D], <image key>: [B, To, 3, H, W] uint8, "action": [B, Tp, Da]}, plus
-        "pos_action" [B, 1 + k, Tp, Da], "pos_weight" [B, 1 + k] and "pos_obs" [B, 1 + k, D] (each positive
-        window's latest observation, for chunks relative to it) when neighbour positives are attached. With
-        ``neighbors.mates`` = m the batch is batch_size / (1 + m) clusters of consecutive rows: a window drawn
-        uniformly, then m of its neighbours."""
-        mates = 0 if self.neighbors is None else self.neighbors.mates
-        if mates:                      # clusters of 1 + m: a window, then m of its neighbours (NeighborPositives.mates)
-            if batch_size % (1 + mates):
-                raise ValueError(f"a batch of {batch_size} does not split into clusters of {1 + mates} (1 + mates)")
-            anchors = torch.randint(0, len(self), (batch_size // (1 + mates),), generator=generator)
-            ids = torch.cat([anchors.unsqueeze(1), self.neighbors.draw_mates(anchors, generator)], 1).flatten()
-        else:
-            ids = torch.randint(0, len(self), (batch_size,), generator=generator)
+        "pos_action" [B, 1 + k, Tp, Da] and "pos_weight" [B, 1 + k] when neighbour positives are attached."""
+        ids = torch.randint(0, len(self), (batch_size,), generator=generator)
         rows = self.index[ids]                                                                 # [B, Tp]
         out = {k: self.data[k][rows[:, : self.n_obs_steps]] for k in self.keys}
         out["action"] = self.data["action"][rows]
         if self.neighbors is not None:
             nb, out["pos_weight"] = self.neighbors.lookup(ids)                                # [B, 1+k]
             out["pos_action"] = self.data["action"][self.index[nb]]                            # [B, 1+k, Tp, Da]
-            out["pos_obs"] = self.data["obs"][self.index[nb][..., self.n_obs_steps - 1]]       # [B, 1+k, D]
         return out
 
 
@@ -120,13 +109,9 @@ class NeighborPositives:
     in that state, which are what tells the field the local action distribution.
     """
 
-    def __init__(self, windows: WindowDataset, normalize, k: int, bandwidth: float, same_episode: bool = True,
-                 mates: int = 0):
+    def __init__(self, windows: WindowDataset, normalize, k: int, bandwidth: float, same_episode: bool = True):
         if k < 1 or not bandwidth > 0:
             raise ValueError(f"neighbour positives need k >= 1 and bandwidth > 0, got k={k}, bandwidth={bandwidth}")
-        if not 0 <= mates <= k:
-            raise ValueError(f"mates are drawn from the k={k} neighbours: need 0 <= mates <= k, got {mates}")
-        self.mates = mates
         if k >= len(windows):
             raise ValueError(f"k={k} neighbour positives need more than {len(windows)} training windows")
         self.episode = None
@@ -154,15 +139,6 @@ class NeighborPositives:
         dist, nb = d.topk(self.k + 1, dim=1, largest=False)                                   # ascending
         dist = dist.clamp_min(0.0)
         return nb, torch.exp(-0.5 * (dist / self.bandwidth) ** 2)
-
-    def draw_mates(self, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Window ids [B] -> ``mates`` of each one's k neighbours [B, m], distinct, drawn with probability by kernel
-        weight: what makes a mate's generated chunks an unbiased sample of the neighbours' (the drift policy's
-        ``mate_negatives``). Where every weight underflows, the draw is uniform (and the weights make it count 0)."""
-        nb, w = self.lookup(ids)
-        p = w[:, 1:] + 1e-12                                                                  # [B, k], never all 0
-        cols = torch.multinomial(p, self.mates, replacement=False, generator=generator)       # [B, m]
-        return nb[:, 1:].gather(1, cols)
 
 
 # A value is "far outside" the data when it lies more than OUTLIER_SPREADS robust spreads beyond the 1st..99th

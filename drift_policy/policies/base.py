@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -25,6 +26,16 @@ class PolicyConfig:
     # Keys added after policies were first saved, each with the value that a config.json written before the key
     # existed was trained with (``with_legacy_keys``): older run and pretrained folders still load, as what they are.
     LEGACY: ClassVar[dict] = {"action_anchor": (), "obs_origin": ()}
+    # Keys removed after policies were saved with them, each lost when measured (its record stays in eval/results):
+    # key -> (the value the code now always uses, what another value changed: "training" or "architecture").
+    # ``with_legacy_keys`` drops them: silently at that value, with a warning after another training-only value
+    # (the weights load and act the same), and with a ConfigError after an architecture (no such network here).
+    REMOVED: ClassVar[dict] = {
+        "obs_noise": (0.0, "training"),               # Gaussian noise on the normalised obs (regularisation)
+        "cond_mlp": (0, "architecture"),              # an MLP between the observation and FiLM (more_levers)
+    }
+    # Values removed from keys that remain, each training-only: key -> {removed value: what it now reads as}.
+    REMOVED_VALUES: ClassVar[dict] = {}
     # Keys that change only how a trained policy acts, never what it learns (compute_loss does not read them), so a
     # trained run can be scored again with other values (``with_inference``; ``drift-policy bench rescore``).
     INFERENCE: ClassVar[tuple[str, ...]] = ("n_action_steps",)
@@ -36,22 +47,16 @@ class PolicyConfig:
     n_groups: int = 8                 # U-Net only: GroupNorm groups
     causal: bool = True               # transformer only: causal self- and cross-attention
     p_drop: float = 0.0               # transformer only: dropout
-    obs_noise: float = 0.0            # training only: std of Gaussian noise added to the normalised low-dim
-                                      # observation, a regulariser against memorising each window's chunk
-    cond_mlp: int = 0                 # width of a 2-layer Mish MLP between the flattened observation and the
-                                      # backbone's FiLM layers (0: none; Diffusion Policy feeds the observation
-                                      # straight to FiLM)
-    action_anchor: tuple[int, ...] | None = ()   # obs dims (of the latest observation step), one per action
-                                      # dim, that the chunk is predicted relative to: action - obs[-1, anchor] is
-                                      # what the normaliser and the generator see (Push-T keypoints: (18, 19), the
-                                      # agent's position). (): absolute actions, Diffusion Policy's choice; None:
-                                      # the task's choice (TaskFamily.action_anchor), resolved by Config.from_dict
-    obs_origin: tuple[int, ...] | None = ()  # obs dims (x, y, ...: Push-T keypoints' agent position, (18, 19)) to measure
+    action_anchor: tuple[int, ...] = ()   # obs dims (of the latest observation step), one per action dim, that
+                                      # the chunk is predicted relative to: action - obs[-1, anchor] is what the
+                                      # normaliser and the generator see (the drift recipe for Push-T keypoints:
+                                      # (18, 19), the agent's position). (): absolute actions, Diffusion Policy's
+                                      # choice
+    obs_origin: tuple[int, ...] = ()  # obs dims (x, y, ...: Push-T keypoints' agent position, (18, 19)) to measure
                                       # positions from: the conditioning also gets every other low-dim dim minus
                                       # the origin dim of its axis (the other dims are assigned to the origin's
                                       # axes in turn), in the origin's normalised units. Where things are from the
-                                      # agent, which FiLM's Linear(Mish(obs)) cannot subtract exactly. (): none;
-                                      # None: the task's choice (TaskFamily.obs_origin), resolved by Config.from_dict
+                                      # agent, which FiLM's Linear(Mish(obs)) cannot subtract exactly. (): none
     horizon: int = 16                 # Tp: predicted actions per chunk
     n_obs_steps: int = 2              # To
     n_action_steps: int = 8           # Ta: executed actions, starting at index To - 1
@@ -73,12 +78,6 @@ class PolicyConfig:
                               f"{self.architecture}, got {self.backbone!r}")
         if not 0 <= self.p_drop < 1:
             raise ConfigError(f"policy.p_drop must be in [0, 1), got {self.p_drop}")
-        if not self.obs_noise >= 0:
-            raise ConfigError(f"policy.obs_noise must be >= 0, got {self.obs_noise}")
-        if self.cond_mlp < 0:
-            raise ConfigError(f"policy.cond_mlp must be >= 0 (0: no MLP), got {self.cond_mlp}")
-        if self.cond_mlp and self.architecture != "unet":
-            raise ConfigError("policy.cond_mlp is for the U-Net (the transformer embeds each observation step as a token)")
         for k in ("kernel_size", "n_groups", "horizon", "n_obs_steps", "n_action_steps", "obs_dim", "action_dim"):
             if int(getattr(self, k)) < 1:
                 raise ConfigError(f"policy.{k} must be >= 1, got {getattr(self, k)}")
@@ -87,14 +86,12 @@ class PolicyConfig:
         if self.n_obs_steps - 1 + self.n_action_steps > self.horizon:
             raise ConfigError(f"policy.n_obs_steps - 1 + policy.n_action_steps must be <= policy.horizon "
                               f"({self.n_obs_steps} - 1 + {self.n_action_steps} > {self.horizon})")
-        if self.action_anchor is not None:
-            self.action_anchor = tuple(int(i) for i in self.action_anchor)
+        self.action_anchor = tuple(int(i) for i in self.action_anchor)
         if self.action_anchor and (len(self.action_anchor) != self.action_dim
                                    or not all(0 <= i < self.obs_dim for i in self.action_anchor)):
             raise ConfigError(f"policy.action_anchor must name one observation dim (0..{self.obs_dim - 1}) per action "
                               f"dim ({self.action_dim}), or be empty; got {list(self.action_anchor)}")
-        if self.obs_origin is not None:
-            self.obs_origin = tuple(int(i) for i in self.obs_origin)
+        self.obs_origin = tuple(int(i) for i in self.obs_origin)
         if self.obs_origin and (not all(0 <= i < self.obs_dim for i in self.obs_origin)
                                 or len(set(self.obs_origin)) != len(self.obs_origin)
                                 or (self.obs_dim - len(self.obs_origin)) % len(self.obs_origin)):
@@ -167,10 +164,6 @@ class Policy(nn.Module):
                                                  feature_dim=c.image_feature_dim)
             step_dim += len(c.image_keys) * c.image_feature_dim
         cond_dim = c.n_obs_steps * step_dim
-        self.cond_mlp = None
-        if c.cond_mlp:                                   # [B, To * step_dim] -> [B, cond_mlp]
-            self.cond_mlp = nn.Sequential(nn.Linear(cond_dim, c.cond_mlp), nn.Mish(), nn.Linear(c.cond_mlp, c.cond_mlp))
-            cond_dim = c.cond_mlp
         if c.architecture == "unet":
             self.model = ConditionalUnet1D(c.action_dim, cond_dim, kernel_size=c.kernel_size,
                                            n_groups=c.n_groups, timestep_dim=self.timestep_dim,
@@ -183,22 +176,17 @@ class Policy(nn.Module):
     # ---- shared pieces -------------------------------------------------------------------------------
     def condition(self, obs: dict[str, Tensor]) -> Tensor:
         """Observation windows in data units ({"obs": [B, To, D], <camera>: [B, To, 3, H, W]}) -> the
-        generator's conditioning [B, To * (D + cameras * F)]: normalised low-dim values and image features (then
-        [B, cond_mlp] through the conditioning MLP when the config has one)."""
+        generator's conditioning [B, To * (D + cameras * F)]: normalised low-dim values and image features."""
         c = self.config
         low = self.normalizer.normalize("obs", obs["obs"][:, -c.n_obs_steps:])          # [B, To, D]
         if c.obs_origin:                                                                 # [B, To, 2D - len(origin)]
             low = torch.cat([low, self.relative_obs(obs["obs"][:, -c.n_obs_steps:])], dim=-1)
-        if self.training and c.obs_noise > 0:                                            # never at inference
-            low = low + c.obs_noise * torch.randn_like(low)
         if self.obs_encoder is None:
-            flat = low.flatten(1)
-        else:
-            B, To = low.shape[:2]
-            images = {k: obs[k][:, -To:].flatten(0, 1) for k in c.image_keys}            # [B*To, 3, H, W]
-            feats = self.obs_encoder(images).view(B, To, -1)                             # [B, To, cams*F]
-            flat = torch.cat([low, feats], dim=-1).flatten(1)
-        return flat if self.cond_mlp is None else self.cond_mlp(flat)
+            return low.flatten(1)
+        B, To = low.shape[:2]
+        images = {k: obs[k][:, -To:].flatten(0, 1) for k in c.image_keys}                # [B*To, 3, H, W]
+        feats = self.obs_encoder(images).view(B, To, -1)                                 # [B, To, cams*F]
+        return torch.cat([low, feats], dim=-1).flatten(1)
 
     def relative_obs(self, obs: Tensor) -> Tensor:
         """``obs_origin``: obs [..., D] in data units -> [..., D - O], every other dim minus the origin dim of its
@@ -211,7 +199,7 @@ class Policy(nn.Module):
         """Chunks in data units [B, ..., Tp, Da] -> what the generator models: normalised, and relative to the
         latest observation's ``action_anchor`` dims when the config has them (obs [B, To, D], data units).
         Positives of other windows (neighbours) are expressed relative to this observation too, as the chunks
-        that would be good from here, unless drift's ``neighbor_own_anchor`` anchors each to its own window."""
+        that would be good from here."""
         return self.normalizer.normalize("action", action - self._anchor(obs, action.dim()))
 
     def unnormalize_action(self, action_n: Tensor, obs: Tensor) -> Tensor:
@@ -259,6 +247,12 @@ class Policy(nn.Module):
 
     def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
         raise NotImplementedError
+
+    @classmethod
+    def prepare_data(cls, config: PolicyConfig, train_set, normalizer: Normalizer) -> None:
+        """Give the training windows (``data.windows.WindowDataset``) what this policy's ``compute_loss`` reads
+        beyond them, before the policy is built: train.py calls it once, on the training split, with the fitted
+        normaliser. Nothing by default (drift: its neighbour positives)."""
 
     @torch.no_grad()
     def predict_action(self, obs, generator: torch.Generator | None = None) -> dict[str, Tensor]:
@@ -381,7 +375,7 @@ class Policy(nn.Module):
         raw, weights = cls._read_pretrained(path)
         if not isinstance(raw, dict):
             raise CheckpointError(f"{path / 'config.json'}: expected a JSON object")
-        raw = with_legacy_keys(raw)
+        saved, raw = raw, with_legacy_keys(raw, where=str(path))
         config = config_from_dict(raw)
         missing = sorted({f.name for f in dataclasses.fields(config)} - set(raw))
         if missing:   # defaults would silently describe another policy than the one trained
@@ -393,7 +387,10 @@ class Policy(nn.Module):
         except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
             raise CheckpointError(f"{path / 'model.safetensors'}: not a readable safetensors file ({e})") from e
         if "config" in meta:
-            trained = with_legacy_keys(json.loads(meta["config"]))
+            trained = json.loads(meta["config"])
+            # removed options compared as saved: config.json must tell what the weights were trained with
+            trained = {**with_legacy_keys(trained, removed="quiet"), **removed_options(trained)}
+            raw = {**raw, **removed_options(saved)}
             differ = sorted(k for k in set(trained) | set(raw) if _plain(trained.get(k)) != _plain(raw.get(k)))
             if differ:
                 raise CheckpointError(f"{path / 'config.json'} contradicts the weights, which were trained with "
@@ -440,15 +437,51 @@ def register_policy(config_cls: type[PolicyConfig], policy_cls: type[Policy]) ->
     POLICIES[kind] = (config_cls, policy_cls)
 
 
+def policy_class(config: PolicyConfig) -> type[Policy]:
+    return POLICIES[config.type][1]
+
+
 def make_policy(config: PolicyConfig, normalizer=None) -> Policy:
-    return POLICIES[config.type][1](config, normalizer)
+    return policy_class(config)(config, normalizer)
 
 
-def with_legacy_keys(d: dict) -> dict:
-    """A saved policy config with every key its policy added later (``LEGACY``) that it lacks set to the value it
-    was trained with; anything else missing stays missing."""
+def removed_options(d: dict) -> dict:
+    """The removed keys and values (``REMOVED``, ``REMOVED_VALUES``) that a saved policy config was trained with,
+    where they differ from what the code now always does: {key: saved value}."""
     cls = POLICIES.get(d.get("type"), (PolicyConfig,))[0]
-    return {**cls.LEGACY, **d}
+    out = {k: d[k] for k, (now, _) in cls.REMOVED.items() if k in d and _plain(d[k]) != _plain(now)}
+    out.update({k: d[k] for k, values in cls.REMOVED_VALUES.items() if isinstance(d.get(k), str) and d[k] in values})
+    return out
+
+
+def with_legacy_keys(d: dict, where: str = "config", removed: str = "warn") -> dict:
+    """A saved policy config as this code reads it: every key its policy added later (``LEGACY``) that it lacks
+    set to the value it was trained with (anything else missing stays missing), and every key or value removed
+    since (``REMOVED``, ``REMOVED_VALUES``) dropped. ``removed="warn"``: a removed option that changed only
+    training and was not what the code now always does is dropped with a warning naming it (the weights load and
+    act the same); one that changed the network is a ConfigError naming ``where`` (the file or folder).
+    ``removed="quiet"``: dropped without either (for reading a recipe, never for building its network);
+    ``removed="refuse"``: any is a ConfigError (a config being made, not read back)."""
+    cls = POLICIES.get(d.get("type"), (PolicyConfig,))[0]
+    gone = removed_options(d)
+    if removed == "refuse" and gone:
+        raise ConfigError(f"{', '.join(f'policy.{k}={v!r}' for k, v in gone.items())}: removed (measured worse; the "
+                          f"records are in eval/results)")
+    if removed == "warn":
+        network = [k for k in gone if cls.REMOVED.get(k, (None, ""))[1] == "architecture"]
+        if network:
+            raise ConfigError(f"{where} was trained with a removed option, "
+                              f"{', '.join(f'policy.{k}={gone[k]!r}' for k in network)}: this version cannot "
+                              f"build that network (a release before issue 38 can)")
+        if gone:
+            warnings.warn(f"{where}: trained with removed option(s) {', '.join(f'policy.{k}={v!r}' for k, v in gone.items())}"
+                          f", ignored: the weights load and act the same, but training this config again would "
+                          f"not reproduce them", stacklevel=2)
+    d = {k: v for k, v in {**cls.LEGACY, **d}.items() if k not in cls.REMOVED}
+    for k, values in cls.REMOVED_VALUES.items():
+        if k in gone:
+            d[k] = values[d[k]]
+    return d
 
 
 def with_inference(config: PolicyConfig, changes: dict) -> PolicyConfig:

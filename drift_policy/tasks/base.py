@@ -58,34 +58,6 @@ class TaskFamily:
         """(obs_dim, action_dim): the low-dim observation and action sizes per step."""
         raise NotImplementedError
 
-    def action_anchor(self, task) -> tuple[int, ...]:
-        """What ``policy.action_anchor: null`` (the drift policy's default) becomes: the low-dim observation dims,
-        one per action dim, that hold the position the actions command, so that chunks are predicted relative
-        to it; () (absolute actions) where the actions are not positions of observed dims, or where relative
-        chunks have not been measured to help."""
-        return ()
-
-    def obs_origin(self, task) -> tuple[int, ...]:
-        """What ``policy.obs_origin: null`` becomes: the low-dim observation dims (x, y, ...) of a position that the
-        other dims' positions are also given relative to (Push-T keypoints: the agent's); () where the
-        observation is not a set of points, or where the relative view has not been measured to help."""
-        return ()
-
-    def drift_choices(self, task) -> dict[str, Any]:
-        """The drift policy's keys that this family decides, for configs that leave them to the task
-        (``policy.neighbor_positives: -1``; ``per_dim_scale``, ``neighbor_same_episode`` and ``noise_scale``: null;
-        the defaults). A key not returned takes the policy's own rule: 8 neighbour positives on low-dim tasks and
-        0 with cameras, the shared kernel scale, neighbours from any window, unit sampling noise. Return only what
-        was measured to help on the family's tasks."""
-        return {}
-
-    def train_choices(self, task, policy_type: str) -> dict[str, Any]:
-        """The train keys (``lr``, ``warmup_steps``) that this family decides for a policy type ("drift",
-        "diffusion"), for configs that leave them null (the defaults). A key not returned takes
-        ``config.TRAIN_OWN_RULE`` (lr 3e-4, warm-up 100). Return only what was measured to help on the family's
-        tasks, with the baseline given the same sweep."""
-        return {}
-
     def resolve(self, task):
         """The task with every key explicit. A family whose keys come from its data (LeRobot: the dataset's
         features) reads them here; ``Config.from_dict`` calls it once, so a run's config.json records them."""

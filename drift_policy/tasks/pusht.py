@@ -7,7 +7,7 @@ physics, 10 Hz control). The score is the episode's maximum of clip(coverage / 0
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
@@ -48,40 +48,10 @@ class PushT(TaskFamily):
         return sum(KEY_DIMS[k] for k in task.obs_keys), ACTION_DIM
 
     def agent_dims(self, task) -> tuple[int, ...]:
-        """The low-dim observation dims of the agent's position (x, y)."""
+        """The low-dim observation dims of the agent's position (x, y): what the action commands, so the dims
+        that the drift recipe (recipe/pusht_keypoints_drift.yaml) predicts chunks and sees keypoints relative to."""
         start = sum(KEY_DIMS[k] for k in task.obs_keys[:task.obs_keys.index("agent_pos")])
         return (start, start + 1)
-
-    def action_anchor(self, task) -> tuple[int, ...]:
-        # The action is the agent's target position, observed as agent_pos. Relative chunks are measured on
-        # keypoints (eval/results/compute_matched/action_anchor); the image task keeps absolute actions.
-        return () if task.image_keys else self.agent_dims(task)
-
-    def obs_origin(self, task) -> tuple[int, ...]:
-        # The block's keypoints also as seen from the agent; from pixels the low-dim observation is the agent alone.
-        return () if task.image_keys else self.agent_dims(task)
-
-    def drift_choices(self, task) -> dict[str, Any]:
-        if task.image_keys:
-            return {}
-        # Measured on keypoints at 1.2M sample-passes, each over the one before (last-5 coverage / success):
-        # - per_dim_scale: x and y of the relative chunk in units of their own spread, 0.952 / 0.46 against
-        #   0.940 / 0.47, seeds 0 and 1 (eval/results/compute_matched/levers_1200k);
-        # - neighbor_same_episode=False: the neighbour positives come from other demonstrations, not time-shifted
-        #   copies of the own one; seed 0 0.964 / 0.38 against 0.956 / 0.49 (compute_matched/noise_scale);
-        # - noise_scale=0.5: the same weights sampled nearer the middle: seed 0 0.939 / 0.54 against 0.964 / 0.38;
-        #   seeds 0, 1 0.949 / 0.53 (diffusion 0.970 / 0.49): more precise finishes, more outright failures.
-        return {"per_dim_scale": True, "neighbor_same_episode": False, "noise_scale": 0.5}
-
-    def train_choices(self, task, policy_type: str) -> dict[str, Any]:
-        if task.image_keys or policy_type != "drift":
-            return {}
-        # Measured on keypoints at 1.2M sample-passes (last-5 coverage / success, seeds 0, 1;
-        # eval/results/compute_matched/lr_6e-4): lr 6e-4 with a 500-step warm-up 0.962 / 0.60 against 0.949 / 0.53
-        # at TRAIN_OWN_RULE's 3e-4 / 100. The diffusion baseline given the same change (seed 0) scored 0.968 / 0.60
-        # against 0.972 / 0.52 for the same seed at 3e-4: level on coverage, so it keeps its own rule (its success
-        # at 6e-4, 0.60 on one seed, equals drift's).
-        return {"lr": 6e-4, "warmup_steps": 500}
 
     def load(self, task, path: Path) -> dict[str, np.ndarray]:
         from ..data.pusht import load_pusht_image, load_pusht_lowdim

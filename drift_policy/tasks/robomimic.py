@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -50,15 +49,6 @@ class Robomimic(TaskFamily):
             return robomimic_spaces(o.robomimic_task, list(task.obs_keys), o.abs_action)
         except ValueError as e:
             raise ConfigError(f"task.obs_keys: {e}") from e
-
-    def drift_choices(self, task) -> dict[str, Any]:
-        # No neighbours on robomimic. The nearest observations of a window near a grasp or a release are the same
-        # demonstration a few steps earlier or later, whose ±1 gripper command has already switched (or not yet):
-        # on Can (scripted) 5.4 % of the positives' weight has the other gripper sign, and the generator samples
-        # it (wrong sign on 12 % of chunk steps, 7.6 % without neighbours; eval/results/can_chunk_errors_*_final).
-        # Can state at 1.2M sample-passes: success 0.765 last-5 without them (seeds 0, 1), 0.52 with 8 (seed 0),
-        # diffusion 0.71 (eval/results/compute_matched/can_neighbours, can_lowdim).
-        return {"neighbor_positives": 0}
 
     def load(self, task, path: Path) -> dict[str, np.ndarray]:
         from ..data.robomimic import load_robomimic
