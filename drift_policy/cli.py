@@ -128,6 +128,9 @@ def cmd_eval(args: list[str]) -> None:
                           n_videos=opts.get("videos", 0), seed=opts.get("seed", 0))
     res["checkpoint"] = machine_free(opts["checkpoint"])    # a record names no folder of the machine
     res["sampling_seed"] = opts.get("seed", 0)       # the same weights and test seeds score differently per noise draw
+    from .provenance import provenance
+
+    res["provenance"] = provenance(["eval", *args])  # the commit, command and machine of this record
     # The score first: if the file cannot be written (a full disk), the episodes' result is not lost with it.
     print(f"{cfg.task.name}: score {res['mean_score']:.3f}, success rate {res['success_rate']:.2f} "
           f"over {res['n_episodes']} episodes (seeds {res['start_seed']}..)", flush=True)
