@@ -13,6 +13,7 @@ one-line change of the index. README.md gets the table between ``<!-- results:be
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -41,12 +42,12 @@ def load_index(path: str | os.PathLike) -> dict:
         raise ConfigError(f"{path}: 'tasks' must map each task to its entry")
     for task, entry in tasks.items():
         where = f"{path}: tasks.{task}"
-        unknown = set(entry) - {"name", "note", "default", "baseline", "published", "levers"}
+        unknown = set(entry) - {"name", "note", "default", "baseline", "published", "levers", "headline"}
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
         if "name" not in entry or "default" not in entry:
             raise ConfigError(f"{where}: needs 'name' and 'default'")
-        for key in ("default", "baseline"):
+        for key in ("default", "baseline", "headline"):
             if entry.get(key) is not None:
                 _check_ref(entry[key], f"{where}.{key}")
         for i, lever in enumerate(entry.get("levers") or []):
@@ -149,6 +150,29 @@ def _label(ref: dict) -> str:
     return ref.get("label") or Path(ref["record"]).stem
 
 
+def _headline(entry: dict, index_path: Path, base: Path) -> str:
+    """One sentence from a task's headline record (``bench headline``: final weights, more test seeds, several
+    sampling seeds, 95 % intervals), or "" where the task has none."""
+    ref = entry.get("headline")
+    if not ref:
+        return ""
+    rec = json.loads((index_path.parent / ref["record"]).read_text())
+    meta, summ = rec["meta"], rec["summary"]
+    lv = int(round(100 * summ["level"]))
+
+    def one(name, v):
+        seeds = ",".join(str(s) for s in sorted({e["train_seed"] for e in v["per_eval"]}))
+        return (f"{name} {v['mean']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}], success {v['success']:.2f} "
+                f"(training seed{'s' * (',' in seeds)} {seeds})")
+
+    parts = [one(name, v) for name, v in summ["variants"].items()]
+    diffs = [f"paired difference {name}: {d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+             for name, d in summ["differences"].items()]
+    return (f"**{entry['name']}, final weights** on {meta['episodes']} test seeds × {len(meta['sampling_seeds'])} "
+            f"sampling seeds ({lv} % bootstrap intervals over test seeds, placement {meta.get('placement', '-')}): "
+            + "; ".join(parts) + ("; " + "; ".join(diffs) if diffs else "") + f" ({_link(index_path.parent / ref['record'], 'record', base)}).")
+
+
 # ---- the two outputs ----------------------------------------------------------------------------------------------------
 def readme_block(index: dict, index_path: Path, records: Records, docs: Path, base: Path) -> str:
     """The README's results table: one row per task, our default and the baseline beside the published numbers.
@@ -175,6 +199,9 @@ def readme_block(index: dict, index_path: Path, records: Records, docs: Path, ba
         lines.append(f"| {entry['name']} | {cell(d, entry['default'])} | {cell(b, entry.get('baseline'))} | "
                      f"{_published(entry.get('published'))} | {budget} | "
                      f"[{task}.md]({rel(docs / f'{task}.md')}) |")
+    heads = [h for h in (_headline(e, index_path, base) for e in index["tasks"].values()) if h]
+    if heads:
+        lines += ["", *heads]
     return "\n".join(lines) + "\n"
 
 
@@ -198,6 +225,9 @@ def task_page(task: str, entry: dict, index_path: Path, records: Records, docs: 
         s = records.stats(ref)
         lines.append(f"| {role} | {_label(ref)} | {_seeds(s)} | {_budget(s)} | {s['episodes']} | "
                      f"{_metric(s)} {_score(s, per_seed=True)} | {_success(s)} | {link(ref)} |")
+    head = _headline(entry, index_path, docs)
+    if head:
+        lines += ["", head]
     if entry.get("published"):
         lines += ["", f"Published: {_published(entry['published'])}."]
     levers = entry.get("levers") or []

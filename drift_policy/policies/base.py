@@ -1,24 +1,25 @@
-"""What every policy shares: the backbone, the normaliser, observation conditioning, (de)serialisation."""
+"""What every policy shares: its config, the backbone, the normaliser and observation conditioning, and the registry.
+
+The LeRobot-style control API (``select_action``, ``reset``) is in ``control.py``, persistence
+(``save_pretrained`` / ``from_pretrained``) in ``persistence.py``; ``Policy`` combines them."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import CheckpointError, ConfigError, check_keys, check_types
-from ..executor import ChunkExecutor, executable
+from ..errors import ConfigError, check_keys, check_types
+from ..executor import executable
 from ..models.transformer import TRANSFORMER_PRESETS, TimeSeriesTransformer
 from ..models.unet1d import UNET_PRESETS, ConditionalUnet1D
 from ..normalizer import Normalizer
-from ..observations import check_chunk, check_image_step, check_observation
+from ..observations import check_chunk, check_observation
+from .control import ControlAPI
+from .persistence import Pretrained, _plain, load_state  # noqa: F401  (load_state: re-exported)
 
 
 @dataclass
@@ -139,7 +140,7 @@ class PolicyConfig:
         return dataclasses.asdict(self)
 
 
-class Policy(nn.Module):
+class Policy(ControlAPI, Pretrained, nn.Module):
     """Base class. Subclasses set ``timestep_dim`` for the backbone and implement compute_loss / sample."""
 
     timestep_dim = 0
@@ -263,166 +264,9 @@ class Policy(nn.Module):
         c = self.config
         return {"action": action_pred[:, executable(c.n_obs_steps, c.n_action_steps)], "action_pred": action_pred}
 
-    # ---- LeRobot-style control API ----------------------------------------------------------------------
-    def predict_action_chunk(self, obs, generator: torch.Generator | None = None) -> Tensor:
-        """The executable chunk [B, Ta, Da] for obs [B, To, obs_dim]."""
-        return self.predict_action(obs, generator)["action"]
-
-    def reset(self) -> None:
-        """Forget queued actions and observation history (call at the start of every episode)."""
-        self.executor = ChunkExecutor(self.config.n_obs_steps, where="select_action")
-
-    @torch.no_grad()
-    def select_action(self, obs, generator: torch.Generator | None = None) -> Tensor:
-        """One action [B, Da] for the latest single-step obs [B, obs_dim] (or {"obs": [B, D], <camera>: [B, 3, H, W]}).
-
-        Keeps the last To observations (the first one repeated after ``reset``) and a queue of the current chunk's
-        actions; the generator runs only when the queue is empty, i.e. once every Ta calls. Every step is checked
-        (``observations.check_observation``: finite values, images in 0..255) before it enters the history, even
-        when the action comes from the queue. The batch size is fixed between ``reset`` calls: a step with another
-        number of rows than the queued actions is a ValueError (call ``reset()`` when the environments change).
-        """
-        if getattr(self, "executor", None) is None:
-            self.reset()
-        c = self.config
-        step = dict(obs) if isinstance(obs, dict) else {"obs": obs}
-        step["obs"] = torch.as_tensor(step["obs"], dtype=torch.float32, device=self.device)
-        if step["obs"].dim() == 1:
-            step = {k: torch.as_tensor(v).unsqueeze(0) for k, v in step.items()}
-        if step["obs"].dim() != 2 or step["obs"].shape[1] != c.obs_dim:
-            raise ValueError(f"select_action takes one step of obs [B, {c.obs_dim}], got {tuple(step['obs'].shape)}")
-        for k in c.image_keys:
-            if k not in step:
-                raise ValueError(f"observation is missing {k!r} (this policy needs {['obs', *c.image_keys]})")
-            step[k] = torch.as_tensor(step[k], device=self.device)
-            check_image_step(step[k], k, c.image_shape, step["obs"].shape[0])   # before it enters the history
-        step = {k: step[k] for k in ("obs", *c.image_keys)}      # what the policy reads (extra keys ignored)
-        ex = self.executor
-        ex.observe(step)
-        if ex.needs_chunk:
-            window = ex.window(lambda steps: torch.stack([torch.as_tensor(s) for s in steps], dim=1))
-            ex.load(self.predict_action_chunk(window, generator).unbind(dim=1))              # Ta x [B, Da]
-        return ex.pop()
-
     def _noise(self, n: int, generator: torch.Generator | None) -> Tensor:
         c = self.config
         return torch.randn(n, c.horizon, c.action_dim, generator=generator, device=self.device)
-
-    # ---- LeRobot-style persistence ---------------------------------------------------------------------
-    # A pretrained folder: config.json (the policy config), model.safetensors (the weights, with the same config
-    # in their metadata) and manifest.json (SHA-256 and size of both files). from_pretrained verifies all three, so
-    # flipped bytes, a config with missing keys, or a config.json that contradicts the weights (another horizon,
-    # n_action_steps, size or policy type) are refused instead of loading something else than was trained.
-    MANIFEST = "manifest.json"
-
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
-        from safetensors.torch import save
-
-        from ..checkpoint import non_finite_tensors
-        from ..fileio import atomic_write_bytes
-
-        path = Path(path)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        bad = non_finite_tensors(state)
-        if bad:
-            raise CheckpointError(f"refusing to save {path}: the weights hold NaN or inf (first: {bad[0]})")
-        config = json.dumps(self.config.to_dict(), indent=2)
-        files = {"config.json": config.encode(),
-                 "model.safetensors": save(state, metadata={"config": json.dumps(self.config.to_dict())})}
-        for name, data in files.items():
-            atomic_write_bytes(path / name, data)
-        manifest = {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for name, data in files.items()}
-        atomic_write_bytes(path / self.MANIFEST, json.dumps(manifest, indent=2).encode())  # last: marks it complete
-        return path
-
-    @classmethod
-    def _read_pretrained(cls, path: Path) -> tuple[dict, bytes]:
-        """config.json as a dict and the weights' bytes, after checking them against manifest.json."""
-        for f in ("config.json", "model.safetensors"):
-            if not (path / f).exists():
-                raise FileNotFoundError(f"{path}: missing {f} (expected a folder written by save_pretrained)")
-        if not (path / cls.MANIFEST).exists():
-            raise CheckpointError(f"{path}: missing {cls.MANIFEST} (the checksums of a folder written by "
-                                  f"save_pretrained): its files cannot be verified")
-        try:
-            manifest = json.loads((path / cls.MANIFEST).read_text())
-            expected = {f: (int(manifest[f]["bytes"]), str(manifest[f]["sha256"]))
-                        for f in ("config.json", "model.safetensors")}
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: {cls.MANIFEST} is corrupted ({type(e).__name__}: {e})") from e
-        data = {}
-        for f, (size, digest) in expected.items():
-            data[f] = (path / f).read_bytes()
-            if len(data[f]) != size:
-                raise CheckpointError(f"{path / f}: truncated or changed ({len(data[f])} bytes, {cls.MANIFEST} "
-                                      f"says {size})")
-            if hashlib.sha256(data[f]).hexdigest() != digest:
-                raise CheckpointError(f"{path / f}: corrupted or changed (SHA-256 does not match {cls.MANIFEST})")
-        try:
-            config = json.loads(data["config.json"])
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({e})") from e
-        return config, data["model.safetensors"]
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Policy":
-        from safetensors import SafetensorError
-        from safetensors.torch import load
-
-        from ..checkpoint import non_finite_tensors
-
-        path = Path(path)
-        raw, weights = cls._read_pretrained(path)
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{path / 'config.json'}: expected a JSON object")
-        saved, raw = raw, with_legacy_keys(raw, where=str(path))
-        config = config_from_dict(raw)
-        missing = sorted({f.name for f in dataclasses.fields(config)} - set(raw))
-        if missing:   # defaults would silently describe another policy than the one trained
-            raise CheckpointError(f"{path / 'config.json'}: missing key(s) {', '.join('policy.' + k for k in missing)}")
-        try:
-            state = load(weights)
-            n = int.from_bytes(weights[:8], "little")              # safetensors: u64 header size, JSON header
-            meta = json.loads(weights[8: 8 + n]).get("__metadata__") or {}
-        except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-            raise CheckpointError(f"{path / 'model.safetensors'}: not a readable safetensors file ({e})") from e
-        if "config" in meta:
-            trained = json.loads(meta["config"])
-            # removed options compared as saved: config.json must tell what the weights were trained with
-            trained = {**with_legacy_keys(trained, removed="quiet"), **removed_options(trained)}
-            raw = {**raw, **removed_options(saved)}
-            differ = sorted(k for k in set(trained) | set(raw) if _plain(trained.get(k)) != _plain(raw.get(k)))
-            if differ:
-                raise CheckpointError(f"{path / 'config.json'} contradicts the weights, which were trained with "
-                                      + ", ".join(f"policy.{k}={trained.get(k)!r} (config.json: {raw.get(k)!r})"
-                                                  for k in differ))
-        bad = non_finite_tensors(state)
-        if bad:
-            raise CheckpointError(f"{path / 'model.safetensors'}: weights hold NaN or inf (first: {bad[0]})")
-        norm = Normalizer.from_state_dict({k[len("normalizer."):]: v for k, v in state.items()
-                                           if k.startswith("normalizer.")})
-        policy_cls = POLICIES[config.type][1]
-        if cls is not Policy and not issubclass(policy_cls, cls):
-            raise TypeError(f"{path} holds a {config.type} policy, not a {cls.__name__}")
-        policy = policy_cls(config, norm)
-        load_state(policy, state, str(path / "model.safetensors"))
-        return policy.to(device).eval()
-
-
-def load_state(module: nn.Module, state: dict, where: str) -> None:
-    """``load_state_dict`` whose key or shape mismatch is a CheckpointError naming the file (weights of another
-    policy type, size or task), not a RuntimeError deep in torch."""
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise CheckpointError(f"{where}: the weights do not fit this {type(module).__name__} "
-                              f"({'; '.join(x.strip() for x in first[:3])})") from e
-
-
-def _plain(v):
-    return list(v) if isinstance(v, (list, tuple)) else v
-
 
 # ---- the registry of policy types ---------------------------------------------------------------------------------
 # type -> (config class, policy class). Each policy module registers itself (``register_policy``), so a new method
