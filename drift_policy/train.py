@@ -133,18 +133,7 @@ def _train(cfg: Config | None, run_dir, resume: bool, progress: bool, hold: cont
         raise ValueError("train() needs a config, or resume=True and the run_dir to resume")
     run_dir = Path(run_dir or cfg.train.run_dir or cfg.default_run_dir())
 
-    # Resuming takes the config saved with the run's checkpoint, so a resumed run is the same run (and a
-    # truncated or edited config.json does not matter).
-    ckpt = None
-    if resume:
-        found = runs.latest_good_checkpoint(run_dir)
-        if found is None:
-            raise FileNotFoundError(f"{run_dir}: no usable checkpoint to resume from")
-        ckpt_path, ckpt = found
-        cfg = Config.from_dict(ckpt["config"], where=str(ckpt_path))
-        print(f"resuming {run_dir} from {ckpt_path.name} (step {ckpt['step']})")
-    else:
-        runs.check_run_dir_free(run_dir, cfg.train.overwrite)    # fail before loading data; writes nothing
+    cfg, ckpt = _config_and_checkpoint(cfg, run_dir, resume)
     t = cfg.train
     set_threads(t.threads)
     # One process, or one of several under torchrun (then only rank 0 writes files).
@@ -160,42 +149,13 @@ def _train(cfg: Config | None, run_dir, resume: bool, progress: bool, hold: cont
     normalizer = Normalizer().fit("obs", train_set.steps("obs"))
     normalizer.fit("action", train_set.action_targets(cfg.policy.action_anchor))
     policy_class(cfg.policy).prepare_data(cfg.policy, train_set, normalizer)    # what its loss reads (drift: neighbours)
-    refused = None
-    if is_main:
-        try:
-            hold.enter_context(runs.claim_run_dir(run_dir, resume=resume, overwrite=t.overwrite))
-            runs.write_config(run_dir, cfg)
-            if not resume:                     # the commit, command and machine that trained it, for its records
-                write_provenance(run_dir)
-        except (RunDirError, OSError) as e:
-            refused = e
-    if dist.max(float(refused is not None)) > 0:     # a collective: under torchrun every rank stops, none hangs
-        raise refused or RunDirError(f"{run_dir}: rank 0 could not claim the run folder")
+    _claim_run_folder(run_dir, cfg, resume, dist, hold)
 
-    # Policy, EMA copy and optimiser.
-    policy = make_policy(cfg.policy, normalizer).to(device)
-    loss_fn = dist.loss_fn(policy)            # policy.compute_loss, through DDP when distributed
-    ema = copy.deepcopy(policy).requires_grad_(False).eval()
-    if t.compile:
-        policy.model.compile()                 # in place: parameter names, checkpoints and the EMA copy unchanged
-    opt = torch.optim.AdamW(policy.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-    data_gen = torch.Generator().manual_seed(t.seed)   # the same data stream on every rank
-    if dist.enabled:
-        torch.manual_seed(t.seed + dist.rank)  # but each rank its own sampling noise
+    policy, loss_fn, ema, opt, data_gen = _build(cfg, normalizer, dist)
     step, train_seconds, next_eval_minutes = 0, 0.0, t.eval_every_minutes
     if ckpt is not None:
-        policy.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        data_gen.set_state(ckpt["data_rng"])
-        dist.restore_rng(ckpt["torch_rng"], t.seed, ckpt["step"])
-        step, train_seconds, next_eval_minutes = ckpt["step"], ckpt["train_seconds"], ckpt["next_eval_minutes"]
-    from .tasks import family, has_env
-
-    evaluating = t.eval_episodes > 0 and has_env(cfg.task)
-    if t.eval_episodes and not evaluating and is_main:
-        print(f"note: task {cfg.task.name} has no evaluation environment ({family(cfg.task).no_env_hint}); "
-              f"training without evaluation (train.eval_episodes={t.eval_episodes} is ignored)")
+        step, train_seconds, next_eval_minutes = _restore(ckpt, policy, ema, opt, data_gen, dist, t.seed)
+    evaluating = _evaluating(cfg, is_main)
     n_params = sum(p.numel() for p in policy.parameters())
     per_step = cfg.sample_passes_per_step
     print(f"{cfg.policy.type} policy, {cfg.policy.backbone} backbone: {n_params / 1e6:.2f}M parameters; "
@@ -207,35 +167,12 @@ def _train(cfg: Config | None, run_dir, resume: bool, progress: bool, hold: cont
     lower_lr = f"; train again with a lower train.lr (this run: {t.lr:g})"   # what to do when it diverges
 
     def checkpoint():
-        torch_rng = dist.rng_states()         # every rank's noise stream (a collective: all ranks get here)
-        bad = non_finite_tensors(policy.state_dict()) + non_finite_tensors(ema.state_dict())
-        if bad:
-            # Never stored as "good": resume and eval would pick NaN weights. The newest checkpoint on disk stays
-            # the newest good one.
-            newest = runs.newest_verified_checkpoint(run_dir)
-            raise DivergenceError(f"training diverged: step {step}: the weights hold NaN or inf ({bad[0]}); not "
-                                  f"saved. Newest good checkpoint: {newest or 'none'}{lower_lr}")
-        if not is_main:
-            return
-        save_checkpoint({"model": policy.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                         "step": step, "train_seconds": train_seconds, "next_eval_minutes": next_eval_minutes,
-                         "config": cfg.to_dict(), "data_rng": data_gen.get_state(),
-                         "torch_rng": torch_rng}, runs.checkpoint_path(run_dir, step))
-        runs.prune_checkpoints(run_dir, t.keep_checkpoints)
+        _save_checkpoint(run_dir, cfg, dist, policy, ema, opt, data_gen,
+                         {"step": step, "train_seconds": train_seconds, "next_eval_minutes": next_eval_minutes},
+                         lower_lr)
 
     def evaluate():
-        res = evaluate_policy(ema, cfg, t.eval_episodes, t.eval_workers, progress=False, seed=t.seed)
-        res.update(step=step, sample_passes=step * per_step, train_minutes=train_seconds / 60,
-                   val=validation_signals(ema, val_set))
-        from .evaluation import save_eval_json
-
-        save_eval_json(res, runs.eval_path(run_dir, step))
-        logger.log({"step": step, "sample_passes": step * per_step, "train_minutes": train_seconds / 60,
-                    "eval/mean_score": res["mean_score"], "eval/success_rate": res["success_rate"],
-                    **{f"val/{k}": v for k, v in res["val"].items()}})
-        bar.write(f"step {step}: score {res['mean_score']:.3f}, success {res['success_rate']:.2f} "
-                  f"({train_seconds / 60:.1f} train-min, eval {res['wall_s']:.0f}s)")
-        bar.set_eval(res["mean_score"], step)
+        _evaluate(run_dir, cfg, ema, val_set, logger, bar, step, train_seconds)
 
     def out_of_budget():
         return step >= t.max_steps or (t.max_minutes > 0 and train_seconds >= 60 * t.max_minutes)
@@ -306,6 +243,109 @@ def _train(cfg: Config | None, run_dir, resume: bool, progress: bool, hold: cont
     _write_plots(run_dir)
     print(f"done: {step} steps in {train_seconds / 60:.1f} training minutes; EMA policy saved to {runs.pretrained_dir(run_dir)}")
     return run_dir
+
+
+def _save_checkpoint(run_dir: Path, cfg: Config, dist: Distributed, policy, ema, opt, data_gen, progress: dict,
+                     lower_lr: str) -> None:
+    """A checkpoint of everything a bit-exact resume needs. Weights with NaN or inf are never stored as "good"
+    (resume and eval would pick them): the newest checkpoint on disk stays the newest good one."""
+    torch_rng = dist.rng_states()             # every rank's noise stream (a collective: all ranks get here)
+    step = progress["step"]
+    bad = non_finite_tensors(policy.state_dict()) + non_finite_tensors(ema.state_dict())
+    if bad:
+        newest = runs.newest_verified_checkpoint(run_dir)
+        raise DivergenceError(f"training diverged: step {step}: the weights hold NaN or inf ({bad[0]}); not "
+                              f"saved. Newest good checkpoint: {newest or 'none'}{lower_lr}")
+    if not dist.is_main:
+        return
+    save_checkpoint({"model": policy.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                     **progress, "config": cfg.to_dict(), "data_rng": data_gen.get_state(),
+                     "torch_rng": torch_rng}, runs.checkpoint_path(run_dir, step))
+    runs.prune_checkpoints(run_dir, cfg.train.keep_checkpoints)
+
+
+def _evaluate(run_dir: Path, cfg: Config, ema, val_set, logger, bar, step: int, train_seconds: float) -> None:
+    """Closed-loop evaluation of the EMA weights and the held-out signals, saved as eval/step_<step>.json."""
+    from .evaluation import save_eval_json
+
+    t, per_step = cfg.train, cfg.sample_passes_per_step
+    res = evaluate_policy(ema, cfg, t.eval_episodes, t.eval_workers, progress=False, seed=t.seed)
+    res.update(step=step, sample_passes=step * per_step, train_minutes=train_seconds / 60,
+               val=validation_signals(ema, val_set))
+    save_eval_json(res, runs.eval_path(run_dir, step))
+    logger.log({"step": step, "sample_passes": step * per_step, "train_minutes": train_seconds / 60,
+                "eval/mean_score": res["mean_score"], "eval/success_rate": res["success_rate"],
+                **{f"val/{k}": v for k, v in res["val"].items()}})
+    bar.write(f"step {step}: score {res['mean_score']:.3f}, success {res['success_rate']:.2f} "
+              f"({train_seconds / 60:.1f} train-min, eval {res['wall_s']:.0f}s)")
+    bar.set_eval(res["mean_score"], step)
+
+
+def _config_and_checkpoint(cfg: Config | None, run_dir: Path, resume: bool) -> tuple[Config, dict | None]:
+    """The run's config and, when resuming, its newest good checkpoint. Resuming takes the config saved with the
+    checkpoint, so a resumed run is the same run (and a truncated or edited config.json does not matter); a new run
+    first checks that its folder is free (before loading data; writes nothing)."""
+    if not resume:
+        runs.check_run_dir_free(run_dir, cfg.train.overwrite)
+        return cfg, None
+    found = runs.latest_good_checkpoint(run_dir)
+    if found is None:
+        raise FileNotFoundError(f"{run_dir}: no usable checkpoint to resume from")
+    ckpt_path, ckpt = found
+    print(f"resuming {run_dir} from {ckpt_path.name} (step {ckpt['step']})")
+    return Config.from_dict(ckpt["config"], where=str(ckpt_path)), ckpt
+
+
+def _claim_run_folder(run_dir: Path, cfg: Config, resume: bool, dist: Distributed, hold: contextlib.ExitStack) -> None:
+    """Rank 0 claims the folder for the run's life and writes config.json and provenance.json (the commit, command
+    and machine that trained it, for its records); under torchrun every rank stops if it cannot, none hangs."""
+    refused = None
+    if dist.is_main:
+        try:
+            hold.enter_context(runs.claim_run_dir(run_dir, resume=resume, overwrite=cfg.train.overwrite))
+            runs.write_config(run_dir, cfg)
+            if not resume:
+                write_provenance(run_dir)
+        except (RunDirError, OSError) as e:
+            refused = e
+    if dist.max(float(refused is not None)) > 0:     # a collective: every rank takes the same branch
+        raise refused or RunDirError(f"{run_dir}: rank 0 could not claim the run folder")
+
+
+def _build(cfg: Config, normalizer: Normalizer, dist: Distributed):
+    """(policy, its loss through DDP when distributed, EMA copy, AdamW, the data stream's generator)."""
+    t = cfg.train
+    policy = make_policy(cfg.policy, normalizer).to(dist.device)
+    loss_fn = dist.loss_fn(policy)
+    ema = copy.deepcopy(policy).requires_grad_(False).eval()
+    if t.compile:
+        policy.model.compile()                 # in place: parameter names, checkpoints and the EMA copy unchanged
+    opt = torch.optim.AdamW(policy.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    data_gen = torch.Generator().manual_seed(t.seed)   # the same data stream on every rank
+    if dist.enabled:
+        torch.manual_seed(t.seed + dist.rank)  # but each rank its own sampling noise
+    return policy, loss_fn, ema, opt, data_gen
+
+
+def _restore(ckpt: dict, policy, ema, opt, data_gen, dist: Distributed, seed: int) -> tuple[int, float, float]:
+    """Weights, optimiser and every random stream from a checkpoint; returns (step, train_seconds, next eval)."""
+    policy.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["optimizer"])
+    data_gen.set_state(ckpt["data_rng"])
+    dist.restore_rng(ckpt["torch_rng"], seed, ckpt["step"])
+    return ckpt["step"], ckpt["train_seconds"], ckpt["next_eval_minutes"]
+
+
+def _evaluating(cfg: Config, is_main: bool) -> bool:
+    from .tasks import family, has_env
+
+    t = cfg.train
+    evaluating = t.eval_episodes > 0 and has_env(cfg.task)
+    if t.eval_episodes and not evaluating and is_main:
+        print(f"note: task {cfg.task.name} has no evaluation environment ({family(cfg.task).no_env_hint}); "
+              f"training without evaluation (train.eval_episodes={t.eval_episodes} is ignored)")
+    return evaluating
 
 
 def _write_plots(run_dir: Path) -> None:
