@@ -114,6 +114,8 @@ def headline(run_root: PathLike, variants: dict[str, str], seeds: list[int], out
     for label, prefix in variants.items():
         for seed in seeds:
             run = Path(run_root) / f"{prefix}-s{seed}"
+            if not run.exists():                 # a seed this variant was not trained with: the record lists the runs
+                continue
             pre = runs.pretrained_dir(run)
             if not (pre / "model.safetensors").exists():
                 raise SystemExit(f"bench headline: {run.name} has no final weights (pretrained/); finish its training "
@@ -133,6 +135,9 @@ def headline(run_root: PathLike, variants: dict[str, str], seeds: list[int], out
                           f"{res['success_rate']:.2f} ({res['wall_s']:.0f}s)", flush=True)
                 meta["placement"] = res.get("placement", "-")
                 collected.setdefault(label, []).append(res)
+    missing = [label for label in variants if label not in collected]
+    if missing:
+        raise SystemExit(f"bench headline: no run of {missing} under {run_root} for seeds {seeds}")
     summary = summarize(collected)
     from .fileio import atomic_write_text
 
