@@ -67,7 +67,7 @@ def run_record(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     cfg = json.loads(runs.config_path(run_dir).read_text())
     t, p = cfg["train"], cfg["policy"]
-    per_step = t["batch_size"] * config_from_dict(p).sample_passes_per_obs
+    per_step = t["batch_size"] * config_from_dict(with_legacy_keys(p, removed="quiet")).sample_passes_per_obs
     evals = []
     for f in runs.eval_files(run_dir):
         r = json.loads(f.read_text())
@@ -111,7 +111,7 @@ def run_record(run_dir: Path) -> dict:
            "max_steps": t["max_steps"], "sample_passes_per_step": per_step,
            "complete": (runs.pretrained_dir(run_dir) / "model.safetensors").exists(),
            "seconds_per_step": 60 * minutes / step if step and minutes else None,
-           "nfe": config_from_dict(p).nfe, "score_label": family(cfg["task"]["env"]).score_label,
+           "nfe": config_from_dict(with_legacy_keys(p, removed="quiet")).nfe, "score_label": family(cfg["task"]["env"]).score_label,
            "policy_config": p, "train_config": {**t, "run_dir": machine_free(t.get("run_dir", ""))},
            "provenance": read_provenance(run_dir), "evals": evals,
            "max_score": max(scores, default=float("nan")), "last5_score": mean(scores[-5:]),

@@ -158,7 +158,7 @@ def test_the_migration_shortens_paths_and_never_a_number():
     assert mig.new_path("eval/results/" + "compute_matched/lr_6e-4/pusht_keypoints.md") == \
         "eval/results/pusht_keypoints/levers/lr_6e-4/pusht_keypoints.md"
     assert mig.fix_references("see eval/results/" + "compute_matched/obs_origin/wide200/pusht_keypoints.md.") == \
-        "see eval/results/pusht_keypoints/default/obs_origin/wide200/pusht_keypoints.md."
+        "see eval/results/pusht_keypoints/superseded/exact_placement/obs_origin/wide200/pusht_keypoints.md."
     assert mig.fix_references("`eval/results/" + "bench_train.{md,json,png}`, eval/results/" + "blockpush_{a,b}.json") == \
         "`eval/results/pusht_keypoints/superseded/wall_clock/bench_train.{md,json,png}`, " \
         "eval/results/blockpush_lowdim/default/blockpush_{a,b}.json"
