@@ -33,8 +33,16 @@ from . import runs
 from .errors import ConfigError, RunFolderError
 from .fileio import atomic_write_text
 from .provenance import command_line, git_commit, machine_free, read_provenance, write_provenance
-from .records import (bench_record, evaluated_alike, machine_info, recipe_defaults, recipe_key, run_record,
-                      summarize_run, write_json)
+from .records import (
+    bench_record,
+    evaluated_alike,
+    machine_info,
+    recipe_defaults,
+    recipe_key,
+    run_record,
+    summarize_run,
+    write_json,
+)
 from .rendering import bench_markdown, bench_plot, run_markdown
 from .runs import parse_kv as _kv
 

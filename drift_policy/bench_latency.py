@@ -159,14 +159,14 @@ def bench_task_policies(names=tuple(TASK_POLICIES), batch: int = 1, *, device: s
         torch.manual_seed(seed)
         policy = make_policy(cfg.policy).to(device).eval()
         obs = random_obs(policy, batch, seed)
-        t = time_call(lambda: policy.predict_action(obs), **timing_kw)
+        t = time_call(lambda: policy.predict_action(obs), **timing_kw)  # noqa: F821
         row = {"name": name, "batch": batch, "params_m": n_params(policy) / 1e6, "predict_ms": t["median_ms"],
                "predict_p90_ms": t["p90_ms"], "n_repeats": t["n_repeats"], "encoder_ms": None,
                "encoder_params_m": None, "nfe": cfg.policy.nfe}
         if policy.obs_encoder is not None:
             c = cfg.policy
             frames = {k: v[:, -c.n_obs_steps:].flatten(0, 1) for k, v in obs.items() if k in c.image_keys}
-            e = time_call(lambda: policy.obs_encoder(frames), **timing_kw)
+            e = time_call(lambda: policy.obs_encoder(frames), **timing_kw)  # noqa: F821
             row.update(encoder_ms=e["median_ms"], encoder_params_m=n_params(policy.obs_encoder) / 1e6)
         rows.append(row)
         say(f"  {name:>40} batch {batch}: predict {row['predict_ms']:9.3f} ms"
@@ -205,7 +205,7 @@ def bench_latency(presets=DEFAULT_PRESETS, batches=DEFAULT_BATCHES, methods=tupl
                  "warmup": warmup, "backend": backend, "presets": presets, "batches": batches, "methods": methods,
                  "timing": "median/p90 of n timed predict_action calls after warm-up, torch.inference_mode, gc off, "
                            "device synchronised around each call; n = calls fitting in budget_s, "
-                           f"in [min(3, repeats), repeats]"})
+                           "in [min(3, repeats), repeats]"})
     timing_kw = dict(device=device, repeats=repeats, budget_s=budget_s, warmup=warmup)
 
     results = []
@@ -217,7 +217,7 @@ def bench_latency(presets=DEFAULT_PRESETS, batches=DEFAULT_BATCHES, methods=tupl
             for batch in batches:
                 obs = random_obs(policy, batch, seed)
                 torch.manual_seed(seed)
-                t = time_call(lambda: policy.predict_action(obs), inference_mode=backend != "eager_no_grad",
+                t = time_call(lambda: policy.predict_action(obs), inference_mode=backend != "eager_no_grad",  # noqa: F821
                               **timing_kw)
                 label = METHODS[method][0]
                 cell = {"preset": preset, "method": method, "label": label, "nfe": policy.config.nfe, "batch": batch,

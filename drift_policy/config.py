@@ -100,7 +100,7 @@ class TrainConfig:
         for k in positive:
             if getattr(self, k) < 1:
                 raise ConfigError(f"train.{k} must be >= 1, got {getattr(self, k)}")
-        non_negative = ("batch_size", "warmup_steps", "sample_passes", "max_steps", "max_minutes", "eval_fraction", "eval_every_steps", "eval_every_minutes", "eval_episodes",
+        non_negative = ("batch_size", "warmup_steps", "sample_passes", "max_steps", "max_minutes", "eval_fraction", "eval_every_steps", "eval_every_minutes", "eval_episodes",  # noqa: E501
                         "eval_workers", "weight_decay", "grad_clip")
         for k in non_negative:
             if getattr(self, k) < 0:
@@ -166,7 +166,8 @@ class Config:
         return self.train.batch_size * self.policy.sample_passes_per_obs
 
     def _resolve_budget(self) -> None:
-        """Derive the batch size (0: the policy's default), max_steps from the sample-pass budget (or the budget from max_steps), and the eval interval.
+        """Derive the batch size (0: the policy's default), max_steps from the sample-pass budget (or the budget from
+        max_steps), and the eval interval.
 
         Idempotent: a saved config.json holds the resolved values and resolves to itself, so a resumed run
         keeps its schedule."""

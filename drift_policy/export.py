@@ -135,9 +135,8 @@ def load_torchscript(path: str | os.PathLike) -> torch.jit.ScriptModule:
 
 # ---- command line ---------------------------------------------------------------------------------------------
 def cmd_export(args: list[str]) -> None:
-    from .runs import load_policy_for_eval, parse_kv
-
     from .fileio import check_writable
+    from .runs import load_policy_for_eval, parse_kv
 
     usage = "usage: drift-policy export checkpoint=PATH format=onnx|torchscript out=FILE"
     opts = parse_kv(args, {"checkpoint": str, "format": str, "out": str}, usage=usage,

@@ -79,7 +79,7 @@ def command_line(argv: list[str] | None = None) -> str:
 
 
 def provenance(argv: list[str] | None = None) -> dict:
-    import drift_policy      # its __version__ (``from . import __version__`` would read as a private name)
+    import drift_policy  # its __version__ (``from . import __version__`` would read as a private name)
 
     return {"commit": git_commit(), "version": drift_policy.__version__, "command": command_line(argv), "machine": machine()}
 

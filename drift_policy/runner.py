@@ -37,12 +37,11 @@ one seeded torch.Generator whichever the backend, so every backend sees the same
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-import dataclasses
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from . import runs
-from .provenance import write_provenance
 from .checkpoint import non_finite_tensors, save_checkpoint
 from .config import Config
 from .distributed import Distributed
@@ -28,6 +27,7 @@ from .errors import DivergenceError, RunDirError
 from .fileio import append_text, atomic_write_text
 from .normalizer import Normalizer
 from .policies import Policy, make_policy, policy_class
+from .provenance import write_provenance
 from .threads import set_threads
 
 
@@ -214,7 +214,7 @@ def _train(cfg: Config | None, run_dir, resume: bool, progress: bool, hold: cont
         bar.update(step, train_seconds)
 
         if is_main and step % t.log_every == 0:
-            rec = {"step": step, "sample_passes": step * per_step, "train_minutes": train_seconds / 60, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"],
+            rec = {"step": step, "sample_passes": step * per_step, "train_minutes": train_seconds / 60, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"],  # noqa: E501
                    "grad_norm": float(grad_norm), **{f"train/{k}": v for k, v in info.items()}}
             logger.log(rec)
             bar.set_train(float(loss.detach()), info.get("mse_to_expert"))

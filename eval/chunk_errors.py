@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from drift_policy.records import machine_info
 from drift_policy.fileio import atomic_write_text
 from drift_policy.provenance import machine_free
+from drift_policy.records import machine_info
 from drift_policy.runs import load_policy_for_eval
 from drift_policy.threads import set_threads
 from drift_policy.train import evaluate_policy, make_datasets

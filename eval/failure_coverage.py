@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from drift_policy.config import compose
 from drift_policy.provenance import machine_free
 from drift_policy.records import machine_info
-from drift_policy.config import compose
 from drift_policy.tasks import env_spec, make_env
 from drift_policy.train import make_datasets
 

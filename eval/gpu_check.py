@@ -90,7 +90,7 @@ def main(argv: list[str]) -> None:
     for part in parts:
         t0 = time.time()
         if part == "latency":
-            sh("bench", "latency", f"device={o['device']}", f"presets={o['presets']}", f"out={Path(o['out']) / ('latency_' + o['device'].split(':')[0] + '.json')}")
+            sh("bench", "latency", f"device={o['device']}", f"presets={o['presets']}", f"out={Path(o['out']) / ('latency_' + o['device'].split(':')[0] + '.json')}")  # noqa: E501
         elif part in POLICIES:
             train(part, o)
         else:

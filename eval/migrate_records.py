@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from drift_policy.fileio import atomic_write_text  # noqa: E402
 from drift_policy.provenance import git_commit, machine_free_text  # noqa: E402
-from drift_policy.records import record_kind, recipe_defaults  # noqa: E402
+from drift_policy.records import recipe_defaults, record_kind  # noqa: E402
 
 ROOTS = ("eval/results", "eval/diagnostics")
 

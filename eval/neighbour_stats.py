@@ -15,13 +15,12 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from drift_policy.records import machine_info
 from drift_policy.config import compose
 from drift_policy.data.windows import NeighborPositives
 from drift_policy.normalizer import Normalizer
+from drift_policy.records import machine_info
 from drift_policy.train import make_datasets
 
 

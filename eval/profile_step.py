@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from drift_policy.records import machine_info
 from drift_policy.config import compose
 from drift_policy.normalizer import Normalizer
 from drift_policy.policies import make_policy, policy_class
+from drift_policy.records import machine_info
 from drift_policy.train import make_datasets
 
 

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from drift_policy import backends
+from drift_policy import backends, timing
 from drift_policy import bench_latency as bl
 from drift_policy import latency_report as report
-from drift_policy import timing
 
 
 @pytest.fixture(autouse=True)

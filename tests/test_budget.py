@@ -10,15 +10,14 @@ import pytest
 import torch
 
 from drift_policy import train as train_mod
-from drift_policy.records import run_record
 from drift_policy.checkpoint import load_checkpoint
-from drift_policy.errors import ConfigError
-from drift_policy.runs import list_checkpoints
 from drift_policy.config import Config, compose
 from drift_policy.data.windows import NeighborPositives, make_windows
 from drift_policy.errors import ConfigError
 from drift_policy.normalizer import Normalizer
 from drift_policy.policies import make_policy, policy_class
+from drift_policy.records import run_record
+from drift_policy.runs import list_checkpoints
 
 TINY = ["policy.backbone=tiny", "train.batch_size=4", "train.eval_episodes=0", "train.threads=1",
         "train.log_every=1", "train.warmup_steps=3", "train.wandb=disabled"]
@@ -376,7 +375,7 @@ def test_a_records_recipe_column_names_exactly_the_keys_that_differ_from_the_def
     _fake_run(tmp_path / "runs" / "drift_unet-s0", 0, 7, [0.5, 0.75])
     keys = ["policy.neighbor_bandwidth=0.03", "train.ema_decay=0.9999", "policy.guidance=2", "policy.n_action_steps=4",
             "policy.neighbor_same_episode=true", "train.weight_decay=0.1"]
-    _fake_run(tmp_path / "runs" / "drift_unet_policy.neighbor_bandwidth_0.03_train.ema_decay_0.9999_policy.guidance_2_policy.n_action_steps_4_policy.neighbor_same_episode_true_train.weight_decay_0.1-s0", 0, 7, [0.5, 0.75],
+    _fake_run(tmp_path / "runs" / "drift_unet_policy.neighbor_bandwidth_0.03_train.ema_decay_0.9999_policy.guidance_2_policy.n_action_steps_4_policy.neighbor_same_episode_true_train.weight_decay_0.1-s0", 0, 7, [0.5, 0.75],  # noqa: E501
               overrides=keys)
     path = bench_train(["report_only=1", "budget=640", "seeds=0", "policies=drift_unet,drift_unet:" + "+".join(keys),
                         f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"])

@@ -1,5 +1,4 @@
 """Push-T data loading, validation, windowing and normalisation."""
-import shutil
 
 import numpy as np
 import pytest

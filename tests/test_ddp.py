@@ -6,8 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-pytestmark = pytest.mark.slow   # every test here launches torchrun processes
 import torch
 
 from drift_policy.checkpoint import load_checkpoint
@@ -15,6 +13,8 @@ from drift_policy.config import Config
 from drift_policy.distributed import Distributed, param_digest
 from drift_policy.policies import make_policy
 from drift_policy.runs import list_checkpoints
+
+pytestmark = pytest.mark.slow   # every test here launches torchrun processes
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -65,7 +65,7 @@ def test_ddp_two_cpu_processes_with_torchrun(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    line = next(l for l in r.stdout.splitlines() if l.startswith("ddp check "))
+    line = next(x for x in r.stdout.splitlines() if x.startswith("ddp check "))
     ddp = json.loads(line[len("ddp check "):])
     assert ddp["world"] == 2
     assert ddp["param_max_diff"] == 0.0                        # replicas stay identical

@@ -12,8 +12,7 @@ import zarr
 pytest.importorskip("pyarrow", reason="the [lerobot] extra (pyarrow) is not installed")
 pytest.importorskip("av", reason="the [lerobot] extra (av) is not installed")
 
-from drift_policy.data.lerobot import (DatasetError, camera_name, load_lerobot, read_meta,  # noqa: E402
-                                       resolve_dataset, select_features)
+from drift_policy.data.lerobot import DatasetError, camera_name, load_lerobot, read_meta, resolve_dataset, select_features  # noqa: E402
 from drift_policy.data.pusht import load_pusht_lowdim  # noqa: E402
 from drift_policy.data.windows import make_windows  # noqa: E402
 from drift_policy.normalizer import Normalizer  # noqa: E402

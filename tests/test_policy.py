@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from drift_policy.config import Config, compose
+from drift_policy.errors import ConfigError
 from drift_policy.models.unet1d import UNET_PRESETS, ConditionalUnet1D
 from drift_policy.normalizer import Normalizer
 from drift_policy.policies import DiffusionConfig, DriftConfig, make_policy
-from drift_policy.errors import ConfigError
 
 
 def _norm():

@@ -89,7 +89,7 @@ def test_select_action_runs_the_generator_once_per_chunk(policy):
     calls = count_forwards(policy)
     policy.reset()
     g_ref = gen(5)
-    got, chunks = [], []
+    got, chunks = [], []  # noqa: F841
     obs_seq = [torch.rand(2, OBS) * 512 for _ in range(3 * TA)]
     g = gen(5)
     for t, o in enumerate(obs_seq):

@@ -18,8 +18,8 @@ from drift_policy.envs.pusht import (
     replay_episode,
 )
 from drift_policy.evaluation import save_eval_json
-from drift_policy.tasks.pusht import evaluate_pusht
 from drift_policy.paths import pusht_zarr_path
+from drift_policy.tasks.pusht import evaluate_pusht
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = os.environ.get("DRIFT_POLICY_DATA_ROOT") or str(REPO.parent / "shared" / "data")

@@ -234,9 +234,9 @@ def convert_to_abs_actions(env_meta: dict, states: Sequence[np.ndarray], actions
     OSC_POSE sets for the delta (``goal_pos = eef_pos + dpos * 0.05``, ``goal_ori = R(drot * 0.5) @ eef_ori`` in
     the world frame, the "achieved" update mode robosuite 1.2 used).
     """
-    from ..envs.robomimic import RobomimicEnv, matrix_to_rot6d
-
     from robosuite.utils import transform_utils as T
+
+    from ..envs.robomimic import RobomimicEnv, matrix_to_rot6d
 
     env = RobomimicEnv(env_meta, obs_keys=[])
     try:

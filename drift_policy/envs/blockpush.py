@@ -32,8 +32,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-
-__all__ = ["BlockPushEnv", "ModeTracker", "episode_modes", "MODE_FLAGS", "ENGAGE_DIST", "OBS_DIM", "ACTION_DIM", "OBS_SLICES", "WORKSPACE_BOUNDS", "GOAL_TOLERANCE",
+__all__ = ["BlockPushEnv", "ModeTracker", "episode_modes", "MODE_FLAGS", "ENGAGE_DIST", "OBS_DIM", "ACTION_DIM", "OBS_SLICES", "WORKSPACE_BOUNDS", "GOAL_TOLERANCE",  # noqa: E501
            "MAX_STEPS", "CONTROL_HZ", "BLOCK_SIZE", "EFFECTOR_RADIUS", "P1_SCORE", "P2_SCORE"]
 
 WORKSPACE_BOUNDS = np.array([[0.15, -0.5], [0.70, 0.5]])  # [[x_min, y_min], [x_max, y_max]] (m)
@@ -136,7 +135,8 @@ class BlockPushEnv(gym.Env):
 
     ``info`` after every reset/step: ``p1`` / ``p2`` (so far in the episode), ``is_success`` (= p2),
     ``first_block`` (0: block A reached a target first, 1: block B, -1: none yet), the mode flags ``MODE_FLAGS``
-    (``ModeTracker``: a_first, b_first, which target each block was in, switched), ``in_target`` (per block, now). ``render(size)`` draws an RGB frame with
+    (``ModeTracker``: a_first, b_first, which target each block was in, switched), ``in_target`` (per block, now).
+    ``render(size)`` draws an RGB frame with
     pybullet's CPU renderer. pybullet is imported when the first env is made (``_pybullet``).
     """
 

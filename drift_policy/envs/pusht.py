@@ -34,8 +34,8 @@ from typing import Any  # noqa: E402
 import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 import shapely.geometry as sg  # noqa: E402
-from gymnasium import spaces  # noqa: E402
 from gym_pusht.envs.pusht import PushTEnv as _GymPushTEnv  # noqa: E402
+from gymnasium import spaces  # noqa: E402
 
 __all__ = [
     "PUSHT_LOCAL_KEYPOINTS",

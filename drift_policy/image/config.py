@@ -22,7 +22,7 @@ DEFAULTS: dict = {
     "latent": {"kind": "none", "path": None, "scale": None, "tiny_minutes": 3.0},
     # hidden/depth/heads/mlp_ratio: None = the preset's value
     "model": {"preset": "tiny", "patch": 4, "n_context_tokens": 4, "n_style": 32, "style_codebook": 64,
-              "noise_skip": False, "head_init_std": None, "ada_init_std": 0.0, "class_init_std": 1.0, "hidden": None, "depth": None, "heads": None, "mlp_ratio": None},
+              "noise_skip": False, "head_init_std": None, "ada_init_std": 0.0, "class_init_std": 1.0, "hidden": None, "depth": None, "heads": None, "mlp_ratio": None},  # noqa: E501
     "encoder": {"use": True, "path": "runs/image/encoder_fmnist.pt", "widths": [16, 32, 64], "blocks_per_stage": 1,
                 "mae_minutes": 3.0, "mae_max_steps": 10 ** 9, "mae_mask_ratio": 0.5, "stages": [0, 1, 2], "loc_stages": [2],
                 "patches": [2, 4], "max_groups": 64, "global_stats": True},
@@ -34,7 +34,7 @@ DEFAULTS: dict = {
     "train": {"minutes": 25.0, "max_steps": 10 ** 9, "seed": 0, "threads": 1, "log_every": 50,
               "out": "runs/image/fmnist", "save_every_minutes": 5.0,
               "snapshot_steps": []},   # also keep <out>/step<N>/checkpoint.pt at these steps (budget-matched ablations)
-    "eval": {"classifier": "runs/image/classifier_fmnist.pt", "classifier_minutes": 3.0, "classifier_epochs": 2.0, "n_per_class": 1000, "alphas": [1.0, 1.5, 2.0],
+    "eval": {"classifier": "runs/image/classifier_fmnist.pt", "classifier_minutes": 3.0, "classifier_epochs": 2.0, "n_per_class": 1000, "alphas": [1.0, 1.5, 2.0],  # noqa: E501
              "grid_per_class": 10},
 }
 

@@ -24,13 +24,13 @@ import torch
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..distributed import Distributed
+from ..drift import cfg_neg_weight
 from ..ema import ema_update
 from ..threads import set_threads
 from .config import load_config
 from .data import load_dataset
 from .dit import build_dit
 from .encoder import ResNetEncoder, feature_sets, pretrain_mae
-from ..drift import cfg_neg_weight
 from .loss import feature_drift_loss, sample_alpha
 from .queues import ClassQueues
 

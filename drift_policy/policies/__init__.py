@@ -3,8 +3,18 @@
 Each policy module registers its (config, policy) pair with ``register_policy``; importing this package
 registers the built-in drift policy and the diffusion baseline.
 """
-from .base import (POLICIES, Policy, PolicyConfig, config_from_dict, make_policy, policy_class, register_policy,
-                   removed_options, with_inference, with_legacy_keys)
+from .base import (
+                   POLICIES,
+                   Policy,
+                   PolicyConfig,
+                   config_from_dict,
+                   make_policy,
+                   policy_class,
+                   register_policy,
+                   removed_options,
+                   with_inference,
+                   with_legacy_keys,
+)
 from .diffusion import DiffusionConfig, DiffusionPolicy
 from .drift import DriftConfig, DriftPolicy
 

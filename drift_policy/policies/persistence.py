@@ -79,7 +79,6 @@ class Pretrained:
         from safetensors.torch import load
 
         from ..checkpoint import non_finite_tensors
-
         from .base import POLICIES, Policy, config_from_dict, removed_options, with_legacy_keys
 
         path = Path(path)

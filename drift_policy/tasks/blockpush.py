@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..envs.blockpush import ACTION_DIM, MODE_FLAGS, OBS_DIM   # constants only: pybullet is imported when an env is made
+from ..envs.blockpush import ACTION_DIM, MODE_FLAGS, OBS_DIM  # constants only: pybullet is imported when an env is made
 from ..errors import ConfigError
 from .base import TaskFamily
 
