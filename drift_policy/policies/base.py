@@ -19,7 +19,7 @@ from ..models.unet1d import UNET_PRESETS, ConditionalUnet1D
 from ..normalizer import Normalizer
 from ..observations import check_chunk, check_observation
 from .control import ControlAPI
-from .persistence import Pretrained, _plain, load_state  # noqa: F401  (load_state: re-exported)
+from .persistence import Pretrained, load_state, plain  # noqa: F401  (load_state: re-exported)
 
 
 @dataclass
@@ -144,6 +144,25 @@ class Policy(ControlAPI, Pretrained, nn.Module):
     """Base class. Subclasses set ``timestep_dim`` for the backbone and implement compute_loss / sample."""
 
     timestep_dim = 0
+
+    _ANY_TYPE = True          # Policy.from_pretrained loads any registered type; a subclass only its own
+
+    # The registry's rules for a saved config, for persistence.py (which imports nothing of this module).
+    @staticmethod
+    def _legacy(d: dict, where: str = "config", removed: str = "warn") -> dict:
+        return with_legacy_keys(d, where, removed)
+
+    @staticmethod
+    def _removed(d: dict) -> dict:
+        return removed_options(d)
+
+    @staticmethod
+    def _config_of(d: dict) -> "PolicyConfig":
+        return config_from_dict(d)
+
+    @staticmethod
+    def _class_of(config: "PolicyConfig") -> type:
+        return POLICIES[config.type][1]
 
     def __init__(self, config: PolicyConfig, normalizer: Normalizer | None = None):
         super().__init__()
@@ -293,7 +312,7 @@ def removed_options(d: dict) -> dict:
     """The removed keys and values (``REMOVED``, ``REMOVED_VALUES``) that a saved policy config was trained with,
     where they differ from what the code now always does: {key: saved value}."""
     cls = POLICIES.get(d.get("type"), (PolicyConfig,))[0]
-    out = {k: d[k] for k, (now, _) in cls.REMOVED.items() if k in d and _plain(d[k]) != _plain(now)}
+    out = {k: d[k] for k, (now, _) in cls.REMOVED.items() if k in d and plain(d[k]) != plain(now)}
     out.update({k: d[k] for k, values in cls.REMOVED_VALUES.items() if isinstance(d.get(k), str) and d[k] in values})
     return out
 

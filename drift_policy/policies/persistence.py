@@ -15,7 +15,9 @@ from ..normalizer import Normalizer
 
 
 class Pretrained:
-    """Mixed into ``Policy``: uses its ``config`` and ``state_dict``."""
+    """Mixed into ``Policy``: uses its ``config`` and ``state_dict``, and the registry's rules for reading a saved
+    config (``_legacy``, ``_removed``, ``_config_of``, ``_class_of``), which ``Policy`` supplies, so this module
+    imports nothing of ``base``."""
 
     # ---- LeRobot-style persistence ---------------------------------------------------------------------
     # A pretrained folder: config.json (the policy config), model.safetensors (the weights, with the same config
@@ -79,14 +81,12 @@ class Pretrained:
         from safetensors.torch import load
 
         from ..checkpoint import non_finite_tensors
-        from .base import POLICIES, Policy, config_from_dict, removed_options, with_legacy_keys
-
         path = Path(path)
         raw, weights = cls._read_pretrained(path)
         if not isinstance(raw, dict):
             raise CheckpointError(f"{path / 'config.json'}: expected a JSON object")
-        saved, raw = raw, with_legacy_keys(raw, where=str(path))
-        config = config_from_dict(raw)
+        saved, raw = raw, cls._legacy(raw, where=str(path))
+        config = cls._config_of(raw)
         missing = sorted({f.name for f in dataclasses.fields(config)} - set(raw))
         if missing:   # defaults would silently describe another policy than the one trained
             raise CheckpointError(f"{path / 'config.json'}: missing key(s) {', '.join('policy.' + k for k in missing)}")
@@ -99,9 +99,9 @@ class Pretrained:
         if "config" in meta:
             trained = json.loads(meta["config"])
             # removed options compared as saved: config.json must tell what the weights were trained with
-            trained = {**with_legacy_keys(trained, removed="quiet"), **removed_options(trained)}
-            raw = {**raw, **removed_options(saved)}
-            differ = sorted(k for k in set(trained) | set(raw) if _plain(trained.get(k)) != _plain(raw.get(k)))
+            trained = {**cls._legacy(trained, removed="quiet"), **cls._removed(trained)}
+            raw = {**raw, **cls._removed(saved)}
+            differ = sorted(k for k in set(trained) | set(raw) if plain(trained.get(k)) != plain(raw.get(k)))
             if differ:
                 raise CheckpointError(f"{path / 'config.json'} contradicts the weights, which were trained with "
                                       + ", ".join(f"policy.{k}={trained.get(k)!r} (config.json: {raw.get(k)!r})"
@@ -111,8 +111,8 @@ class Pretrained:
             raise CheckpointError(f"{path / 'model.safetensors'}: weights hold NaN or inf (first: {bad[0]})")
         norm = Normalizer.from_state_dict({k[len("normalizer."):]: v for k, v in state.items()
                                            if k.startswith("normalizer.")})
-        policy_cls = POLICIES[config.type][1]
-        if cls is not Policy and not issubclass(policy_cls, cls):
+        policy_cls = cls._class_of(config)
+        if not cls.__dict__.get("_ANY_TYPE") and not issubclass(policy_cls, cls):
             raise TypeError(f"{path} holds a {config.type} policy, not a {cls.__name__}")
         policy = policy_cls(config, norm)
         load_state(policy, state, str(path / "model.safetensors"))
@@ -130,5 +130,5 @@ def load_state(module: nn.Module, state: dict, where: str) -> None:
                               f"({'; '.join(x.strip() for x in first[:3])})") from e
 
 
-def _plain(v):
+def plain(v):
     return list(v) if isinstance(v, (list, tuple)) else v
