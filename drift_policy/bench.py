@@ -399,16 +399,59 @@ def bench_headline(args: list[str]) -> Path:
     return path
 
 
+def bench_reach(args: list[str]) -> Path:
+    """``drift-policy bench reach records=A.json[,B.json] labels=drift_unet,diffusion_unet target=0.95 out=DIR``: the
+    sample-passes at which each variant's mean score over its seeds first reaches, and then holds, ``target``
+    (``reach.py``), with its plot."""
+    from .fileio import atomic_write_text
+    from .provenance import command_line, git_commit
+    from .reach import compute_to_target, plot_reach
+
+    defaults = {"records": "", "labels": "", "target": 0.95, "out": ""}
+    opts = {**defaults, **_kv(args, {"records": str, "labels": str, "target": float, "out": str},
+                              usage="usage: drift-policy bench reach records=A.json[,B.json] labels=L1,L2 target=0.95 "
+                                    "out=DIR", defaults=defaults)}
+    if not opts["records"] or not opts["out"]:
+        raise ConfigError("bench reach needs records=A.json[,B.json] and out=DIR")
+    records = opts["records"].split(",")
+    labels = [x for x in _split_outside_brackets(opts["labels"], ",") if x] or None
+    try:
+        result = compute_to_target(records, opts["target"], labels)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    out = Path(opts["out"])
+    names = list(result)
+    lines = [f"# Training compute to reach and hold {opts['target']:g}", "",
+             f"Mean score over each variant's seeds at every evaluation; written by `{command_line(['bench', 'reach', *args])}` "
+             f"at {git_commit()}.", "", "| variant | seeds | first reaches | reaches and holds |", "|---|---|---|---|"]
+    for name, r in result.items():
+        f = lambda v: "never" if v is None else f"{v / 1e6:.2f}M"  # noqa: E731
+        lines.append(f"| {name} | {','.join(map(str, r['seeds']))} | {f(r['first'])} | {f(r['held'])} |")
+    if len(names) >= 2 and all(result[n]["held"] for n in names[:2]):
+        lines += ["", f"Ratio {names[0]} / {names[1]} (reaches and holds): "
+                      f"{result[names[0]]['held'] / result[names[1]]['held']:.2f}; the evaluations every 10 % of the "
+                      f"budget bound its resolution."]
+    atomic_write_text(out / "reach.json", json.dumps({"target": opts["target"], "records": records,
+                                                       "command": command_line(["bench", "reach", *args]),
+                                                       "commit": git_commit(), "result": result}, indent=2) + "\n")
+    atomic_write_text(out / "reach.md", "\n".join(lines) + "\n")
+    plot_reach(result, opts["target"], out / "reach.png")
+    print("\n".join(lines))
+    return out / "reach.json"
+
+
 def main(args: list[str]) -> None:
-    usage = ("usage: drift-policy bench {train,rescore,merge,headline,latency,summary} [key=value ...]\n"
-             "  drift-policy bench <train|rescore|merge|headline|latency|summary> --help   lists that benchmark's keys "
-             "and defaults")
+    usage = ("usage: drift-policy bench {train,rescore,merge,headline,reach,latency,summary} [key=value ...]\n"
+             "  drift-policy bench <train|rescore|merge|headline|reach|latency|summary> --help   lists that benchmark's "
+             "keys and defaults")
     if args and args[0] in ("-h", "--help", "help"):
         print(usage)
         return
-    if not args or args[0] not in ("train", "rescore", "merge", "headline", "latency", "summary"):
+    if not args or args[0] not in ("train", "rescore", "merge", "headline", "reach", "latency", "summary"):
         raise ConfigError(usage.replace("\n", "; "))
-    if args[0] == "headline":
+    if args[0] == "reach":
+        bench_reach(args[1:])
+    elif args[0] == "headline":
         bench_headline(args[1:])
     elif args[0] == "summary":
         run_summary(args[1:])
