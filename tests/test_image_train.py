@@ -62,7 +62,7 @@ def test_ddp_two_cpu_processes_with_torchrun(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", "-m", "drift_policy.image", "train", *SMALL, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)   # a hang guard
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     line = next(l for l in r.stdout.splitlines() if l.startswith("ddp check "))
     ddp = json.loads(line[len("ddp check "):])

@@ -9,9 +9,10 @@
     encode SRC OUT [vae=DIR] [kind=latent|pixel] [size=256] [shard=1000] [flip=true] [batch=32]
                                     ImageNet-layout folder -> sharded store (torchrun: ranks split the shards;
                                     rerun to resume). kind=latent needs vae = a LOCAL diffusers AutoencoderKL folder
-    fid RUN_DIR [inception=FILE] [ref=NPZ|DIR|train|test] [n=50000] [alphas=[1.0]] [batch=250] [head=FILE]
+    fid RUN_DIR [inception=FILE] [ref=NPZ|DIR|train|test] [n=50000] [alphas=eval.alphas] [batch=250] [head=FILE]
                 [seed=0] [ema=true] [ref_size=PX] [out=FILE.json]        FID (and IS with head=) over n samples
     fid-ref SRC inception=FILE out=FILE.npz [size=256] [batch=250]      reference statistics of an image folder
+    fid-check inception=FILE [out=FILE.json]   our extractor vs pytorch-fid on one fixed batch (needs the internet)
 (docs/image_track.md: the ImageNet pipeline, the FID weights, the multi-node launch)
 """
 from __future__ import annotations
@@ -68,10 +69,12 @@ def main(argv=None) -> None:
 
             train(cfg)
         elif cmd == "encoder":
-            from .train import load_encoder, prepare_data
+            import torch
 
-            x, _, _ = prepare_data(cfg)
-            load_encoder(cfg, x.shape[1], x)
+            from .train import load_encoder, open_train_data
+
+            data = open_train_data(cfg, 0, 1, torch.Generator().manual_seed(0))     # in memory, or a store
+            load_encoder(cfg, data.shape[0], data.mae_source)
         else:
             from .evaluate import ensure_classifier
 
@@ -122,6 +125,7 @@ def main(argv=None) -> None:
         ev = load_checkpoint(Path(args[0]) / "checkpoint.pt")["config"]["eval"]
         kw.setdefault("inception", ev.get("inception"))
         kw.setdefault("ref", ev.get("fid_ref"))
+        kw.setdefault("alphas", ev.get("alphas", [1.0]))
         if not kw["ref"]:
             raise ConfigError("fid needs ref= (an .npz with mu/sigma, an image folder, train or test)")
         kw["use_ema"] = kw.pop("ema", True)
@@ -135,6 +139,11 @@ def main(argv=None) -> None:
         if "out" not in kw:
             raise ConfigError("fid-ref needs out=FILE.npz")
         ref_main(args[0], **kw)
+    elif cmd == "fid-check":
+        from .fid_run import pytorch_fid_check
+
+        kw = _kv(args, {"inception": str, "out": str, "n": int, "seed": int})
+        pytorch_fid_check(kw.pop("inception", None), **kw)
     else:
         raise SystemExit(f"unknown command {cmd!r}\n{__doc__}")
 

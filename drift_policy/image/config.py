@@ -28,7 +28,7 @@ DEFAULTS: dict = {
     "encoder": {"use": True, "path": "runs/image/encoder_fmnist.pt", "widths": [16, 32, 64], "blocks_per_stage": 1,
                 "mae_minutes": 3.0, "mae_max_steps": 10 ** 9, "mae_mask_ratio": 0.5, "stages": [0, 1, 2], "loc_stages": [2],
                 "patches": [2, 4], "max_groups": 64, "global_stats": True,
-                "blocks": None,        # blocks per stage, one per stage (ResNet-34: [3, 4, 6, 3]); None: blocks_per_stage
+                "blocks": None,        # one count per stage (ResNet-34: [3, 4, 6, 3]); None: blocks_per_stage
                 "input_x2": False,     # also the per-channel mean of x^2 of the encoder's input (paper A.5)
                 "mae_patch": 4, "mae_lr": 2e-3, "mae_batch": 128},
     # labels_per_step is the global N_c: under torchrun each rank takes its own labels_per_step / world of them.

@@ -166,3 +166,35 @@ def ref_main(src, *, inception, out, size: int = 256, batch: int = 250, device: 
     D.barrier()
     D.close()
     return path
+
+
+def pytorch_fid_check(inception, out=None, n: int = 32, seed: int = 0, log=print) -> dict:
+    """The one check that needs the internet: our extractor against pytorch-fid's (``pip install pytorch-fid``; it
+    downloads its weights, pt_inception-2015-12-05, at first use) on one fixed batch of 299x299 images, so neither
+    side resizes. pytorch-fid scales [0, 1] input by 2x - 1, so it is given x / 256: the same network input as
+    TF's (x - 128) / 128. Writes the feature difference and both FIDs between the batch's two halves."""
+    try:
+        from pytorch_fid.inception import InceptionV3
+    except ImportError as e:
+        raise ImportError("fid-check compares with pytorch-fid: `pip install pytorch-fid` (it downloads its Inception "
+                          "weights on first use, so this check needs the internet)") from e
+    net = InceptionFID(inception)
+    x = torch.randint(0, 256, (n, 3, 299, 299), generator=torch.Generator().manual_seed(seed)).float()
+    ours = net(x / 127.5 - 1)[0]
+    with torch.no_grad():
+        theirs = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()(x / 256)[0].flatten(1).double()
+
+    def halves_fid(f):
+        a, b = Moments(), Moments()
+        a.add(f[: n // 2])
+        b.add(f[n // 2:])
+        return fid_from_stats(*a.stats(), *b.stats())
+
+    res = {"n": n, "seed": seed, "inception_sha256": file_sha256(inception),
+           "feature_max_abs_diff": float((ours - theirs).abs().max()), "feature_mean_abs": float(ours.abs().mean()),
+           "fid_halves_ours": halves_fid(ours), "fid_halves_pytorch_fid": halves_fid(theirs)}
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(res, indent=2))
+    log(json.dumps(res))
+    return res

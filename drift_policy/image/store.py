@@ -112,6 +112,10 @@ class _VAEEncoder:
     def __init__(self, path, device):
         from .latent import KLCodec
 
+        if not path or not Path(path).is_dir():
+            raise FileNotFoundError(f"encode kind=latent needs vae = a local diffusers AutoencoderKL folder "
+                                    f"(config.json + diffusion_pytorch_model.safetensors), got {path!r}; nothing is "
+                                    f"downloaded here (docs/image_track.md says where to get SD-VAE)")
         self.codec = KLCodec(path, device=device)
         self.scale = self.codec.scale
 
