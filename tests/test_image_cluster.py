@@ -3,6 +3,7 @@ each under torchrun with 2 gloo processes, on a fake ImageNet folder. A tiny ran
 stands in for the real FID weights (tests/test_image_fid.py tests the real loader's errors)."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -13,14 +14,26 @@ from test_image_fid import save_tiny_inception
 from test_image_store import make_fake_imagenet, make_tiny_vae
 
 
-def _torchrun(*args, timeout=300):
+def run_group(cmd, timeout):
+    """subprocess.run in its own process group, killed whole on timeout (torchrun's workers included)."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+def _torchrun(*args, timeout=900):      # a hang guard: a few seconds each on an idle machine
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={port}", "-m", "drift_policy.image", *map(str, args)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = run_group(cmd, timeout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
 

@@ -11,14 +11,14 @@ from drift_policy.image.store import ShardStore, StoreStream, center_crop, encod
 
 
 def make_fake_imagenet(root, classes=("n01", "n02"), per_class=5, size=(20, 24), seed=0):
-    """root/<wnid>/<i>.png of random RGB (non-square: exercises the center crop); class 1 is brighter."""
+    """root/<wnid>/<i>.png of random RGB (non-square: exercises the center crop); later classes are brighter."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     for ci, c in enumerate(classes):
         (root / c).mkdir(parents=True)
         for i in range(per_class):
-            a = rng.integers(0, 128, (*size, 3), dtype=np.uint8) + np.uint8(100 * ci)
+            a = (rng.integers(0, 128, (*size, 3)) + 30 * ci).astype(np.uint8)
             Image.fromarray(a).save(root / c / f"img{i}.png")
     return root
 

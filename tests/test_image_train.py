@@ -1,8 +1,6 @@
 """End-to-end: the image training loop learns class-conditional samples; latent mode; DDP under torchrun."""
 import json
-import os
 import socket
-import subprocess
 import sys
 
 import pytest
@@ -61,8 +59,9 @@ def test_ddp_two_cpu_processes_with_torchrun(tmp_path):
     args = [f"train.out={tmp_path / 'run'}", f"encoder.path={tmp_path / 'enc.pt'}", "train.max_steps=3"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", "-m", "drift_policy.image", "train", *SMALL, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)   # a hang guard
+    from test_image_cluster import run_group
+
+    r = run_group(cmd, timeout=600)          # a hang guard; the whole process group goes on timeout
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     line = next(l for l in r.stdout.splitlines() if l.startswith("ddp check "))
     ddp = json.loads(line[len("ddp check "):])
