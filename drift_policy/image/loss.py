@@ -25,16 +25,22 @@ from ..drift import drift_loss
 __all__ = ["sample_alpha", "feature_drift_loss"]
 
 
-def sample_alpha(n: int, k: float = 3.0, lo: float = 1.0, hi: float = 4.0, generator=None) -> Tensor:
-    """n draws of alpha on [lo, hi] with density proportional to alpha^-k (inverse-CDF sampling)."""
+def sample_alpha(n: int, k: float = 3.0, lo: float = 1.0, hi: float = 4.0, generator=None,
+                 p_one: float = 0.0) -> Tensor:
+    """n draws of alpha on [lo, hi] with density proportional to alpha^-k (inverse-CDF sampling); with ``p_one`` > 0
+    each draw is instead alpha = 1 with that probability (Table 8's L/2 latent recipe: 50% alpha = 1)."""
+    if not 0.0 <= p_one <= 1.0:
+        raise ValueError(f"p_one must be a probability, got {p_one}")
     u = torch.rand(n, generator=generator, dtype=torch.float64)
     if lo == hi:
-        return torch.full((n,), float(lo))
-    if abs(k - 1.0) < 1e-9:
+        a = torch.full((n,), float(lo), dtype=torch.float64)
+    elif abs(k - 1.0) < 1e-9:
         a = lo * (hi / lo) ** u
     else:
         e = 1.0 - k
         a = (lo ** e + u * (hi ** e - lo ** e)) ** (1.0 / e)
+    if p_one > 0:                  # drawn only when asked for: the stream of p_one = 0 runs is unchanged
+        a = torch.where(torch.rand(n, generator=generator, dtype=torch.float64) < p_one, torch.ones_like(a), a)
     return a.float()
 
 

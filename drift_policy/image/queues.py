@@ -41,6 +41,16 @@ class RingQueue:
             idx = torch.randint(0, self.size, (n,), generator=generator)
         return self.buf[idx]
 
+    def state_dict(self) -> dict:
+        return {"buf": self.buf.clone(), "ptr": self.ptr, "size": self.size}
+
+    def load_state_dict(self, s: dict) -> None:
+        if tuple(s["buf"].shape) != tuple(self.buf.shape) or s["buf"].dtype != self.buf.dtype:
+            raise ValueError(f"queue state {tuple(s['buf'].shape)} {s['buf'].dtype} does not fit this queue "
+                             f"{tuple(self.buf.shape)} {self.buf.dtype}")
+        self.buf.copy_(s["buf"])
+        self.ptr, self.size = int(s["ptr"]), int(s["size"])
+
     def items(self) -> Tensor:
         """Stored items, oldest first."""
         if self.size < self.capacity:
@@ -61,6 +71,17 @@ class ClassQueues:
         for c in y.unique().tolist():
             self.cls[c].push(x[y == c])
         self.glob.push(x)
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to draw exactly what an uninterrupted one would."""
+        return {"cls": [q.state_dict() for q in self.cls], "glob": self.glob.state_dict()}
+
+    def load_state_dict(self, s: dict) -> None:
+        if len(s["cls"]) != self.num_classes:
+            raise ValueError(f"queue state has {len(s['cls'])} classes, these queues {self.num_classes}")
+        for q, qs in zip(self.cls, s["cls"]):
+            q.load_state_dict(qs)
+        self.glob.load_state_dict(s["glob"])
 
     def ready(self, min_per_class: int, min_global: int = 1) -> bool:
         return all(q.size >= min_per_class for q in self.cls) and self.glob.size >= min_global
