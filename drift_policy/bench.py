@@ -433,7 +433,7 @@ def bench_reach(args: list[str]) -> Path:
                       f"budget bound its resolution."]
     atomic_write_text(out / "reach.json", json.dumps({"target": opts["target"], "records": records,
                                                        "command": command_line(["bench", "reach", *args]),
-                                                       "commit": git_commit(), "result": result}, indent=2) + "\n")
+                                                       "code_commit": git_commit(), "result": result}, indent=2) + "\n")
     atomic_write_text(out / "reach.md", "\n".join(lines) + "\n")
     plot_reach(result, opts["target"], out / "reach.png")
     print("\n".join(lines))

@@ -78,7 +78,7 @@ def render(summary: dict, meta: dict) -> str:
     lv = int(round(100 * summary["level"]))
     lines = [f"# Headline: final weights, {meta['episodes']} test seeds x sampling seeds {meta['sampling_seeds']}", "",
              f"Task `{meta['task']}`, budget {meta['budget']:,} sample-passes, test seeds from {meta['start_seed']}, "
-             f"placement {meta.get('placement', '-')}. Written by `{meta['command']}` at {meta['commit']}.", "",
+             f"placement {meta.get('placement', '-')}. Written by `{meta['command']}` at {meta['code_commit']}.", "",
              f"| variant | training seeds | evaluations | score (mean, {lv} % CI) | success (mean, {lv} % CI) |",
              "|---|---|---|---|---|"]
     for name, v in summary["variants"].items():
@@ -110,7 +110,7 @@ def headline(run_root: PathLike, variants: dict[str, str], seeds: list[int], out
     out = Path(out)
     collected: dict[str, list[dict]] = {}
     meta: dict = {"episodes": episodes, "sampling_seeds": list(sampling_seeds), "command": command,
-                  "commit": git_commit(), "machine": machine(), "runs": {}}
+                  "code_commit": git_commit(), "machine": machine(), "runs": {}}
     for label, prefix in variants.items():
         for seed in seeds:
             run = Path(run_root) / f"{prefix}-s{seed}"
@@ -129,7 +129,8 @@ def headline(run_root: PathLike, variants: dict[str, str], seeds: list[int], out
                     res = json.loads(path.read_text())
                 else:
                     res = evaluate_policy(policy, cfg, episodes, workers, progress=False, seed=k)
-                    res.update(train_seed=seed, sampling_seed=k, weights=f"{run.name}/pretrained")
+                    res.update(train_seed=seed, sampling_seed=k, weights=f"{run.name}/pretrained",
+                               code_commit=meta["code_commit"])
                     save_eval_json(res, path)
                     print(f"{run.name} sampling seed {k}: score {res['mean_score']:.3f}, success "
                           f"{res['success_rate']:.2f} ({res['wall_s']:.0f}s)", flush=True)

@@ -45,9 +45,9 @@ R, PT, CAN = "eval/results", "eval/results/pusht_keypoints", "eval/results/can_l
 CM = f"{R}/compute_matched"
 MOVES: dict[str, str] = {
     # Push-T keypoints
-    f"{CM}/obs_origin": f"{PT}/default/obs_origin",
-    f"{CM}/three_seeds": f"{PT}/default/three_seeds",
-    f"{CM}/seed2": f"{PT}/default/seed2",
+    f"{CM}/obs_origin": f"{PT}/superseded/exact_placement/obs_origin",
+    f"{CM}/three_seeds": f"{PT}/superseded/exact_placement/three_seeds",
+    f"{CM}/seed2": f"{PT}/superseded/exact_placement/seed2",
     **{f"{CM}/pusht_keypoints.{e}": f"{PT}/levers/absolute_chunks/pusht_keypoints.{e}" for e in ("json", "md", "png")},
     **{f"{CM}/{name}": f"{PT}/levers/{name}" for name in (
         "300k", "300k_extra", "action_anchor", "action_anchor_levers", "allocation_g3", "guidance", "kernel_scale",
@@ -197,7 +197,9 @@ def migrate(path: Path, commit: str | None = None) -> tuple[str, str | None]:
     if not isinstance(d, dict):
         return text, None
     new = _strings(d)
-    if "committed_at" not in new:
+    # A record written since carries the commit of the code that wrote it (code_commit, or an eval's provenance).
+    own = new.get("code_commit") or (new.get("meta") or {}).get("code_commit") or (new.get("provenance") or {}).get("commit")
+    if "committed_at" not in new and not own:
         added, last = commits_of(path)
         new["committed_at"] = added
         if last and last != added:

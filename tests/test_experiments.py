@@ -40,10 +40,10 @@ def test_the_push_t_default_experiment_is_the_package_default_with_the_bench_key
 
 
 @pytest.mark.parametrize("name,record,label", [
-    ("pusht_keypoints_drift", "compute_matched/obs_origin/pusht_keypoints.json", "drift_unet[policy.obs_origin=[18,19]]"),
-    ("pusht_keypoints_diffusion", "compute_matched/three_seeds/pusht_keypoints.json", "diffusion_unet"),
-    ("can_lowdim_drift", "compute_matched/can_neighbours/can_lowdim.json", "drift_unet[policy.neighbor_positives=0]"),
-    ("can_lowdim_diffusion", "compute_matched/can_lowdim.json", "diffusion_unet"),
+    ("pusht_keypoints_drift", "pusht_keypoints/superseded/exact_placement/obs_origin/pusht_keypoints.json", "drift_unet[policy.obs_origin=[18,19]]"),
+    ("pusht_keypoints_diffusion", "pusht_keypoints/superseded/exact_placement/three_seeds/pusht_keypoints.json", "diffusion_unet"),
+    ("can_lowdim_drift", "can_lowdim/default/can_neighbours/can_lowdim.json", "drift_unet[policy.neighbor_positives=0]"),
+    ("can_lowdim_diffusion", "can_lowdim/default/can1200k/can_lowdim.json", "diffusion_unet"),
 ])
 def test_an_experiment_trains_the_recipe_of_its_record(name, record, label):
     """The same resolved policy and training config as the record's runs, but for how they ran (threads,
@@ -57,9 +57,9 @@ def test_an_experiment_trains_the_recipe_of_its_record(name, record, label):
 
 
 @pytest.mark.parametrize("name,record", [
-    ("blockpush_lowdim_drift", "blockpush_drift_g8.json"),
-    ("blockpush_lowdim_diffusion", "blockpush_diffusion.json"),
-    ("pusht_image_drift", "pusht_image_drift_cpu.json"),
+    ("blockpush_lowdim_drift", "blockpush_lowdim/default/blockpush_drift_g8.json"),
+    ("blockpush_lowdim_diffusion", "blockpush_lowdim/default/blockpush_diffusion.json"),
+    ("pusht_image_drift", "pusht_image/default/pusht_image_drift_cpu.json"),
 ])
 def test_an_experiment_of_an_older_record_keeps_its_policy_and_batch(name, record):
     """Records written before the sample-pass budget (``bench summary``): the same policy config (the keys added

@@ -45,5 +45,5 @@ def test_paired_difference_sees_a_constant_gap_that_unpaired_noise_would_hide():
     assert va["n_evals"] == 4 and va["n_test_seeds"] == 200
     assert s["variants"]["a"]["per_eval"][3] == {"train_seed": 1, "sampling_seed": 1, "mean": pytest.approx(va["mean"])}
     md = render(s, {"episodes": 200, "sampling_seeds": [0, 1], "task": "t", "budget": 10, "start_seed": 100000,
-                    "command": "cmd", "commit": "abc"})
+                    "command": "cmd", "code_commit": "abc"})
     assert "| a | 0,1 | 4 x 200 episodes |" in md and "Paired by test seed, a - b: +0.0" in md

@@ -117,7 +117,8 @@ def test_no_committed_record_names_a_folder_of_the_development_machine():
     for p in files:
         d = json.loads(p.read_text())
         if isinstance(d, dict):
-            assert d.get("committed_at") or d.get("code_commit") or d.get("meta", {}).get("code_commit"), p
+            assert (d.get("committed_at") or d.get("code_commit") or d.get("meta", {}).get("code_commit")
+                    or (d.get("provenance") or {}).get("commit")), p
 
 
 def test_every_committed_records_md_is_what_its_json_renders():
