@@ -456,7 +456,7 @@ def test_item11_a_training_checkpoint_loads_with_weights_only(tiny):
 
 # ---- item 12: config value types ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("override, match", [
-    ("train.lr=abc", r"train\.lr must be a finite number or null, got 'abc'"),
+    ("train.lr=abc", r"train\.lr must be a finite number, got 'abc'"),
     ("policy.n_noise=abc", r"policy\.n_noise must be an integer, got 'abc'"),
     ("train.batch_size=2.5", r"train\.batch_size must be an integer, got 2\.5"),
     ("train.betas=[0.9]", r"train\.betas must be a list \[a finite number, a finite number\]"),
@@ -475,7 +475,7 @@ def test_item12_cli_reports_a_type_error_in_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "train.lr=abc"])
     assert e.value.code == 2
-    assert capsys.readouterr().err.strip() == "drift-policy train: error: train.lr must be a finite number or null, got 'abc'"
+    assert capsys.readouterr().err.strip() == "drift-policy train: error: train.lr must be a finite number, got 'abc'"
 
 
 # ---- item 13: the command line's errors -----------------------------------------------------------------------------
