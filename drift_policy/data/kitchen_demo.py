@@ -27,8 +27,6 @@ ORDERS = tuple(itertools.permutations(DEMO_TASKS, 4))
 OPEN, CLOSED = 0.04, 0.0
 # Gripper orientations (columns: the end_effector site's x, y = finger axis, z = approach axis, in world frame).
 R_FWD = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])     # pointing +y (at the kitchen), fingers along x
-R_LEFT = np.array([[0.0, 0.0, -1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])   # pointing -x, fingers along y
-R_KETTLE = np.array([[-1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])  # pointing +y, fingers along z
 MICROWAVE_HINGE = np.array([-1.128, 0.455])   # the door's vertical hinge axis (x, y)
 
 
@@ -58,7 +56,14 @@ def _rot(axis, angle: float) -> np.ndarray:
     return np.eye(3) + np.sin(angle) * K + (1 - np.cos(angle)) * K @ K
 
 
-R_MICRO = _rot([0.0, 0.0, 1.0], 0.3) @ R_FWD    # pointing along the microwave door's normal (it faces 0.3 rad left)
+# The kettle's and the microwave's handles are low and near the arm's reach limits: the gripper comes at them from
+# above, pitched down by PITCH about its finger axis, which keeps the joints away from their limits (checked along
+# the two subtasks' waypoints with the IK below, from every other subtask's end).
+PITCH = 0.8
+# kettle: pointing +y and down, fingers in the y-z plane (above and below the horizontal handle bar)
+R_KETTLE = _rot([1.0, 0.0, 0.0], -PITCH) @ np.array([[-1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+# microwave: along the door's normal (the door faces 0.3 rad to the left) and down, fingers horizontal
+R_MICRO = _rot([np.cos(0.3), np.sin(0.3), 0.0], -PITCH) @ _rot([0.0, 0.0, 1.0], 0.3) @ R_FWD
 
 
 class _Arm:
@@ -75,7 +80,9 @@ class _Arm:
         self.s = mujoco.MjData(model)
         self.site = model.site("end_effector").id
         self.lo, self.hi = model.jnt_range[:7, 0] + 0.01, model.jnt_range[:7, 1] - 0.01
-        self.rest = np.array([0.15, -1.6, 1.84, -2.48, 0.26, 0.71, 1.6])     # near the start posture
+        # Null-space reference posture: of random postures, the one from which the IK followed every subtask's
+        # waypoints with the most joint-limit clearance (a one-off search, not repeated at run time).
+        self.rest = np.array([1.15, -0.93, 1.13, -2.27, -0.43, -0.19, 0.67])
         self.kp = model.actuator_gainprm[:7, 0].copy()
         self.jp, self.jr = np.zeros((3, model.nv)), np.zeros((3, model.nv))
         self.bias = np.zeros(model.nv)
@@ -140,11 +147,14 @@ class KitchenDemonstrator:
     ``order``: the subtasks to do, in order (default: drawn with ``draw_order``). ``done`` is True once the
     script has run out (the demonstrator then holds still)."""
 
-    DQ = 0.085           # joint-target change per step (rad): the damped servos follow about 1 rad/s
+    # Joint-target change per step (rad): the servos' damping lets the shoulder and elbow follow about 1 rad/s,
+    # the wrist (a tenth of the damping) nearly twice that.
+    DQ = np.array([0.085, 0.085, 0.085, 0.085, 0.15, 0.15, 0.15])
     KL = 1.0             # lag compensation: servo target += KL x (joint target - true joint position)
     SPEED = 0.55         # tool speed (m/s) between waypoints
     WSPEED = 2.0         # rotation speed (rad/s)
-    TWIST = 1.1          # gripper roll that turns a burner knob past its goal (rad)
+    STILL = 0.15         # joint speed (rad/s) under which the arm counts as settled
+    KNOB_ROLL = 1.7      # gripper roll (rad) that turns a burner knob past its goal: ~0.55 of play, then the knob
 
     def __init__(self, env, rng: np.random.Generator, order: tuple[str, ...] | None = None):
         self.rng = rng
@@ -178,16 +188,18 @@ class KitchenDemonstrator:
         return self.rng.uniform(-scale, scale, 3)
 
     # -- script primitives (generators of targets: (position, rotation, gripper, speed factor)) --------------
-    def _move(self, p, R, grip=OPEN, tol=0.02, max_steps=40, speed=1.0, until=None):
-        """Go to (p, R); ends when the command is there and the tool within ``tol``, when ``until()`` holds, or
-        after ``max_steps``."""
+    def _move(self, p, R, grip=OPEN, tol=0.02, max_steps=40, speed=1.0, until=None, settle=False):
+        """Go to (p, R); ends when the command is there and the tool within ``tol`` (with ``settle``: and the arm
+        nearly still, so that a long swing does not carry it on), when ``until()`` holds, or after ``max_steps``.
+        ``tol=0`` keeps commanding the pose until ``until()`` or ``max_steps`` (a push the arm may lag behind)."""
         p = np.asarray(p, np.float64)
         self.trace.append((self.t, "move", np.round(p, 3).tolist()))
         for _ in range(max_steps):
             if until is not None and until():
                 return
             if (np.linalg.norm(self.pc - p) < 1e-3 and np.linalg.norm(_rotvec(R @ self.Rc.T)) < 0.02
-                    and np.linalg.norm(self._tool() - p) < tol):
+                    and np.linalg.norm(self._tool() - p) < tol
+                    and (not settle or np.abs(self.d.qvel[:7]).max() < self.STILL)):
                 return
             yield p, R, grip, speed
 
@@ -203,6 +215,14 @@ class KitchenDemonstrator:
                 best, cost = cand, c
         return best
 
+    def _grasp(self, p, R, max_steps: int = 8):
+        """Close the gripper at (p, R) until the fingers stop (the damped finger servos take several steps)."""
+        self.trace.append((self.t, "grasp", max_steps))
+        for k in range(max_steps):
+            if k >= 2 and np.abs(self.d.qvel[7:9]).max() < 0.01:
+                return
+            yield np.asarray(p, np.float64), R, CLOSED, 1.0
+
     def _hold(self, p, R, grip, steps: int):
         self.trace.append((self.t, "hold", grip))
         for _ in range(steps):
@@ -210,19 +230,22 @@ class KitchenDemonstrator:
 
     # -- subtasks --------------------------------------------------------------------------------------------
     def _knob(self, task: str):
+        # Turn the knob like a wrench: the open fingers straddle its bar, and the gripper rolls about the knob's
+        # axis (world y). Once the bar's corners reach the fingers, the fingers' joint limits (not their damped
+        # servos, as in a pinch, which slips) hold it, and the wrist's roll joint drives it.
         site = "knob2_site" if task == "bottom burner" else "knob4_site"
         joint = TASK_QPOS[task][0]
         goal = TASK_GOALS[task][0]
-        k = self._site(site) + self._jit(0.003)
-        at = k + np.array([0.0, -0.012, 0.0])
-        R = self._orient(R_FWD, extra_roll=self.TWIST)
-        yield from self._move(k + [0.0, -0.1, 0.0], R, OPEN, tol=0.03)
-        yield from self._move(at, R, OPEN, tol=0.01, max_steps=20)
-        yield from self._hold(at, R, CLOSED, 3)
-        twist = _rot([0.0, 1.0, 0.0], self.TWIST) @ R           # the knob turns the other way about -y
-        yield from self._move(at, twist, CLOSED, max_steps=18, until=lambda: self._q(joint) < goal + 0.1)
-        yield from self._hold(at, twist, OPEN, 2)
-        yield from self._move(k + [0.0, -0.1, 0.0], R, OPEN, tol=0.04, max_steps=8)
+        c = self._site(site) + self._jit(0.003)
+        at = c + [0.0, -0.015, 0.0]                  # finger tips short of the knob's base plate
+        # The bottom knob is low enough that a level gripper needs the wrist's pitch joint at its limit: tilt it up.
+        tilt = 0.45 if task == "bottom burner" else 0.0
+        R = self._orient(_rot([1.0, 0.0, 0.0], tilt) @ R_FWD, extra_roll=self.KNOB_ROLL)
+        turned = _rot([0.0, 1.0, 0.0], self.KNOB_ROLL) @ R     # the knob's goal is a turn the other way about -y
+        yield from self._move(at + [0.0, -0.1, 0.0], R, OPEN, tol=0.01, settle=True)    # settle in front: the fingers must
+        yield from self._move(at, R, OPEN, tol=0.008, max_steps=12, speed=0.6)   # pass either side of the bar
+        yield from self._move(at, turned, OPEN, tol=0.0, max_steps=20, until=lambda: self._q(joint) < goal + 0.05)
+        yield from self._move(self._tool() + [0.0, -0.1, 0.0], self.Rc.copy(), OPEN, tol=0.04, max_steps=8)
 
     def _light(self):
         lever = self._site("light_site") + self._jit(0.003)
@@ -243,16 +266,15 @@ class KitchenDemonstrator:
         yield from self._move(self._tool() + [0.0, -0.1, 0.0], R_FWD, CLOSED, tol=0.04, max_steps=8)
 
     def _microwave(self):
-        # Pinch the handle bar, approaching along the door's normal, then pull it around the hinge; the bar turns
-        # inside the pinch, so the gripper keeps its orientation.
+        # Pinch the handle bar, coming from above along the door's normal, then pull it around the hinge; the bar
+        # turns inside the pinch, so the gripper keeps its orientation.
         h0 = self._site("microhandle_site") + self._jit(0.003)
         q0 = self._q(22)
         R = self._orient(R_MICRO)
         back = -R[:, 2]
-        yield from self._move(h0 + 0.12 * back + [0.0, 0.0, 0.05], R, OPEN, tol=0.05)
-        yield from self._move(h0 + 0.12 * back, R, OPEN, tol=0.02, max_steps=15)
+        yield from self._move(h0 + 0.12 * back, R, OPEN, tol=0.015, settle=True)
         yield from self._move(h0, R, OPEN, tol=0.01, max_steps=16, speed=0.8)
-        yield from self._hold(h0, R, CLOSED, 3)
+        yield from self._grasp(h0, R)
 
         def on_arc(theta):
             r = h0[:2] - MICROWAVE_HINGE
@@ -270,19 +292,20 @@ class KitchenDemonstrator:
         yield from self._move(out + [0.1, 0.0, 0.12], R, OPEN, tol=0.05, max_steps=8)
 
     def _kettle(self):
-        # Pinch the handle bar from behind with the fingers above and below it (the lower finger carries the
-        # weight), carry the kettle to the top-left burner, put it down, pull back.
+        # Pinch the handle bar from behind and above (one finger over it, one under it, which carries the weight),
+        # carry the kettle to the top-left burner, put it down, pull back along the gripper.
         h = self._site("kettle_site") + self._jit(0.002)
         goal = np.array(TASK_GOALS["kettle"][:3]) + (h - self.d.qpos[23:26])   # the handle over the goal
         R = self._orient(R_KETTLE)
-        yield from self._move(h + [0.0, -0.12, 0.02], R, OPEN, tol=0.02)
+        back = -R[:, 2]
+        yield from self._move(h + 0.12 * back, R, OPEN, tol=0.015, settle=True)
         yield from self._move(h, R, OPEN, tol=0.01, max_steps=16, speed=0.7)
-        yield from self._hold(h, R, CLOSED, 4)
+        yield from self._grasp(h, R)
         yield from self._move(h + [0.0, 0.0, 0.06], R, CLOSED, tol=0.02, max_steps=10, speed=0.6)
         yield from self._move(goal + [0.0, 0.0, 0.06], R, CLOSED, tol=0.02, max_steps=25, speed=0.8)
         yield from self._move(goal + [0.0, 0.0, 0.01], R, CLOSED, tol=0.01, max_steps=10, speed=0.5)
         yield from self._hold(goal + [0.0, 0.0, 0.01], R, OPEN, 3)
-        yield from self._move(goal + [0.0, -0.14, 0.02], R, OPEN, tol=0.03, max_steps=8)
+        yield from self._move(goal + 0.14 * back, R, OPEN, tol=0.03, max_steps=8)
 
     def _run(self):
         for task in self.order:
@@ -323,9 +346,9 @@ class KitchenDemonstrator:
         pc, Rc = self.pc + dp, _rot(rv, float(np.linalg.norm(rv))) @ self.Rc
         qn = self.arm.ik(self.qc, pc, Rc)
         dq = qn - self.qc
-        big = float(np.abs(dq).max())
-        if big > self.DQ:                   # too fast for the servos: take part of the step, where IK put it
-            qn = self.qc + dq * (self.DQ / big)
+        big = float((np.abs(dq) / self.DQ).max())
+        if big > 1.0:                       # too fast for the servos: take part of the step, where IK put it
+            qn = self.qc + dq / big
             pc, Rc = self.arm.fk(qn)
         self.qc, self.pc, self.Rc = qn, pc, Rc
         target = qn + self.arm.gravity(qn) + self.KL * (qn - self.d.qpos[:7])
