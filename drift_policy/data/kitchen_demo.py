@@ -207,13 +207,11 @@ class KitchenDemonstrator:
         """R, or R turned half a turn about its approach axis (the same grasp with the fingers swapped), whichever
         leaves joint 7 (which rolls the gripper about that axis) farther from its limits, counting a roll of
         ``extra_roll`` the subtask will add (a knob's twist)."""
-        best, cost = R, np.inf
-        for cand in (R, R * np.array([-1.0, -1.0, 1.0])):
-            q7 = self.qc[6] + float(_rotvec(cand @ self.Rc.T) @ cand[:, 2])
-            c = max(abs(q7), abs(q7 + extra_roll))
-            if c < cost:
-                best, cost = cand, c
-        return best
+        q7 = self.qc[6] + float(_rotvec(R @ self.Rc.T) @ R[:, 2])     # joint 7 once at R (roll about the axis)
+        q7_flipped = q7 - np.pi if q7 > 0 else q7 + np.pi                # ... at R turned half a turn, in range
+        if max(abs(q7_flipped), abs(q7_flipped + extra_roll)) < max(abs(q7), abs(q7 + extra_roll)):
+            return R * np.array([-1.0, -1.0, 1.0])
+        return R
 
     def _grasp(self, p, R, max_steps: int = 8):
         """Close the gripper at (p, R) until the fingers stop (the damped finger servos take several steps)."""
