@@ -206,9 +206,15 @@ class KitchenDemonstrator:
     def _orient(self, R: np.ndarray, extra_roll: float = 0.0) -> np.ndarray:
         """R, or R turned half a turn about its approach axis (the same grasp with the fingers swapped), whichever
         leaves joint 7 (which rolls the gripper about that axis) farther from its limits, counting a roll of
-        ``extra_roll`` the subtask will add (a knob's twist)."""
-        q7 = self.qc[6] + float(_rotvec(R @ self.Rc.T) @ R[:, 2])     # joint 7 once at R (roll about the axis)
-        q7_flipped = q7 - np.pi if q7 > 0 else q7 + np.pi                # ... at R turned half a turn, in range
+        ``extra_roll`` the subtask will add (a knob's twist). Joint 7's change is predicted as the twist part of
+        the rotation from the current command to R about the approach axis (after swinging that axis over)."""
+        a, b = self.Rc[:, 2], R[:, 2]
+        axis = np.cross(a, b)
+        swing = _rot(axis, float(np.arctan2(np.linalg.norm(axis), a @ b)))
+        x1, x2 = swing @ self.Rc[:, 0], R[:, 0]
+        twist = float(np.arctan2(np.cross(x1, x2) @ b, x1 @ x2))
+        q7 = self.qc[6] + twist
+        q7_flipped = q7 - np.pi if twist > 0 else q7 + np.pi
         if max(abs(q7_flipped), abs(q7_flipped + extra_roll)) < max(abs(q7), abs(q7 + extra_roll)):
             return R * np.array([-1.0, -1.0, 1.0])
         return R
@@ -248,20 +254,22 @@ class KitchenDemonstrator:
     def _light(self):
         lever = self._site("light_site") + self._jit(0.003)
         side = lever + [0.05, 0.0, 0.0]                          # closed fingers beside the lever, +x side
-        yield from self._move(side + [0.0, -0.1, 0.0], R_FWD, CLOSED, tol=0.03)
-        yield from self._move(side, R_FWD, CLOSED, tol=0.01, max_steps=20)
-        yield from self._move(lever + [-0.05, 0.0, 0.0], R_FWD, CLOSED, max_steps=20, speed=0.5,
+        R = self._orient(R_FWD)
+        yield from self._move(side + [0.0, -0.1, 0.0], R, CLOSED, tol=0.02, settle=True)
+        yield from self._move(side, R, CLOSED, tol=0.01, max_steps=20)
+        yield from self._move(lever + [-0.05, 0.0, 0.0], R, CLOSED, max_steps=20, speed=0.5,
                               until=lambda: self._q(17) < TASK_GOALS["light switch"][0] + 0.05)
-        yield from self._move(self._tool() + [0.0, -0.1, 0.0], R_FWD, CLOSED, tol=0.04, max_steps=8)
+        yield from self._move(self._tool() + [0.0, -0.1, 0.0], R, CLOSED, tol=0.04, max_steps=8)
 
     def _slide(self):
         handle = self._site("slide_site") + self._jit(0.003)
         side = handle + [-0.05, 0.0, 0.0]                        # closed fingers beside the handle, -x side
-        yield from self._move(side + [0.0, -0.1, 0.0], R_FWD, CLOSED, tol=0.03)
-        yield from self._move(side, R_FWD, CLOSED, tol=0.01, max_steps=20)
-        yield from self._move(side + [0.33, 0.0, 0.0], R_FWD, CLOSED, max_steps=30, speed=0.7,
+        R = self._orient(R_FWD)
+        yield from self._move(side + [0.0, -0.1, 0.0], R, CLOSED, tol=0.02, settle=True)
+        yield from self._move(side, R, CLOSED, tol=0.01, max_steps=20)
+        yield from self._move(side + [0.33, 0.0, 0.0], R, CLOSED, max_steps=30, speed=0.7,
                               until=lambda: self._q(19) > TASK_GOALS["slide cabinet"][0] - 0.05)
-        yield from self._move(self._tool() + [0.0, -0.1, 0.0], R_FWD, CLOSED, tol=0.04, max_steps=8)
+        yield from self._move(self._tool() + [0.0, -0.1, 0.0], R, CLOSED, tol=0.04, max_steps=8)
 
     def _microwave(self):
         # Pinch the handle bar, coming from above along the door's normal, then pull it around the hinge; the bar
