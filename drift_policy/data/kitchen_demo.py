@@ -245,9 +245,14 @@ class KitchenDemonstrator:
         # The bottom knob is low enough that a level gripper needs the wrist's pitch joint at its limit: tilt it up.
         tilt = 0.45 if task == "bottom burner" else 0.0
         R = self._orient(_rot([1.0, 0.0, 0.0], tilt) @ R_FWD, extra_roll=self.KNOB_ROLL)
+        front = at + [0.0, -0.1, 0.0]
+        yield from self._move(front, R, OPEN, tol=0.01, settle=True)    # settled: the fingers must pass either side
+        if self.qc[6] + self.KNOB_ROLL > self.arm.hi[6] - 0.1:          # too little roll left: turn the gripper
+            for k in (1, 2):                                            # half a turn back first, in two quarters
+                R = R @ _rot([0.0, 0.0, 1.0], -np.pi / 2)
+                yield from self._move(front, R, OPEN, tol=0.01, max_steps=14)
         turned = _rot([0.0, 1.0, 0.0], self.KNOB_ROLL) @ R     # the knob's goal is a turn the other way about -y
-        yield from self._move(at + [0.0, -0.1, 0.0], R, OPEN, tol=0.01, settle=True)    # settle in front: the fingers must
-        yield from self._move(at, R, OPEN, tol=0.008, max_steps=12, speed=0.6)   # pass either side of the bar
+        yield from self._move(at, R, OPEN, tol=0.008, max_steps=12, speed=0.6)
         yield from self._move(at, turned, OPEN, tol=0.0, max_steps=20, until=lambda: self._q(joint) < goal + 0.05)
         yield from self._move(self._tool() + [0.0, -0.1, 0.0], self.Rc.copy(), OPEN, tol=0.04, max_steps=8)
 
