@@ -13,6 +13,7 @@ Per episode the demonstrator draws (from its own generator, seeded by the episod
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 
@@ -34,6 +35,24 @@ def draw_order(rng: np.random.Generator) -> tuple[str, ...]:
     return ORDERS[int(rng.integers(len(ORDERS)))]
 
 
+# Small products by einsum and square roots, not BLAS: OpenBLAS rounds some tiny products differently with
+# different thread counts, and a 1-ulp difference grows, over an episode of contacts, into another trajectory.
+def _mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,jk->ik", a, b)
+
+
+def _mv(a: np.ndarray, v: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,j->i", a, v)
+
+
+def _dot(u: np.ndarray, v: np.ndarray) -> float:
+    return float(np.einsum("i,i->", u, v))
+
+
+def _norm(v: np.ndarray) -> float:
+    return math.sqrt(_dot(v, v))
+
+
 def _rotvec(R: np.ndarray) -> np.ndarray:
     """Rotation vector (axis x angle) of a rotation matrix."""
     import mujoco
@@ -48,12 +67,12 @@ def _rotvec(R: np.ndarray) -> np.ndarray:
 def _rot(axis, angle: float) -> np.ndarray:
     """Rotation matrix about ``axis`` by ``angle`` (rad)."""
     axis = np.asarray(axis, np.float64)
-    n = float(np.linalg.norm(axis))
+    n = _norm(axis)
     if n < 1e-12 or abs(angle) < 1e-12:
         return np.eye(3)
     k = axis / n
     K = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + np.sin(angle) * K + (1 - np.cos(angle)) * K @ K
+    return np.eye(3) + np.sin(angle) * K + (1 - np.cos(angle)) * _mm(K, K)
 
 
 # The kettle's and the microwave's handles are low and near the arm's reach limits: the gripper comes at them from
@@ -61,9 +80,9 @@ def _rot(axis, angle: float) -> np.ndarray:
 # the two subtasks' waypoints with the IK below, from every other subtask's end).
 PITCH = 0.8
 # kettle: pointing +y and down, fingers in the y-z plane (above and below the horizontal handle bar)
-R_KETTLE = _rot([1.0, 0.0, 0.0], -PITCH) @ np.array([[-1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+R_KETTLE = _mm(_rot([1.0, 0.0, 0.0], -PITCH), np.array([[-1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))
 # microwave: along the door's normal (the door faces 0.3 rad to the left) and down, fingers horizontal
-R_MICRO = _rot([np.cos(0.3), np.sin(0.3), 0.0], -PITCH) @ _rot([0.0, 0.0, 1.0], 0.3) @ R_FWD
+R_MICRO = _mm(_mm(_rot([np.cos(0.3), np.sin(0.3), 0.0], -PITCH), _rot([0.0, 0.0, 1.0], 0.3)), R_FWD)
 
 
 class _Arm:
@@ -107,8 +126,8 @@ class _Arm:
         q = q.copy()
         for _ in range(iters):
             p, R = self.fk(q)
-            e = np.concatenate([p_t - p, _rotvec(R_t @ R.T)])
-            if e[:3] @ e[:3] < 1e-8 and e[3:] @ e[3:] < 1e-6:
+            e = np.concatenate([p_t - p, _rotvec(_mm(R_t, R.T))])
+            if _dot(e[:3], e[:3]) < 1e-8 and _dot(e[3:], e[3:]) < 1e-6:
                 break
             self.mj.mj_jacSite(self.m, self.s, self.jp, self.jr, self.site)
             jr = self.jr[:, :7]
@@ -116,10 +135,12 @@ class _Arm:
             free = np.ones(7, bool)
             for _pass in range(2):
                 Jf = J * free
-                JJt = Jf @ Jf.T
-                JJt[np.diag_indices(6)] += lam * lam
-                Jpinv = Jf.T @ np.linalg.inv(JJt)
-                dq = Jpinv @ e + (np.diag(free.astype(float)) - Jpinv @ Jf) @ self._secondary(q)
+                chol = _mm(Jf, Jf.T)
+                chol[np.diag_indices(6)] += lam * lam
+                self.mj.mju_cholFactor(chol, 0.0)
+                dq = _mv(Jf.T, self._solve(chol, e))                      # J+ e
+                sec = self._secondary(q) * free                           # + (I - J+ J) secondary
+                dq += sec - _mv(Jf.T, self._solve(chol, _mv(Jf, sec)))
                 stuck = ((q <= self.lo + 1e-6) & (dq < 0)) | ((q >= self.hi - 1e-6) & (dq > 0))
                 if not (stuck & free).any():
                     break
@@ -132,6 +153,11 @@ class _Arm:
         near_lo = np.clip(self.lo + self.MARGIN - q, 0.0, None)
         near_hi = np.clip(q - (self.hi - self.MARGIN), 0.0, None)
         return self.POSTURE_GAIN * (self.rest - q) + 0.5 * (near_lo - near_hi)
+
+    def _solve(self, chol: np.ndarray, v: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(v))
+        self.mj.mju_cholSolve(out, chol, np.ascontiguousarray(v, dtype=np.float64))
+        return out
 
     def gravity(self, q: np.ndarray) -> np.ndarray:
         """Joint-target offset that cancels gravity at posture q (the servos are pure P controllers)."""
@@ -197,8 +223,8 @@ class KitchenDemonstrator:
         for _ in range(max_steps):
             if until is not None and until():
                 return
-            if (np.linalg.norm(self.pc - p) < 1e-3 and np.linalg.norm(_rotvec(R @ self.Rc.T)) < 0.02
-                    and np.linalg.norm(self._tool() - p) < tol
+            if (_norm(self.pc - p) < 1e-3 and _norm(_rotvec(_mm(R, self.Rc.T))) < 0.02
+                    and _norm(self._tool() - p) < tol
                     and (not settle or np.abs(self.d.qvel[:7]).max() < self.STILL)):
                 return
             yield p, R, grip, speed
@@ -210,9 +236,9 @@ class KitchenDemonstrator:
         the rotation from the current command to R about the approach axis (after swinging that axis over)."""
         a, b = self.Rc[:, 2], R[:, 2]
         axis = np.cross(a, b)
-        swing = _rot(axis, float(np.arctan2(np.linalg.norm(axis), a @ b)))
-        x1, x2 = swing @ self.Rc[:, 0], R[:, 0]
-        twist = float(np.arctan2(np.cross(x1, x2) @ b, x1 @ x2))
+        swing = _rot(axis, math.atan2(_norm(axis), _dot(a, b)))
+        x1, x2 = _mv(swing, self.Rc[:, 0]), R[:, 0]
+        twist = math.atan2(_dot(np.cross(x1, x2), b), _dot(x1, x2))
         q7 = self.qc[6] + twist
         q7_flipped = q7 - np.pi if twist > 0 else q7 + np.pi
         if max(abs(q7_flipped), abs(q7_flipped + extra_roll)) < max(abs(q7), abs(q7 + extra_roll)):
@@ -244,14 +270,14 @@ class KitchenDemonstrator:
         at = c + [0.0, -0.015, 0.0]                  # finger tips short of the knob's base plate
         # The bottom knob is low enough that a level gripper needs the wrist's pitch joint at its limit: tilt it up.
         tilt = 0.45 if task == "bottom burner" else 0.0
-        R = self._orient(_rot([1.0, 0.0, 0.0], tilt) @ R_FWD, extra_roll=self.KNOB_ROLL)
+        R = self._orient(_mm(_rot([1.0, 0.0, 0.0], tilt), R_FWD), extra_roll=self.KNOB_ROLL)
         front = at + [0.0, -0.1, 0.0]
         yield from self._move(front, R, OPEN, tol=0.01, settle=True)    # settled: the fingers must pass either side
         if self.qc[6] + self.KNOB_ROLL > self.arm.hi[6] - 0.1:          # too little roll left: turn the gripper
             for k in (1, 2):                                            # half a turn back first, in two quarters
-                R = R @ _rot([0.0, 0.0, 1.0], -np.pi / 2)
+                R = _mm(R, _rot([0.0, 0.0, 1.0], -np.pi / 2))
                 yield from self._move(front, R, OPEN, tol=0.01, max_steps=14)
-        turned = _rot([0.0, 1.0, 0.0], self.KNOB_ROLL) @ R     # the knob's goal is a turn the other way about -y
+        turned = _mm(_rot([0.0, 1.0, 0.0], self.KNOB_ROLL), R)    # the knob's goal is a turn the other way about -y
         yield from self._move(at, R, OPEN, tol=0.008, max_steps=12, speed=0.6)
         yield from self._move(at, turned, OPEN, tol=0.0, max_steps=20, until=lambda: self._q(joint) < goal + 0.05)
         yield from self._move(self._tool() + [0.0, -0.1, 0.0], self.Rc.copy(), OPEN, tol=0.04, max_steps=8)
@@ -346,15 +372,15 @@ class KitchenDemonstrator:
         p_t, R_t, grip, speed = self.target
         dt = self.env.dt
         dp = p_t - self.pc
-        n = float(np.linalg.norm(dp))
+        n = _norm(dp)
         step = self.speed * speed * dt
         if n > step:
             dp *= step / n
-        rv = _rotvec(R_t @ self.Rc.T)
-        a = float(np.linalg.norm(rv))
+        rv = _rotvec(_mm(R_t, self.Rc.T))
+        a = _norm(rv)
         if a > self.WSPEED * dt:
             rv *= self.WSPEED * dt / a
-        pc, Rc = self.pc + dp, _rot(rv, float(np.linalg.norm(rv))) @ self.Rc
+        pc, Rc = self.pc + dp, _mm(_rot(rv, _norm(rv)), self.Rc)
         qn = self.arm.ik(self.qc, pc, Rc)
         dq = qn - self.qc
         big = float((np.abs(dq) / self.DQ).max())

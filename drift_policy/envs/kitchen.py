@@ -73,8 +73,9 @@ P_LEVELS = (1, 2, 3, 4)           # episode flags p1..p4: at least k subtasks co
 def completed_tasks(qpos: np.ndarray, tasks=TASKS) -> list[str]:
     """The subtasks among ``tasks`` whose object joints in ``qpos`` (the full 30-d qpos) are within the threshold."""
     qpos = np.asarray(qpos, np.float64)
-    return [t for t in tasks
-            if np.linalg.norm(qpos[list(TASK_QPOS[t])] - np.asarray(TASK_GOALS[t])) < COMPLETE_THRESH]
+    dist = {t: float(np.sqrt(np.sum(np.square(qpos[list(TASK_QPOS[t])] - np.asarray(TASK_GOALS[t])))))
+            for t in tasks}      # elementwise and summed, not BLAS: the same bits with any thread count
+    return [t for t in tasks if dist[t] < COMPLETE_THRESH]
 
 
 def _port():
