@@ -133,6 +133,28 @@ def test_demonstrator_completes_its_four_subtasks_deterministically(env):
     assert np.array_equal(again["action"], eps[0]["action"]) and np.array_equal(again["obs"], eps[0]["obs"])
 
 
+def test_demonstrator_does_not_depend_on_blas_threads(tmp_path):
+    """The same seed gives the same actions with 1 and 4 BLAS threads: OpenBLAS rounds some tiny products
+    differently with different thread counts, and one ulp grows into another trajectory within 80 steps."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, numpy as np; from drift_policy.envs.kitchen import KitchenEnv; "
+            "from drift_policy.data.kitchen import run_demo_episode; "
+            "np.save(sys.argv[1], run_demo_episode(KitchenEnv(), 3, max_steps=80)['action'])")
+    repo = str(Path(__file__).resolve().parents[1])
+    runs = []
+    for threads in ("1", "4"):
+        out = tmp_path / f"actions_{threads}.npy"
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads,
+               "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+        subprocess.run([sys.executable, "-c", code, str(out)], check=True, env=env, capture_output=True)
+        runs.append(np.load(out))
+    assert runs[0].shape == (80, 9) and np.array_equal(runs[0], runs[1])
+
+
 def test_generator_round_trips_through_loader_and_replays(store, env):
     path, stats = store
     data = kd.load_kitchen(path)
