@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 
+import drift_policy.envs.kitchen  # noqa: E402,F401  (first: it sets MUJOCO_GL before anything imports mujoco)
+
 pytest.importorskip("gymnasium_robotics")
 zarr = pytest.importorskip("zarr")
 
@@ -241,7 +243,7 @@ def test_train_and_eval_end_to_end_reports_p1_to_p4_and_orders(store, tmp_path):
           "policy=drift_unet", "policy.backbone=tiny", "policy.n_noise=2", "train.max_steps=2",
           "train.max_minutes=0", "train.batch_size=4", "train.eval_episodes=1", "train.eval_workers=0",
           "train.threads=1", f"train.run_dir={run}"])
-    main(["eval", f"checkpoint={run}", "episodes=2", "workers=0"])
+    main(["eval", f"checkpoint={run}", "episodes=2", "workers=0", "videos=1"])
     res = json.loads((run / "eval.json").read_text())
     assert res["task"] == "kitchen_lowdim" and res["n_obs_steps"] == 2 and res["max_steps"] == 8
     for k in ("p1", "p2", "p3", "p4", "done_microwave", "mean_score", "success_rate"):
@@ -250,3 +252,4 @@ def test_train_and_eval_end_to_end_reports_p1_to_p4_and_orders(store, tmp_path):
     for e in res["per_episode"]:
         assert e["steps"] == 8 and isinstance(e["completed"], list) and "p4" in e
         assert e["max_reward"] == pytest.approx(len(e["completed"]) / 7)
+    assert len(res["videos"]) == 1 and (run / res["videos"][0]).stat().st_size > 0   # headless (EGL) frames

@@ -1,14 +1,20 @@
 """The scripted Franka Kitchen demonstrator: privileged state, damped-least-squares IK, 4 subtasks per episode.
 
 Each subtask is a short script of tool-point waypoints (the point between the finger pads) and gripper targets,
-placed relative to the object's current state (``_microwave``, ``_kettle``, ...). A commanded pose moves toward
-the current waypoint at a bounded speed; IK (damped least squares on ``mj_jacSite``, with a pull toward a rest
-posture in the null space) turns it into joint targets, which are limited to ``DQ`` rad per step so the damped
-position servos can follow. The action is what makes the env's servo target (last observed position + 0.16 x
-action) equal to that joint target plus a gravity feed-forward term, i.e. the task's joint-velocity action.
+placed relative to the object's current state: the microwave's handle is pinched from above and pulled round
+its hinge; the kettle's handle is pinched from behind and above, the kettle carried to the top-left burner; a
+burner knob is turned like a wrench (the open fingers straddle its bar, the wrist rolls); the light switch's lever
+and the slide cabinet's handle are pushed sideways with the closed fingers. A commanded pose moves toward the
+current waypoint at a bounded speed; IK (damped least squares on ``mj_jacSite``, a null-space pull toward a
+reference posture and away from joint limits) turns it into joint targets, limited per step (``DQ``) so the
+damped position servos can follow. The action makes the env's servo target (last observed position + 0.16 x
+action) equal to that joint target plus a gravity feed-forward and a lag term: the task's joint-velocity action.
+For each subtask the gripper's roll (the symmetric grasp or the same grasp turned half a turn) is chosen to keep
+the wrist's roll joint inside its range.
 
 Per episode the demonstrator draws (from its own generator, seeded by the episode seed): the subtask order (see
-``ORDERS``), a speed factor and millimetre-scale offsets of its waypoints.
+``ORDERS``), a speed factor (0.9-1.1) and millimetre offsets of its waypoints. Its success on the evaluation
+seeds is measured by ``python -m drift_policy.data.kitchen demo-eval`` (eval/results/kitchen_demonstrator.json).
 """
 from __future__ import annotations
 

@@ -44,9 +44,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import gymnasium as gym
-import numpy as np
-from gymnasium import spaces
+if sys.platform.startswith("linux"):
+    # Headless rendering by default (as envs/robomimic.py); MuJoCo reads this once, when it is first imported.
+    os.environ.setdefault("MUJOCO_GL", "egl")
+
+import gymnasium as gym  # noqa: E402
+import numpy as np  # noqa: E402
+from gymnasium import spaces  # noqa: E402
 
 __all__ = ["KitchenEnv", "TASKS", "TASK_QPOS", "TASK_GOALS", "TASK_FLAGS", "COMPLETE_THRESH", "OBS_DIM", "ACTION_DIM",
            "OBS_SLICES", "MAX_STEPS", "CONTROL_HZ", "ROBOT_NOISE_RATIO", "N_SCORE", "P_LEVELS", "completed_tasks"]
@@ -80,8 +84,6 @@ def completed_tasks(qpos: np.ndarray, tasks=TASKS) -> list[str]:
 
 def _port():
     """gymnasium-robotics' kitchen, imported when an env is made: the constants above serve the data loader."""
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must be set before mujoco is imported
     try:
         from gymnasium_robotics.envs.franka_kitchen.kitchen_env import KitchenEnv as PortEnv
     except ImportError as e:  # pragma: no cover - exercised only without the extra
