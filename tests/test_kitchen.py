@@ -135,6 +135,7 @@ def test_demonstrator_completes_its_four_subtasks_deterministically(env):
     assert np.array_equal(again["action"], eps[0]["action"]) and np.array_equal(again["obs"], eps[0]["obs"])
 
 
+@pytest.mark.slow
 def test_demonstrator_does_not_depend_on_blas_threads(tmp_path):
     """The same seed gives the same actions with 1 and 4 BLAS threads: OpenBLAS rounds some tiny products
     differently with different thread counts, and one ulp grows into another trajectory within 80 steps."""

@@ -20,7 +20,7 @@ Generation seeds start at ``--seed`` and must stay below the evaluation seeds (`
 only successful episodes are stored, so a store of N episodes uses seeds seed .. seed + attempts - 1.
 
     python -m drift_policy.data.kitchen generate --episodes 1000 --seed 0 --out datasets/kitchen/demos.zarr
-    python -m drift_policy.data.kitchen demo-eval --episodes 200 --out eval/results/kitchen_demonstrator.json
+    python -m drift_policy.data.kitchen demo-eval --episodes 200 --out eval/results/kitchen_lowdim/default/kitchen_demonstrator.json
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ import numpy as np
 
 from ..envs.kitchen import ACTION_DIM, OBS_DIM, TASKS
 from ..errors import DatasetError
+from ..provenance import git_commit, machine_free, machine_free_text
 
 __all__ = ["EVAL_START_SEED", "SCHEMA", "run_demo_episode", "generate", "load_kitchen", "demo_eval",
            "check_generation_seeds"]
@@ -144,7 +145,7 @@ def generate(n_episodes: int, out: str | os.PathLike, seed: int = 0, *, max_atte
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"path": str(out), "episodes": int(n_episodes), "attempts": int(attempts),
+    return {"path": machine_free(out), "episodes": int(n_episodes), "attempts": int(attempts),
             "success_rate": n_episodes / attempts, "steps": int(ends[-1]), "seeds": [int(seed), int(seed + attempts - 1)],
             "mean_steps": float(np.mean([e["steps"] for e in episodes])), **_order_stats(episodes),
             "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
@@ -233,7 +234,7 @@ def demo_eval(n_episodes: int, start_seed: int = EVAL_START_SEED, progress: bool
         "n_episodes": int(n_episodes), "start_seed": int(start_seed),
         "mean_steps": float(np.mean([e["steps"] for e in per])), "max_steps": int(max(e["steps"] for e in per)),
         "cpu_s_per_episode": (time.process_time() - c0) / n_episodes, "wall_s": time.perf_counter() - t0,
-        "machine": _machine(),
+        "machine": _machine(), "code_commit": git_commit(),
         "per_episode": per,
     }
 
@@ -256,13 +257,13 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--start-seed", type=int, default=EVAL_START_SEED)
     e.add_argument("--out", required=True, help="JSON record")
     args = ap.parse_args(argv)
-    command = "python -m drift_policy.data.kitchen " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = machine_free_text("python -m drift_policy.data.kitchen " + " ".join(argv if argv is not None else sys.argv[1:]))
     try:
         from ..evaluation import save_eval_json
 
         if args.cmd == "generate":
             stats = generate(args.episodes, args.out, args.seed)
-            stats.update(machine=_machine(), command=command)
+            stats.update(machine=_machine(), command=command, code_commit=git_commit())
             if args.record:
                 save_eval_json(stats, args.record)
             print(json.dumps(stats, indent=2))

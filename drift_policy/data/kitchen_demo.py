@@ -14,7 +14,8 @@ the wrist's roll joint inside its range.
 
 Per episode the demonstrator draws (from its own generator, seeded by the episode seed): the subtask order (see
 ``ORDERS``), a speed factor (0.9-1.1) and millimetre offsets of its waypoints. Its success on the evaluation
-seeds is measured by ``python -m drift_policy.data.kitchen demo-eval`` (eval/results/kitchen_demonstrator.json).
+seeds is measured by ``python -m drift_policy.data.kitchen demo-eval``
+(eval/results/kitchen_lowdim/default/kitchen_demonstrator.json).
 """
 from __future__ import annotations
 
