@@ -19,8 +19,9 @@ the step info: Push-T coverage > 0.95, LeRobot's ``pc_success`` / 100; robomimic
 BlockPush: both blocks in targets). Per episode, the maximum of each of the family's ``track_max`` info keys is
 reported as ``max_<key>`` (Push-T: ``max_coverage``), and each of its ``episode_flags`` (info keys, BlockPush:
 ``p1``, ``p2``, ``a_first``, ``b_first``) as true if true at any step; the fraction of episodes with each flag
-is a top-level key of the result, and ``flags`` lists them. An episode ends at success or after ``max_steps``
-steps.
+is a top-level key of the result, and ``flags`` lists them; each of its ``episode_values`` (Kitchen: the subtasks
+completed, in order) is copied into the episode's record as the env reported it last. An episode ends when the env
+terminates it (most at success) or after ``max_steps`` steps.
 """
 from __future__ import annotations
 
@@ -66,6 +67,8 @@ class _Episode:
         self.success = False
         # the family's episode flags (BlockPush: p1, p2, a_first, b_first): true if true at any step
         self.flags = {k: bool(info.get(k, False)) for k in self.family.episode_flags}
+        # the family's episode values (Kitchen: the subtasks completed, in order): their value at the last step
+        self.values = {k: info[k] for k in self.family.episode_values if k in info}
         self.done = False
         self.writer = None
         self.video_path = video_path
@@ -100,6 +103,7 @@ class _Episode:
                 self.max_info[k] = max(self.max_info[k], float(info[k]))
             for k in self.flags:
                 self.flags[k] = self.flags[k] or bool(info.get(k, False))
+            self.values.update((k, info[k]) for k in self.family.episode_values if k in info)
             if self.writer is not None:
                 self._write_frame()
             if terminated or truncated:
@@ -110,7 +114,7 @@ class _Episode:
 
     def summary(self) -> dict:
         out = {"seed": int(self.seed), "max_reward": float(self.max_reward), "steps": int(self.steps),
-               "success": bool(self.success), **self.flags}
+               "success": bool(self.success), **self.flags, **self.values}
         out.update({f"max_{k}": float(v) for k, v in self.max_info.items()})
         return out
 

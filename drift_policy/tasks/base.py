@@ -38,6 +38,8 @@ class TaskFamily:
     success_key: ClassVar[str] = "success"          # the info key that says an env step reached the goal
     episode_flags: ClassVar[tuple[str, ...]] = ()   # info keys counted per episode as true at any step, reported
                                                     # as fractions of episodes (BlockPush: p1, p2, ...)
+    episode_values: ClassVar[tuple[str, ...]] = ()  # info keys whose value at an episode's last step goes into its
+                                                    # per-episode record as is (Kitchen: subtasks in order done)
     eval_protocol: ClassVar[dict] = {}             # how its evaluation episodes start, written into every eval
                                                     # record (Push-T: the block placement of the test seeds)
     options_class: ClassVar[type] = NoOptions       # dataclass of task.options (defaults = the family's defaults)
