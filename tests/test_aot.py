@@ -1,6 +1,7 @@
-"""The compiled batch-1 kernel of the U-Net's fast path (drift_policy/models/aot.py): same actions as the reference
-layers to 1e-5, weights read live (optimizer steps, .data writes, replaced parameters), one compile per key shared
-through the disk cache, and the TorchScript fallback when no C++ compiler is found or compiling is switched off."""
+"""The AOTInductor batch-1 kernel of the U-Net's fast path (drift_policy/models/aot.py; DRIFT_POLICY_COMPILE=aoti
+makes the drift net use it too): same actions as the reference layers to 1e-5, weights read live (optimizer
+steps, .data writes, replaced parameters), one compile per key shared through the disk cache, and the TorchScript
+fallback when no compiler is found or compiling is switched off."""
 import warnings
 
 import pytest
@@ -40,14 +41,16 @@ def _entries(policy):
 
 
 def _is_compiled(fn) -> bool:
-    return hasattr(fn, "key")
+    from drift_policy.models.cpu_kernel import CpuKernel
+
+    return hasattr(fn, "key") or isinstance(fn, CpuKernel)
 
 
 @pytest.fixture
 def compiling(monkeypatch, tmp_path_factory):
     """Compiling on, with one cache folder for the whole module (one compile), and no kernel loaded yet."""
     cache = tmp_path_factory.getbasetemp() / "aot_cache"
-    monkeypatch.setenv("DRIFT_POLICY_COMPILE", "auto")
+    monkeypatch.setenv("DRIFT_POLICY_COMPILE", "aoti")
     monkeypatch.setenv("DRIFT_POLICY_CACHE_DIR", str(cache))
     aot.clear_loaded()
     yield cache
@@ -113,14 +116,20 @@ def test_cached_kernel_loads_without_compiling(compiling, monkeypatch):
 def test_no_compiler_falls_back_to_the_trace(monkeypatch, tmp_path):
     from torch._inductor import config as inductor_config
 
+    from drift_policy.models import cpu_kernel
+
     monkeypatch.setenv("DRIFT_POLICY_COMPILE", "auto")
     monkeypatch.setenv("DRIFT_POLICY_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-c++")))
     aot.clear_loaded()
+    cpu_kernel.clear_loaded()
     try:
         policy, obs = _policy(), _obs()
-        with pytest.warns(UserWarning, match="no compiled kernel"):
+        with pytest.warns(UserWarning) as record:
             got = _actions(policy, obs)
+        messages = " | ".join(str(w.message) for w in record)
+        assert "C kernel is unavailable" in messages and "no compiled kernel" in messages
         assert (got - _actions(policy, obs, fast=False)).abs().max().item() <= TOL
         assert _entries(policy) and not any(_is_compiled(f) for f in _entries(policy))
         assert not list(tmp_path.glob("*.pt2"))
@@ -129,9 +138,12 @@ def test_no_compiler_falls_back_to_the_trace(monkeypatch, tmp_path):
             _actions(_policy(seed=1), obs)
     finally:
         aot.clear_loaded()
+        cpu_kernel.clear_loaded()
 
 
 def test_switched_off_never_compiles(monkeypatch, tmp_path):
+    from drift_policy.models import cpu_kernel
+
     monkeypatch.setenv("DRIFT_POLICY_COMPILE", "0")
     monkeypatch.setenv("DRIFT_POLICY_CACHE_DIR", str(tmp_path))
 
@@ -139,6 +151,7 @@ def test_switched_off_never_compiles(monkeypatch, tmp_path):
         raise AssertionError("compiled although DRIFT_POLICY_COMPILE=0")
 
     monkeypatch.setattr(aot, "_compile", no_compile)
+    monkeypatch.setattr(cpu_kernel, "_build", no_compile)
     policy, obs = _policy(), _obs()
     with warnings.catch_warnings():
         warnings.simplefilter("error")

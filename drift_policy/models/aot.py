@@ -12,10 +12,12 @@ once per machine (about a minute on a 2-core CPU) and cached on disk as one ``.p
 ``$DRIFT_POLICY_CACHE_DIR`` (default ``~/.cache/drift_policy/aoti``); later processes load it in milliseconds,
 and every net of the same structure shares one loaded kernel.
 
-``DRIFT_POLICY_COMPILE``: ``auto`` (default): compile at the batch sizes of ``COMPILED_BATCHES`` (float32), if
-a C++ compiler is found; ``0``: never (the TorchScript trace, e.g. in the test suite, where each new shape would
-cost a compile). When compiling is impossible or fails, the fast path falls back to the TorchScript trace (one
-warning per process and key) and does not try again in that process.
+``DRIFT_POLICY_COMPILE`` chooses the compiled kernels at the batch sizes of ``COMPILED_BATCHES`` (float32):
+``auto`` (default): the C kernel of cpu_kernel.py where it applies (the drift generator: no timestep input), this
+module's AOTInductor kernel otherwise; ``c``: the C kernel only; ``aoti``: the AOTInductor kernel only; ``0``:
+neither (the TorchScript trace, e.g. in the test suite, where each new shape would cost a compile). When
+compiling is impossible or fails, the fast path falls back to the next one and finally to the TorchScript trace
+(one warning per process and key) and does not try again in that process.
 """
 from __future__ import annotations
 
@@ -31,13 +33,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-__all__ = ["COMPILED_BATCHES", "compile_mode", "cache_dir", "compiled_kernel", "disabled", "kernel_key",
-           "clear_loaded"]
+__all__ = ["COMPILED_BATCHES", "MODES", "compile_mode", "cache_dir", "compiled_kernel", "fast_kernel", "forced",
+           "disabled", "kernel_key", "clear_loaded"]
 
 # Batch sizes that get a compiled kernel: batch 1 is the real-time case; other batches keep the trace, so that
 # evaluation with a few environments never waits for a compile per batch size.
 COMPILED_BATCHES = (1,)
-MODES = ("auto", "0")
+MODES = ("auto", "c", "aoti", "0")
 # How the matrix products are compiled: "mm", inductor calls the BLAS (MKL) as eager does; "reduction", they are
 # written as multiply + sum (unet1d._gemm_as_reduction) and inductor generates the loops. An experiment switch:
 # ``DRIFT_POLICY_AOT_GEMM``; part of the kernel key.
@@ -59,6 +61,9 @@ _local = threading.local()
 
 
 def compile_mode() -> str:
+    mode = getattr(_local, "mode", None)
+    if mode is not None:
+        return mode
     mode = os.environ.get("DRIFT_POLICY_COMPILE", "auto").strip().lower() or "auto"
     if mode not in MODES:
         from ..errors import ConfigError
@@ -68,14 +73,21 @@ def compile_mode() -> str:
 
 
 @contextlib.contextmanager
-def disabled():
-    """Within this block (this thread), the fast path uses the TorchScript trace, never a compiled kernel."""
-    before = getattr(_local, "off", False)
-    _local.off = True
+def forced(mode: str):
+    """Within this block (this thread), ``DRIFT_POLICY_COMPILE`` is ``mode`` (one of MODES)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    before = getattr(_local, "mode", None)
+    _local.mode = mode
     try:
         yield
     finally:
-        _local.off = before
+        _local.mode = before
+
+
+def disabled():
+    """Within this block (this thread), the fast path uses the TorchScript trace, never a compiled kernel."""
+    return forced("0")
 
 
 def cache_dir() -> Path:
@@ -86,16 +98,34 @@ def cache_dir() -> Path:
 def wanted(args: tuple[Tensor, ...]) -> bool:
     """Whether a call with these inputs should run a compiled kernel (before any key is computed)."""
     return (args[0].shape[0] in COMPILED_BATCHES and args[0].dtype == torch.float32
-            and not getattr(_local, "off", False) and compile_mode() == "auto")
+            and compile_mode() != "0")
+
+
+def fast_kernel(net: nn.Module, args: tuple[Tensor, ...]):
+    """The compiled kernel for this call under ``compile_mode()``: the C kernel, then AOTInductor's; None: trace."""
+    mode = compile_mode()
+    if mode in ("auto", "c"):
+        from . import cpu_kernel
+
+        k = cpu_kernel.kernel(net, args)
+        if k is not None:
+            return k
+    if mode in ("auto", "aoti"):
+        return compiled_kernel(net, args)
+    return None
 
 
 def _source_digest() -> str:
-    """What the kernel is compiled from: this file and the net's formulation (a change recompiles)."""
-    here = Path(__file__).resolve().parent
-    h = hashlib.sha256()
-    for name in ("aot.py", "unet1d.py"):
-        h.update((here / name).read_bytes())
-    return h.hexdigest()
+    """What the kernel is compiled from: the source of the net's gemm formulation and of the export here (a
+    change to any of them compiles anew; comments elsewhere in the files do not)."""
+    import inspect
+
+    from . import unet1d
+
+    fns = [unet1d.ConditionalUnet1D.gemm_forward, unet1d.conv1d_gemm, unet1d.conv_transpose1d_gemm,
+           unet1d._block_gemm, unet1d._res_gemm, unet1d._linear, unet1d._matmul, unet1d.sinusoidal_embedding,
+           _Flat, _compile]
+    return hashlib.sha256("\n".join(inspect.getsource(f) for f in fns).encode()).hexdigest()
 
 
 _DIGEST: str | None = None
@@ -188,7 +218,7 @@ def _load_or_compile(net: nn.Module, args: tuple[Tensor, ...], key: str):
 def compiled_kernel(net: nn.Module, args: tuple[Tensor, ...]):
     """A callable ``(*args) -> Tensor`` running ``net.gemm_forward`` through the compiled kernel with the net's
     current parameters, or None (compiling is off, impossible or failed: the caller traces instead)."""
-    if not wanted(args):
+    if not wanted(args) or compile_mode() not in ("auto", "aoti"):
         return None
     key = kernel_key(net, args)
     if key in _FAILED:

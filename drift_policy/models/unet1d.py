@@ -17,9 +17,11 @@ cached per input shape and dropped on ``.to()`` / dtype moves and whenever a Par
 (``load_state_dict(assign=True)``, setattr). Same sums as the convolutions, so the outputs agree to float
 rounding (~1e-6; tests/test_fast_inference.py).
 
-At batch 1 (the real-time case) the same formulation is instead compiled to C++ by AOTInductor, the weights
-passed in at every call (models/aot.py: cached on disk per net structure and machine; the trace is the fallback
-when no C++ compiler is found, and ``DRIFT_POLICY_COMPILE=0`` switches it off; tests/test_aot.py).
+At batch 1 (the real-time case) a compiled kernel runs instead, reading the live weights at every call: for the
+drift generator the whole net in one call into a small C library (models/cpu_kernel.py, built in a second with
+the system's C compiler), for nets with a timestep input the gemm formulation compiled by AOTInductor
+(models/aot.py). Both are cached on disk per machine; the trace is the fallback when no compiler is found, and
+``DRIFT_POLICY_COMPILE=0`` switches them off (tests/test_cpu_kernel.py, tests/test_aot.py).
 """
 from __future__ import annotations
 
@@ -210,7 +212,8 @@ torch.nn.modules.module.register_module_module_registration_hook(_count_registra
 
 class _TraceCache:
     """TorchScript traces of ``gemm_forward`` per input signature, for one net (at batch 1 in float32: the
-    compiled kernel of aot.py instead, when there is one; it reads the parameters at every call too).
+    compiled kernel of cpu_kernel.py or aot.py instead, when there is one; it reads the parameters at every
+    call too).
 
     Not frozen: a trace reads the net's parameter tensors at every call, so in-place weight changes (optimizer
     steps, EMA, ``load_state_dict``, ``.data.copy_``) are seen. A trace holds the parameter tensors it was made
@@ -229,12 +232,12 @@ class _TraceCache:
         if self.epoch != _registrations:
             self.traces, self.epoch = {}, _registrations
         want = aot.wanted(args)
-        key = (tuple((tuple(a.shape), a.dtype) for a in args), want and torch.get_num_threads())
+        key = (tuple((tuple(a.shape), a.dtype) for a in args), want and (aot.compile_mode(), torch.get_num_threads()))
         fn = self.traces.get(key)
         if fn is None:
             if len(self.traces) >= self.MAX_ENTRIES:
                 self.traces.clear()
-            fn = self.traces[key] = (want and aot.compiled_kernel(net, args)) or _trace(net, args)
+            fn = self.traces[key] = (want and aot.fast_kernel(net, args)) or _trace(net, args)
         return fn
 
     def __deepcopy__(self, memo):
