@@ -191,6 +191,8 @@ def bench_latency(presets=DEFAULT_PRESETS, batches=DEFAULT_BATCHES, methods=tupl
     RESULT_KEYS), ``rows`` (one per (preset, batch), keys ROW_KEYS, ratios = baseline ms / drift ms, None
     where a method was not run), ``targets`` (the issue's targets and whether they are met), ``backends`` (the
     default drift policy under each backend and thread count; empty unless ``backends`` is given) and
+    ``floor`` (the default drift policy's matrix-product FLOPs per call and this CPU's SGEMM rate measured in the
+    run, which give each backend row's ``floor_ms`` and ``over_floor``; None without backends or on CUDA),
     ``profile`` / ``profile_reference`` (top ops of the default drift policy at batch 1 over ``profile`` calls,
     default path / reference layers; None if 0) and
     ``task_policies`` (whole policies per task at batch 1, image encoder timed separately; see TASK_POLICIES).
@@ -234,8 +236,8 @@ def bench_latency(presets=DEFAULT_PRESETS, batches=DEFAULT_BATCHES, methods=tupl
             del policy
             gc.collect()
 
-    out = {"meta": meta, "results": results, "rows": make_rows(results), "backends": [], "profile": None,
-           "profile_reference": None,
+    out = {"meta": meta, "results": results, "rows": make_rows(results), "backends": [], "floor": None,
+           "profile": None, "profile_reference": None,
            "task_policies": bench_task_policies(task_policies, 1, seed=seed, say=say, **timing_kw)
            if task_policies else []}
     out["targets"] = check_targets(out["rows"])
