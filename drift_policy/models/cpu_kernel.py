@@ -220,8 +220,6 @@ class CpuKernel:
         for n in sizes:
             offs.append(at)
             at += n
-        slot_index = {}
-
         def index(s):
             if s is None:
                 return -1
@@ -240,7 +238,7 @@ class CpuKernel:
         self.n_par = n_par
         self.eps = float(prog.eps if prog.eps is not None else 1e-5)
         self._last = None
-        del slot_index
+        self._lock = threading.Lock()                 # one arena: calls from two threads take turns
 
     def _params_ok(self, ptrs: list[int]) -> bool:
         """After a parameter's storage was replaced (``p.data = ...``): still contiguous float32 on the CPU?"""
@@ -257,9 +255,10 @@ class CpuKernel:
             return self.fallback(sample, cond)                 # the reference layers: any layout
         out = torch.empty(1, self.T, self.Da)
         n = self.n_par
-        self.ptrs[:n] = ptrs
-        self.ptrs[n: n + 3] = (sample.data_ptr(), cond.data_ptr(), out.data_ptr())
-        rc = self.fn(self.code.ctypes.data, len(self.code), self.ptrs.ctypes.data, self.eps)
+        with self._lock:
+            self.ptrs[:n] = ptrs
+            self.ptrs[n: n + 3] = (sample.data_ptr(), cond.data_ptr(), out.data_ptr())
+            rc = self.fn(self.code.ctypes.data, len(self.code), self.ptrs.ctypes.data, self.eps)
         if rc:
             raise RuntimeError(f"C kernel: unknown op at {rc - 1}")
         return out
