@@ -77,7 +77,7 @@ ONNX_FILE_NOTE = ("the file `drift-policy export format=onnx` writes (generator 
                   "ONNX Runtime on numpy obs and noise; noise drawn with numpy inside the timed call")
 AOTI_FILE = "aoti_file"
 AOTI_FILE_NOTE = ("the package `drift-policy export format=aoti` writes (torch.export + AOTInductor, generator + "
-                  "normaliser, weights frozen in, dynamic batch, compiled at the first thread count), run by "
+                  "normaliser, weights inside, dynamic batch, compiled at the first thread count), run by "
                   "torch's AOTI loader on tensors; noise drawn inside the timed call")
 FILE_BACKENDS = (ONNX_FILE, AOTI_FILE)
 BENCH_CPU_BACKENDS = (*CPU_BACKENDS, *FILE_BACKENDS)

@@ -15,8 +15,8 @@ output names and the policy config. Command line:
     drift-policy export checkpoint=runs/<run> format=torchscript out=policy.pt
     drift-policy export checkpoint=runs/<run> format=aoti out=policy.pt2
 
-``aoti``: ``torch.export`` + AOTInductor, the whole computation compiled to C++ (weights inside, frozen) in one
-``.pt2`` package; compiling takes about a minute on a 2-core CPU and needs a C++ compiler. It loads without this
+``aoti``: ``torch.export`` + AOTInductor, the whole computation compiled to C++ (weights inside) in one ``.pt2``
+package; compiling takes about a minute on a 2-core CPU and needs a C++ compiler. It loads without this
 package, from Python::
 
     import torch
@@ -161,8 +161,9 @@ def export_policy(policy: Policy, out: str | os.PathLike, fmt: str) -> Path:
 
 
 def aoti_export(policy: Policy, out: str, gemm: bool = True) -> str:
-    """torch.export + AOTInductor of ``ExportablePolicy(policy)`` with a dynamic batch axis, weights frozen into
-    the package (inductor may prepack them); ``out`` must end in .pt2. Returns ``out``."""
+    """torch.export + AOTInductor of ``ExportablePolicy(policy)`` with a dynamic batch axis, the weights stored in
+    the package as constants; ``out`` must end in .pt2. Returns ``out``. (Not inductor's ``freezing``: with it
+    the weight-prepacking pass of torch 2.13 fixed the batch of the products to the example's.)"""
     import warnings
 
     import torch._inductor
@@ -173,7 +174,7 @@ def aoti_export(policy: Policy, out: str, gemm: bool = True) -> str:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ep = torch.export.export(module, (obs, noise), dynamic_shapes=({0: batch}, {0: batch}), strict=False)
-        return torch._inductor.aoti_compile_and_package(ep, package_path=out, inductor_configs={"freezing": True})
+        return torch._inductor.aoti_compile_and_package(ep, package_path=out)
 
 
 # ---- loading the exports -------------------------------------------------------------------------------------
