@@ -148,7 +148,7 @@ def test_cli_bad_options(args, match):
 
 
 @pytest.mark.parametrize("method, backend", [("drift", "jit_trace"), ("drift", "reference"), ("ddim10", "reference"),
-                                             ("drift", "onnxruntime"), ("ddim10", "onnxruntime")])
+                                             ("drift", "onnxruntime"), ("ddim10", "onnxruntime"), ("drift", "fast_trace")])
 def test_accelerated_policy_keeps_semantics(method, backend):
     if backend == "onnxruntime":
         pytest.importorskip("onnxruntime")

@@ -9,7 +9,7 @@ The compiled kernel takes the net's parameters as inputs (none is baked in), so,
 live weights at every call: optimizer steps, EMA, ``load_state_dict`` and ``.data`` writes are always seen. It
 depends only on the net's structure, the input shapes, torch, the thread count and the CPU, so it is compiled
 once per machine (about a minute on a 2-core CPU) and cached on disk as one ``.pt2`` per key in
-``$DRIFT_POLICY_CACHE_DIR`` (default ``~/.cache/drift_policy/aoti``); later processes load it in milliseconds,
+``$DRIFT_POLICY_CACHE_DIR`` (default ``~/.cache/drift_policy/kernels``); later processes load it in milliseconds,
 and every net of the same structure shares one loaded kernel.
 
 ``DRIFT_POLICY_COMPILE`` chooses the compiled kernels at the batch sizes of ``COMPILED_BATCHES`` (float32):
@@ -92,7 +92,7 @@ def disabled():
 
 def cache_dir() -> Path:
     env = os.environ.get("DRIFT_POLICY_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "drift_policy" / "aoti"
+    return Path(env) if env else Path.home() / ".cache" / "drift_policy" / "kernels"
 
 
 def wanted(args: tuple[Tensor, ...]) -> bool:
