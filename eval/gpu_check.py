@@ -3,12 +3,12 @@ trained for a fixed time with the drift default and with the diffusion baseline 
 G noise draws), training throughput of both policies eager and compiled, and ``predict_action`` latency on CUDA
 (eager, CUDA graphs, torch.compile) at batch 1 and 256.
 
-    python eval/gpu_check.py part=all minutes=3            # everything in one device call (~9 min on one H100)
+    python eval/gpu_check.py part=all minutes=2            # everything in one device call (keep it < 10 min)
     python eval/gpu_check.py part=drift minutes=10         # or one part per call (a device call runs <= 10 min)
     python eval/gpu_check.py part=diffusion minutes=10
     python eval/gpu_check.py part=throughput
     python eval/gpu_check.py part=latency
-    python eval/gpu_check.py part=all tiny=1               # the whole script on the CPU in ~10 min (2 cores)
+    python eval/gpu_check.py part=all tiny=1               # the whole script on the CPU in ~6 min (2 cores)
 
 Time enters only here, never into a schedule: a short calibration run measures seconds per training step on
 this machine, and the real run gets ``train.max_steps`` = minutes / (seconds per step), so its cosine runs over
