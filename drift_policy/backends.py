@@ -7,7 +7,9 @@ scheduler). ``export.py`` writes whole-policy files with the same builders (``ji
 ``ort_session``).
 
 Backends: ``eager`` (PyTorch as shipped: on the CPU at small batch the U-Net's default fast inference path,
-models/unet1d.py), ``eager_no_grad`` (the same; the benchmark times it without inference_mode), ``reference``
+models/unet1d.py, at batch 1 a compiled kernel: models/cpu_kernel.py or models/aot.py), ``fast_trace`` (that path
+without compiled kernels: its TorchScript fallback), ``fast_aoti`` (the AOTInductor kernel at batch 1),
+``eager_no_grad`` (the same; the benchmark times it without inference_mode), ``reference``
 (the U-Net's layers as written, i.e. the eager path before the fast default, for comparison), ``jit_trace`` /
 ``jit_ofi`` (TorchScript trace + freeze / optimize_for_inference), ``compile`` / ``compile_freezing``
 (torch.compile, inductor), ``onnxruntime`` (ONNX Runtime CPU, backbone only), and on CUDA ``cuda_graph`` and
@@ -29,13 +31,20 @@ from .errors import ConfigError
 __all__ = ["CPU_BACKENDS", "CUDA_BACKENDS", "ALL_BACKENDS", "BACKEND_NOTES", "BackendError", "accelerated_policy",
            "make_backbone", "max_abs_diff", "jit_trace", "onnx_export", "ort_session"]
 
-CPU_BACKENDS = ("eager", "eager_no_grad", "reference", "jit_trace", "jit_ofi", "compile", "compile_freezing",
-                "onnxruntime")
+CPU_BACKENDS = ("eager", "eager_no_grad", "fast_trace", "fast_aoti", "reference", "jit_trace", "jit_ofi",
+                "compile", "compile_freezing", "onnxruntime")
 CUDA_BACKENDS = ("eager", "eager_no_grad", "reference", "cuda_graph", "compile", "compile_reduce_overhead")
 ALL_BACKENDS = tuple(dict.fromkeys(CPU_BACKENDS + CUDA_BACKENDS))
 BACKEND_NOTES = {
     "eager": "the default: predict_action as shipped, under torch.inference_mode (on the CPU below batch 16 the "
-             "U-Net runs its fast path: convolutions as time-major GEMMs, TorchScript-traced, not frozen)",
+             "U-Net runs its fast path: convolutions as time-major GEMMs, TorchScript-traced, not frozen; at batch 1 "
+             "the drift net in one call into a C library built with the system compiler (models/cpu_kernel.py), "
+             "weights read live)",
+    "fast_trace": "the default's fast path without compiled kernels: the TorchScript trace of the time-major "
+                  "GEMMs at every batch below 16 (the default before them; their fallback)",
+    "fast_aoti": "the default's fast path with the AOTInductor kernel at batch 1 (models/aot.py: the time-major "
+                 "GEMM formulation compiled to C++, BLAS products, weights as inputs; what nets with a timestep "
+                 "input get by default)",
     "eager_no_grad": "the default, with predict_action's own torch.no_grad only",
     "reference": "the U-Net's layers as written (nn.Conv1d, ...): the eager path before the fast default",
     "jit_trace": "torch.jit.trace + torch.jit.freeze of the backbone (reference layers)",
@@ -128,6 +137,24 @@ class _ReferenceBackbone(nn.Module):
         return getattr(self.inner, "reference_forward", self.inner.forward)(*args)
 
 
+class _ForcedModeBackbone(nn.Module):
+    """The net's default path with ``DRIFT_POLICY_COMPILE`` forced to ``mode`` (models/aot.py ``forced``)."""
+
+    def __init__(self, inner: nn.Module, mode: str):
+        super().__init__()
+        self.inner, self.mode = inner, mode
+
+    @property
+    def timestep_dim(self) -> int:
+        return self.inner.timestep_dim
+
+    def forward(self, *args: Tensor) -> Tensor:
+        from .models import aot
+
+        with aot.forced(self.mode):
+            return self.inner(*args)
+
+
 class _JitBackbone(_PerShapeBackbone):
     def __init__(self, inner: nn.Module, optimize_for_inference: bool = False):
         super().__init__(inner)
@@ -210,6 +237,8 @@ def make_backbone(model: nn.Module, backend: str, threads: int | None = None) ->
         return model
     if backend == "reference":
         return _ReferenceBackbone(model)
+    if backend in ("fast_trace", "fast_aoti"):
+        return _ForcedModeBackbone(model, "0" if backend == "fast_trace" else "aoti")
     if backend in ("jit_trace", "jit_ofi"):
         return _JitBackbone(model, optimize_for_inference=backend == "jit_ofi")
     if backend == "onnxruntime":

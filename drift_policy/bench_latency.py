@@ -75,7 +75,12 @@ TIMED_KEYS = ("median_ms", "p90_ms", "min_ms", "mean_ms", "n_repeats", "cpu_medi
 ONNX_FILE = "onnx_file"
 ONNX_FILE_NOTE = ("the file `drift-policy export format=onnx` writes (generator + normaliser, dynamic batch), "
                   "ONNX Runtime on numpy obs and noise; noise drawn with numpy inside the timed call")
-BENCH_CPU_BACKENDS = (*CPU_BACKENDS, ONNX_FILE)
+AOTI_FILE = "aoti_file"
+AOTI_FILE_NOTE = ("the package `drift-policy export format=aoti` writes (torch.export + AOTInductor, generator + "
+                  "normaliser, weights inside, dynamic batch, compiled at the first thread count), run by "
+                  "torch's AOTI loader on tensors; noise drawn inside the timed call")
+FILE_BACKENDS = (ONNX_FILE, AOTI_FILE)
+BENCH_CPU_BACKENDS = (*CPU_BACKENDS, *FILE_BACKENDS)
 
 
 # -- building policies -------------------------------------------------------------------------------------------
@@ -186,6 +191,8 @@ def bench_latency(presets=DEFAULT_PRESETS, batches=DEFAULT_BATCHES, methods=tupl
     RESULT_KEYS), ``rows`` (one per (preset, batch), keys ROW_KEYS, ratios = baseline ms / drift ms, None
     where a method was not run), ``targets`` (the issue's targets and whether they are met), ``backends`` (the
     default drift policy under each backend and thread count; empty unless ``backends`` is given) and
+    ``floor`` (the default drift policy's matrix-product FLOPs per call and this CPU's SGEMM rate measured in the
+    run, which give each backend row's ``floor_ms`` and ``over_floor``; None without backends or on CUDA),
     ``profile`` / ``profile_reference`` (top ops of the default drift policy at batch 1 over ``profile`` calls,
     default path / reference layers; None if 0) and
     ``task_policies`` (whole policies per task at batch 1, image encoder timed separately; see TASK_POLICIES).
@@ -229,8 +236,8 @@ def bench_latency(presets=DEFAULT_PRESETS, batches=DEFAULT_BATCHES, methods=tupl
             del policy
             gc.collect()
 
-    out = {"meta": meta, "results": results, "rows": make_rows(results), "backends": [], "profile": None,
-           "profile_reference": None,
+    out = {"meta": meta, "results": results, "rows": make_rows(results), "backends": [], "floor": None,
+           "profile": None, "profile_reference": None,
            "task_policies": bench_task_policies(task_policies, 1, seed=seed, say=say, **timing_kw)
            if task_policies else []}
     out["targets"] = check_targets(out["rows"])
@@ -239,10 +246,15 @@ def bench_latency(presets=DEFAULT_PRESETS, batches=DEFAULT_BATCHES, methods=tupl
         out["profile_reference"] = profile_default(device, threads, seed, calls=int(profile), backend="reference")
     if backends:
         kw = {k: v for k, v in timing_kw.items() if k != "device"}
-        out["backends"] = bench_backends([b for b in backends if b != ONNX_FILE], backend_batches, backend_threads,
-                                         device=device, seed=seed, say=say, **kw)
+        out["backends"] = bench_backends([b for b in backends if b not in FILE_BACKENDS], backend_batches,
+                                         backend_threads, device=device, seed=seed, say=say, **kw)
         if ONNX_FILE in backends:
             out["backends"] += bench_onnx_file(backend_batches, backend_threads, seed=seed, say=say, **kw)
+        if AOTI_FILE in backends:
+            out["backends"] += bench_aoti_file(backend_batches, backend_threads, seed=seed, say=say, **kw)
+        if device == "cpu":
+            out["floor"] = gemm_floor(backend_batches, backend_threads, seed=seed, say=say)
+            add_floor_ratios(out["backends"], out["floor"])
         set_threads(threads)
         out["targets"].update(check_backend_targets(out["backends"]))
     meta["torch_num_threads"] = torch.get_num_threads()
@@ -352,6 +364,92 @@ def bench_onnx_file(batches, threads_list, *, seed=0, say=print, **timing_kw) ->
                 say(f"  backend {ONNX_FILE:>17} threads {threads} batch {batch:>3}: median {r['median_ms']:8.3f} ms"
                     f"  p90 {r['p90_ms']:8.3f} ms  max|diff| {diff:.1e}", flush=True)
     return rows
+
+
+def bench_aoti_file(batches, threads_list, *, seed=0, say=print, **timing_kw) -> list[dict]:
+    """The default drift policy exported by ``drift-policy export format=aoti`` (one .pt2: generator +
+    normaliser, dynamic batch), timed per thread count and batch size; ``max_abs_diff`` against the reference
+    layers on the same obs and noise."""
+    from .export import AotiPolicy, ExportablePolicy, export_policy
+
+    policy = _default_drift_policy("cpu", seed)
+    reference = ExportablePolicy(accelerated_policy(policy, "reference"))
+    c = policy.config
+    base = {"backend": AOTI_FILE, "backbone": c.backbone, "params_m": n_params(policy.model) / 1e6,
+            "note": AOTI_FILE_NOTE}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.set_num_threads(threads_list[0])
+        t0 = time.perf_counter()
+        try:
+            model = AotiPolicy(export_policy(policy, os.path.join(tmp, "policy.pt2"), "aoti"))
+        except Exception as e:                                 # no C++ compiler, an op AOTInductor cannot lower
+            return _error_rows(base, threads_list, batches, e, say)
+        setup_s = time.perf_counter() - t0
+        for threads in threads_list:
+            torch.set_num_threads(threads)
+            for batch in batches:
+                obs = random_obs(policy, batch, seed)
+                noise = torch.randn(batch, c.horizon, c.action_dim, generator=torch.Generator().manual_seed(seed))
+                with torch.no_grad():
+                    diff = float((model(obs, noise)[1] - reference(obs, noise)[1]).abs().max())
+                g = torch.Generator().manual_seed(seed)
+                shape = (batch, c.horizon, c.action_dim)
+                t = time_call(lambda: model(obs, torch.randn(shape, generator=g)), **timing_kw)
+                r = {**base, "threads": threads, "batch": batch, "setup_s": setup_s, "max_abs_diff": diff,
+                     "error": None, **{k: t[k] for k in TIMED_KEYS}}
+                rows.append(r)
+                say(f"  backend {AOTI_FILE:>17} threads {threads} batch {batch:>3}: median {r['median_ms']:8.3f} ms"
+                    f"  p90 {r['p90_ms']:8.3f} ms  max|diff| {diff:.1e}", flush=True)
+    return rows
+
+
+def sgemm_gflops(threads: int, n: int = 1024, calls: int = 10) -> float:
+    """This CPU's SGEMM rate at ``threads`` threads: the median of ``calls`` n x n x n float32 products, GFLOP/s."""
+    from .threads import set_threads
+
+    set_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t = time_call(lambda: torch.mm(a, b), repeats=calls, budget_s=60.0, warmup=2)
+    return 2 * n ** 3 / (t["median_ms"] * 1e-3) / 1e9
+
+
+def policy_flops(policy, batch: int) -> int:
+    """Multiply-add FLOPs (2 per MAC) of the matrix products in one backbone call of ``policy`` at ``batch``
+    (the U-Net's gemm formulation: the same products as its convolutions; pointwise work not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    c = policy.config
+    obs = random_obs(policy, batch)
+    with torch.no_grad():
+        cond = policy.condition(policy._obs(obs))
+        noise = torch.zeros(batch, c.horizon, c.action_dim)
+        net = policy.model
+        fwd = getattr(net, "gemm_forward", net)
+        with FlopCounterMode(display=False) as counter:
+            fwd(noise, cond)
+    return int(counter.get_total_flops())
+
+
+def gemm_floor(batches, threads_list, *, seed: int = 0, say=print) -> dict:
+    """The default drift policy's compute floor: its matrix-product FLOPs per call / the SGEMM rate measured now."""
+    policy = _default_drift_policy("cpu", seed)
+    floor = {"flops_per_call": {str(b): policy_flops(policy, b) for b in batches},
+             "sgemm_gflops": {str(t): sgemm_gflops(t) for t in threads_list},
+             "what": "floor_ms = matrix-product FLOPs per call / SGEMM rate (1024^3 float32 torch.mm, median of 10, "
+                     "measured in the same run at that thread count)"}
+    for t, rate in floor["sgemm_gflops"].items():
+        say(f"  SGEMM {rate:.1f} GFLOP/s at {t} thread(s); floor at batch 1: "
+            f"{floor['flops_per_call'].get('1', 0) / rate / 1e6:.3f} ms", flush=True)
+    return floor
+
+
+def add_floor_ratios(rows: list[dict], floor: dict) -> None:
+    """Each backend row gets ``floor_ms`` and ``over_floor`` = median_ms / floor_ms (None where not timed)."""
+    for r in rows:
+        flops, rate = floor["flops_per_call"].get(str(r["batch"])), floor["sgemm_gflops"].get(str(r["threads"]))
+        r["floor_ms"] = flops / rate / 1e6 if flops and rate else None
+        r["over_floor"] = r["median_ms"] / r["floor_ms"] if r["floor_ms"] and r.get("median_ms") else None
 
 
 def profile_default(device: str = "cpu", threads: int = 1, seed: int = 0, calls: int = 50, top: int = 12,

@@ -1,4 +1,4 @@
-"""Export a drift policy's one-step generator, normaliser included, to ONNX or TorchScript.
+"""Export a drift policy's one-step generator, normaliser included, to ONNX, TorchScript or AOTInductor.
 
 The exported graph maps data units to data units, so a deployment needs nothing from this package:
 
@@ -13,6 +13,22 @@ output names and the policy config. Command line:
 
     drift-policy export checkpoint=runs/<run>/pretrained format=onnx out=policy.onnx
     drift-policy export checkpoint=runs/<run> format=torchscript out=policy.pt
+    drift-policy export checkpoint=runs/<run> format=aoti out=policy.pt2
+
+``aoti``: ``torch.export`` + AOTInductor, the whole computation compiled to C++ (weights inside) in one ``.pt2``
+package; compiling takes about a minute on a 2-core CPU and needs a C++ compiler. It loads without this
+package, from Python::
+
+    import torch
+    model = torch._inductor.aoti_load_package("policy.pt2")
+    action, action_pred = model(obs, noise)          # float32 tensors as above
+
+and from C++ (libtorch of the same version; ``examples/aoti_policy.cpp``)::
+
+    torch::inductor::AOTIModelPackageLoader loader("policy.pt2");
+    std::vector<at::Tensor> out = loader.run({obs, noise});   // {action, action_pred}
+
+The package is compiled for the CPU it was exported on (its instruction set) and the thread count at export.
 
 ``checkpoint`` is a save_pretrained folder, a run folder (newest good checkpoint, EMA weights) or a checkpoint
 file. ONNX needs the optional extra: ``pip install 'drift-policy[export]'`` (onnx, onnxruntime).
@@ -37,14 +53,19 @@ from .policies import Policy
 INPUT_NAMES = ["obs", "noise"]
 OUTPUT_NAMES = ["action", "action_pred"]
 ONNX_OPSET = 18
+FORMATS = ("onnx", "torchscript", "aoti")
+AOTI_MAX_BATCH = 4096          # the dynamic batch axis of an aoti export: 1 .. this
 
 
 class ExportablePolicy(nn.Module):
     """obs (data units) + noise -> (action, action_pred) in data units, the same computation as
     ``Policy.predict_action`` with the noise passed in instead of drawn."""
 
-    def __init__(self, policy: Policy):
+    def __init__(self, policy: Policy, gemm: bool = False):
         super().__init__()
+        # gemm: the U-Net as its time-major matrix products (gemm_forward, the fast CPU path's formulation)
+        # instead of its convolution layers; same function, and faster at small batch once compiled.
+        self.gemm = gemm
         if policy.config.nfe != 1:
             raise ValueError(f"only one-step drift policies can be exported (1 NFE), got a {policy.config.type!r} "
                              f"policy with {policy.config.nfe} network evaluations per chunk")
@@ -60,9 +81,28 @@ class ExportablePolicy(nn.Module):
         p = self.policy
         obs = obs[:, -self.n_obs_steps:]
         cond = p.condition({"obs": obs})
-        action_pred = p.unnormalize_action(p.sample(cond, noise=noise), obs)
+        if self.gemm:
+            with _gemm_backbone(p.model):
+                sample = p.sample(cond, noise=noise)
+        else:
+            sample = p.sample(cond, noise=noise)
+        action_pred = p.unnormalize_action(sample, obs)
         start = self.n_obs_steps - 1
         return action_pred[:, start: start + self.n_action_steps], action_pred
+
+
+class _gemm_backbone:
+    """Within the block, calls of the U-Net run its gemm_forward (it has one; other backbones are unchanged)."""
+
+    def __init__(self, net: nn.Module):
+        self.net = net
+
+    def __enter__(self):
+        if hasattr(self.net, "gemm_forward"):
+            self.net.__dict__["forward"] = self.net.gemm_forward     # an instance attribute shadows the method
+
+    def __exit__(self, *exc):
+        self.net.__dict__.pop("forward", None)
 
 
 def example_inputs(policy: Policy, batch: int = 1, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -88,9 +128,9 @@ def metadata(policy: Policy, fmt: str) -> dict:
 
 
 def export_policy(policy: Policy, out: str | os.PathLike, fmt: str) -> Path:
-    """Write the policy as ``fmt`` ("onnx" or "torchscript") to ``out`` (plus ``<out>.json``); returns ``out``."""
-    if fmt not in ("onnx", "torchscript"):
-        raise ValueError(f"format must be 'onnx' or 'torchscript', got {fmt!r}")
+    """Write the policy as ``fmt`` (one of FORMATS) to ``out`` (plus ``<out>.json``); returns ``out``."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     module = ExportablePolicy(policy.to("cpu").eval())
@@ -104,6 +144,13 @@ def export_policy(policy: Policy, out: str | os.PathLike, fmt: str) -> Path:
     try:
         if fmt == "torchscript":
             jit_trace(module, args).save(str(tmp))
+        elif fmt == "aoti":
+            pkg = tmp.with_suffix(".pt2")            # AOTInductor wants the .pt2 suffix
+            try:
+                aoti_export(policy, str(pkg))
+                os.replace(pkg, tmp)
+            finally:
+                pkg.unlink(missing_ok=True)
         else:
             onnx_export(module, args, str(tmp), INPUT_NAMES, OUTPUT_NAMES, ONNX_OPSET,
                         dynamic_axes={n: {0: "batch"} for n in INPUT_NAMES + OUTPUT_NAMES})
@@ -114,6 +161,23 @@ def export_policy(policy: Policy, out: str | os.PathLike, fmt: str) -> Path:
         tmp.unlink(missing_ok=True)
     atomic_write_text(str(out) + ".json", json.dumps(metadata(policy, fmt), indent=2))
     return out
+
+
+def aoti_export(policy: Policy, out: str, gemm: bool = True) -> str:
+    """torch.export + AOTInductor of ``ExportablePolicy(policy)`` with a dynamic batch axis, the weights stored in
+    the package as constants; ``out`` must end in .pt2. Returns ``out``. (Not inductor's ``freezing``: with it
+    the weight-prepacking pass of torch 2.13 fixed the batch of the products to the example's.)"""
+    import warnings
+
+    import torch._inductor
+
+    module = ExportablePolicy(policy.to("cpu").eval(), gemm=gemm)
+    obs, noise = example_inputs(policy, batch=2)
+    batch = torch.export.Dim("batch", min=1, max=AOTI_MAX_BATCH)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(module, (obs, noise), dynamic_shapes=({0: batch}, {0: batch}), strict=False)
+        return torch._inductor.aoti_compile_and_package(ep, package_path=out)
 
 
 # ---- loading the exports -------------------------------------------------------------------------------------
@@ -133,19 +197,36 @@ def load_torchscript(path: str | os.PathLike) -> torch.jit.ScriptModule:
     return torch.jit.load(str(path), map_location="cpu").eval()
 
 
+class AotiPolicy:
+    """An ``aoti`` export: ``(obs, noise) -> (action, action_pred)`` as float32 tensors, run by AOTInductor's
+    loader (what ``torch._inductor.aoti_load_package`` returns, called without its per-call pytree handling)."""
+
+    def __init__(self, path: str | os.PathLike):
+        import torch._inductor
+
+        self.model = torch._inductor.aoti_load_package(str(path))
+        self._run = self.model.loader.run
+
+    def __call__(self, obs: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        action, action_pred = self._run([obs.float().contiguous(), noise.float().contiguous()])
+        return action, action_pred
+
+
 # ---- command line ---------------------------------------------------------------------------------------------
 def cmd_export(args: list[str]) -> None:
     from .fileio import check_writable
     from .runs import load_policy_for_eval, parse_kv
 
-    usage = "usage: drift-policy export checkpoint=PATH format=onnx|torchscript out=FILE"
+    usage = "usage: drift-policy export checkpoint=PATH format=onnx|torchscript|aoti out=FILE"
     opts = parse_kv(args, {"checkpoint": str, "format": str, "out": str}, usage=usage,
                     defaults={"format": "onnx", "out": "required"})
     if "checkpoint" not in opts or "out" not in opts:
         raise SystemExit(usage)
     fmt = opts.get("format", "onnx")
-    if fmt not in ("onnx", "torchscript"):
-        raise ConfigError(f"format must be onnx or torchscript, got {fmt!r}")
+    if fmt not in FORMATS:
+        raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt == "aoti" and not opts["out"].endswith(".pt2"):
+        raise ConfigError(f"format=aoti writes a .pt2 package: out= must end in .pt2, got {opts['out']!r}")
     check_writable(opts["out"], "export out=")
     policy, _ = load_policy_for_eval(opts["checkpoint"])
     out = export_policy(policy, opts["out"], fmt)

@@ -13,6 +13,7 @@ __all__ = ["TARGET_DDPM_RATIO_B1", "TARGET_DEFAULT_DRIFT_MS_B1", "ROW_KEYS", "sp
 # Targets from the latency issue; reported against, never assumed.
 TARGET_DDPM_RATIO_B1 = 90.0
 TARGET_DEFAULT_DRIFT_MS_B1 = 3.0
+TARGET_FAST_MS_B1 = 1.0          # issue 42: the default policy call at batch 1, 1 thread, CPU
 ROW_KEYS = ("preset", "params_m", "params_m_diffusion", "batch", "drift_ms", "ddim10_ms", "ddpm100_ms",
             "ddpm100_over_drift", "ddim10_over_drift", "drift_p90_ms", "ddim10_p90_ms", "ddpm100_p90_ms")
 
@@ -152,18 +153,26 @@ def format_report(res: dict) -> str:
                if r["backend"] == "reference" and r["median_ms"] is not None}
         lines += ["", f"Default drift policy ({b0['backbone']}, {b0['params_m']:.2f}M params) by inference backend "
                       f"(max abs diff: actions against the reference layers, same noise):",
-                  "", "| backend | threads | batch | median ms | min ms | p90 ms | CPU ms | vs reference | max abs diff "
-                      "| setup s | n |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "", "| backend | threads | batch | median ms | min ms | p90 ms | CPU ms | vs reference | x floor "
+                      "| max abs diff | setup s | n |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["backends"]:
             if r["error"]:
                 lines.append(f"| {r['backend']} | {r['threads']} | {r['batch']} | unavailable: {r['error']} "
-                             f"| | | | | | | |")
+                             f"| | | | | | | | |")
                 continue
             e = ref.get((r["threads"], r["batch"]))
             lines.append(f"| {r['backend']} | {r['threads']} | {r['batch']} | {_ms(r['median_ms'])} | "
                          f"{_ms(r.get('min_ms'))} | {_ms(r['p90_ms'])} | {_ms(r.get('cpu_median_ms'))} | "
                          f"{_f(e / r['median_ms'] if e else None, '{:.2f}x')} | "
+                         f"{_f(r.get('over_floor'), '{:.2f}x')} | "
                          f"{r['max_abs_diff']:.1e} | {r['setup_s']:.1f} | {r['n_repeats']} |")
+        fl = res.get("floor")
+        if fl:
+            parts = [f"{t} thread(s) {g:.1f} GFLOP/s" for t, g in fl["sgemm_gflops"].items()]
+            lines += ["", "x floor: median / floor, floor = the net's matrix-product FLOPs per call ("
+                          + ", ".join(f"batch {b}: {f / 1e6:.1f} MFLOP" for b, f in fl["flops_per_call"].items())
+                          + ") / this CPU's SGEMM rate measured in the same run (" + ", ".join(parts) + ")."]
+            lines.append(_fast_target_line(res["backends"]))
         notes = dict.fromkeys((r["backend"], r.get("note", "")) for r in res["backends"])
         lines += ["", "CPU ms: median CPU time of the calling thread per call (time.thread_time): on a shared CPU the "
                       "wall-clock median includes waiting for a core, this does not (work of other threads, "
@@ -189,6 +198,18 @@ def format_report(res: dict) -> str:
             lines.append(f"| {o['op']} | {o['self_cpu_pct']:.1f} | {o['self_cpu_ms_per_call']:.3f} | "
                          f"{o['calls_per_predict']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def _fast_target_line(rows: list[dict]) -> str:
+    """Issue 42's target: the default path (backend ``eager``) at batch 1, 1 thread, <= TARGET_FAST_MS_B1."""
+    r = next((r for r in rows if r["backend"] == "eager" and r["batch"] == 1 and r["threads"] == 1
+              and r.get("median_ms") is not None), None)
+    if r is None:
+        return f"Target <= {TARGET_FAST_MS_B1:g} ms (batch 1, 1 thread): the default path was not timed."
+    met = "met" if r["median_ms"] <= TARGET_FAST_MS_B1 else "NOT met"
+    floor = f", {r['over_floor']:.2f}x the floor ({r['floor_ms']:.3f} ms)" if r.get("over_floor") else ""
+    return (f"Target: the default path (eager) <= {TARGET_FAST_MS_B1:g} ms at batch 1, 1 thread: median "
+            f"{r['median_ms']:.3f} ms ({met}){floor}.")
 
 
 def write_results(res: dict, out: str | Path) -> tuple[Path, Path]:

@@ -4,6 +4,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# The U-Net's compiled batch-1 kernels (models/cpu_kernel.py; models/aot.py, a minute of compiling per net shape):
+# the suite runs the TorchScript fast path, and tests/test_cpu_kernel.py, tests/test_aot.py switch them on.
+os.environ.setdefault("DRIFT_POLICY_COMPILE", "0")
 
 
 def shared_data_root() -> Path:

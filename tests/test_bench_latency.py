@@ -29,7 +29,7 @@ def test_bench_tiny_returns_documented_keys(tmp_path):
                            backends=["eager", "reference", "jit_trace", "onnx_file"], backend_threads=[1],
                            backend_batches=[1, 2], profile=2)
     assert set(res) == {"meta", "results", "rows", "targets", "backends", "profile", "profile_reference",
-                        "task_policies"}
+                        "task_policies", "floor"}
     assert res["task_policies"] == []
     for k in ("cpu", "torch", "device", "threads_option", "torch_num_threads", "repeats_max", "budget_s"):
         assert k in res["meta"], k
@@ -55,6 +55,11 @@ def test_bench_tiny_returns_documented_keys(tmp_path):
     assert [(b["backend"], b["batch"]) for b in res["backends"]] == [
         (b, n) for b in ("eager", "reference", "jit_trace", "onnx_file") for n in (1, 2)]   # onnx_file: dynamic batch
     assert all(b["error"] is None and b["max_abs_diff"] < 1e-4 for b in res["backends"])
+    floor = res["floor"]                                      # FLOPs / SGEMM rate of this run, per batch and threads
+    assert floor["flops_per_call"]["2"] == 2 * floor["flops_per_call"]["1"] and floor["sgemm_gflops"]["1"] > 0
+    for b in res["backends"]:
+        assert b["floor_ms"] == pytest.approx(floor["flops_per_call"][str(b["batch"])] / floor["sgemm_gflops"]["1"] / 1e6)
+        assert b["over_floor"] == pytest.approx(b["median_ms"] / b["floor_ms"])
     default = res["targets"]["default_path_b1_by_threads"]["1"]       # the default path against the old eager path
     eager, ref = (next(b for b in res["backends"] if b["backend"] == k and b["batch"] == 1) for k in ("eager", "reference"))
     assert default["median_ms"] == eager["median_ms"] and default["reference_median_ms"] == ref["median_ms"]
@@ -68,7 +73,7 @@ def test_bench_tiny_returns_documented_keys(tmp_path):
     text = md.read_text()
     for col in ("preset", "params (M)", "batch", "drift 1-NFE ms", "DDIM-10 ms", "DDPM-100 ms", "DDPM-100/drift",
                 "DDIM-10/drift", "threads 1", "torch " + torch.__version__, "vs reference", "| onnx_file | 1 | 2 |",
-                "faster than the reference layers"):
+                "faster than the reference layers", "x floor", "Target: the default path (eager) <= 1 ms"):
         assert col in text, col
 
 
@@ -142,7 +147,7 @@ def test_cli_bad_options(args, match):
 
 
 @pytest.mark.parametrize("method, backend", [("drift", "jit_trace"), ("drift", "reference"), ("ddim10", "reference"),
-                                             ("drift", "onnxruntime"), ("ddim10", "onnxruntime")])
+                                             ("drift", "onnxruntime"), ("ddim10", "onnxruntime"), ("drift", "fast_trace")])
 def test_accelerated_policy_keeps_semantics(method, backend):
     if backend == "onnxruntime":
         pytest.importorskip("onnxruntime")
@@ -198,3 +203,30 @@ def test_task_policies_time_the_image_encoder_separately():
         {"meta": {**timing.machine_info("cpu"), "threads_option": 1, "torch_num_threads": 1, "backend": "eager",
                   "min_repeats": 2, "repeats_max": 2, "budget_s": 0.01},
          "rows": [], "targets": {}, "task_policies": rows})
+
+
+def test_policy_flops_count_every_product_of_the_layers():
+    """The floor's FLOPs (the gemm formulation under FlopCounterMode) against 2 x MACs of each layer, counted from
+    the reference layers' own shapes."""
+    from torch import nn
+
+    policy = bl.build_policy("drift", "tiny")
+    counted = []
+
+    def hook(mod, inp, out):
+        if isinstance(mod, nn.Conv1d):
+            c_out, c_in, k = mod.weight.shape
+            counted.append(2 * out.shape[0] * out.shape[2] * c_in * k * c_out)
+        elif isinstance(mod, nn.ConvTranspose1d):
+            c_in, c_out, k = mod.weight.shape
+            counted.append(2 * inp[0].shape[0] * inp[0].shape[2] * c_in * c_out * k)
+        elif isinstance(mod, nn.Linear):
+            counted.append(2 * inp[0].shape[0] * mod.in_features * mod.out_features)
+
+    handles = [m.register_forward_hook(hook) for m in policy.model.modules()]
+    obs = bl.random_obs(policy, 3)
+    with torch.no_grad():
+        policy.model.reference_forward(torch.zeros(3, 16, 2), policy.condition(policy._obs(obs)))
+    for h in handles:
+        h.remove()
+    assert bl.policy_flops(policy, 3) == sum(counted)

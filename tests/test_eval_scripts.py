@@ -68,3 +68,39 @@ def test_gpu_check_names_an_unknown_argument_and_part():
         gc.main(["minute=4"])
     with pytest.raises(SystemExit, match="part must be"):
         gc.main(["part=train"])
+
+
+def test_gpu_check_tiny_fills_the_cpu_budget_and_given_values_win(monkeypatch):
+    gc = _script("gpu_check")
+    seen = []
+    monkeypatch.setattr(gc, "latency", lambda o: seen.append(o))
+    gc.main(["part=latency", "tiny=1", "presets=small"])
+    o = seen[0]
+    assert o["device"] == "cpu" and o["latency_budget_s"] == gc.TINY["latency_budget_s"]
+    assert o["presets"] == "small"                                             # given on the command line: kept
+    with pytest.raises(SystemExit, match="compile_modes"):
+        gc.throughput({**o, "compile_modes": "jit"})
+
+
+def test_runner_record_writes_every_run_and_its_table(tmp_path):
+    import torch
+
+    from drift_policy.normalizer import Normalizer
+    from drift_policy.policies import DriftConfig, make_policy
+
+    rr = _script("runner_record")
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    norm = Normalizer().fit("obs", torch.rand(100, 20, generator=g) * 512).fit(
+        "action", torch.rand(100, 2, generator=g) * 300 + 100)
+    folder = make_policy(DriftConfig(backbone="tiny"), norm).eval().save_pretrained(tmp_path / "p")
+    out = tmp_path / "runner.json"
+    rec = rr.main([f"checkpoint={folder}", "rates=50,100", "seconds=0", "episodes=1", "max_steps=10", "search=0",
+                   f"out={out}"])
+    saved = json.loads(out.read_text())
+    assert [r["report"]["target_rate_hz"] for r in saved["runs"]] == [50.0, 100.0]
+    assert all(r["report"]["ticks"] == 10 and r["report"]["config"]["threads"] == 1 for r in saved["runs"])
+    md = out.with_suffix(".md").read_text()
+    assert md.count("\n| 50 Hz |") == 1 and md.count("\n| 100 Hz |") == 1 and rec["search"] is None
+    with pytest.raises(SystemExit, match="checkpoint= is required"):
+        rr.main(["rates=50"])

@@ -1,12 +1,14 @@
 """Export of the drift generator + normaliser to TorchScript and ONNX: parity with eager PyTorch."""
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from drift_policy.export import ExportablePolicy, example_inputs, export_policy, load_torchscript
+from drift_policy.errors import ConfigError
+from drift_policy.export import ExportablePolicy, cmd_export, example_inputs, export_policy, load_torchscript
 from drift_policy.normalizer import Normalizer
 from drift_policy.policies import DiffusionConfig, DriftConfig, make_policy
 
@@ -93,7 +95,7 @@ def test_export_cli_from_a_pretrained_folder(policy, tmp_path, capsys):
     assert_parity(policy, action, action_pred, eager(policy, obs, 0))
     with pytest.raises(SystemExit) as e:
         main(["export", f"checkpoint={folder}", f"out={tmp_path / 'x'}", "format=tflite"])
-    assert e.value.code == 2 and "format must be onnx or torchscript" in capsys.readouterr().err
+    assert e.value.code == 2 and "format must be one of onnx, torchscript, aoti" in capsys.readouterr().err
 
 
 def test_only_drift_policies_export(policy, tmp_path):
@@ -104,3 +106,87 @@ def test_only_drift_policies_export(policy, tmp_path):
     bare = make_policy(DriftConfig(backbone="tiny"), Normalizer().fit("obs", torch.rand(10, 20)))
     with pytest.raises(KeyError, match="no statistics for 'action'"):
         export_policy(bare, tmp_path / "b.pt", "torchscript")
+
+
+
+@pytest.fixture(scope="module")
+def aoti_package(tmp_path_factory):
+    """One tiny export for the module (a minute of C++ compiling), through the CLI: the default Push-T keypoints
+    conditioning (obs_origin, action_anchor). Returns (policy, package path)."""
+    from drift_policy.cli import main
+
+    tmp = tmp_path_factory.mktemp("aoti")
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    norm = Normalizer().fit("obs", torch.rand(100, 20, generator=g) * 512).fit("action", torch.rand(100, 2, generator=g) * 512)
+    pol = make_policy(DriftConfig(backbone="tiny", obs_origin=(18, 19), action_anchor=(18, 19)), norm).eval()
+    folder = pol.save_pretrained(tmp / "pretrained")
+    with pytest.raises(ConfigError, match=r"must end in \.pt2"):
+        cmd_export([f"checkpoint={folder}", "format=aoti", f"out={tmp / 'policy.onnx'}"])
+    out = tmp / "policy.pt2"
+    main(["export", f"checkpoint={folder}", "format=aoti", f"out={out}"])
+    return pol, out
+
+
+@pytest.mark.slow
+def test_aoti_package_matches_the_policy_and_loads_with_torch_alone(aoti_package, tmp_path):
+    """Parity at batch 1 and 5 (dynamic batch), then a fresh interpreter that loads the package with
+    torch._inductor.aoti_load_package and never imports drift_policy."""
+    import os
+    import subprocess
+    import sys
+
+    from drift_policy.export import AotiPolicy
+
+    pol, out = aoti_package
+    meta = json.loads(Path(str(out) + ".json").read_text())
+    assert meta["format"] == "aoti" and meta["policy_config"]["obs_origin"] == [18, 19]
+    model = AotiPolicy(out)
+    for batch, seed in ((1, 0), (5, 3)):
+        obs, _ = example_inputs(pol, batch=batch, generator=torch.Generator().manual_seed(seed))
+        action, action_pred = model(obs, same_noise(pol, batch, seed))
+        assert_parity(pol, action, action_pred, eager(pol, obs, seed))
+
+    obs, _ = example_inputs(pol, batch=2, generator=torch.Generator().manual_seed(4))
+    torch.save({"obs": obs, "noise": same_noise(pol, 2, 4)}, tmp_path / "inputs.pt")
+    code = ("import sys, torch\n"
+            "m = torch._inductor.aoti_load_package(sys.argv[1])\n"
+            "x = torch.load(sys.argv[2])\n"
+            "action, action_pred = m(x['obs'], x['noise'])\n"
+            "assert 'drift_policy' not in sys.modules\n"
+            "torch.save({'action': action, 'action_pred': action_pred}, sys.argv[3])\n")
+    subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path / "inputs.pt"), str(tmp_path / "outputs.pt")],
+                   cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""}, check=True, timeout=300)
+    got = torch.load(tmp_path / "outputs.pt")
+    assert_parity(pol, got["action"], got["action_pred"], eager(pol, obs, 4))
+
+
+@pytest.mark.slow
+def test_aoti_package_runs_from_cpp(aoti_package, tmp_path):
+    """examples/aoti_policy.cpp, built against this torch's libtorch, gives the policy's actions."""
+    import os
+    import shutil
+    import subprocess
+
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        pytest.skip(f"no C++ compiler ({cxx})")
+    pol, out = aoti_package
+    t = Path(torch.__file__).parent
+    exe = tmp_path / "aoti_policy"
+    src = Path(__file__).resolve().parents[1] / "examples" / "aoti_policy.cpp"
+    subprocess.run([cxx, "-O1", "-std=c++17", str(src), f"-I{t / 'include'}",
+                    f"-I{t / 'include' / 'torch' / 'csrc' / 'api' / 'include'}", f"-L{t / 'lib'}", "-ltorch",
+                    "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{t / 'lib'}", "-o", str(exe)], check=True, timeout=600)
+    c = pol.config
+    obs, _ = example_inputs(pol, batch=3, generator=torch.Generator().manual_seed(6))
+    noise = same_noise(pol, 3, 6)
+    obs.numpy().astype("<f4").tofile(tmp_path / "obs.f32")
+    noise.numpy().astype("<f4").tofile(tmp_path / "noise.f32")
+    subprocess.run([str(exe), str(out), str(tmp_path / "obs.f32"), str(tmp_path / "noise.f32"),
+                    str(tmp_path / "pred.f32"), "3", str(c.n_obs_steps), str(c.obs_dim), str(c.horizon),
+                    str(c.action_dim)], check=True, timeout=300)
+    pred = torch.from_numpy(np.fromfile(tmp_path / "pred.f32", dtype="<f4").reshape(3, c.horizon, c.action_dim))
+    ref = eager(pol, obs, 6)
+    start = c.n_obs_steps - 1
+    assert_parity(pol, pred[:, start: start + c.n_action_steps], pred, ref)

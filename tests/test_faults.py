@@ -205,7 +205,7 @@ def test_cli_option_errors_are_one_line(capsys, pretrained, tmp_path, monkeypatc
     msg = cli_error(capsys, "run", f"checkpoint={pretrained}", "rate_hz=abc", f"out={tmp_path / 'r.json'}")
     assert "rate_hz" in msg and "'abc'" in msg and "max" in msg
     msg = cli_error(capsys, "export", f"checkpoint={pretrained}", "format=tflite", f"out={tmp_path / 'p.tfl'}")
-    assert msg == "drift-policy export: error: format must be onnx or torchscript, got 'tflite'"
+    assert msg == "drift-policy export: error: format must be one of onnx, torchscript, aoti, got 'tflite'"
 
 
 def test_divergence_is_a_one_line_error(capsys, tiny, tmp_path):

@@ -16,6 +16,12 @@ the live parameters (it is not frozen), so weight updates, in place or through `
 cached per input shape and dropped on ``.to()`` / dtype moves and whenever a Parameter or module is replaced
 (``load_state_dict(assign=True)``, setattr). Same sums as the convolutions, so the outputs agree to float
 rounding (~1e-6; tests/test_fast_inference.py).
+
+At batch 1 (the real-time case) a compiled kernel runs instead, reading the live weights at every call: for the
+drift generator the whole net in one call into a small C library (models/cpu_kernel.py, built in a second with
+the system's C compiler), for nets with a timestep input the gemm formulation compiled by AOTInductor
+(models/aot.py). Both are cached on disk per machine; the trace is the fallback when no compiler is found, and
+``DRIFT_POLICY_COMPILE=0`` switches them off (tests/test_cpu_kernel.py, tests/test_aot.py).
 """
 from __future__ import annotations
 
@@ -25,6 +31,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from . import aot
 
 # Channel widths per resolution level. "large" is Diffusion Policy's low-dim Push-T net (down_dims 256/512/1024,
 # 65.8M parameters with its timestep embedding); "xlarge" its image net (512/1024/2048).
@@ -203,7 +211,9 @@ torch.nn.modules.module.register_module_module_registration_hook(_count_registra
 
 
 class _TraceCache:
-    """TorchScript traces of ``gemm_forward`` per input signature, for one net.
+    """TorchScript traces of ``gemm_forward`` per input signature, for one net (at batch 1 in float32: the
+    compiled kernel of cpu_kernel.py or aot.py instead, when there is one; it reads the parameters at every
+    call too).
 
     Not frozen: a trace reads the net's parameter tensors at every call, so in-place weight changes (optimizer
     steps, EMA, ``load_state_dict``, ``.data.copy_``) are seen. A trace holds the parameter tensors it was made
@@ -221,12 +231,13 @@ class _TraceCache:
     def get(self, net: nn.Module, args: tuple[Tensor, ...]):
         if self.epoch != _registrations:
             self.traces, self.epoch = {}, _registrations
-        key = tuple((tuple(a.shape), a.dtype) for a in args)
+        want = aot.wanted(args)
+        key = (tuple((tuple(a.shape), a.dtype) for a in args), want and (aot.compile_mode(), torch.get_num_threads()))
         fn = self.traces.get(key)
         if fn is None:
             if len(self.traces) >= self.MAX_ENTRIES:
                 self.traces.clear()
-            fn = self.traces[key] = _trace(net, args)
+            fn = self.traces[key] = (want and aot.fast_kernel(net, args)) or _trace(net, args)
         return fn
 
     def __deepcopy__(self, memo):
@@ -250,6 +261,27 @@ def _trace(net: nn.Module, args: tuple[Tensor, ...]):
         _tracing = False
 
 
+# Set by aot.py while it exports the net for compilation, never in eager or the trace: the products as a
+# broadcast multiply and a sum, which inductor compiles into one loop that reads each weight row once for all the
+# 4-16 rows of cols at batch 1 (in eager this would materialise [N, M, K]).
+_gemm_as_reduction = False
+
+
+def _linear(cols: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    """cols [M, K] @ w[N, K]^T (+ bias) -> [M, N]."""
+    if _gemm_as_reduction:
+        y = (w.unsqueeze(1) * cols.unsqueeze(0)).sum(-1).t()
+        return y if bias is None else y + bias
+    return torch.addmm(bias, cols, w.t()) if bias is not None else cols @ w.t()
+
+
+def _matmul(x: Tensor, w: Tensor) -> Tensor:
+    """x [M, K] @ w [K, N] -> [M, N]."""
+    if _gemm_as_reduction:
+        return (x.unsqueeze(-1) * w.unsqueeze(0)).sum(1)
+    return torch.mm(x, w)
+
+
 def conv1d_gemm(x: Tensor, conv: nn.Conv1d) -> Tensor:
     """conv(x) for x [B, C_in, T] (any strides) as cols [B*T_out, C_in*k] @ W^T: one addmm.
 
@@ -266,8 +298,7 @@ def conv1d_gemm(x: Tensor, conv: nn.Conv1d) -> Tensor:
         u = (F.pad(x, (p, p)) if p else x).unfold(2, k, conv.stride[0])       # [B, C, T_out, k]
         t_out = u.shape[2]
         cols = u.transpose(1, 2).reshape(B * t_out, C * k)                     # (c, j) order = W's flattening
-    wt = w.view(c_out, -1).t()
-    y = torch.addmm(conv.bias, cols, wt) if conv.bias is not None else cols @ wt
+    y = _linear(cols, w.view(c_out, -1), conv.bias)
     return y.view(B, t_out, c_out).transpose(1, 2)
 
 
@@ -281,7 +312,7 @@ def conv_transpose1d_gemm(x: Tensor, conv: nn.ConvTranspose1d) -> Tensor:
     w = conv.weight                                                            # [C_in, C_out, 4]
     c_in, c_out, k = w.shape
     B, _, T = x.shape
-    z = torch.mm(x.transpose(1, 2).reshape(B * T, c_in), w.view(c_in, c_out * k)).view(B, T, c_out, k)
+    z = _matmul(x.transpose(1, 2).reshape(B * T, c_in), w.view(c_in, c_out * k)).view(B, T, c_out, k)
     zp = F.pad(z, (0, 0, 0, 0, 1, 1))                                          # [B, T+2, C_out, 4]
     even = zp[:, 1:-1, :, 1] + zp[:, :-2, :, 3]
     odd = zp[:, 1:-1, :, 2] + zp[:, 2:, :, 0]
@@ -298,6 +329,6 @@ def _block_gemm(x: Tensor, block: Conv1dBlock) -> Tensor:
 
 def _res_gemm(x: Tensor, res: FiLMResBlock, mish_cond: Tensor) -> Tensor:
     lin = res.film[1]
-    scale, bias = torch.addmm(lin.bias, mish_cond, lin.weight.t()).unsqueeze(-1).chunk(2, dim=1)
+    scale, bias = _linear(mish_cond, lin.weight, lin.bias).unsqueeze(-1).chunk(2, dim=1)
     h = _block_gemm(torch.addcmul(bias, scale, _block_gemm(x, res.block1)), res.block2)
     return h + (x if isinstance(res.skip, nn.Identity) else conv1d_gemm(x, res.skip))
