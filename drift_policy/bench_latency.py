@@ -38,6 +38,7 @@ from .backends import BACKEND_NOTES, CPU_BACKENDS, CUDA_BACKENDS, accelerated_po
 from .errors import ConfigError
 from .latency_report import check_backend_targets, check_targets, format_report, make_rows, write_results
 from .paths import REPO_ROOT
+from .provenance import git_commit
 from .runs import comma_list, flag, parse_kv
 from .timing import MIN_REPEATS, machine_info, profile_ops, time_call
 
@@ -207,7 +208,7 @@ def bench_latency(presets=DEFAULT_PRESETS, batches=DEFAULT_BATCHES, methods=tupl
     set_threads(threads)
     say = print if verbose else (lambda *a, **k: None)
     meta = machine_info(device)
-    meta.update({"threads_option": threads, "repeats_max": repeats, "min_repeats": min(MIN_REPEATS, repeats),
+    meta.update({"code_commit": git_commit(), "threads_option": threads, "repeats_max": repeats, "min_repeats": min(MIN_REPEATS, repeats),
                  "budget_s": budget_s,
                  "warmup": warmup, "backend": backend, "presets": presets, "batches": batches, "methods": methods,
                  "timing": "median/p90 of n timed predict_action calls after warm-up, torch.inference_mode, gc off, "

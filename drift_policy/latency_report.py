@@ -113,7 +113,8 @@ def format_report(res: dict) -> str:
                    ("load_avg_1min_at_start", "load_avg_1min_at_end") if k in m)
     lines = [f"predict_action latency — CPU: {m['cpu']} ({m['logical_cpus']} logical CPUs), device {dev}, "
              f"threads {m['threads_option']} (torch.get_num_threads() = {m['torch_num_threads']}), "
-             f"torch {m['torch']}, backend {m['backend']}, {m['time_utc']} UTC{load}", "",
+             f"torch {m['torch']}, backend {m['backend']}, {m['time_utc']} UTC{load}"
+             + (f", code commit {m['code_commit']}" if m.get("code_commit") else ""), "",
              f"Median ms per call (observation in, action chunk out; p90 in the JSON); n = {m['min_repeats']}.."
              f"{m['repeats_max']} timed calls per cell (as many as fit in {m['budget_s']:g} s). Random weights.", "",
              "| preset | params (M) drift / DP | batch | drift 1-NFE ms | DDIM-10 ms | DDPM-100 ms | DDPM-100/drift "

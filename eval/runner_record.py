@@ -51,6 +51,7 @@ def report_md(rec: dict) -> str:
              f"Checkpoint `{rec['checkpoint']}`; backend {rec['options']['backend']}, {rec['options']['threads']} "
              f"thread(s), async={rec['options']['async']}, receding horizon. Machine: {m.get('cpu', '?')} "
              f"({m.get('logical_cpus', '?')} logical CPUs), torch {m.get('torch', '?')}, {m.get('time_utc', '?')} UTC, "
+             f"code commit {rec.get('code_commit') or 'unknown'}, "
              f"load average {m.get('load_avg_1min_at_start', float('nan')):.2f} at the start.", "",
              "| run | target Hz | achieved Hz | ticks | missed deadlines | waited / overruns | inference p50 / p99 / "
              "max ms | tick work p99 ms | score (complete episodes) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -80,7 +81,9 @@ def main(argv: list[str]) -> dict:
     task = run_cfg.task if run_cfg is not None else None
     cfg = RunConfig(seconds=float(o["seconds"]), episodes=int(o["episodes"]), max_steps=int(o["max_steps"]),
                     threads=int(o["threads"]), backend=o["backend"], async_=o["async"] not in ("0", "false"))
-    rec = {"checkpoint": o["checkpoint"], "options": o, "runs": [], "search": None}
+    from drift_policy.provenance import git_commit
+
+    rec = {"code_commit": git_commit(), "checkpoint": o["checkpoint"], "options": o, "runs": [], "search": None}
     if o["search"] not in ("0", "false"):
         best, trials = find_max_rate(policy, cfg, seconds=float(o["search_seconds"]),
                                      tolerance=float(o["tolerance"]), task=task)
