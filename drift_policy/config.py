@@ -165,6 +165,13 @@ class Config:
         """Generator sample-passes of one optimizer step: batch_size observations x samples per observation."""
         return self.train.batch_size * self.policy.sample_passes_per_obs
 
+    @property
+    def encoder_passes_per_step(self) -> int:
+        """Images through the image encoder in one optimizer step: batch_size observations x cameras x To (0
+        without cameras). At equal sample-passes a drift policy with G samples per observation encodes 1/G of
+        the images that the diffusion baseline does."""
+        return self.train.batch_size * self.policy.encoder_passes_per_obs
+
     def _resolve_budget(self) -> None:
         """Derive the batch size (0: the policy's default), max_steps from the sample-pass budget (or the budget from
         max_steps), and the eval interval.

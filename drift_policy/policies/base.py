@@ -121,6 +121,13 @@ class PolicyConfig:
         return 1
 
     @property
+    def encoder_passes_per_obs(self) -> int:
+        """Images through the image encoder (forward + backward) per training observation: one per camera and
+        observation step, whatever the method (drift encodes an observation once and shares the features among its
+        generated chunks). 0 without cameras. The second unit of training compute, beside sample-passes."""
+        return len(self.image_keys) * self.n_obs_steps
+
+    @property
     def default_batch_size(self) -> int:
         """Observations per step when ``train.batch_size`` is 0 (Diffusion Policy's CNN recipe on this CPU: 64)."""
         return 64
