@@ -88,6 +88,10 @@ class TrainConfig:
     max_bad_steps: int = 20             # consecutive non-finite losses/gradients before training aborts
     compile: bool = False               # torch.compile the backbone for training (faster steps after minutes of
                                         # compiling at the start; needs a C++ compiler)
+    encoder_bf16: bool = False          # the image encoder's trunk under bfloat16 autocast in training (weights,
+                                        # keypoints and evaluation stay float32): about half the encoder's time on a
+                                        # CPU with AVX512-BF16 or AMX, slower on one without; it changes the numerics,
+                                        # so it is part of a recipe (eval/diagnostics/profile_step_pusht_image)
     run_dir: str = ""                   # empty: runs/<task>-<policy>-<time>, relative to the working directory
     overwrite: bool = False             # replace an existing run in run_dir (else training into it is refused)
     wandb: str = "disabled"             # disabled | offline | online

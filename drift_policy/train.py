@@ -23,7 +23,7 @@ from .checkpoint import non_finite_tensors, save_checkpoint
 from .config import Config
 from .distributed import Distributed
 from .ema import ema_update
-from .errors import DivergenceError, RunDirError
+from .errors import ConfigError, DivergenceError, RunDirError
 from .fileio import append_text, atomic_write_text
 from .normalizer import Normalizer
 from .policies import Policy, make_policy, policy_class
@@ -135,6 +135,8 @@ def _train(cfg: Config | None, run_dir, resume: bool, progress: bool, hold: cont
 
     cfg, ckpt = _config_and_checkpoint(cfg, run_dir, resume)
     t = cfg.train
+    if t.encoder_bf16 and not cfg.policy.image_keys:
+        raise ConfigError(f"train.encoder_bf16 needs a task with cameras; task {cfg.task.name} has none")
     set_threads(t.threads)
     # One process, or one of several under torchrun (then only rank 0 writes files).
     dist = Distributed(t.device)
@@ -320,6 +322,8 @@ def _build(cfg: Config, normalizer: Normalizer, dist: Distributed):
     policy = make_policy(cfg.policy, normalizer).to(dist.device)
     loss_fn = dist.loss_fn(policy)
     ema = copy.deepcopy(policy).requires_grad_(False).eval()
+    if t.encoder_bf16:                         # training only: the EMA copy (evaluated, saved) stays float32
+        policy.obs_encoder.set_autocast(torch.bfloat16)
     if t.compile:
         policy.model.compile()                 # in place: parameter names, checkpoints and the EMA copy unchanged
     opt = torch.optim.AdamW(policy.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
