@@ -1,6 +1,6 @@
 """Where one training step's time goes on Push-T from pixels (task=pusht_image), for both policies (issue 39).
 
-    python eval/profile_image_step.py [--policies drift_unet,diffusion_unet] [--variants before,default,...]
+    python eval/profile_image_step.py [--policies drift_unet,diffusion_unet] [--variants default,bf16,...]
         [--steps 3] [--batch-scale 1] [--merge] [--out eval/diagnostics/profile_step_pusht_image/profile_step_pusht_image.json]
 
 Each step of the real training batch (the task's default batch: drift 32 observations x G=2, diffusion 64) is
@@ -16,8 +16,9 @@ busy neighbour slows much less than wall-clock; the wall-clock is recorded besid
 times smaller batches (both policies alike) when the CPU cannot spare minutes; the record states the batch.
 ``--merge`` keeps the rows of other policies or variants already in the record (one command per policy).
 
-Variants: ``before`` (the encoder as before issue 39: contiguous layout), ``default`` (channels-last trunk),
-``bf16`` (default + ``train.encoder_bf16=true``), ``resnet18_half`` and ``shallow`` (``policy.vision_backbone``).
+Variants: ``default`` (the training step of the defaults: ResNet-18, float32), ``channels_last`` (its trunk in
+channels-last layout, the same function), ``bf16`` (``train.encoder_bf16=true``: bfloat16 autocast, channels-last),
+``bf16_contiguous`` (the same in the contiguous layout), and the cheaper encoders ``resnet18_half`` and ``shallow`` (``policy.vision_backbone``).
 """
 from __future__ import annotations
 
@@ -43,11 +44,12 @@ from drift_policy.train import make_datasets
 PARTS = ("data_gather", "crop", "to_float", "encoder_forward", "generator_forward", "loss", "generator_backward",
          "encoder_backward", "optimizer", "ema")
 VARIANTS = {   # name -> (overrides, channels-last trunk, bf16 autocast)
-    "before": ([], False, False),
-    "default": ([], True, False),
-    "bf16": (["train.encoder_bf16=true"], True, True),
-    "resnet18_half": (["policy.vision_backbone=resnet18_half"], True, False),
-    "shallow": (["policy.vision_backbone=shallow"], True, False),
+    "default": ([], False, False),
+    "channels_last": ([], True, False),
+    "bf16": (["train.encoder_bf16=true"], True, True),              # as the training loop sets it
+    "bf16_contiguous": (["train.encoder_bf16=true"], False, True),
+    "resnet18_half": (["policy.vision_backbone=resnet18_half"], False, False),
+    "shallow": (["policy.vision_backbone=shallow"], False, False),
 }
 DEFAULT_OUT = "eval/diagnostics/profile_step_pusht_image/profile_step_pusht_image.json"
 
@@ -84,9 +86,8 @@ class Subject:
         policy_class(p).prepare_data(p, self.data, norm)
         torch.manual_seed(0)
         self.policy = make_policy(p, norm).train()
-        self.policy.obs_encoder.set_channels_last(channels_last)
         self.ema = copy.deepcopy(self.policy).requires_grad_(False).eval()
-        self.policy.obs_encoder.set_autocast(torch.bfloat16 if bf16 else None)
+        self.policy.obs_encoder.set_autocast(torch.bfloat16 if bf16 else None).set_channels_last(channels_last)
         self.opt = torch.optim.AdamW(self.policy.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         self.gen = torch.Generator().manual_seed(0)
         self.step_i = 0
@@ -175,7 +176,7 @@ def render(rec: dict) -> str:
              "Written by `eval/profile_image_step.py` (issue 39). Median CPU seconds per step of the one thread that "
              "runs it (1 intra-op thread) over the timed steps; the variants of a policy were stepped in turn in one "
              "process, so their ratios hold on a loaded machine (the wall-clock is in the JSON). Speed-up: the "
-             "`before` total over the variant's.", ""]
+             "`default` total over the variant's.", ""]
     for i, run in enumerate(rec["runs"]):
         m = run["machine"]
         lines.append(f"- run {i}: `{run['command']}` at code commit {run['code_commit']}; {m['cpu']}, {m['cores']} "
@@ -183,7 +184,7 @@ def render(rec: dict) -> str:
     lines.append("")
     for pol in dict.fromkeys(r["policy"] for r in rec["rows"]):
         rows = [r for r in rec["rows"] if r["policy"] == pol]
-        base = next((r for r in rows if r["variant"] == "before"), None)
+        base = next((r for r in rows if r["variant"] == "default"), None)
         lines += [f"## {pol}", "", "| part | " + " | ".join(r["variant"] for r in rows) + " |",
                   "|---|" + "---|" * len(rows)]
         for k in PARTS:
@@ -191,7 +192,7 @@ def render(rec: dict) -> str:
         lines.append("| **total (cpu-s/step)** | " + " | ".join(f"**{f3(r['cpu_seconds']['total'])}**" for r in rows) + " |")
         lines.append("| wall-s/step | " + " | ".join(f3(r["wall_seconds"]["total"]) for r in rows) + " |")
         if base:
-            lines.append("| speed-up vs before | " + " | ".join(
+            lines.append("| speed-up vs default | " + " | ".join(
                 f"{base['cpu_seconds']['total'] / r['cpu_seconds']['total']:.2f}x" for r in rows) + " |")
         lines.append("| batch (default) | " + " | ".join(f"{r['batch_size']} ({r['default_batch_size']})" for r in rows) + " |")
         lines.append("| sample-passes / encoder passes per step | " + " | ".join(
@@ -207,7 +208,7 @@ def render(rec: dict) -> str:
 def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--policies", default="drift_unet,diffusion_unet")
-    ap.add_argument("--variants", default="before,default,bf16", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default="default,channels_last,bf16", help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up round)")
     ap.add_argument("--batch-scale", type=float, default=1.0, help="fraction of the default batch (both policies)")
     ap.add_argument("--merge", action="store_true", help="keep the record's rows of other (policy, variant)")

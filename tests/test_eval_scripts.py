@@ -172,21 +172,21 @@ def test_profile_image_step_writes_a_record_per_part_and_merges(tmp_path, monkey
     monkeypatch.setattr(prof, "make_datasets", fake)
     out = tmp_path / "prof" / "rec.json"
     common = ["--steps=1", "--batch-scale=0.125", f"--extra={' '.join(TINY_IMAGE)}", f"--out={out}"]
-    prof.main(["--policies=drift_unet,diffusion_unet", "--variants=before,default", *common])
+    prof.main(["--policies=drift_unet,diffusion_unet", "--variants=default,channels_last", *common])
     prof.main(["--policies=drift_unet", "--variants=bf16", "--merge", *common])
     rec = json.loads(out.read_text())
     assert len(rec["runs"]) == 2 and all(r["code_commit"] == git_commit() for r in rec["runs"])
     got = {(r["policy"], r["variant"]): r for r in rec["rows"]}
-    assert set(got) == {("drift_unet", "before"), ("drift_unet", "default"), ("diffusion_unet", "before"),
-                        ("diffusion_unet", "default"), ("drift_unet", "bf16")}
+    assert set(got) == {("drift_unet", "default"), ("drift_unet", "channels_last"), ("diffusion_unet", "default"),
+                        ("diffusion_unet", "channels_last"), ("drift_unet", "bf16")}
     for r in got.values():
         assert set(r["cpu_seconds"]) == {*prof.PARTS, "total"} and min(r["cpu_seconds"].values()) >= 0
         assert r["encoder_passes_per_step"] == 2 * r["batch_size"]          # To = 2, one camera
     drift, diff = got[("drift_unet", "default")], got[("diffusion_unet", "default")]
     assert (drift["batch_size"], diff["batch_size"]) == (4, 8)                 # 32 x 0.125, 64 x 0.125
     assert drift["sample_passes_per_step"] == diff["sample_passes_per_step"] == 8
-    assert got[("drift_unet", "bf16")]["run"] == 1 and not got[("drift_unet", "before")]["channels_last"]
+    assert got[("drift_unet", "bf16")]["run"] == 1 and not got[("drift_unet", "default")]["channels_last"]
     md = out.with_suffix(".md").read_text()
-    assert "## drift_unet" in md and "## diffusion_unet" in md and "| speed-up vs before |" in md
+    assert "## drift_unet" in md and "## diffusion_unet" in md and "| speed-up vs default |" in md
     for text in (out.read_text(), md):
         assert str(tmp_path) not in text and "/work/" not in text

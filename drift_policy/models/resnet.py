@@ -202,10 +202,10 @@ class ImageEncoder(nn.Module):
     with ``num_kp`` keypoints, Linear to ``feature_dim`` (``features``). ``forward(images, generator=g)`` draws
     the train-mode crop offsets from ``g`` (a CPU ``torch.Generator``) for reproducible crops.
 
-    The trunk runs channels-last (NHWC), oneDNN's native layout for convolutions on the CPU: the same function,
-    without a layout reorder around every convolution and with a faster max-pool (eval/profile_image_step.py
-    measures it). ``autocast`` (None, or torch.bfloat16: ``train.encoder_bf16``) runs the trunk under autocast in
-    that dtype; weights, keypoints and features stay float32.
+    ``autocast`` (None, or torch.bfloat16: ``train.encoder_bf16``) runs the trunk under autocast in that dtype;
+    weights, keypoints and features stay float32. ``set_channels_last`` puts the trunk in channels-last (NHWC)
+    layout, the same function; eval/profile_image_step.py measures both levers (``MultiImageEncoder.set_autocast``
+    sets both).
     """
 
     def __init__(self, image_shape: Sequence[int] = (3, 96, 96), crop_shape: Sequence[int] | None = (84, 84),
@@ -227,7 +227,7 @@ class ImageEncoder(nn.Module):
         self.pool = SpatialSoftmax(self.trunk.out_channels, fh, fw, num_kp=num_kp)
         self.head = nn.Linear(self.pool.out_dim, self.feature_dim)
         self.autocast: torch.dtype | None = None
-        self.set_channels_last(True)
+        self.channels_last = False
 
     def set_channels_last(self, on: bool = True) -> "ImageEncoder":
         """The trunk's weights and inputs in channels-last (``on``) or contiguous layout; the same function."""
@@ -311,9 +311,11 @@ class MultiImageEncoder(nn.Module):
         return len(self.image_keys) * self.feature_dim
 
     def set_autocast(self, dtype: torch.dtype | None) -> "MultiImageEncoder":
-        """Every camera's encoder under autocast in ``dtype`` (None: float32); see ``ImageEncoder``."""
+        """Every camera's encoder under autocast in ``dtype`` (None: float32), its trunk channels-last with it
+        (oneDNN's bfloat16 convolutions gain from the layout, float32 ones do not: profile_step_pusht_image)."""
         for enc in self.encoders.values():
             enc.autocast = dtype
+            enc.set_channels_last(dtype is not None)
         return self
 
     def set_channels_last(self, on: bool = True) -> "MultiImageEncoder":
