@@ -131,3 +131,18 @@ def test_a_tiny_run_records_encoder_passes_beside_sample_passes(tmp_path, monkey
     assert rec["encoder_passes"] == 2 * images_per_step and rec["encoder_passes_per_step"] == images_per_step
     assert rec["evals"][-1]["encoder_passes"] == 2 * images_per_step
     assert rec["sample_passes"] == 2 * (4 * 2 if kind.startswith("drift") else 4)
+
+
+def test_encoder_bf16_runs_the_training_encoder_in_bfloat16_and_keeps_the_ema_float32(tmp_path):
+    from drift_policy.distributed import Distributed
+    from drift_policy.errors import ConfigError
+
+    cfg = compose([*TINY, "train.encoder_bf16=true"])
+    policy, _ = _policy("drift_unet", "train.encoder_bf16=true")
+    trained, _, ema, _, _ = train_mod._build(cfg, policy.normalizer, Distributed("cpu"))
+    assert [e.autocast for e in trained.obs_encoder.encoders.values()] == [torch.bfloat16]
+    assert [(e.autocast, e.channels_last) for e in ema.obs_encoder.encoders.values()] == [(None, False)]
+    with pytest.raises(ConfigError, match="encoder_bf16 needs a task with cameras"):
+        train_mod.train(compose(["task=pusht_keypoints", "train.encoder_bf16=true", f"train.run_dir={tmp_path / 'r'}"]),
+                        progress=False)
+    assert not (tmp_path / "r").exists()
