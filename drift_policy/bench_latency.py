@@ -415,6 +415,18 @@ def sgemm_gflops(threads: int, n: int = 1024, calls: int = 10) -> float:
     return 2 * n ** 3 / (t["median_ms"] * 1e-3) / 1e9
 
 
+def read_gbs(nbytes: int, threads: int, calls: int = 10) -> float:
+    """This CPU's rate of reading a float32 buffer of ``nbytes`` once (a sum over it; median of ``calls``), GB/s.
+    A buffer far larger than the last-level cache gives the memory's rate; one the size of the weights, read over
+    and over, the rate at which they come from cache when nothing else evicts them."""
+    from .threads import set_threads
+
+    set_threads(threads)
+    x = torch.rand(max(1, nbytes // 4))
+    t = time_call(lambda: x.sum(), repeats=calls, budget_s=60.0, warmup=2)
+    return x.numel() * 4 / (t["median_ms"] * 1e-3) / 1e9
+
+
 def policy_flops(policy, batch: int) -> int:
     """Multiply-add FLOPs (2 per MAC) of the matrix products in one backbone call of ``policy`` at ``batch``
     (the U-Net's gemm formulation: the same products as its convolutions; pointwise work not counted)."""
@@ -435,13 +447,23 @@ def policy_flops(policy, batch: int) -> int:
 def gemm_floor(batches, threads_list, *, seed: int = 0, say=print) -> dict:
     """The default drift policy's compute floor: its matrix-product FLOPs per call / the SGEMM rate measured now."""
     policy = _default_drift_policy("cpu", seed)
+    # At batch 1 each weight is used for a few time steps only, so a call also has to read every weight once:
+    # the weights' bytes over the read rate is a second floor, from memory (a 256 MB buffer) or from cache.
+    weight_bytes = sum(p.numel() * p.element_size() for p in policy.model.parameters())
+    t1 = min(threads_list)
     floor = {"flops_per_call": {str(b): policy_flops(policy, b) for b in batches},
              "sgemm_gflops": {str(t): sgemm_gflops(t) for t in threads_list},
+             "weight_bytes": weight_bytes,
+             "read_gbs": {"memory": read_gbs(256 * 2 ** 20, t1), "cache": read_gbs(weight_bytes, t1)},
              "what": "floor_ms = matrix-product FLOPs per call / SGEMM rate (1024^3 float32 torch.mm, median of 10, "
-                     "measured in the same run at that thread count)"}
+                     "measured in the same run at that thread count); read_gbs: the rate of one sum over a 256 MB "
+                     "buffer (memory) and over a warm buffer of the weights' size (cache), at the fewest threads"}
     for t, rate in floor["sgemm_gflops"].items():
         say(f"  SGEMM {rate:.1f} GFLOP/s at {t} thread(s); floor at batch 1: "
             f"{floor['flops_per_call'].get('1', 0) / rate / 1e6:.3f} ms", flush=True)
+    for where, gbs in floor["read_gbs"].items():
+        say(f"  reading the weights ({weight_bytes / 1e6:.1f} MB) from {where} at {gbs:.1f} GB/s: "
+            f"{weight_bytes / gbs / 1e6:.3f} ms", flush=True)
     return floor
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from .errors import ConfigError, check_keys, check_types, unknown_key_error
 from .paths import CONFIG_DIR
 from .policies import PolicyConfig, config_from_dict, with_legacy_keys
+from .policies.persistence import plain
 
 
 @dataclass
@@ -152,7 +153,7 @@ class Config:
         policy = dict(d["policy"])
         # The observation and action sizes come from the task, not from the policy's YAML.
         for k, v in task_spaces(task).items():
-            if k in policy and _plain(policy[k]) != _plain(v):
+            if k in policy and plain(policy[k]) != plain(v):
                 raise ConfigError(f"policy.{k}={policy[k]} contradicts task {task.name} ({k}={v})")
             policy[k] = v
         # A config.json written before a key existed reads as what it was trained with (action_anchor: [], absolute
@@ -204,10 +205,6 @@ def _legacy_task(task: dict) -> dict:
     if legacy and task.get("env") == "robomimic":
         task["options"] = {**legacy, **dict(task.get("options") or {})}
     return task
-
-
-def _plain(v):
-    return list(v) if isinstance(v, (list, tuple)) else v
 
 
 def defaults_of(cls, exclude: tuple[str, ...] = ()) -> dict:

@@ -173,6 +173,12 @@ def format_report(res: dict) -> str:
             lines += ["", "x floor: median / floor, floor = the net's matrix-product FLOPs per call ("
                           + ", ".join(f"batch {b}: {f / 1e6:.1f} MFLOP" for b, f in fl["flops_per_call"].items())
                           + ") / this CPU's SGEMM rate measured in the same run (" + ", ".join(parts) + ")."]
+            if fl.get("read_gbs"):
+                wb = fl["weight_bytes"]
+                lines += ["", f"Reading the net's weights once ({wb / 1e6:.1f} MB, which every batch-1 call must do) at "
+                              "this CPU's read rate measured in the same run: "
+                              + "; ".join(f"from {w} ({g:.1f} GB/s) {wb / g / 1e6:.3f} ms" for w, g in fl["read_gbs"].items())
+                              + ". From cache only while no other process evicts them from the shared last-level cache."]
             lines.append(_fast_target_line(res["backends"]))
         notes = dict.fromkeys((r["backend"], r.get("note", "")) for r in res["backends"])
         lines += ["", "CPU ms: median CPU time of the calling thread per call (time.thread_time): on a shared CPU the "

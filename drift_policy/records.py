@@ -25,6 +25,7 @@ from .config import TrainConfig, compose
 from .errors import ConfigError
 from .fileio import atomic_write_text
 from .policies import config_from_dict, removed_options, with_legacy_keys
+from .policies.persistence import plain
 from .provenance import git_commit, machine_free, read_provenance
 from .tasks import family
 
@@ -266,22 +267,14 @@ def recipe_diff(run: dict, default: dict) -> list[tuple[str, object]]:
     out = []
     for group, skip in (("policy", ()), ("train", HOW_RUN_KEYS + RECORD_KEYS)):
         for k, v in mine[group].items():
-            if k not in skip and _plain(v) != _plain(base[group].get(k, _MISSING)):
-                out.append((f"{group}.{k}", _plain(v)))
+            if k not in skip and plain(v) != plain(base[group].get(k, _MISSING)):
+                out.append((f"{group}.{k}", plain(v)))
     if _sampling_seed(run) is not None:
         out.append(("sampling_seed", _sampling_seed(run)))
     return out
 
 
 _MISSING = object()
-
-
-def _plain(v):
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    return v
 
 
 def format_value(v) -> str:

@@ -42,12 +42,12 @@ def load_index(path: str | os.PathLike) -> dict:
         raise ConfigError(f"{path}: 'tasks' must map each task to its entry")
     for task, entry in tasks.items():
         where = f"{path}: tasks.{task}"
-        unknown = set(entry) - {"name", "note", "default", "baseline", "published", "levers", "headline"}
+        unknown = set(entry) - {"name", "note", "default", "baseline", "published", "levers", "headline", "reach"}
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
         if "name" not in entry or "default" not in entry:
             raise ConfigError(f"{where}: needs 'name' and 'default'")
-        for key in ("default", "baseline", "headline"):
+        for key in ("default", "baseline", "headline", "reach"):
             if entry.get(key) is not None:
                 _check_ref(entry[key], f"{where}.{key}")
         for i, lever in enumerate(entry.get("levers") or []):
@@ -173,6 +173,28 @@ def _headline(entry: dict, index_path: Path, base: Path) -> str:
             + "; ".join(parts) + ("; " + "; ".join(diffs) if diffs else "") + f" ({_link(index_path.parent / ref['record'], 'record', base)}).")
 
 
+def _reach(entry: dict, index_path: Path, base: Path) -> str:
+    """One sentence from a task's reach record (``bench reach``: the training compute at which the seeds' mean score
+    first reaches a target and then stays at or above it), with its plot, or "" where the task has none."""
+    ref = entry.get("reach")
+    if not ref:
+        return ""
+    path = index_path.parent / ref["record"]
+    rec = json.loads(path.read_text())
+    res = rec["result"]
+    mil = lambda n: "not reached" if n is None else f"{n / 1e6:.2f}M sample-passes"  # noqa: E731
+    parts = [f"{name} {mil(v['held'])} (seed{'s' * (len(v['seeds']) > 1)} {','.join(map(str, v['seeds']))})"
+             for name, v in res.items()]
+    names = list(res)
+    ratio = ""
+    if len(names) == 2 and all(res[n]["held"] for n in names):
+        ratio = f"; ratio {names[0]} / {names[1]} {res[names[0]]['held'] / res[names[1]]['held']:.2f}"
+    plot = path.with_suffix(".png")
+    return (f"**{entry['name']}, training compute to reach and hold {rec['target']:g}** (mean over seeds, "
+            f"evaluations every 10 % of the budget): " + "; ".join(parts) + ratio
+            + f" ({_link(path, 'record', base)}" + (f", [plot]({Path(os.path.relpath(plot, base)).as_posix()})" if plot.exists() else "") + ").")
+
+
 # ---- the two outputs ----------------------------------------------------------------------------------------------------
 def readme_block(index: dict, index_path: Path, records: Records, docs: Path, base: Path) -> str:
     """The README's results table: one row per task, our default and the baseline beside the published numbers.
@@ -199,7 +221,7 @@ def readme_block(index: dict, index_path: Path, records: Records, docs: Path, ba
         lines.append(f"| {entry['name']} | {cell(d, entry['default'])} | {cell(b, entry.get('baseline'))} | "
                      f"{_published(entry.get('published'))} | {budget} | "
                      f"[{task}.md]({rel(docs / f'{task}.md')}) |")
-    heads = [h for h in (_headline(e, index_path, base) for e in index["tasks"].values()) if h]
+    heads = [h for e in index["tasks"].values() for h in (_headline(e, index_path, base), _reach(e, index_path, base)) if h]
     if heads:
         lines += ["", *heads]
     return "\n".join(lines) + "\n"
@@ -225,9 +247,9 @@ def task_page(task: str, entry: dict, index_path: Path, records: Records, docs: 
         s = records.stats(ref)
         lines.append(f"| {role} | {_label(ref)} | {_seeds(s)} | {_budget(s)} | {s['episodes']} | "
                      f"{_metric(s)} {_score(s, per_seed=True)} | {_success(s)} | {link(ref)} |")
-    head = _headline(entry, index_path, docs)
-    if head:
-        lines += ["", head]
+    for head in (_headline(entry, index_path, docs), _reach(entry, index_path, docs)):
+        if head:
+            lines += ["", head]
     if entry.get("published"):
         lines += ["", f"Published: {_published(entry['published'])}."]
     levers = entry.get("levers") or []

@@ -57,6 +57,10 @@ def test_bench_tiny_returns_documented_keys(tmp_path):
     assert all(b["error"] is None and b["max_abs_diff"] < 1e-4 for b in res["backends"])
     floor = res["floor"]                                      # FLOPs / SGEMM rate of this run, per batch and threads
     assert floor["flops_per_call"]["2"] == 2 * floor["flops_per_call"]["1"] and floor["sgemm_gflops"]["1"] > 0
+    net = bl._default_drift_policy("cpu", 0).model                # the weights every batch-1 call reads once, float32
+    assert floor["weight_bytes"] == 4 * sum(p.numel() for p in net.parameters())
+    assert set(floor["read_gbs"]) == {"memory", "cache"} and all(g > 0 for g in floor["read_gbs"].values())
+    assert "Reading the net's weights once" in report.format_report(res)
     for b in res["backends"]:
         assert b["floor_ms"] == pytest.approx(floor["flops_per_call"][str(b["batch"])] / floor["sgemm_gflops"]["1"] / 1e6)
         assert b["over_floor"] == pytest.approx(b["median_ms"] / b["floor_ms"])

@@ -295,6 +295,23 @@ def test_a_wrong_index_is_a_one_line_error_naming_it(tmp_path, edit, message):
         outputs(index, readme, tmp_path / "docs")
 
 
+def test_a_reach_record_becomes_one_sentence_with_its_ratio_and_an_unreached_target_says_so(tmp_path):
+    from drift_policy.results import _reach
+
+    def write(held_b):
+        rec = {"target": 0.95, "result": {"drift_unet": {"seeds": [0, 1], "held": 600000},
+                                          "diffusion_unet": {"seeds": [0], "held": held_b}}}
+        (tmp_path / "reach.json").write_text(json.dumps(rec))
+        return _reach({"name": "T", "reach": {"record": "reach.json"}}, tmp_path / "index.yaml", tmp_path)
+
+    text = write(800000)
+    assert "reach and hold 0.95" in text and "drift_unet 0.60M sample-passes (seeds 0,1)" in text
+    assert "diffusion_unet 0.80M sample-passes (seed 0)" in text and "ratio drift_unet / diffusion_unet 0.75" in text
+    text = write(None)
+    assert "diffusion_unet not reached" in text and "ratio" not in text
+    assert _reach({"name": "T"}, tmp_path / "index.yaml", tmp_path) == ""
+
+
 def test_a_bench_record_of_an_image_task_counts_encoder_passes_beside_sample_passes(tmp_path):
     """Issue 39: with cameras the record and its table carry images through the encoder, per run and per
     evaluation; drift (32 x G=2) encodes half the images of the baseline (64) at the same sample-passes."""

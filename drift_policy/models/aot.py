@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .cpu_kernel import cache_dir
+
 __all__ = ["COMPILED_BATCHES", "MODES", "compile_mode", "cache_dir", "compiled_kernel", "fast_kernel", "forced",
            "disabled", "kernel_key", "clear_loaded"]
 
@@ -41,7 +43,7 @@ __all__ = ["COMPILED_BATCHES", "MODES", "compile_mode", "cache_dir", "compiled_k
 COMPILED_BATCHES = (1,)
 MODES = ("auto", "c", "aoti", "0")
 # How the matrix products are compiled: "mm", inductor calls the BLAS (MKL) as eager does; "reduction", they are
-# written as multiply + sum (unet1d._gemm_as_reduction) and inductor generates the loops. An experiment switch:
+# written as multiply + sum (ConditionalUnet1D.products_as_reductions) and inductor generates the loops. An experiment switch:
 # ``DRIFT_POLICY_AOT_GEMM``; part of the kernel key.
 GEMM_FORMS = ("mm", "reduction")
 
@@ -90,11 +92,6 @@ def disabled():
     return forced("0")
 
 
-def cache_dir() -> Path:
-    env = os.environ.get("DRIFT_POLICY_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "drift_policy" / "kernels"
-
-
 def wanted(args: tuple[Tensor, ...]) -> bool:
     """Whether a call with these inputs should run a compiled kernel (before any key is computed)."""
     return (args[0].shape[0] in COMPILED_BATCHES and args[0].dtype == torch.float32
@@ -105,9 +102,9 @@ def fast_kernel(net: nn.Module, args: tuple[Tensor, ...]):
     """The compiled kernel for this call under ``compile_mode()``: the C kernel, then AOTInductor's; None: trace."""
     mode = compile_mode()
     if mode in ("auto", "c"):
-        from . import cpu_kernel
+        from .cpu_kernel import kernel
 
-        k = cpu_kernel.kernel(net, args)
+        k = kernel(net, args)
         if k is not None:
             return k
     if mode in ("auto", "aoti"):
@@ -115,31 +112,26 @@ def fast_kernel(net: nn.Module, args: tuple[Tensor, ...]):
     return None
 
 
-def _source_digest() -> str:
-    """What the kernel is compiled from: the source of the net's gemm formulation and of the export here (a
-    change to any of them compiles anew; comments elsewhere in the files do not)."""
+def _source_digest(net: nn.Module) -> str:
+    """What the kernel is compiled from: the source of the net's module (its gemm formulation) and of the export
+    here; any change to them compiles anew. Read through the net, so that this module imports no model module."""
     import inspect
 
-    from . import unet1d
-
-    fns = [unet1d.ConditionalUnet1D.gemm_forward, unet1d.conv1d_gemm, unet1d.conv_transpose1d_gemm,
-           unet1d._block_gemm, unet1d._res_gemm, unet1d._linear, unet1d._matmul, unet1d.sinusoidal_embedding,
-           _Flat, _compile]
-    return hashlib.sha256("\n".join(inspect.getsource(f) for f in fns).encode()).hexdigest()
+    if type(net).__module__ not in _DIGESTS:
+        parts = [inspect.getsource(sys.modules[type(net).__module__]), inspect.getsource(_Flat), inspect.getsource(_compile)]
+        _DIGESTS[type(net).__module__] = hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    return _DIGESTS[type(net).__module__]
 
 
-_DIGEST: str | None = None
+_DIGESTS: dict[str, str] = {}
 
 
 def kernel_key(net: nn.Module, args: tuple[Tensor, ...]) -> str:
     """Everything the compiled code depends on: the net's structure (its repr and parameter shapes), the input
     shapes and dtypes, the source, torch, the thread count (inductor writes it into the OpenMP loops) and the CPU."""
-    global _DIGEST
-    if _DIGEST is None:
-        _DIGEST = _source_digest()
     from ..timing import cpu_model
 
-    parts = [_DIGEST, gemm_form(), torch.__version__, platform.machine(), cpu_model(), torch.backends.cpu.get_cpu_capability(),
+    parts = [_source_digest(net), gemm_form(), torch.__version__, platform.machine(), cpu_model(), torch.backends.cpu.get_cpu_capability(),
              str(torch.get_num_threads()), repr(net),
              repr([(n, tuple(p.shape), str(p.dtype)) for n, p in net.named_parameters()]),
              repr([(tuple(a.shape), str(a.dtype)) for a in args])]
@@ -172,15 +164,9 @@ def _compile(net: nn.Module, args: tuple[Tensor, ...], path: Path) -> None:
     names = [n for n, _ in net.named_parameters()]
     weights = [p.detach() for _, p in net.named_parameters()]
     flat = _Flat(net, names, len(args))
-    from . import unet1d
-
-    unet1d._gemm_as_reduction = gemm_form() == "reduction"
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ep = torch.export.export(flat, (*[a.detach().clone() for a in args], *weights), strict=False)
-    finally:
-        unet1d._gemm_as_reduction = False
+    with torch.no_grad(), warnings.catch_warnings(), net.products_as_reductions(gemm_form() == "reduction"):
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(flat, (*[a.detach().clone() for a in args], *weights), strict=False)
     if ep.state_dict or ep.constants:        # a baked-in weight would not follow later weight changes
         raise RuntimeError(f"the export captured tensors as constants: {sorted({**ep.state_dict, **ep.constants})}")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ kernel reads every weight row once with no packing and runs the whole net (im2co
 fused, FiLM linears from Mish(cond) computed once, residual adds) in one call on a cache-resident arena.
 
 The library is plain C (no torch headers): compiled once per machine in about a second with the system's C
-compiler (``$CC``, else ``cc``; ``-O3 -march=native``) into the cache folder of aot.py (``cache_dir``), keyed by
+compiler (``$CC``, else ``cc``; ``-O3 -march=native``) into the kernels' cache folder (``cache_dir``), keyed by
 its source, the compiler and the CPU. The net is turned into a program (a flat int64 array of ops) once per
 net; at every call the parameter tensors' current data pointers are passed, so weight changes in place or
 through ``.data`` are always seen (a parameter whose storage was replaced is re-checked for dtype and layout;
@@ -32,6 +32,13 @@ from torch import Tensor, nn
 __all__ = ["kernel", "library", "clear_loaded"]
 
 SOURCE = Path(__file__).with_name("cpu_kernel.c")
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept (this C library and aot.py's packages): ``DRIFT_POLICY_CACHE_DIR``, else
+    ``~/.cache/drift_policy/kernels``."""
+    env = os.environ.get("DRIFT_POLICY_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "drift_policy" / "kernels"
 OP_CONV, OP_GNMISH, OP_ADD, OP_CONVT, OP_CAT, OP_LINEAR, OP_MISH = 1, 2, 3, 4, 5, 6, 7
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared"]
 
@@ -62,14 +69,13 @@ def library():
 
 def _build():
     from ..timing import cpu_model
-    from . import aot
 
     cc = _compiler()
     if cc is None:
         raise FileNotFoundError(f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256("\n".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), cpu_model()]).encode())
-    path = aot.cache_dir() / f"cpu_kernel_{key.hexdigest()[:20]}.so"
+    path = cache_dir() / f"cpu_kernel_{key.hexdigest()[:20]}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -152,9 +158,8 @@ class _Program:
         self.emit(OP_GNMISH, x, C, T, norm.num_groups, self.p(norm.weight), self.p(norm.bias), film)
 
     def res(self, x, T: int, C: int, block: nn.Module, mcond, cond_dim: int):
-        from .unet1d import FiLMResBlock
-
-        if type(block) is not FiLMResBlock or type(block.film[0]) is not nn.Mish:
+        # The U-Net's FiLM residual block, recognised by its parts (this module imports no model module).
+        if not all(hasattr(block, a) for a in ("film", "block1", "block2", "skip")) or type(block.film[0]) is not nn.Mish:
             raise Unsupported(f"unexpected block {type(block).__name__}")
         lin = block.film[1]
         film = self.buf(lin.out_features)

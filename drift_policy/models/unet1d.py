@@ -25,6 +25,7 @@ the system's C compiler), for nets with a timestep input the gemm formulation co
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -148,6 +149,17 @@ class ConditionalUnet1D(nn.Module):
         return self.final(x).transpose(1, 2)                 # [B, T, Da]
 
     # ---- fast inference path ------------------------------------------------------------------------------
+    @staticmethod
+    @contextlib.contextmanager
+    def products_as_reductions(on: bool = True):
+        """While exporting for AOTInductor (aot.py): the gemm form's products as multiply + sum (see below)."""
+        global _gemm_as_reduction
+        _gemm_as_reduction = on
+        try:
+            yield
+        finally:
+            _gemm_as_reduction = False
+
     def gemm_forward(self, sample: Tensor, global_cond: Tensor, timestep: Tensor | None = None) -> Tensor:
         """The same function as ``reference_forward``, written as time-major matrix products (eager)."""
         cond = global_cond
@@ -261,9 +273,9 @@ def _trace(net: nn.Module, args: tuple[Tensor, ...]):
         _tracing = False
 
 
-# Set by aot.py while it exports the net for compilation, never in eager or the trace: the products as a
-# broadcast multiply and a sum, which inductor compiles into one loop that reads each weight row once for all the
-# 4-16 rows of cols at batch 1 (in eager this would materialise [N, M, K]).
+# Set through ConditionalUnet1D.products_as_reductions while aot.py exports the net for compilation, never in eager
+# or the trace: the products as a broadcast multiply and a sum, which inductor compiles into one loop that reads
+# each weight row once for all the 4-16 rows of cols at batch 1 (in eager this would materialise [N, M, K]).
 _gemm_as_reduction = False
 
 

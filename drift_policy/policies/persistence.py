@@ -131,4 +131,10 @@ def load_state(module: nn.Module, state: dict, where: str) -> None:
 
 
 def plain(v):
-    return list(v) if isinstance(v, (list, tuple)) else v
+    """A config value as JSON and YAML give it back (tuples as lists, nested too), so that a value read from a file
+    compares equal to the same value in a dataclass."""
+    if isinstance(v, (list, tuple)):
+        return [plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: plain(x) for k, x in v.items()}
+    return v
