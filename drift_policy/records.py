@@ -74,7 +74,8 @@ def run_record(run_dir: Path) -> dict:
     evals = []
     for f in runs.eval_files(run_dir):
         r = json.loads(f.read_text())
-        evals.append({"sample_passes": r["step"] * per_step, "encoder_passes": r["step"] * enc_per_step, "steps": r["step"], "train_minutes": r["train_minutes"],
+        evals.append({"sample_passes": r["step"] * per_step, "encoder_passes": r["step"] * enc_per_step,
+                      "steps": r["step"], "train_minutes": r["train_minutes"],
                       "mean_score": r["mean_score"], "success_rate": r["success_rate"], "val": r.get("val", {}),
                       "eval_seconds": r.get("wall_s"),      # the rollouts' wall-clock, and their env steps
                       "env_steps": sum(e["steps"] for e in r["per_episode"]) if "per_episode" in r else None,

@@ -8,8 +8,7 @@ from torch import nn
 from drift_policy.data.pusht import load_pusht_image
 from drift_policy.envs import PushTImageEnv
 from drift_policy.errors import DatasetError
-from drift_policy.models.resnet import (RESNET_PRESETS, VISION_BACKBONES, ImageEncoder, MultiImageEncoder, ResNet18GN,
-                                       ShallowConvGN, SpatialSoftmax)
+from drift_policy.models.resnet import RESNET_PRESETS, VISION_BACKBONES, ImageEncoder, MultiImageEncoder, ResNet18GN, ShallowConvGN, SpatialSoftmax
 
 # Render match (mean absolute difference per frame, 0..255 scale), measured on 799 stored states (every
 # episode's first frame plus 600 spread over the store): mean 0.077, median 0.079, 90th percentile 0.12, max
