@@ -89,6 +89,10 @@ class TrainConfig:
     max_bad_steps: int = 20             # consecutive non-finite losses/gradients before training aborts
     compile: bool = False               # torch.compile the backbone for training (faster steps after minutes of
                                         # compiling at the start; needs a C++ compiler)
+    encoder_bf16: bool = False          # the image encoder's trunk under bfloat16 autocast in training (weights,
+                                        # keypoints and evaluation stay float32): about half the encoder's time on a
+                                        # CPU with AVX512-BF16 or AMX, slower on one without; it changes the numerics,
+                                        # so it is part of a recipe (eval/diagnostics/profile_step_pusht_image)
     run_dir: str = ""                   # empty: runs/<task>-<policy>-<time>, relative to the working directory
     overwrite: bool = False             # replace an existing run in run_dir (else training into it is refused)
     wandb: str = "disabled"             # disabled | offline | online
@@ -165,6 +169,13 @@ class Config:
     def sample_passes_per_step(self) -> int:
         """Generator sample-passes of one optimizer step: batch_size observations x samples per observation."""
         return self.train.batch_size * self.policy.sample_passes_per_obs
+
+    @property
+    def encoder_passes_per_step(self) -> int:
+        """Images through the image encoder in one optimizer step: batch_size observations x cameras x To (0
+        without cameras). At equal sample-passes a drift policy with G samples per observation encodes 1/G of
+        the images that the diffusion baseline does."""
+        return self.train.batch_size * self.policy.encoder_passes_per_obs
 
     def _resolve_budget(self) -> None:
         """Derive the batch size (0: the policy's default), max_steps from the sample-pass budget (or the budget from

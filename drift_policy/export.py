@@ -5,6 +5,9 @@ The exported graph maps data units to data units, so a deployment needs nothing 
     inputs   obs    float32 [B, To, obs_dim]   the last To observations, oldest first, in data units
              noise  float32 [B, Tp, Da]        standard normal noise (an input, so results are reproducible
                                                and parity with PyTorch is exact up to float rounding)
+             <camera> uint8 [B, To, 3, H, W]   image policies only, one input per camera after noise (in the
+                                               config's image_keys order): the last To frames, 0..255; the
+                                               encoder (centre crop, as in evaluation) is inside
     outputs  action       float32 [B, Ta, Da]  the executable chunk (steps To-1 .. To-2+Ta of action_pred)
              action_pred  float32 [B, Tp, Da]  the whole predicted chunk
 
@@ -33,7 +36,8 @@ The package is compiled for the CPU it was exported on (its instruction set) and
 ``checkpoint`` is a save_pretrained folder, a run folder (newest good checkpoint, EMA weights) or a checkpoint
 file. ONNX needs the optional extra: ``pip install 'drift-policy[export]'`` (onnx, onnxruntime).
 
-Only the drift policy (1 NFE) is exported: a diffusion policy's sampler is a loop over a scheduler.
+Only the drift policy (1 NFE) is exported: a diffusion policy's sampler is a loop over a scheduler. Image
+policies export to ONNX and TorchScript; ``aoti`` takes low-dim policies only.
 """
 from __future__ import annotations
 
@@ -69,18 +73,21 @@ class ExportablePolicy(nn.Module):
         if policy.config.nfe != 1:
             raise ValueError(f"only one-step drift policies can be exported (1 NFE), got a {policy.config.type!r} "
                              f"policy with {policy.config.nfe} network evaluations per chunk")
-        if policy.config.image_keys:
-            raise ValueError("exporting image policies is not supported yet (low-dim observations only)")
         for key in ("obs", "action"):
             policy.normalizer.params(key)  # KeyError now, not at deployment, if a field was never fitted
         self.policy = policy.eval()
         c = policy.config
         self.n_obs_steps, self.n_action_steps = c.n_obs_steps, c.n_action_steps
+        self.image_keys = tuple(c.image_keys)
+        # The wrapper in eval mode too: the ONNX exporter restores the wrapper's mode on the whole tree afterwards,
+        # and a wrapper left in train mode put the policy back in training (random crops) after an export.
+        self.eval()
 
-    def forward(self, obs: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, obs: Tensor, noise: Tensor, *images: Tensor) -> tuple[Tensor, Tensor]:
+        """``images``: one [B, To, 3, H, W] uint8 tensor per camera, in ``image_keys`` order (none: low-dim)."""
         p = self.policy
         obs = obs[:, -self.n_obs_steps:]
-        cond = p.condition({"obs": obs})
+        cond = p.condition({"obs": obs, **dict(zip(self.image_keys, images))})
         if self.gemm:
             with _gemm_backbone(p.model):
                 sample = p.sample(cond, noise=noise)
@@ -105,22 +112,32 @@ class _gemm_backbone:
         self.net.__dict__.pop("forward", None)
 
 
-def example_inputs(policy: Policy, batch: int = 1, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Plausible (obs, noise): obs drawn inside the range the normaliser was fitted on."""
+def example_inputs(policy: Policy, batch: int = 1, generator: torch.Generator | None = None) -> tuple[Tensor, ...]:
+    """Plausible (obs, noise, *camera frames): obs drawn inside the range the normaliser was fitted on, frames
+    uniform uint8 [batch, To, 3, H, W] per camera (image policies only)."""
     c = policy.config
     g = generator or torch.Generator().manual_seed(0)
     scale, offset = policy.normalizer.params("obs")
     u = torch.rand(batch, c.n_obs_steps, c.obs_dim, generator=g) * 2 - 1        # normalised units
     obs = (u - offset.cpu()) / scale.cpu()
     noise = torch.randn(batch, c.horizon, c.action_dim, generator=g)
-    return obs, noise
+    images = [torch.randint(0, 256, (batch, c.n_obs_steps, *c.image_shape), generator=g, dtype=torch.uint8)
+              for _ in c.image_keys]
+    return (obs, noise, *images)
+
+
+def input_names(policy: Policy) -> list[str]:
+    """The export's inputs in order: obs, noise, then one per camera (its image key)."""
+    return [*INPUT_NAMES, *policy.config.image_keys]
 
 
 def metadata(policy: Policy, fmt: str) -> dict:
     c = policy.config
+    cams = {k: ["batch", c.n_obs_steps, *c.image_shape] for k in c.image_keys}
     return {
         "format": fmt,
-        "inputs": {"obs": ["batch", c.n_obs_steps, c.obs_dim], "noise": ["batch", c.horizon, c.action_dim]},
+        "inputs": {"obs": ["batch", c.n_obs_steps, c.obs_dim], "noise": ["batch", c.horizon, c.action_dim], **cams},
+        **({"image_dtype": "uint8 (0..255, channels first)"} if cams else {}),
         "outputs": {"action": ["batch", c.n_action_steps, c.action_dim], "action_pred": ["batch", c.horizon, c.action_dim]},
         "units": "obs and actions in data units (normaliser inside); noise ~ N(0, 1)",
         "policy_config": c.to_dict(),
@@ -131,6 +148,8 @@ def export_policy(policy: Policy, out: str | os.PathLike, fmt: str) -> Path:
     """Write the policy as ``fmt`` (one of FORMATS) to ``out`` (plus ``<out>.json``); returns ``out``."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt == "aoti" and policy.config.image_keys:
+        raise ConfigError("format=aoti exports low-dim policies only; export an image policy as onnx or torchscript")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     module = ExportablePolicy(policy.to("cpu").eval())
@@ -152,8 +171,9 @@ def export_policy(policy: Policy, out: str | os.PathLike, fmt: str) -> Path:
             finally:
                 pkg.unlink(missing_ok=True)
         else:
-            onnx_export(module, args, str(tmp), INPUT_NAMES, OUTPUT_NAMES, ONNX_OPSET,
-                        dynamic_axes={n: {0: "batch"} for n in INPUT_NAMES + OUTPUT_NAMES})
+            names = input_names(policy)
+            onnx_export(module, args, str(tmp), names, OUTPUT_NAMES, ONNX_OPSET,
+                        dynamic_axes={n: {0: "batch"} for n in names + OUTPUT_NAMES})
         os.replace(tmp, out)
     except OSError as e:
         raise write_error(e, out) from e
@@ -171,6 +191,8 @@ def aoti_export(policy: Policy, out: str, gemm: bool = True) -> str:
 
     import torch._inductor
 
+    if policy.config.image_keys:
+        raise ConfigError("format=aoti exports low-dim policies only; export an image policy as onnx or torchscript")
     module = ExportablePolicy(policy.to("cpu").eval(), gemm=gemm)
     obs, noise = example_inputs(policy, batch=2)
     batch = torch.export.Dim("batch", min=1, max=AOTI_MAX_BATCH)
@@ -187,9 +209,14 @@ class OnnxPolicy:
     def __init__(self, path: str | os.PathLike, threads: int = 1):
         self.session = ort_session(path, threads)
 
-    def __call__(self, obs: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        action, action_pred = self.session.run(OUTPUT_NAMES, {"obs": np.ascontiguousarray(obs, dtype=np.float32),
-                                                              "noise": np.ascontiguousarray(noise, dtype=np.float32)})
+    def __call__(self, obs: np.ndarray, noise: np.ndarray, *images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``images``: an image policy's frames, uint8 [B, To, 3, H, W] per camera, in its image_keys order."""
+        feed = {"obs": np.ascontiguousarray(obs, dtype=np.float32), "noise": np.ascontiguousarray(noise, dtype=np.float32)}
+        cams = [i.name for i in self.session.get_inputs()][len(INPUT_NAMES):]
+        if len(images) != len(cams):
+            raise ValueError(f"this export takes {len(cams)} camera input(s) {cams}, got {len(images)}")
+        feed.update({k: np.ascontiguousarray(v, dtype=np.uint8) for k, v in zip(cams, images)})
+        action, action_pred = self.session.run(OUTPUT_NAMES, feed)
         return action, action_pred
 
 

@@ -68,11 +68,14 @@ def run_record(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     cfg = json.loads(runs.config_path(run_dir).read_text())
     t, p = cfg["train"], cfg["policy"]
-    per_step = t["batch_size"] * config_from_dict(with_legacy_keys(p, removed="quiet")).sample_passes_per_obs
+    pcfg = config_from_dict(with_legacy_keys(p, removed="quiet"))
+    # Two units of training compute: generator sample-passes, and images through the encoder (0 without cameras)
+    per_step, enc_per_step = t["batch_size"] * pcfg.sample_passes_per_obs, t["batch_size"] * pcfg.encoder_passes_per_obs
     evals = []
     for f in runs.eval_files(run_dir):
         r = json.loads(f.read_text())
-        evals.append({"sample_passes": r["step"] * per_step, "steps": r["step"], "train_minutes": r["train_minutes"],
+        evals.append({"sample_passes": r["step"] * per_step, "encoder_passes": r["step"] * enc_per_step,
+                      "steps": r["step"], "train_minutes": r["train_minutes"],
                       "mean_score": r["mean_score"], "success_rate": r["success_rate"], "val": r.get("val", {}),
                       "eval_seconds": r.get("wall_s"),      # the rollouts' wall-clock, and their env steps
                       "env_steps": sum(e["steps"] for e in r["per_episode"]) if "per_episode" in r else None,
@@ -110,9 +113,10 @@ def run_record(run_dir: Path) -> dict:
     rec = {"run_dir": machine_free(run_dir), "policy": p["type"], "seed": t["seed"],
            "budget_sample_passes": t["sample_passes"], "sample_passes": step * per_step, "steps": step,
            "max_steps": t["max_steps"], "sample_passes_per_step": per_step,
+           "encoder_passes": step * enc_per_step, "encoder_passes_per_step": enc_per_step,
            "complete": (runs.pretrained_dir(run_dir) / "model.safetensors").exists(),
            "seconds_per_step": 60 * minutes / step if step and minutes else None,
-           "nfe": config_from_dict(with_legacy_keys(p, removed="quiet")).nfe, "score_label": family(cfg["task"]["env"]).score_label,
+           "nfe": pcfg.nfe, "score_label": family(cfg["task"]["env"]).score_label,
            "policy_config": p, "train_config": {**t, "run_dir": machine_free(t.get("run_dir", ""))},
            "provenance": read_provenance(run_dir), "evals": evals,
            "max_score": max(scores, default=float("nan")), "last5_score": mean(scores[-5:]),

@@ -84,12 +84,19 @@ def bench_markdown(record: dict) -> str:
     if partial:
         lines += ["Scored again by `bench rescore` at their source's last evaluations only, so their max is over those "
                   "and their last-10 is not defined: " + ", ".join(partial) + ".", ""]
-    lines += ["| variant | recipe | NFE | seeds | steps | sample-passes | score max | score last-5 | score last-10 | "
-              "success max | success last-5 | s/step | done |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    # With cameras, images through the encoder are a second unit of compute: drift encodes an observation once for
+    # its G samples, so at equal sample-passes it encodes 1/G of the baseline's images (records without it: none).
+    images = any(r.get("encoder_passes") for r in records)
+    enc_head, enc_rule = (" encoder passes |", "---|") if images else ("", "")
+    lines += ["| variant | recipe | NFE | seeds | steps | sample-passes |" + enc_head + " score max | score last-5 | "
+              "score last-10 | success max | success last-5 | s/step | done |",
+              "|---|---|---|---|---|---|" + enc_rule + "---|---|---|---|---|---|---|"]
     f = fmt
     for label, rs in variants.items():
         s = summary[label]
         passes = "/".join(f"{r['sample_passes']:,}" for r in rs)
+        if images:
+            passes += " | " + "/".join(f"{r.get('encoder_passes') or 0:,}" for r in rs)
         lines.append(f"| {label} | {recipe_text(rs[0], defaults)} | {rs[0]['nfe']} | {','.join(map(str, s['seeds']))} | "
                      f"{'/'.join(str(r['steps']) for r in rs)} | {passes} | "
                      f"{f(s.get('max_score'))} | {f(s.get('last5_score'))}"

@@ -23,7 +23,7 @@ from .checkpoint import non_finite_tensors, save_checkpoint
 from .config import Config
 from .distributed import Distributed
 from .ema import ema_update
-from .errors import DivergenceError, RunDirError
+from .errors import ConfigError, DivergenceError, RunDirError
 from .fileio import append_text, atomic_write_text
 from .normalizer import Normalizer
 from .policies import Policy, make_policy, policy_class
@@ -135,6 +135,8 @@ def _train(cfg: Config | None, run_dir, resume: bool, progress: bool, hold: cont
 
     cfg, ckpt = _config_and_checkpoint(cfg, run_dir, resume)
     t = cfg.train
+    if t.encoder_bf16 and not cfg.policy.image_keys:
+        raise ConfigError(f"train.encoder_bf16 needs a task with cameras; task {cfg.task.name} has none")
     set_threads(t.threads)
     # One process, or one of several under torchrun (then only rank 0 writes files).
     dist = Distributed(t.device)
@@ -157,10 +159,11 @@ def _train(cfg: Config | None, run_dir, resume: bool, progress: bool, hold: cont
         step, train_seconds, next_eval_minutes = _restore(ckpt, policy, ema, opt, data_gen, dist, t.seed)
     evaluating = _evaluating(cfg, is_main)
     n_params = sum(p.numel() for p in policy.parameters())
-    per_step = cfg.sample_passes_per_step
+    per_step, enc_per_step = cfg.sample_passes_per_step, cfg.encoder_passes_per_step
     print(f"{cfg.policy.type} policy, {cfg.policy.backbone} backbone: {n_params / 1e6:.2f}M parameters; "
           f"{len(train_set)} training windows; budget {t.sample_passes:,} sample-passes = {t.max_steps} steps of "
-          f"{per_step}; run folder {run_dir}")
+          f"{per_step}" + (f" and {enc_per_step} encoder passes (images)" if enc_per_step else "") +
+          f"; run folder {run_dir}")
 
     logger = Logger(run_dir, cfg, resume_step=step if ckpt is not None else None) if is_main else None
 
@@ -214,7 +217,7 @@ def _train(cfg: Config | None, run_dir, resume: bool, progress: bool, hold: cont
         bar.update(step, train_seconds)
 
         if is_main and step % t.log_every == 0:
-            rec = {"step": step, "sample_passes": step * per_step, "train_minutes": train_seconds / 60, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"],  # noqa: E501
+            rec = {"step": step, "sample_passes": step * per_step, "encoder_passes": step * enc_per_step, "train_minutes": train_seconds / 60, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"],  # noqa: E501
                    "grad_norm": float(grad_norm), **{f"train/{k}": v for k, v in info.items()}}
             logger.log(rec)
             bar.set_train(float(loss.detach()), info.get("mse_to_expert"))
@@ -268,12 +271,13 @@ def _evaluate(run_dir: Path, cfg: Config, ema, val_set, logger, bar, step: int, 
     """Closed-loop evaluation of the EMA weights and the held-out signals, saved as eval/step_<step>.json."""
     from .evaluation import save_eval_json
 
-    t, per_step = cfg.train, cfg.sample_passes_per_step
+    t, per_step, enc_per_step = cfg.train, cfg.sample_passes_per_step, cfg.encoder_passes_per_step
     res = evaluate_policy(ema, cfg, t.eval_episodes, t.eval_workers, progress=False, seed=t.seed)
-    res.update(step=step, sample_passes=step * per_step, train_minutes=train_seconds / 60,
-               val=validation_signals(ema, val_set))
+    res.update(step=step, sample_passes=step * per_step, encoder_passes=step * enc_per_step,
+               train_minutes=train_seconds / 60, val=validation_signals(ema, val_set))
     save_eval_json(res, runs.eval_path(run_dir, step))
-    logger.log({"step": step, "sample_passes": step * per_step, "train_minutes": train_seconds / 60,
+    logger.log({"step": step, "sample_passes": step * per_step, "encoder_passes": step * enc_per_step,
+                "train_minutes": train_seconds / 60,
                 "eval/mean_score": res["mean_score"], "eval/success_rate": res["success_rate"],
                 **{f"val/{k}": v for k, v in res["val"].items()}})
     bar.write(f"step {step}: score {res['mean_score']:.3f}, success {res['success_rate']:.2f} "
@@ -318,6 +322,8 @@ def _build(cfg: Config, normalizer: Normalizer, dist: Distributed):
     policy = make_policy(cfg.policy, normalizer).to(dist.device)
     loss_fn = dist.loss_fn(policy)
     ema = copy.deepcopy(policy).requires_grad_(False).eval()
+    if t.encoder_bf16:                         # training only: the EMA copy (evaluated, saved) stays float32
+        policy.obs_encoder.set_autocast(torch.bfloat16)
     if t.compile:
         policy.model.compile()                 # in place: parameter names, checkpoints and the EMA copy unchanged
     opt = torch.optim.AdamW(policy.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)

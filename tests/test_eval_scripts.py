@@ -104,3 +104,89 @@ def test_runner_record_writes_every_run_and_its_table(tmp_path):
     assert md.count("\n| 50 Hz |") == 1 and md.count("\n| 100 Hz |") == 1 and rec["search"] is None
     with pytest.raises(SystemExit, match="checkpoint= is required"):
         rr.main(["rates=50"])
+
+
+# ---- eval/profile_image_step.py (issue 39) -------------------------------------------------------------------
+def _fake_pusht_image(n_eps=4, length=20, seed=0):
+    rng = np.random.default_rng(seed)
+    n = n_eps * length
+    return {"obs": rng.uniform(0, 512, (n, 2)).astype(np.float32),
+            "image": rng.integers(0, 256, (n, 3, 96, 96), dtype=np.uint8),
+            "action": rng.uniform(0, 512, (n, 2)).astype(np.float32), "episode_ends": np.arange(1, n_eps + 1) * length}
+
+
+TINY_IMAGE = ["policy.backbone=tiny", "policy.vision_backbone=tiny"]
+
+
+@pytest.mark.parametrize("kind", ["drift_unet", "diffusion_unet"])
+def test_profile_image_step_times_the_loss_and_gradients_of_compute_loss(kind):
+    """The profiler's split step (encoder, then the generator from detached features, backward in two halves) is
+    the training step: the same loss and the same gradient for every parameter."""
+    import torch
+
+    from drift_policy.config import compose
+    from drift_policy.data.windows import make_windows
+    from drift_policy.normalizer import Normalizer
+    from drift_policy.policies import make_policy
+
+    prof = _script("profile_image_step")
+    cfg = compose(["task=pusht_image", f"policy={kind}", *TINY_IMAGE])
+    p = cfg.policy
+    data, _ = make_windows(_fake_pusht_image(), p.horizon, p.n_obs_steps, p.n_action_steps, val_ratio=0.0)
+    norm = Normalizer().fit("obs", data.steps("obs")).fit("action", data.steps("action"))
+    torch.manual_seed(0)
+    policy = make_policy(p, norm).train()
+    policy.obs_encoder.eval()       # the centre crop: both paths see the same pixels (GroupNorm: mode-free)
+    batch = data.sample(6, torch.Generator().manual_seed(0))
+
+    def grads():
+        out = {n: q.grad.clone() for n, q in policy.named_parameters() if q.grad is not None}
+        policy.zero_grad(set_to_none=True)
+        return out
+
+    torch.manual_seed(1)
+    want, _ = policy.compute_loss(batch)
+    want.backward()
+    want_g = grads()
+    torch.manual_seed(1)
+    loss, feats, leaf = prof.forward_parts(policy, batch, prof.Timer())
+    loss.backward()
+    feats.backward(leaf.grad)
+    got_g = grads()
+    torch.testing.assert_close(loss, want)
+    assert set(got_g) == set(want_g) and any(n.startswith("obs_encoder.") for n in got_g)
+    for n in want_g:
+        torch.testing.assert_close(got_g[n], want_g[n], msg=n)
+
+
+def test_profile_image_step_writes_a_record_per_part_and_merges(tmp_path, monkeypatch):
+    from drift_policy.data.windows import make_windows
+    from drift_policy.provenance import git_commit
+
+    prof = _script("profile_image_step")
+
+    def fake(cfg):
+        p = cfg.policy
+        return make_windows(_fake_pusht_image(), p.horizon, p.n_obs_steps, p.n_action_steps, val_ratio=0.0)
+
+    monkeypatch.setattr(prof, "make_datasets", fake)
+    out = tmp_path / "prof" / "rec.json"
+    common = ["--steps=1", "--batch-scale=0.125", f"--extra={' '.join(TINY_IMAGE)}", f"--out={out}"]
+    prof.main(["--policies=drift_unet,diffusion_unet", "--variants=default,channels_last", *common])
+    prof.main(["--policies=drift_unet", "--variants=bf16", "--merge", *common])
+    rec = json.loads(out.read_text())
+    assert len(rec["runs"]) == 2 and all(r["code_commit"] == git_commit() for r in rec["runs"])
+    got = {(r["policy"], r["variant"]): r for r in rec["rows"]}
+    assert set(got) == {("drift_unet", "default"), ("drift_unet", "channels_last"), ("diffusion_unet", "default"),
+                        ("diffusion_unet", "channels_last"), ("drift_unet", "bf16")}
+    for r in got.values():
+        assert set(r["cpu_seconds"]) == {*prof.PARTS, "total"} and min(r["cpu_seconds"].values()) >= 0
+        assert r["encoder_passes_per_step"] == 2 * r["batch_size"]          # To = 2, one camera
+    drift, diff = got[("drift_unet", "default")], got[("diffusion_unet", "default")]
+    assert (drift["batch_size"], diff["batch_size"]) == (4, 8)                 # 32 x 0.125, 64 x 0.125
+    assert drift["sample_passes_per_step"] == diff["sample_passes_per_step"] == 8
+    assert got[("drift_unet", "bf16")]["run"] == 1 and not got[("drift_unet", "default")]["channels_last"]
+    md = out.with_suffix(".md").read_text()
+    assert "## drift_unet" in md and "## diffusion_unet" in md and "| speed-up vs default |" in md
+    for text in (out.read_text(), md):
+        assert str(tmp_path) not in text and "/work/" not in text

@@ -190,3 +190,78 @@ def test_aoti_package_runs_from_cpp(aoti_package, tmp_path):
     ref = eager(pol, obs, 6)
     start = c.n_obs_steps - 1
     assert_parity(pol, pred[:, start: start + c.n_action_steps], pred, ref)
+
+
+# ---- image policies (issue 39): the encoder inside the export, frames as uint8 inputs ---------------------------
+@pytest.fixture(scope="module", params=["shallow", "tiny"])
+def image_policy(request):
+    """A drift policy from pixels (one 96x96 camera + the agent position), with the cheaper shallow trunk and the
+    tiny ResNet; eval mode: the centre crop, as in evaluation."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    norm = Normalizer().fit("obs", torch.rand(100, 2, generator=g) * 512).fit("action", torch.rand(100, 2, generator=g) * 512)
+    cfg = DriftConfig(backbone="tiny", obs_dim=2, image_keys=("image",), vision_backbone=request.param)
+    return make_policy(cfg, norm).eval()
+
+
+def image_eager(policy, obs, image, seed):
+    return policy.predict_action({"obs": obs, "image": image}, generator=torch.Generator().manual_seed(seed))
+
+
+def test_image_policy_wrapper_inputs_and_metadata(image_policy, tmp_path):
+    obs, noise, image = example_inputs(image_policy, batch=3)
+    assert image.dtype == torch.uint8 and image.shape == (3, 2, 3, 96, 96)
+    ref = image_eager(image_policy, obs, image, seed=1)
+    with torch.no_grad():
+        action, action_pred = ExportablePolicy(image_policy)(obs, same_noise(image_policy, 3, seed=1), image)
+    assert torch.equal(action_pred, ref["action_pred"]) and torch.equal(action, ref["action"])
+    export_policy(image_policy, tmp_path / "p.pt", "torchscript")
+    meta = json.loads((tmp_path / "p.pt.json").read_text())
+    assert meta["inputs"]["image"] == ["batch", 2, 3, 96, 96] and meta["policy_config"]["vision_backbone"]
+    with pytest.raises(ConfigError, match="aoti exports low-dim policies only"):
+        export_policy(image_policy, tmp_path / "p.pt2", "aoti")
+
+
+def test_image_policy_torchscript_parity(image_policy, tmp_path):
+    ts = load_torchscript(export_policy(image_policy, tmp_path / "policy.pt", "torchscript"))
+    for batch, seed in ((1, 0), (4, 3)):                                    # the batch axis is dynamic
+        obs, _, image = example_inputs(image_policy, batch=batch, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            action, action_pred = ts(obs, same_noise(image_policy, batch, seed), image)
+        assert_parity(image_policy, action, action_pred, image_eager(image_policy, obs, image, seed))
+
+
+def test_image_policy_onnx_parity(image_policy, tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from drift_policy.export import OnnxPolicy
+
+    out = export_policy(image_policy, tmp_path / "policy.onnx", "onnx")
+    # The exporter restores its wrapper's mode on the whole tree: the policy stays in eval mode (centre crop).
+    assert not any(m.training for m in image_policy.modules())
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model)
+    assert [i.name for i in model.graph.input] == ["obs", "noise", "image"]
+    sess = OnnxPolicy(out)
+    for batch, seed in ((1, 0), (3, 2)):
+        obs, _, image = example_inputs(image_policy, batch=batch, generator=torch.Generator().manual_seed(seed))
+        action, action_pred = sess(obs.numpy(), same_noise(image_policy, batch, seed).numpy(), image.numpy())
+        assert_parity(image_policy, action, action_pred, image_eager(image_policy, obs, image, seed))
+    with pytest.raises(ValueError, match="camera input"):
+        sess(obs.numpy(), same_noise(image_policy, batch, seed).numpy())
+
+
+def test_image_policy_export_cli_from_a_pretrained_folder(image_policy, tmp_path):
+    from drift_policy.cli import main
+
+    folder = image_policy.save_pretrained(tmp_path / "pretrained")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main(["export", f"checkpoint={folder}", "format=torchscript", f"out={tmp_path / 'cli.pt'}"])
+    ts = load_torchscript(tmp_path / "cli.pt")
+    obs, _, image = example_inputs(image_policy, batch=2)
+    with torch.no_grad():
+        action, action_pred = ts(obs, same_noise(image_policy, 2, 0), image)
+    assert_parity(image_policy, action, action_pred, image_eager(image_policy, obs, image, 0))

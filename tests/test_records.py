@@ -310,3 +310,27 @@ def test_a_reach_record_becomes_one_sentence_with_its_ratio_and_an_unreached_tar
     text = write(None)
     assert "diffusion_unet not reached" in text and "ratio" not in text
     assert _reach({"name": "T"}, tmp_path / "index.yaml", tmp_path) == ""
+
+
+def test_a_bench_record_of_an_image_task_counts_encoder_passes_beside_sample_passes(tmp_path):
+    """Issue 39: with cameras the record and its table carry images through the encoder, per run and per
+    evaluation; drift (32 x G=2) encodes half the images of the baseline (64) at the same sample-passes."""
+    from drift_policy.bench import bench_train
+
+    img = ["task=pusht_image"]
+    _run(tmp_path / "runs" / "drift_unet-s0", 0, overrides=[*img, "policy=drift_unet"])
+    _run(tmp_path / "runs" / "diffusion_unet-s0", 0, overrides=[*img, "policy=diffusion_unet"])
+    path = bench_train(["report_only=1", "budget=640", "seeds=0", "policies=drift_unet,diffusion_unet", "task=pusht_image",
+                        f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"])
+    rec = json.loads(path.read_text())
+    by = {r["policy"]: r for r in rec["runs"]}
+    assert by["drift"]["sample_passes"] == by["diffusion"]["sample_passes"] == 640
+    assert by["drift"]["encoder_passes"] == 640 and by["diffusion"]["encoder_passes"] == 2 * 640   # To = 2
+    for r in rec["runs"]:
+        assert [e["encoder_passes"] for e in r["evals"]] == [e["steps"] * r["encoder_passes_per_step"] for e in r["evals"]]
+    md = path.with_suffix(".md").read_text()
+    assert "| sample-passes | encoder passes |" in md and "| 640 | 1,280 |" in md and "| 640 | 640 |" in md
+    low = _run(tmp_path / "low" / "drift_unet-s0", 0)
+    from drift_policy.records import run_record
+
+    assert run_record(low)["encoder_passes"] == 0

@@ -8,7 +8,7 @@ from torch import nn
 from drift_policy.data.pusht import load_pusht_image
 from drift_policy.envs import PushTImageEnv
 from drift_policy.errors import DatasetError
-from drift_policy.models.resnet import RESNET_PRESETS, ImageEncoder, MultiImageEncoder, ResNet18GN, SpatialSoftmax
+from drift_policy.models.resnet import RESNET_PRESETS, VISION_BACKBONES, ImageEncoder, MultiImageEncoder, ResNet18GN, ShallowConvGN, SpatialSoftmax
 
 # Render match (mean absolute difference per frame, 0..255 scale), measured on 799 stored states (every
 # episode's first frame plus 600 spread over the store): mean 0.077, median 0.079, 90th percentile 0.12, max
@@ -121,6 +121,66 @@ def test_multi_image_encoder_robomimic_cameras():
         torch.testing.assert_close(out[:, 32:], b(batch[keys[1]]))
     with pytest.raises(ValueError):
         enc({keys[0]: batch[keys[0]]})
+
+
+# -- the cheaper encoders and the training levers (issue 39) ---------------------------------------------------
+@pytest.mark.parametrize("hw", [(84, 84), (76, 76), (96, 96), (61, 90)])
+def test_shallow_trunk_shapes_and_groupnorm_only(hw):
+    trunk = ShallowConvGN()
+    out = trunk(torch.zeros(2, 3, *hw))
+    assert out.shape == (2, trunk.out_channels, *trunk.output_hw(*hw))
+    assert trunk.output_hw(84, 84) == (11, 11)                  # robomimic's ShallowConv map at 84x84
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in trunk.modules())
+    assert sum(isinstance(m, nn.GroupNorm) for m in trunk.modules()) == 4
+
+
+@pytest.mark.parametrize("preset", ["resnet18_half", "shallow"])
+def test_cheaper_encoder_shapes_and_size(preset):
+    enc = ImageEncoder(preset=preset, feature_dim=64).eval()
+    full = sum(p.numel() for p in ImageEncoder(preset="resnet18").parameters())
+    assert sum(p.numel() for p in enc.parameters()) < full / 3
+    h, w = enc.trunk.output_hw(84, 84)
+    assert (enc.pool.height, enc.pool.width) == (h, w)
+    with torch.no_grad():
+        out = enc(_images(3))
+    assert out.shape == (3, 64) and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("preset", VISION_BACKBONES)
+def test_train_and_eval_modes_give_the_same_features_but_for_the_crop(preset):
+    """GroupNorm has no running statistics, so the mode changes only the crop: without a crop, or with the
+    centre crop given to the train-mode network, train and eval features are equal; the random crop differs."""
+    torch.manual_seed(0)
+    imgs = _images(4)
+    no_crop = ImageEncoder(crop_shape=None, preset=preset)
+    with torch.no_grad():
+        torch.testing.assert_close(no_crop.train()(imgs), no_crop.eval()(imgs), rtol=0, atol=0)
+        enc = ImageEncoder(preset=preset)
+        want = enc.eval()(imgs)                                           # centre crop
+        enc.train()
+        torch.testing.assert_close(enc.features(enc.scale(imgs[:, :, 6:90, 6:90])), want, rtol=0, atol=0)
+        random = enc(imgs, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(random, want)
+
+
+def test_channels_last_is_the_same_function_and_bf16_autocast_is_close():
+    torch.manual_seed(0)
+    enc = ImageEncoder(preset="tiny").eval()
+    imgs = _images(4)
+    with torch.no_grad():
+        want = enc(imgs)
+        enc.set_channels_last(True)
+        assert enc.trunk.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(enc(imgs), want, rtol=1e-4, atol=1e-5)
+        enc.set_channels_last(False)
+        multi = MultiImageEncoder(["image"], preset="tiny")
+        multi.encoders["image"].load_state_dict(enc.state_dict())
+        multi.eval().set_autocast(torch.bfloat16)
+        assert multi.encoders["image"].channels_last
+        low = multi({"image": imgs})
+    assert low.dtype == torch.float32
+    assert not torch.equal(low, want)                                     # the trunk did run in bfloat16
+    torch.testing.assert_close(low, want, rtol=0.05, atol=0.05 * float(want.abs().max()))
 
 
 # -- data ----------------------------------------------------------------------------------------------------

@@ -18,15 +18,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["RESNET_PRESETS", "SpatialSoftmax", "BasicBlock", "ResNet18GN", "ImageEncoder", "MultiImageEncoder"]
+__all__ = ["RESNET_PRESETS", "VISION_BACKBONES", "SpatialSoftmax", "BasicBlock", "ResNet18GN", "ShallowConvGN",
+           "ImageEncoder", "MultiImageEncoder"]
 
 # Trunk widths and BasicBlocks per stage. "resnet18" is the standard ResNet-18 (11.18M trunk parameters);
-# the smaller ones are for CPU tests and quick runs.
+# "resnet18_half" the same layout at half the width (about a quarter of the convolution FLOPs); "tiny" is for CPU
+# tests and quick runs.
 RESNET_PRESETS = {
     "resnet18": dict(widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2)),
     "resnet18_half": dict(widths=(32, 64, 128, 256), blocks=(2, 2, 2, 2)),
     "tiny": dict(widths=(16, 32, 64, 128), blocks=(1, 1, 1, 1)),
 }
+# Every trunk that ``policy.vision_backbone`` names: the ResNet presets and "shallow" (ShallowConvGN).
+VISION_BACKBONES = (*RESNET_PRESETS, "shallow")
 
 
 def _gn(channels: int) -> nn.GroupNorm:
@@ -137,6 +141,52 @@ class ResNet18GN(nn.Module):
         return self.stages(self.stem(x))  # [B, widths[-1], h, w]
 
 
+class ShallowConvGN(nn.Module):
+    """robomimic's ShallowConv trunk with GroupNorm: [B, C, H, W] -> [B, 32, ~H/8, ~W/8].
+
+    7x7 convolution stride 2 to 64 channels, 1x1 to 32, then two 3x3 convolutions stride 2, each followed by
+    GroupNorm and ReLU (the norm as in ``ResNet18GN``, so both trunks train alike under the EMA and small
+    batches). About a fifth of ResNet-18's convolution FLOPs at 84x84, and a larger map (11x11) for the spatial
+    softmax. A cheaper encoder for CPU budgets, selected with ``policy.vision_backbone=shallow``.
+    """
+
+    widths = (64, 32, 32, 32)
+
+    def __init__(self, in_channels: int = 3):
+        super().__init__()
+        w = self.widths
+        layers, c_in = [], in_channels
+        for c, k, stride in zip(w, (7, 1, 3, 3), (2, 1, 2, 2)):
+            layers += [nn.Conv2d(c_in, c, k, stride, k // 2, bias=False), _gn(c), nn.ReLU(inplace=True)]
+            c_in = c
+        self.net = nn.Sequential(*layers)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    @property
+    def out_channels(self) -> int:
+        return self.widths[-1]
+
+    def output_hw(self, height: int, width: int) -> tuple[int, int]:
+        def down(n: int) -> int:                  # 7x7/s2/p3 and 3x3/s2/p1 both map n to ceil(n / 2)
+            return (n + 1) // 2
+
+        return down(down(down(height))), down(down(down(width)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)                        # [B, 32, h, w]
+
+
+def make_trunk(preset: str, in_channels: int) -> nn.Module:
+    """The trunk named by ``policy.vision_backbone`` (one of VISION_BACKBONES)."""
+    if preset == "shallow":
+        return ShallowConvGN(in_channels)
+    if preset not in RESNET_PRESETS:
+        raise ValueError(f"unknown vision backbone {preset!r}; choose from {sorted(VISION_BACKBONES)}")
+    return ResNet18GN(in_channels=in_channels, **RESNET_PRESETS[preset])
+
+
 def _pair(v) -> tuple[int, int]:
     t = tuple(int(a) for a in v)
     if len(t) != 2 or min(t) < 1:
@@ -148,16 +198,21 @@ class ImageEncoder(nn.Module):
     """Images [B, C, H, W] (uint8, or float in 0..255) -> features [B, feature_dim] (float32).
 
     Crop (``train()``: an independent random crop per sample; ``eval()``: the centre crop; ``crop_shape=None``:
-    no crop), scale to [-1, 1], ResNet trunk (``preset`` from ``RESNET_PRESETS``), ``SpatialSoftmax`` with
-    ``num_kp`` keypoints, Linear to ``feature_dim``. ``forward(images, generator=g)`` draws the train-mode crop
-    offsets from ``g`` (a CPU ``torch.Generator``) for reproducible crops.
+    no crop), scale to [-1, 1] (``scale``), trunk (``preset``, one of ``VISION_BACKBONES``), ``SpatialSoftmax``
+    with ``num_kp`` keypoints, Linear to ``feature_dim`` (``features``). ``forward(images, generator=g)`` draws
+    the train-mode crop offsets from ``g`` (a CPU ``torch.Generator``) for reproducible crops.
+
+    ``autocast`` (None, or torch.bfloat16: ``train.encoder_bf16``) runs the trunk under autocast in that dtype;
+    weights, keypoints and features stay float32. ``set_channels_last`` puts the trunk in channels-last (NHWC)
+    layout, the same function; eval/profile_image_step.py measures both levers (``MultiImageEncoder.set_autocast``
+    sets both).
     """
 
     def __init__(self, image_shape: Sequence[int] = (3, 96, 96), crop_shape: Sequence[int] | None = (84, 84),
                  preset: str = "resnet18", num_kp: int = 32, feature_dim: int = 64):
         super().__init__()
-        if preset not in RESNET_PRESETS:
-            raise ValueError(f"unknown ResNet preset {preset!r}; choose from {sorted(RESNET_PRESETS)}")
+        if preset not in VISION_BACKBONES:
+            raise ValueError(f"unknown vision backbone {preset!r}; choose from {sorted(VISION_BACKBONES)}")
         if len(image_shape) != 3 or min(image_shape) < 1:
             raise ValueError(f"image_shape must be (channels, height, width), got {image_shape}")
         self.image_shape = tuple(int(a) for a in image_shape)
@@ -166,11 +221,19 @@ class ImageEncoder(nn.Module):
         if self.crop_shape is not None and (self.crop_shape[0] > h or self.crop_shape[1] > w):
             raise ValueError(f"crop_shape {self.crop_shape} is larger than the image {h}x{w}")
         self.preset, self.feature_dim = preset, int(feature_dim)
-        self.trunk = ResNet18GN(in_channels=c, **RESNET_PRESETS[preset])
+        self.trunk = make_trunk(preset, c)
         ch, cw = self.crop_shape if self.crop_shape is not None else (h, w)
         fh, fw = self.trunk.output_hw(ch, cw)
         self.pool = SpatialSoftmax(self.trunk.out_channels, fh, fw, num_kp=num_kp)
         self.head = nn.Linear(self.pool.out_dim, self.feature_dim)
+        self.autocast: torch.dtype | None = None
+        self.channels_last = False
+
+    def set_channels_last(self, on: bool = True) -> "ImageEncoder":
+        """The trunk's weights and inputs in channels-last (``on``) or contiguous layout; the same function."""
+        self.channels_last = bool(on)
+        self.trunk.to(memory_format=torch.channels_last if on else torch.contiguous_format)
+        return self
 
     @property
     def out_dim(self) -> int:
@@ -201,10 +264,23 @@ class ImageEncoder(nn.Module):
                              f"got {list(images.shape)}")
         if images.dtype != torch.uint8 and not images.is_floating_point():
             raise ValueError(f"images must be uint8 or float in 0..255, got dtype {images.dtype}")
-        x = self.crop(images, generator)                   # [B, C, h, w], input dtype
-        x = x.float() * (2.0 / 255.0) - 1.0                # [B, C, h, w] in [-1, 1]
-        feat = self.trunk(x)                               # [B, C', h', w']
-        return self.head(self.pool(feat))                  # [B, feature_dim]
+        return self.features(self.scale(self.crop(images, generator)))   # [B, feature_dim]
+
+    @staticmethod
+    def scale(images: Tensor) -> Tensor:
+        """uint8 (or float 0..255) images -> float32 in [-1, 1], same shape."""
+        return images.float().mul_(2.0 / 255.0).sub_(1.0) if images.dtype == torch.uint8 else \
+            images.float() * (2.0 / 255.0) - 1.0
+
+    def features(self, x: Tensor) -> Tensor:
+        """Cropped, scaled images [B, C, h, w] -> features [B, feature_dim] float32: trunk, keypoints, head."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        # Only the trunk (nearly all the FLOPs) under autocast: keypoints and head stay float32, so the
+        # coordinates keep their precision.
+        with torch.autocast(x.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            fmap = self.trunk(x)                                         # [B, C', h', w']
+        return self.head(self.pool(fmap.float()))                        # [B, feature_dim]
 
 
 class MultiImageEncoder(nn.Module):
@@ -233,6 +309,19 @@ class MultiImageEncoder(nn.Module):
     @property
     def out_dim(self) -> int:
         return len(self.image_keys) * self.feature_dim
+
+    def set_autocast(self, dtype: torch.dtype | None) -> "MultiImageEncoder":
+        """Every camera's encoder under autocast in ``dtype`` (None: float32), its trunk channels-last with it
+        (oneDNN's bfloat16 convolutions gain from the layout, float32 ones do not: profile_step_pusht_image)."""
+        for enc in self.encoders.values():
+            enc.autocast = dtype
+            enc.set_channels_last(dtype is not None)
+        return self
+
+    def set_channels_last(self, on: bool = True) -> "MultiImageEncoder":
+        for enc in self.encoders.values():
+            enc.set_channels_last(on)
+        return self
 
     def forward(self, images: Mapping[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
         missing = [k for k in self.image_keys if k not in images]

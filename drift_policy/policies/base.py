@@ -66,7 +66,9 @@ class PolicyConfig:
     image_keys: tuple[str, ...] = ()  # filled from the task: cameras, each with its own encoder
     image_shape: tuple[int, int, int] = (3, 96, 96)   # filled from the task
     crop_shape: tuple[int, int] = (84, 84)            # filled from the task
-    vision_backbone: str = "resnet18"  # image encoder preset (models/resnet.py RESNET_PRESETS)
+    vision_backbone: str = "resnet18"  # image encoder trunk (models/resnet.py VISION_BACKBONES): resnet18 (Diffusion
+                                      # Policy's), resnet18_half (half width), shallow (robomimic's ShallowConv,
+                                      # GroupNorm), tiny (tests). The same for both policies in a comparison
     image_feature_dim: int = 64       # features per camera and step after spatial softmax + linear
 
     def __post_init__(self):
@@ -102,10 +104,10 @@ class PolicyConfig:
         self.image_keys = tuple(self.image_keys)
         self.image_shape, self.crop_shape = tuple(self.image_shape), tuple(self.crop_shape)
         if self.image_keys:
-            from ..models.resnet import RESNET_PRESETS
+            from ..models.resnet import VISION_BACKBONES
 
-            if self.vision_backbone not in RESNET_PRESETS:
-                raise ConfigError(f"policy.vision_backbone must be one of {sorted(RESNET_PRESETS)}, "
+            if self.vision_backbone not in VISION_BACKBONES:
+                raise ConfigError(f"policy.vision_backbone must be one of {sorted(VISION_BACKBONES)}, "
                                   f"got {self.vision_backbone!r}")
             if len(self.image_shape) != 3 or len(self.crop_shape) != 2 or not all(
                     0 < c <= s for c, s in zip(self.crop_shape, self.image_shape[1:])):
@@ -119,6 +121,13 @@ class PolicyConfig:
     def sample_passes_per_obs(self) -> int:
         """Action chunks generated (forward + backward) per training observation: the unit of training compute."""
         return 1
+
+    @property
+    def encoder_passes_per_obs(self) -> int:
+        """Images through the image encoder (forward + backward) per training observation: one per camera and
+        observation step, whatever the method (drift encodes an observation once and shares the features among its
+        generated chunks). 0 without cameras. The second unit of training compute, beside sample-passes."""
+        return len(self.image_keys) * self.n_obs_steps
 
     @property
     def default_batch_size(self) -> int:
@@ -194,19 +203,26 @@ class Policy(ControlAPI, Pretrained, nn.Module):
                                                **TRANSFORMER_PRESETS[c.backbone])
 
     # ---- shared pieces -------------------------------------------------------------------------------
-    def condition(self, obs: dict[str, Tensor]) -> Tensor:
+    def condition(self, obs: dict[str, Tensor], features: Tensor | None = None) -> Tensor:
         """Observation windows in data units ({"obs": [B, To, D], <camera>: [B, To, 3, H, W]}) -> the
-        generator's conditioning [B, To * (D + cameras * F)]: normalised low-dim values and image features."""
+        generator's conditioning [B, To * (D + cameras * F)]: normalised low-dim values and image features
+        (``features`` [B, To, cameras * F]: already encoded, ``encode_images``; None: encoded here)."""
         c = self.config
         low = self.normalizer.normalize("obs", obs["obs"][:, -c.n_obs_steps:])          # [B, To, D]
         if c.obs_origin:                                                                 # [B, To, 2D - len(origin)]
             low = torch.cat([low, self.relative_obs(obs["obs"][:, -c.n_obs_steps:])], dim=-1)
         if self.obs_encoder is None:
             return low.flatten(1)
-        B, To = low.shape[:2]
-        images = {k: obs[k][:, -To:].flatten(0, 1) for k in c.image_keys}                # [B*To, 3, H, W]
-        feats = self.obs_encoder(images).view(B, To, -1)                                 # [B, To, cams*F]
+        feats = self.encode_images(obs) if features is None else features               # [B, To, cams*F]
         return torch.cat([low, feats], dim=-1).flatten(1)
+
+    def encode_images(self, obs: dict[str, Tensor]) -> Tensor:
+        """The cameras' frames of the last To steps ({<camera>: [B, >=To, 3, H, W]}) -> features [B, To, cameras
+        * F]: each image through its camera's encoder once (``encoder_passes_per_obs`` per observation)."""
+        To = self.config.n_obs_steps
+        B = obs[self.config.image_keys[0]].shape[0]
+        images = {k: obs[k][:, -To:].flatten(0, 1) for k in self.config.image_keys}     # [B*To, 3, H, W]
+        return self.obs_encoder(images).view(B, To, -1)
 
     def relative_obs(self, obs: Tensor) -> Tensor:
         """``obs_origin``: obs [..., D] in data units -> [..., D - O], every other dim minus the origin dim of its
