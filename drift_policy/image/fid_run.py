@@ -145,7 +145,8 @@ def run_fid(run_dir, *, inception, ref, n: int = 50000, alphas=(1.0,), batch: in
         save_stats(ref_out, mu_r, sig_r, n_ref, source=source, pad=pad or 0, inception_sha256=sha)
         log(f"reference statistics ({n_ref} images) written: {ref_out}")
     ck = load_checkpoint(Path(run_dir) / "checkpoint.pt")
-    res = {"run": machine_free(run_dir), "run_step": int(ck["step"]), "data": cfg["data"]["name"], "n": n,
+    res = {"run": machine_free(run_dir), "run_step": int(ck["step"]), "run_seconds": ck.get("seconds"),
+           "data": cfg["data"]["name"], "n": n,
            "ref": machine_free(ref), "ref_n": n_ref, "ref_meta": ref_meta, "ref_seconds": round(ref_seconds, 1),
            "image_size": [model.image_size, model.image_size], "pad": pad, "inception_input": [3, 299, 299],
            "inception": Path(inception).name, "inception_sha256": sha, "head": Path(head).name if head else None,
