@@ -10,9 +10,10 @@
                                     ImageNet-layout folder -> sharded store (torchrun: ranks split the shards;
                                     rerun to resume). kind=latent needs vae = a LOCAL diffusers AutoencoderKL folder
     fid RUN_DIR [inception=FILE] [ref=NPZ|DIR|train|test] [n=50000] [alphas=eval.alphas] [batch=250] [head=FILE]
-                [seed=0] [ema=true] [ref_size=PX] [pad=PX] [ref_out=FILE.npz] [out=FILE.json]
+                [seed=0] [ema=true] [ref_size=PX] [pad=PX] [ref_out=FILE.npz] [ref_n=N] [out=FILE.json]
                                     FID (and IS with head=) over n samples; pad= centers images on a black canvas
-                                    (MNIST 28 -> 32); ref_out= keeps the reference statistics for a later ref=
+                                    (MNIST 28 -> 32); ref_out= keeps the reference statistics for a later ref=;
+                                    ref_n= a fixed random subset of ref=train|test
     fid-ref SRC inception=FILE out=FILE.npz [size=256] [batch=250]      reference statistics of an image folder
     fid-check inception=FILE [out=FILE.json]   our extractor vs pytorch-fid on one fixed batch (needs the internet)
 (docs/image_track.md: the ImageNet pipeline, the FID weights, the multi-node launch)
@@ -122,7 +123,7 @@ def main(argv=None) -> None:
 
         kw = _kv(args[1:], {"inception": str, "ref": str, "n": int, "alphas": list, "batch": int, "head": str,
                             "seed": int, "ema": bool, "ref_size": int, "out": str, "device": str, "pad": int,
-                            "ref_out": str})
+                            "ref_out": str, "ref_n": int})
         ev = load_checkpoint(Path(args[0]) / "checkpoint.pt")["config"]["eval"]
         kw.setdefault("inception", ev.get("inception"))
         kw.setdefault("ref", ev.get("fid_ref"))

@@ -49,9 +49,13 @@ def _folder_moments(src: Path, net: InceptionFID, size: int, batch: int, rank: i
 
 
 def reference_stats(ref, net: InceptionFID, *, cfg: dict | None = None, size: int | None = None, batch: int = 250,
-                    rank: int = 0, world: int = 1, pad: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+                    rank: int = 0, world: int = 1, pad: int | None = None,
+                    subset: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """(mu, sigma, n) of REF (see the module doc; n = -1 for an .npz that does not say); a collective under torchrun
-    unless REF is an .npz. ``pad``: images centered on a black pad x pad canvas first (not applied to an .npz)."""
+    unless REF is an .npz. ``pad``: images centered on a black pad x pad canvas first (not applied to an .npz).
+    ``subset``: of a train / test split, a fixed random ``subset`` of its images (seed 0), when the whole split
+    costs more Inception time than there is (MNIST's test set is ordered: its halves come from different writers,
+    so a prefix would not do)."""
     if str(ref) in ("train", "test"):
         if cfg is None or cfg["data"]["name"] in ("store", "folder"):
             raise ConfigError(f"ref={ref} needs a run on an in-memory data set; for a store or folder pass the image "
@@ -59,6 +63,8 @@ def reference_stats(ref, net: InceptionFID, *, cfg: dict | None = None, size: in
         from .data import load_dataset
 
         x, _ = load_dataset(cfg["data"]["name"], str(ref), cfg["data"]["root"])
+        if subset:
+            x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:subset].sort().values]
         mom = Moments()
         mine = x[rank::world]
         for i in range(0, len(mine), batch):
@@ -109,16 +115,19 @@ def _samples(model, labels: torch.Tensor, alpha: float, seed: int, device) -> to
 
 def run_fid(run_dir, *, inception, ref, n: int = 50000, alphas=(1.0,), batch: int = 250, head=None, seed: int = 0,
             use_ema: bool = True, out=None, ref_size: int | None = None, device: str | None = None,
-            pad: int | None = None, ref_out=None, command: str | None = None, log=print) -> dict:
+            pad: int | None = None, ref_out=None, ref_n: int | None = None, command: str | None = None,
+            log=print) -> dict:
     """FID (and IS) of the run at each alpha; see the module doc. ``pad``: generated and reference images are
     centered on a black pad x pad canvas before the Inception's resize (MNIST: 28 -> 32). ``ref_out``: also save
-    the reference statistics computed here as an .npz, for ``ref=`` of later calls. The record names no folder of
+    the reference statistics computed here as an .npz, for ``ref=`` of later calls. ``ref_n``: a fixed random
+    subset of a train / test split as the reference (``reference_stats``). The record names no folder of
     the machine (``provenance.machine_free``)."""
     from ..checkpoint import load_checkpoint
     from ..distributed import Distributed
     from ..provenance import git_commit, machine, machine_free, machine_free_text
     from .train import load_generator
 
+    commit = git_commit()             # now: the code that runs, whatever changes in the checkout while it does
     D = Distributed(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     log = log if D.is_main else (lambda *a, **k: None)
     net = InceptionFID(inception, head, device=D.device)                # fails fast when the file is missing
@@ -138,10 +147,11 @@ def run_fid(run_dir, *, inception, ref, n: int = 50000, alphas=(1.0,), batch: in
             raise ConfigError(f"{ref} was computed with pad={ref_meta['pad'] or None}, this call has pad={pad}")
     t0 = time.time()
     mu_r, sig_r, n_ref = reference_stats(ref, net, cfg=cfg, size=ref_size, batch=batch, rank=D.rank,
-                                         world=D.world_size, pad=pad)
+                                         world=D.world_size, pad=pad, subset=ref_n)
     ref_seconds = time.time() - t0
     if ref_out and ref_meta is None and D.is_main:
         source = f"{cfg['data']['name']} {ref} split" if str(ref) in ("train", "test") else machine_free(ref)
+        source += f" (random {n_ref}, seed 0)" if ref_n and str(ref) in ("train", "test") else ""
         save_stats(ref_out, mu_r, sig_r, n_ref, source=source, pad=pad or 0, inception_sha256=sha)
         log(f"reference statistics ({n_ref} images) written: {ref_out}")
     ck = load_checkpoint(Path(run_dir) / "checkpoint.pt")
@@ -151,7 +161,7 @@ def run_fid(run_dir, *, inception, ref, n: int = 50000, alphas=(1.0,), batch: in
            "image_size": [model.image_size, model.image_size], "pad": pad, "inception_input": [3, 299, 299],
            "inception": Path(inception).name, "inception_sha256": sha, "head": Path(head).name if head else None,
            "seed": seed, "ema": use_ema, "world": D.world_size, "labels": "i mod num_classes", "batch": batch,
-           "command": machine_free_text(command) if command else None, "code_commit": git_commit(), "machine": machine(),
+           "command": machine_free_text(command) if command else None, "code_commit": commit, "machine": machine(),
            "alphas": {}}
     n_batches = -(-n // batch)
     for a in alphas:
