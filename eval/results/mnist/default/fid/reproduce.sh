@@ -28,7 +28,8 @@ COMMON="data.root=$DATA encoder.path=$RUNS/encoder_mnist_fid.pt train.out=$RUNS/
 date -u +"encoder %T"
 $PY encoder mnist_fid $COMMON encoder.mae_max_steps=$MAE_STEPS
 date -u +"train %T"
-$PY train mnist_fid $COMMON train.steps=$STEPS train.minutes=$GUARD_MIN
+# resume: a rerun (e.g. with another N) finds the finished run and trains no further
+$PY train mnist_fid $COMMON train.steps=$STEPS train.minutes=$GUARD_MIN train.resume=true
 REF="ref=test pad=32 ref_out=$RUNS/mnist_test_pad32_n$N.npz"
 if [ "$N" -lt 10000 ]; then REF="$REF ref_n=$N"; fi
 if [ "$SELECT" = 1 ]; then
