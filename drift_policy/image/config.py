@@ -30,7 +30,9 @@ DEFAULTS: dict = {
                 "patches": [2, 4], "max_groups": 64, "global_stats": True,
                 "blocks": None,        # one count per stage (ResNet-34: [3, 4, 6, 3]); None: blocks_per_stage
                 "input_x2": False,     # also the per-channel mean of x^2 of the encoder's input (paper A.5)
-                "mae_patch": 4, "mae_lr": 2e-3, "mae_batch": 128},
+                "mae_patch": 4, "mae_lr": 2e-3, "mae_batch": 128,   # mae_batch: global (all processes)
+                # the `encoder` command (mae.py): end this launch after N steps / keep a resume state every N steps
+                "mae_launch_steps": None, "mae_save_every": 0},
     # labels_per_step is the global N_c: under torchrun each rank takes its own labels_per_step / world of them.
     "drift": {"labels_per_step": 10, "n_gen": 16, "n_pos": 32, "n_unc": 16, "per_class_queue": 128,
               "global_queue": 1000, "push_per_step": 128, "temperatures": [0.02, 0.05, 0.2], "raw": True,

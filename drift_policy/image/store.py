@@ -260,13 +260,15 @@ class StoreStream:
         self.sampler = DistributedSampler(store, num_replicas=world, rank=rank, shuffle=True, seed=seed,
                                           drop_last=True)
         if self.sampler.num_samples < batch:
-            raise ConfigError(f"the store {store.root} has {len(store)} items: fewer than one batch of {batch} per "
-                              f"process ({world} processes)")
+            raise ConfigError(f"the store {getattr(store, 'root', '')} has {len(store)} items: fewer than one batch "
+                              f"of {batch} per process ({world} processes)")
         self.epoch, self.taken, self._it = 0, 0, None
+        self.last_indices: list[int] = []             # the items of the latest batch (the MAE's disjointness check)
 
     def _open(self):
         self.sampler.set_epoch(self.epoch)
-        order = list(self.sampler)[self.taken * self.batch:]
+        self._order = list(self.sampler)
+        order = self._order[self.taken * self.batch:]
         # Own generator: the DataLoader must not draw from the global RNG (bit-exact resume).
         self._it = iter(DataLoader(self.store, batch_size=self.batch, sampler=order, drop_last=True,
                                    num_workers=self.workers, generator=torch.Generator()))
@@ -277,6 +279,7 @@ class StoreStream:
                 self._open()
             try:
                 x, y = next(self._it)
+                self.last_indices = self._order[self.taken * self.batch:(self.taken + 1) * self.batch]
                 self.taken += 1
                 return x, y
             except StopIteration:

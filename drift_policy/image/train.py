@@ -45,7 +45,8 @@ from .encoder import ResNetEncoder, feature_sets, pretrain_mae
 from .loss import feature_drift_loss, sample_alpha
 from .queues import ClassQueues
 
-__all__ = ["train", "build_generator", "load_encoder", "prepare_data", "encode_features", "open_train_data", "lr_at"]
+__all__ = ["train", "build_generator", "load_encoder", "prepare_data", "encode_features", "open_train_data", "open_store",
+           "lr_at"]
 
 
 def build_generator(cfg: dict, image_shape) -> torch.nn.Module:
@@ -95,15 +96,11 @@ class _MemoryStream:
         pass
 
 
-def open_train_data(cfg: dict, rank: int, world: int, gen: torch.Generator, log=print):
-    """The training stream: ``.next() -> (raw x, y)``, ``.to_model(raw)``, ``.raw_dtype``, ``.shape``,
-    ``.mae_source`` (what MAE pretraining draws from), ``.state()`` / ``.load_state()``."""
-    d = cfg["data"]
-    if d["name"] != "store":
-        x, y, _ = prepare_data(cfg, "train", log)
-        return _MemoryStream(x, y, cfg["drift"]["push_per_step"], gen)
-    from .store import ShardStore, StoreStream
+def open_store(cfg: dict):
+    """The ``ShardStore`` at data.root, checked against the config (latent kind, number of classes)."""
+    from .store import ShardStore
 
+    d = cfg["data"]
     if not d["root"]:
         raise ConfigError("data.name=store needs data.root = the folder written by `drift-policy image encode`")
     store = ShardStore(d["root"])
@@ -112,6 +109,19 @@ def open_train_data(cfg: dict, rank: int, world: int, gen: torch.Generator, log=
         raise ConfigError(f"the store {d['root']} holds {store.kind}s: set latent.kind={want}")
     if store.index["num_classes"] != d["num_classes"]:
         raise ConfigError(f"the store has {store.index['num_classes']} classes, data.num_classes is {d['num_classes']}")
+    return store
+
+
+def open_train_data(cfg: dict, rank: int, world: int, gen: torch.Generator, log=print):
+    """The training stream: ``.next() -> (raw x, y)``, ``.to_model(raw)``, ``.raw_dtype``, ``.shape``,
+    ``.mae_source`` (what MAE pretraining draws from), ``.state()`` / ``.load_state()``."""
+    d = cfg["data"]
+    if d["name"] != "store":
+        x, y, _ = prepare_data(cfg, "train", log)
+        return _MemoryStream(x, y, cfg["drift"]["push_per_step"], gen)
+    from .store import StoreStream
+
+    store = open_store(cfg)
     stream = StoreStream(store, cfg["drift"]["push_per_step"], rank, world, cfg["train"]["seed"], d["workers"])
     stream.raw_dtype, stream.shape, stream.to_model = store.raw_dtype, store.shape, store.to_model
     stream.mae_source = store.draw
