@@ -237,7 +237,9 @@ def main(argv: list[str] | None = None) -> Path:
     for r in rows:
         r["run"] = len(old["runs"])
     new = {(r["policy"], r["variant"]) for r in rows}
-    rec = {"runs": [*old["runs"], run], "rows": [r for r in old["rows"] if (r["policy"], r["variant"]) not in new] + rows}
+    # code_commit: the newest command's (each run keeps its own), so the record names the code it was last written at
+    rec = {"code_commit": run["code_commit"], "runs": [*old["runs"], run],
+           "rows": [r for r in old["rows"] if (r["policy"], r["variant"]) not in new] + rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(rec, indent=2) + "\n")
     atomic_write_text(out.with_suffix(".md"), render(rec) + "\n")
