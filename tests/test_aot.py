@@ -121,7 +121,9 @@ def test_no_compiler_falls_back_to_the_trace(monkeypatch, tmp_path):
     monkeypatch.setenv("DRIFT_POLICY_COMPILE", "auto")
     monkeypatch.setenv("DRIFT_POLICY_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-c++")))
+    # inductor's own patch, not monkeypatch: undoing a monkeypatch deletes the config entry for later tests
+    no_cxx = inductor_config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-c++"))})
+    no_cxx.__enter__()
     aot.clear_loaded()
     cpu_kernel.clear_loaded()
     try:
@@ -137,6 +139,7 @@ def test_no_compiler_falls_back_to_the_trace(monkeypatch, tmp_path):
             warnings.simplefilter("error")
             _actions(_policy(seed=1), obs)
     finally:
+        no_cxx.__exit__(None, None, None)
         aot.clear_loaded()
         cpu_kernel.clear_loaded()
 
