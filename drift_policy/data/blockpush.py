@@ -36,6 +36,7 @@ import numpy as np
 from ..envs.blockpush import ACTION_DIM, BLOCKS, OBS_DIM, OBS_SLICES, TARGETS, WORKSPACE_BOUNDS
 from ..errors import DatasetError
 from ..provenance import machine_free
+from .lowdim_store import load_obs_action_store
 
 __all__ = ["EVAL_START_SEED", "SCHEMA", "MultimodalPushOracle", "run_oracle_episode", "generate", "load_blockpush",
            "oracle_eval", "check_generation_seeds"]
@@ -268,50 +269,12 @@ def generate(n_episodes: int, out: str | os.PathLike, seed: int = 0, *, max_atte
             "wall_s": time.perf_counter() - t0}
 
 
-def _read(group, key: str, path: Path, where: str) -> np.ndarray:
-    if key not in group:
-        raise DatasetError(f"{path}: missing array '{where}/{key}'")
-    return np.asarray(group[key][:])
-
-
 def load_blockpush(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read and validate a store written by ``generate``. Returns obs float32 [N, 16], action float32 [N, 2],
     episode_ends int64 [E]. Errors are ``DatasetError`` naming the file and the key."""
-    import zarr
+    return load_obs_action_store(path, OBS_DIM, ACTION_DIM, "BlockPush store not found; write one with `python -m "
+                                 f"drift_policy.data.blockpush generate --episodes 1000 --seed 0 --out {path}`")
 
-    path = Path(path)
-    if not path.exists():
-        raise DatasetError(f"{path}: BlockPush store not found; write one with `python -m drift_policy.data.blockpush "
-                           f"generate --episodes 1000 --seed 0 --out {path}`")
-    try:
-        root = zarr.open(str(path), mode="r")
-    except Exception as e:  # zarr raises several types for a folder that is not a store
-        raise DatasetError(f"{path}: not a readable zarr store ({e})") from e
-    if not isinstance(root, zarr.hierarchy.Group):
-        raise DatasetError(f"{path}: expected a zarr group with 'data' and 'meta', found an array")
-    for grp in ("data", "meta"):
-        if grp not in root:
-            raise DatasetError(f"{path}: missing group '{grp}'")
-    obs = _read(root["data"], "obs", path, "data")
-    action = _read(root["data"], "action", path, "data")
-    ends = _read(root["meta"], "episode_ends", path, "meta")
-    n = len(obs)
-    for key, arr, dim in (("data/obs", obs, OBS_DIM), ("data/action", action, ACTION_DIM)):
-        if arr.ndim != 2 or arr.shape != (n, dim):
-            raise DatasetError(f"{path}: '{key}' has shape {arr.shape}, expected ({n}, {dim})")
-        if arr.dtype.kind != "f":
-            raise DatasetError(f"{path}: '{key}' has dtype {arr.dtype}, expected a float type")
-        if not np.isfinite(arr).all():
-            bad = np.flatnonzero(~np.isfinite(arr).all(1))
-            raise DatasetError(f"{path}: '{key}' has NaN or inf at {len(bad)} steps (first: {bad[:5].tolist()})")
-    if ends.ndim != 1 or len(ends) == 0 or ends.dtype.kind not in "iu":
-        raise DatasetError(f"{path}: 'meta/episode_ends' must be a non-empty 1-D integer array, got "
-                           f"shape {ends.shape} dtype {ends.dtype}")
-    if ends[0] <= 0 or np.any(np.diff(ends) <= 0):
-        raise DatasetError(f"{path}: 'meta/episode_ends' must be strictly increasing and positive")
-    if ends[-1] != n:
-        raise DatasetError(f"{path}: 'meta/episode_ends' ends at {ends[-1]} but 'data/obs' has {n} steps")
-    return {"obs": obs.astype(np.float32), "action": action.astype(np.float32), "episode_ends": ends.astype(np.int64)}
 
 
 def store_modes(path: str | os.PathLike) -> dict:

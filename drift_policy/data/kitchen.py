@@ -39,6 +39,7 @@ import numpy as np
 from ..envs.kitchen import ACTION_DIM, OBS_DIM, TASKS
 from ..errors import DatasetError
 from ..provenance import git_commit, machine_free, machine_free_text
+from .lowdim_store import load_obs_action_store
 
 __all__ = ["EVAL_START_SEED", "SCHEMA", "run_demo_episode", "generate", "load_kitchen", "demo_eval",
            "check_generation_seeds"]
@@ -159,53 +160,17 @@ def _order_stats(episodes: list[dict]) -> dict:
             "task_share": {t: float(np.mean([t in e["order"] for e in episodes])) for t in TASKS}}
 
 
-def _read(group, key: str, path: Path, where: str) -> np.ndarray:
-    if key not in group:
-        raise DatasetError(f"{path}: missing array '{where}/{key}'")
-    return np.asarray(group[key][:])
-
-
 def load_kitchen(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read and validate a store written by ``generate``. Returns obs float32 [N, 60], action float32 [N, 9],
     episode_ends int64 [E]. Errors are ``DatasetError`` naming the file and the key."""
-    import zarr
+    d = load_obs_action_store(path, OBS_DIM, ACTION_DIM, "Kitchen store not found; write one with `python -m "
+                              f"drift_policy.data.kitchen generate --episodes 1000 --seed 0 --out {path}` (needs the "
+                              "kitchen extra)")
+    if np.abs(d["action"]).max(initial=0.0) > 1.0 + 1e-6:
+        raise DatasetError(f"{Path(path)}: 'data/action' leaves [-1, 1] (max |a| = {np.abs(d['action']).max():.3g}); "
+                           "the task's actions are normalised joint velocities")
+    return d
 
-    path = Path(path)
-    if not path.exists():
-        raise DatasetError(f"{path}: Kitchen store not found; write one with `python -m drift_policy.data.kitchen "
-                           f"generate --episodes 1000 --seed 0 --out {path}` (needs the kitchen extra)")
-    try:
-        root = zarr.open(str(path), mode="r")
-    except Exception as e:  # zarr raises several types for a folder that is not a store
-        raise DatasetError(f"{path}: not a readable zarr store ({e})") from e
-    if not isinstance(root, zarr.hierarchy.Group):
-        raise DatasetError(f"{path}: expected a zarr group with 'data' and 'meta', found an array")
-    for grp in ("data", "meta"):
-        if grp not in root:
-            raise DatasetError(f"{path}: missing group '{grp}'")
-    obs = _read(root["data"], "obs", path, "data")
-    action = _read(root["data"], "action", path, "data")
-    ends = _read(root["meta"], "episode_ends", path, "meta")
-    n = len(obs)
-    for key, arr, dim in (("data/obs", obs, OBS_DIM), ("data/action", action, ACTION_DIM)):
-        if arr.ndim != 2 or arr.shape != (n, dim):
-            raise DatasetError(f"{path}: '{key}' has shape {arr.shape}, expected ({n}, {dim})")
-        if arr.dtype.kind != "f":
-            raise DatasetError(f"{path}: '{key}' has dtype {arr.dtype}, expected a float type")
-        if not np.isfinite(arr).all():
-            bad = np.flatnonzero(~np.isfinite(arr).all(1))
-            raise DatasetError(f"{path}: '{key}' has NaN or inf at {len(bad)} steps (first: {bad[:5].tolist()})")
-    if np.abs(action).max(initial=0.0) > 1.0 + 1e-6:
-        raise DatasetError(f"{path}: 'data/action' leaves [-1, 1] (max |a| = {np.abs(action).max():.3g}); the "
-                           "task's actions are normalised joint velocities")
-    if ends.ndim != 1 or len(ends) == 0 or ends.dtype.kind not in "iu":
-        raise DatasetError(f"{path}: 'meta/episode_ends' must be a non-empty 1-D integer array, got "
-                           f"shape {ends.shape} dtype {ends.dtype}")
-    if ends[0] <= 0 or np.any(np.diff(ends) <= 0):
-        raise DatasetError(f"{path}: 'meta/episode_ends' must be strictly increasing and positive")
-    if ends[-1] != n:
-        raise DatasetError(f"{path}: 'meta/episode_ends' ends at {ends[-1]} but 'data/obs' has {n} steps")
-    return {"obs": obs.astype(np.float32), "action": action.astype(np.float32), "episode_ends": ends.astype(np.int64)}
 
 
 def demo_eval(n_episodes: int, start_seed: int = EVAL_START_SEED, progress: bool = True) -> dict:
