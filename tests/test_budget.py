@@ -72,7 +72,7 @@ KEYS = ("per_dim_scale", "neighbor_same_episode", "noise_scale")
 @pytest.mark.parametrize("overrides,expect", [
     ([], (True, False, 0.5)),                                    # Push-T keypoints' drift recipe
     (["recipe=null"], (False, True, 1.0)),                       # the policy's defaults
-    (["task=pusht_image"], (False, True, 1.0)),                  # not measured from pixels: no recipe
+    (["task=pusht_image"], (True, True, 0.5)),                    # the pixels recipe: no neighbours to choose from
     (["task=can_lowdim"], (False, True, 1.0)),                   # robomimic: the gripper would lose its weight
     (["task=can_lowdim", "policy.per_dim_scale=true", "policy.noise_scale=0.7"], (True, True, 0.7)),  # explicit stays
     (["policy.per_dim_scale=false", "policy.neighbor_same_episode=true", "policy.noise_scale=1"], (False, True, 1.0)),
@@ -88,7 +88,8 @@ def test_the_recipe_sets_the_tasks_drift_keys_and_the_command_line_wins(override
     ([], (6e-4, 500)),                                            # Push-T keypoints' drift recipe
     (["recipe=null"], (3e-4, 100)),                               # the trainer's defaults
     (["policy=diffusion_unet"], (3e-4, 100)),                     # the baseline keeps them (no recipe)
-    (["task=pusht_image"], (3e-4, 100)),                          # not measured from pixels
+    (["task=pusht_image"], (6e-4, 500)),                          # the pixels recipe carries them over
+    (["task=pusht_image", "policy=diffusion_unet"], (3e-4, 100)),  # the baseline's pixels keep the defaults
     (["task=can_lowdim"], (3e-4, 100)),                           # not measured on robomimic
     (["train.lr=1e-3"], (1e-3, 500)),                             # an explicit key wins; the other is the recipe's
     (["train.lr=3e-4", "train.warmup_steps=0"], (3e-4, 0)),
