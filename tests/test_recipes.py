@@ -17,10 +17,13 @@ REMOVED = {"neighbor_own_anchor", "kernel_scale", "neighbor_negatives", "cond_ml
 # Keys added since, each with the default that leaves every task training as before.
 ADDED_TRAIN = {"encoder_bf16": False}          # issue 39: the image encoder's trunk in bfloat16 (off)
 # Recipes added since, each a deliberate change of what its task trains, named here key by key so that nothing
-# else may change with it (issue 39: recipe/pusht_image_drift.yaml, for both drift policy types).
+# else may change with it (recipe/pusht_image_drift.yaml and blockpush_lowdim_drift.yaml, both drift policy types).
 PIXELS = {"policy": {"action_anchor": [0, 1], "per_dim_scale": True, "noise_scale": 0.5},
           "train": {"lr": 6e-4, "warmup_steps": 500}}
-RECIPES_ADDED = {"pusht_image/drift_unet": PIXELS, "pusht_image/drift_transformer": PIXELS}
+BLOCKPUSH = {"policy": {"action_anchor": [8, 9], "per_dim_scale": True, "neighbor_same_episode": False,
+                        "noise_scale": 0.5}, "train": {"lr": 6e-4, "warmup_steps": 500}}    # issue 40
+RECIPES_ADDED = {"pusht_image/drift_unet": PIXELS, "pusht_image/drift_transformer": PIXELS,
+                 "blockpush_lowdim/drift_unet": BLOCKPUSH, "blockpush_lowdim/drift_transformer": BLOCKPUSH}
 
 
 def _script():

@@ -9,7 +9,7 @@ PY="${PY:-python}"
 DATA="$PWD/datasets/blockpush/oracle_1000.zarr"
 R=eval/results/blockpush_lowdim/default
 M="${MACHINE:-2-core CPU shared with other jobs, 1 thread}"
-COMMON=(task=blockpush_lowdim "task.dataset=$DATA" policy.backbone=tiny train.batch_size=64 train.max_minutes=0
+COMMON=(task=blockpush_lowdim recipe=null "task.dataset=$DATA" policy.backbone=tiny train.batch_size=64 train.max_minutes=0
         train.eval_every_minutes=0 train.eval_every_steps=0 train.eval_episodes=50 train.eval_workers=0
         train.threads=1 train.seed=0)
 
