@@ -24,16 +24,25 @@ class Normalizer(nn.Module):
     def keys(self) -> list[str]:
         return [n[: -len("_scale")] for n, _ in self.named_buffers() if n.endswith("_scale")]
 
-    def fit(self, key: str, data: Tensor) -> "Normalizer":
-        """Fit ``key`` on data [..., D] (all leading dimensions are samples)."""
+    def fit(self, key: str, data: Tensor, min_range: float = 0.0) -> "Normalizer":
+        """Fit ``key`` on data [..., D] (all leading dimensions are samples).
+
+        ``min_range`` (data units): a dimension that moves less than this in the data is scaled as if its range
+        were ``min_range``, centred on its midpoint, so it lands inside [-1, 1] without filling it. Min-max alone
+        would stretch a dimension that only carries sensor noise (an object no demonstration touches) to the
+        same [-1, 1] as the ones that matter."""
         data = torch.as_tensor(data, dtype=torch.float32).reshape(-1, data.shape[-1])
         if not torch.isfinite(data).all():
             raise ValueError(f"cannot fit normaliser '{key}': data contains NaN or inf")
+        if min_range < 0:
+            raise ValueError(f"min_range must be >= 0, got {min_range}")
         lo, hi = data.min(0).values, data.max(0).values
         rng = hi - lo
         const = rng < self.RANGE_EPS
-        scale = torch.where(const, torch.ones_like(rng), 2.0 / rng.clamp_min(self.RANGE_EPS))
-        offset = torch.where(const, -lo, -1.0 - lo * scale)
+        floored = ~const & (rng < min_range)
+        span = torch.where(floored, torch.full_like(rng, min_range), rng)
+        scale = torch.where(const, torch.ones_like(rng), 2.0 / span.clamp_min(self.RANGE_EPS))
+        offset = torch.where(const, -lo, torch.where(floored, -(lo + hi) / 2 * scale, -1.0 - lo * scale))
         self._buffers[f"{key}_scale"] = scale  # (re)registers the buffer
         self._buffers[f"{key}_offset"] = offset
         return self

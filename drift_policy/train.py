@@ -148,7 +148,9 @@ def _train(cfg: Config | None, run_dir, resume: bool, progress: bool, hold: cont
     # Data and normaliser (fitted on the training split only). Validation comes before anything is written: a
     # run that fails on bad data leaves the folder as it was.
     train_set, val_set = make_datasets(cfg)
-    normalizer = Normalizer().fit("obs", train_set.steps("obs"))
+    from .tasks import family
+
+    normalizer = Normalizer().fit("obs", train_set.steps("obs"), min_range=family(cfg.task).obs_min_range)
     normalizer.fit("action", train_set.action_targets(cfg.policy.action_anchor))
     policy_class(cfg.policy).prepare_data(cfg.policy, train_set, normalizer)    # what its loss reads (drift: neighbours)
     _claim_run_folder(run_dir, cfg, resume, dist, hold)

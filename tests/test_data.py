@@ -124,3 +124,21 @@ def test_normalizer_roundtrip_range_and_errors():
         Normalizer().fit("obs", torch.tensor([[float("nan")]]))
     n2 = Normalizer.from_state_dict(n.state_dict())
     torch.testing.assert_close(n2.normalize("obs", x), y)
+
+
+def test_normalizer_min_range_keeps_a_jittering_dimension_small_and_centred():
+    g = torch.Generator().manual_seed(0)
+    x = torch.stack([torch.rand(500, generator=g) * 2.0,                 # moves 2 units: min-max as before
+                     0.3 + 0.004 * torch.rand(500, generator=g),         # jitters 0.004 around 0.302
+                     torch.full((500,), 7.0)], dim=1)                    # constant
+    plain, floored = Normalizer().fit("obs", x), Normalizer().fit("obs", x, min_range=0.1)
+    y = floored.normalize("obs", x)
+    torch.testing.assert_close(y[:, 0], plain.normalize("obs", x)[:, 0])
+    assert plain.normalize("obs", x)[:, 1].abs().max() == pytest.approx(1.0)        # min-max stretches the jitter
+    lo, hi = x[:, 1].min(), x[:, 1].max()
+    assert y[:, 1].abs().max() <= (hi - lo) / 0.1 + 1e-6 < 0.05                     # ... the floor does not
+    assert ((y[:, 1].max() + y[:, 1].min()) / 2).abs() < 1e-5                       # centred on its midpoint
+    assert torch.all(y[:, 2] == 0)
+    torch.testing.assert_close(floored.unnormalize("obs", y), x)
+    with pytest.raises(ValueError, match="min_range"):
+        Normalizer().fit("obs", x, min_range=-1.0)

@@ -178,6 +178,21 @@ def test_generator_round_trips_through_loader_and_replays(store, env):
     assert np.allclose(np.stack(replay), data["obs"][:ends[0]], atol=1e-6)
 
 
+def test_store_stats_read_back_what_generation_reported(store, tmp_path, capsys):
+    """``stats`` on an existing store writes the record ``generate --record`` would have (orders, steps, seeds)."""
+    path, stats = store
+    out = tmp_path / "kitchen_data.json"
+    kd.main(["stats", str(path), "--out", str(out)])
+    rec = json.loads(out.read_text())
+    for k in ("episodes", "attempts", "success_rate", "steps", "seeds", "mean_steps", "distinct_orders",
+              "first_task", "task_share"):
+        assert rec[k] == pytest.approx(stats[k]), k
+    assert rec["command"].startswith("python -m drift_policy.data.kitchen stats") and "code_commit" in rec
+    assert sum(rec["first_task"].values()) == pytest.approx(1.0)
+    with pytest.raises(SystemExit, match="not found"):
+        kd.main(["stats", str(tmp_path / "nope.zarr"), "--out", str(out)])
+
+
 def test_generation_refuses_evaluation_seeds(tmp_path):
     with pytest.raises(ValueError, match="overlap the evaluation seeds"):
         kd.generate(10, tmp_path / "x.zarr", seed=kd.EVAL_START_SEED - 5, progress=False)
@@ -254,3 +269,18 @@ def test_train_and_eval_end_to_end_reports_p1_to_p4_and_orders(store, tmp_path):
         assert e["steps"] == 8 and isinstance(e["completed"], list) and "p4" in e
         assert e["max_reward"] == pytest.approx(len(e["completed"]) / 7)
     assert len(res["videos"]) == 1 and (run / res["videos"][0]).stat().st_size > 0   # headless (EGL) frames
+
+    # The object joints that only jitter in the data are not stretched to [-1, 1] (Kitchen.obs_min_range).
+    import torch
+
+    from drift_policy import DriftPolicy
+    from drift_policy.data.kitchen import load_kitchen
+    from drift_policy.envs.kitchen import OBS_SLICES
+
+    obs = torch.as_tensor(load_kitchen(store[0])["obs"])
+    y = DriftPolicy.from_pretrained(run / "pretrained").normalizer.normalize("obs", obs)
+    rng = obs.max(0).values - obs.min(0).values
+    jitter = (rng > 1e-4) & (rng < 0.1)
+    jitter[OBS_SLICES["robot_qpos"]] = False
+    assert jitter.any() and y[:, jitter].abs().max() < 1.0
+    assert y[:, ~jitter & (rng >= 0.1)].abs().max() == pytest.approx(1.0)

@@ -21,6 +21,7 @@ only successful episodes are stored, so a store of N episodes uses seeds seed ..
 
     python -m drift_policy.data.kitchen generate --episodes 1000 --seed 0 --out datasets/kitchen/demos.zarr
     python -m drift_policy.data.kitchen demo-eval --episodes 200 --out eval/results/kitchen_lowdim/default/kitchen_demonstrator.json
+    python -m drift_policy.data.kitchen stats datasets/kitchen/demos.zarr --out eval/results/kitchen_lowdim/default/kitchen_data.json
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ from ..errors import DatasetError
 from ..provenance import git_commit, machine_free, machine_free_text
 from .lowdim_store import load_obs_action_store
 
-__all__ = ["EVAL_START_SEED", "SCHEMA", "run_demo_episode", "generate", "load_kitchen", "demo_eval",
+__all__ = ["EVAL_START_SEED", "SCHEMA", "run_demo_episode", "generate", "load_kitchen", "store_stats", "demo_eval",
            "check_generation_seeds"]
 
 EVAL_START_SEED = 100000   # test seeds 100000.. (Diffusion Policy's protocol); training data never uses them
@@ -204,6 +205,29 @@ def demo_eval(n_episodes: int, start_seed: int = EVAL_START_SEED, progress: bool
     }
 
 
+def store_stats(path: str | os.PathLike) -> dict:
+    """What a store written by ``generate`` holds, read back from it: episodes, steps, the seeds and attempts of
+    its generation, and its subtask orders (the data's modes), as ``generate`` reports them."""
+    import zarr
+
+    d = load_kitchen(path)                               # validates the arrays first
+    root = zarr.open_group(str(path), mode="r")
+    if root.attrs.get("schema") != SCHEMA or "order" not in root["meta"]:
+        raise DatasetError(f"{Path(path)}: not a Kitchen demonstrator store (schema {root.attrs.get('schema')!r}, "
+                           f"expected {SCHEMA!r} with meta/order)")
+    order = np.asarray(root["meta/order"][:])
+    if order.shape != (len(d["episode_ends"]), 4) or order.min() < 0 or order.max() >= len(TASKS):
+        raise DatasetError(f"{Path(path)}: 'meta/order' must be [episodes, 4] indices into the {len(TASKS)} "
+                           f"subtasks, got shape {order.shape}")
+    ends = d["episode_ends"]
+    steps = np.diff(np.concatenate([[0], ends]))
+    attempts, seed = int(root.attrs["attempts"]), int(root.attrs["seed"])
+    return {"path": machine_free(path), "episodes": int(len(ends)), "attempts": attempts,
+            "success_rate": len(ends) / attempts, "steps": int(ends[-1]),
+            "seeds": [seed, seed + attempts - 1], "mean_steps": float(steps.mean()),
+            **_order_stats([{"order": [TASKS[i] for i in o]} for o in order])}
+
+
 def _machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}, 1 thread"
 
@@ -221,6 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--episodes", type=int, default=200)
     e.add_argument("--start-seed", type=int, default=EVAL_START_SEED)
     e.add_argument("--out", required=True, help="JSON record")
+    st = sub.add_parser("stats", help="what an existing store holds (episodes, steps, subtask orders) as a record")
+    st.add_argument("store")
+    st.add_argument("--out", required=True, help="JSON record")
     args = ap.parse_args(argv)
     command = machine_free_text("python -m drift_policy.data.kitchen " + " ".join(argv if argv is not None else sys.argv[1:]))
     try:
@@ -231,6 +258,11 @@ def main(argv: list[str] | None = None) -> None:
             stats.update(machine=_machine(), command=command, code_commit=git_commit())
             if args.record:
                 save_eval_json(stats, args.record)
+            print(json.dumps(stats, indent=2))
+        elif args.cmd == "stats":
+            stats = store_stats(args.store)
+            stats.update(machine=_machine(), command=command, code_commit=git_commit())
+            save_eval_json(stats, args.out)
             print(json.dumps(stats, indent=2))
         else:
             res = demo_eval(args.episodes, args.start_seed)

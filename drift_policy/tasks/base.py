@@ -44,6 +44,8 @@ class TaskFamily:
                                                     # record (Push-T: the block placement of the test seeds)
     options_class: ClassVar[type] = NoOptions       # dataclass of task.options (defaults = the family's defaults)
     no_env_hint: ClassVar[str] = ""                 # what to do when eval_family() is None (how to name an env)
+    obs_min_range: ClassVar[float] = 0.0            # data units: an observation dimension that moves less in the
+                                                    # data is not stretched to [-1, 1] (Normalizer.fit min_range)
 
     # ---- config --------------------------------------------------------------------------------------------
     def options(self, task) -> Any:
