@@ -190,3 +190,38 @@ def test_profile_image_step_writes_a_record_per_part_and_merges(tmp_path, monkey
     assert "## drift_unet" in md and "## diffusion_unet" in md and "| speed-up vs default |" in md
     for text in (out.read_text(), md):
         assert str(tmp_path) not in text and "/work/" not in text
+
+
+def test_kitchen_orders_pools_the_last_evaluations_and_counts_known_orders(tmp_path):
+    ko = _script("kitchen_orders")
+    a, b, c, d = "microwave", "kettle", "light switch", "slide cabinet"
+    runs_dir = tmp_path / "bench"
+
+    def run(name: str, evals: list[list[list[str]]]):
+        r = runs_dir / name
+        (r / "eval").mkdir(parents=True)
+        (r / "config.json").write_text("{}")
+        for i, episodes in enumerate(evals):
+            (r / "eval" / f"step_{i:08d}.json").write_text(json.dumps(
+                {"task": "kitchen_lowdim", "step": i, "per_episode": [{"completed": e} for e in episodes]}))
+
+    early = [[d, d, d, d]]                                  # outside --last 2: must not count
+    run("drift_unet-s0", [early, [[a, b, c, d], []], [[a, b, c, d], [b]]])
+    run("drift_unet-s1", [early, [[b, a, c, d, "top burner"]], [[c]]])
+    run("diffusion_unet-s0", [early, [[a]], [[a, b]]])
+    demo = tmp_path / "demo.json"
+    demo.write_text(json.dumps({"per_episode": [{"completed": [a, b, c, d]}, {"completed": [b, a, c, d]}]}))
+    out = ko.main(["--runs", str(runs_dir), "--last", "2", "--demonstrator", str(demo), "--out", str(tmp_path / "o.json")])
+    rec = json.loads(out.read_text())
+    drift = rec["variants"]["drift_unet"]
+    assert drift["seeds"] == [0, 1] and drift["episodes"] == 6
+    assert drift["p4"] == pytest.approx(3 / 6) and drift["p1"] == pytest.approx(5 / 6)
+    assert drift["distinct_orders"] == 2 and drift["top_orders"][0] == [f"{a} > {b} > {c} > {d}", 2]
+    assert drift["first_task"][a] == pytest.approx(2 / 6) and drift["first_task"]["none"] == pytest.approx(1 / 6)
+    assert drift["task_share"]["top burner"] == pytest.approx(1 / 6)
+    assert drift["mean_completed"] == pytest.approx((4 + 0 + 4 + 1 + 5 + 1) / 6)
+    assert rec["variants"]["diffusion_unet"]["distinct_orders"] == 0
+    assert rec["demonstrator"]["p4"] == 1.0 and rec["demonstrator"]["distinct_orders"] == 2
+    assert "| drift_unet (seeds 0, 1" in (tmp_path / "o.md").read_text()
+    with pytest.raises(SystemExit, match="no kitchen run folders"):
+        ko.main(["--runs", str(tmp_path / "demo_only"), "--demonstrator", str(demo), "--out", str(tmp_path / "x.json")])
