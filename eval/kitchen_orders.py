@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> Path:
                             **order_stats([e["completed"] for e in demo["per_episode"]], store)},
            "variants": {k: {"seeds": v["seeds"], "eval_steps": v["steps"], **order_stats(v["episodes"], store)}
                         for k, v in variants.items()},
-           "runs_dir": machine_free(a.runs), "command": "python eval/kitchen_orders.py " + machine_free_text(" ".join(sys.argv[1:] if argv is None else argv)),
+           "runs_dir": machine_free(a.runs),
+           "command": "python eval/kitchen_orders.py " + machine_free_text(" ".join(sys.argv[1:] if argv is None else argv)),
            "code_commit": git_commit(), "machine": machine_info(1)}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -116,7 +117,7 @@ def render(rec: dict) -> str:
             **{f"{k} (seeds {', '.join(map(str, v['seeds']))}; last {rec['last']} evaluations pooled)": v
                for k, v in rec["variants"].items()}}
     short = {t: t.replace(" burner", " brn").replace(" cabinet", " cab") for t in TASKS}
-    lines = [f"# Kitchen: subtask orders of the rollouts beside the demonstrator's", "",
+    lines = ["# Kitchen: subtask orders of the rollouts beside the demonstrator's", "",
              f"Written by `{rec['command']}` at {rec['code_commit']} ({rec['machine']['cpu']}, {rec['machine']['cores']} cores).", "",
              "| who | episodes | p1 | p2 | p3 | p4 | subtasks per episode | distinct orders (4+ done) | in the store | "
              "most frequent orders |", "|---|---|---|---|---|---|---|---|---|---|"]
