@@ -77,6 +77,8 @@ def run_record(run_dir: Path) -> dict:
         evals.append({"sample_passes": r["step"] * per_step, "encoder_passes": r["step"] * enc_per_step,
                       "steps": r["step"], "train_minutes": r["train_minutes"],
                       "mean_score": r["mean_score"], "success_rate": r["success_rate"], "val": r.get("val", {}),
+                      # the task's episode flags (BlockPush: p1, p2 and which block first; Kitchen: p1..p4, ...)
+                      "flags": {k: r[k] for k in r.get("flags", ())},
                       "eval_seconds": r.get("wall_s"),      # the rollouts' wall-clock, and their env steps
                       "env_steps": sum(e["steps"] for e in r["per_episode"]) if "per_episode" in r else None,
                       # which test seeds failed outright (score < LOW_SCORE): a mean hides whether a policy is
@@ -121,6 +123,9 @@ def run_record(run_dir: Path) -> dict:
            "provenance": read_provenance(run_dir), "evals": evals,
            "max_score": max(scores, default=float("nan")), "last5_score": mean(scores[-5:]),
            "max_success": max(succ, default=float("nan")), "last5_success": mean(succ[-5:])}
+    flags = [k for k in (evals[-1]["flags"] if evals else {}) if all(k in e["flags"] for e in evals[-5:])]
+    if flags:
+        rec["last5_flags"] = {k: mean([e["flags"][k] for e in evals[-5:]]) for k in flags}
     if len(evals) >= 10:                          # Diffusion Policy's metric: the mean of the last 10 checkpoints
         rec["last10_score"], rec["last10_success"] = mean(scores[-10:]), mean(succ[-10:])
     if rescored is not None:
@@ -170,7 +175,15 @@ def variant_summary(rs: list[dict]) -> dict:
               if any(k in r for r in rs)}}
     if len(rs) >= 2:
         out["last5_score_sd"] = sd([r["last5_score"] for r in rs])
+    flags = _common_flags(rs)
+    if flags:
+        out["last5_flags"] = {k: mean([r["last5_flags"][k] for r in rs]) for k in flags}
     return out
+
+
+def _common_flags(rs: list[dict]) -> list[str]:
+    """The episode flags every run of a variant has last-5 means of, in the first run's order."""
+    return [k for k in (rs[0].get("last5_flags") or {}) if all(k in (r.get("last5_flags") or {}) for r in rs)]
 
 
 def summaries(records: list[dict]) -> dict[str, dict]:
@@ -334,7 +347,8 @@ def bench_record(records: list[dict], meta: dict) -> dict:
 def variant_stats(record: dict, label: str | None = None, seeds: list[int] | None = None) -> dict:
     """What a results table shows of one variant of a record (``label``; a run record has one) or of some of its
     seeds: {"seeds", "last5", "last5_sd", "last5_success", "max", "last10", "complete", "evaluated_to", "budget",
-    "episodes", "score_label", "flags"}; ConfigError naming the record's labels when the label is not in it."""
+    "episodes", "score_label", "flags"} (flags: the task's episode flags, last-5 means over the seeds for a bench
+    record, the final evaluation's for a run record); ConfigError naming the record's labels when the label is not in it."""
     if record_kind(record) == "run":
         ev = record["evals"]
         t = record["config"]["train"]
@@ -364,4 +378,5 @@ def variant_stats(record: dict, label: str | None = None, seeds: list[int] | Non
             "last10": mean([r["last10_score"] for r in rs]) if all("last10_score" in r for r in rs) else None,
             "complete": all(r["complete"] for r in rs), "evaluated_to": evaluated_to(rs),
             "budget": record["meta"]["budget"], "episodes": record["meta"].get("eval_episodes"),
+            "flags": {k: mean([r["last5_flags"][k] for r in rs]) for k in _common_flags(rs)},
             "score_label": rs[0].get("score_label", "score"), "task": record["meta"]["task"]}

@@ -103,10 +103,22 @@ def bench_markdown(record: dict) -> str:
                      f"{'' if s.get('last5_score_sd') is None else ' ± ' + f(s['last5_score_sd'])} | {f(s.get('last10_score'))} | "
                      f"{f(s.get('max_success'), 2)} | {f(s.get('last5_success'), 2)} | "
                      f"{'/'.join(f(r['seconds_per_step'], 2) for r in rs)} | {_done(s, rs)} |")
+    flagged = [(label, summary[label]["last5_flags"]) for label in variants if summary[label].get("last5_flags")]
+    if flagged:
+        names = list(flagged[0][1])
+        lines += ["", "The task's episode flags (shares of the test episodes), last-5 means over the seeds.", "",
+                  "| variant | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        lines += [f"| {label} | " + " | ".join(f(fl.get(k), 2) for k in names) + " |" for label, fl in flagged]
     lines += ["", "Per run (seed): score at each evaluation, by sample-passes.", ""]
     for r in records:
         pts = ", ".join(f"{e['sample_passes'] / 1e6:.2f}M: {e['mean_score']:.3f}/{e['success_rate']:.2f}" for e in r["evals"])
         lines.append(f"- {r['label']} seed {r['seed']}: {pts or 'no evaluation yet'}")
+    if any(e.get("flags") for r in records for e in r["evals"]):
+        lines += ["", "Per run (seed): the episode flags at each evaluation, by sample-passes.", ""]
+        for r in records:
+            pts = "; ".join(f"{e['sample_passes'] / 1e6:.2f}M: " + ", ".join(f"{k} {v:.2f}" for k, v in e["flags"].items())
+                            for e in r["evals"] if e.get("flags"))
+            lines.append(f"- {r['label']} seed {r['seed']}: {pts or 'no evaluation yet'}")
     failing = [r for r in records if r["evals"] and all(e.get("low_score_seeds") is not None for e in r["evals"][-5:])]
     if failing:
         lines += ["", f"Per run (seed): episodes scoring under {LOW_SCORE} in the last 5 evaluations (failures rather than "

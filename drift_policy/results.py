@@ -42,7 +42,7 @@ def load_index(path: str | os.PathLike) -> dict:
         raise ConfigError(f"{path}: 'tasks' must map each task to its entry")
     for task, entry in tasks.items():
         where = f"{path}: tasks.{task}"
-        unknown = set(entry) - {"name", "note", "default", "baseline", "published", "levers", "headline", "reach"}
+        unknown = set(entry) - {"name", "note", "default", "baseline", "published", "levers", "headline", "reach", "flags"}
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
         if "name" not in entry or "default" not in entry:
@@ -59,6 +59,9 @@ def load_index(path: str | os.PathLike) -> dict:
                 raise ConfigError(f"{w}: needs 'lever' (what was changed)")
             if lever.get("reference") is not None:
                 _check_ref(lever["reference"], f"{w}.reference")
+        fl = entry.get("flags")
+        if fl is not None and not (isinstance(fl, list) and all(isinstance(k, str) for k in fl)):
+            raise ConfigError(f"{where}.flags: a list of the task's episode flags to show (e.g. [p1, p2])")
         pub = entry.get("published")
         if pub is not None and not (isinstance(pub, dict) and "source" in pub and isinstance(pub.get("values"), dict)):
             raise ConfigError(f"{where}.published: needs 'source' and 'values' (name: number or metric: number)")
@@ -80,14 +83,19 @@ class Records:
         self.base = index_path.parent
         self._cache: dict[str, dict] = {}
 
-    def stats(self, ref: dict) -> dict:
+    def stats(self, ref: dict, flags: list[str] | None = None) -> dict:
+        """The variant's statistics; ``flags`` (the task entry's) picks the episode flags its cells show: a bench
+        record shows none unless named, a run record all of its final evaluation's."""
         rec = self._cache.get(ref["record"])
         if rec is None:
             rec = self._cache[ref["record"]] = read_record(self.base / ref["record"])
         try:
-            return variant_stats(rec, ref.get("label"), ref.get("seeds"))
+            s = variant_stats(rec, ref.get("label"), ref.get("seeds"))
         except ConfigError as e:
             raise ConfigError(f"{ref['record']}: {e}") from None
+        if flags is not None:
+            return {**s, "flags": {k: s["flags"][k] for k in flags if k in s["flags"]}}
+        return {**s, "flags": {}} if s["kind"] == "bench" else s
 
 
 # ---- table cells ------------------------------------------------------------------------------------------------------
@@ -112,7 +120,8 @@ def _score(s: dict, per_seed: bool = False) -> str:
     sd = "" if s["last5_sd"] != s["last5_sd"] else f" ± {fmt(s['last5_sd'])}"
     seeds = f" ({', '.join(fmt(x) for x in s['per_seed'])})" if per_seed and len(s["per_seed"]) > 1 else ""
     stopped = "" if s["complete"] else f", stopped at {s['evaluated_to'] / 1e6:.2f}M"
-    return f"{fmt(s['last5'])}{sd}{seeds}{stopped}"
+    flags = ", ".join(f"{k} {v:.2f}" for k, v in s["flags"].items())
+    return f"{fmt(s['last5'])}{sd}{seeds}{stopped}" + (f"; {flags}" if flags else "")
 
 
 def _success(s: dict) -> str:
@@ -207,8 +216,8 @@ def readme_block(index: dict, index_path: Path, records: Records, docs: Path, ba
              "| task | drift policy, our default (1 NFE) | baseline: Diffusion Policy here | published | "
              "budget, test episodes | details |", "|---|---|---|---|---|---|"]
     for task, entry in index["tasks"].items():
-        d = records.stats(entry["default"])
-        b = records.stats(entry["baseline"]) if entry.get("baseline") else None
+        d = records.stats(entry["default"], entry.get("flags"))
+        b = records.stats(entry["baseline"], entry.get("flags")) if entry.get("baseline") else None
 
         def cell(s, ref):
             if s is None:
@@ -244,7 +253,7 @@ def task_page(task: str, entry: dict, index_path: Path, records: Records, docs: 
         if ref is None:
             lines.append(f"| {role} | (none recorded) | | | | | | |")
             continue
-        s = records.stats(ref)
+        s = records.stats(ref, entry.get("flags"))
         lines.append(f"| {role} | {_label(ref)} | {_seeds(s)} | {_budget(s)} | {s['episodes']} | "
                      f"{_metric(s)} {_score(s, per_seed=True)} | {_success(s)} | {link(ref)} |")
     for head in (_headline(entry, index_path, docs), _reach(entry, index_path, docs)):
@@ -261,9 +270,9 @@ def task_page(task: str, entry: dict, index_path: Path, records: Records, docs: 
                   "| lever | variant | budget | seeds | score | success | reference: variant (seeds) → score, success "
                   "| verdict | record |", "|---|---|---|---|---|---|---|---|---|"]
         for lv in levers:
-            s = records.stats(lv)
+            s = records.stats(lv, entry.get("flags"))
             if lv.get("reference"):
-                r = records.stats(lv["reference"])
+                r = records.stats(lv["reference"], entry.get("flags"))
                 ref = (f"{_label(lv['reference'])} ({_seeds(r)}) → {_score(r)}, {_success(r)}"
                        + ("" if lv["reference"]["record"] == lv["record"] else f" ({link(lv['reference'])})"))
             else:

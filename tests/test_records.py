@@ -334,3 +334,36 @@ def test_a_bench_record_of_an_image_task_counts_encoder_passes_beside_sample_pas
     from drift_policy.records import run_record
 
     assert run_record(low)["encoder_passes"] == 0
+
+
+def test_episode_flags_reach_the_bench_record_and_the_results_cells_that_name_them(tmp_path):
+    """BlockPush's p1 / p2 and mode fractions, Kitchen's p1..p4: every evaluation's flags are in the record, their
+    last-5 means per variant in its table, and in the results cells of a task whose index entry names them."""
+    from drift_policy.bench import bench_train
+    from drift_policy.results import outputs
+
+    p1s = {0: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], 1: [0.0, 0.0, 0.2, 0.2, 0.4, 0.4]}
+    for seed, p1 in p1s.items():
+        d = _run(tmp_path / "runs" / f"drift_unet-s{seed}", seed, scores=[x / 2 for x in p1])
+        for f, x in zip(runs.eval_files(d), p1):
+            r = json.loads(f.read_text())
+            f.write_text(json.dumps({**r, "p1": x, "p2": x / 4, "flags": ["p1", "p2"]}))
+    path = bench_train(["report_only=1", "budget=640", "seeds=0,1", "policies=drift_unet",
+                        f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'results' / 'bp'}"])
+    rec = json.loads(path.read_text())
+    run0 = next(r for r in rec["runs"] if r["seed"] == 0)
+    assert [e["flags"]["p1"] for e in run0["evals"]] == p1s[0]
+    want = (sum(p1s[0][-5:]) / 5 + sum(p1s[1][-5:]) / 5) / 2
+    assert rec["summary"]["drift_unet"]["last5_flags"]["p1"] == pytest.approx(want)
+    md = path.with_suffix(".md").read_text()
+    assert "| variant | p1 | p2 |" in md and f"| drift_unet | {want:.2f} | {want / 4:.2f} |" in md
+    assert "drift_unet seed 1: " in md and "p1 0.40, p2 0.10" in md               # every evaluation's flags
+    index = tmp_path / "results" / "index.yaml"
+    entry = "tasks:\n  bp:\n    name: BP\n    default: {record: bp/pusht_keypoints.json, label: drift_unet}\n"
+    index.write_text(entry)
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:begin -->\n<!-- results:end -->\n")
+    assert "p1 " not in outputs(index, readme, tmp_path / "docs")[readme]              # not named: not shown
+    index.write_text(entry + "    flags: [p1]\n")
+    row = next(x for x in outputs(index, readme, tmp_path / "docs")[readme].splitlines() if x.startswith("| BP |"))
+    assert f"; p1 {want:.2f}" in row and "p2" not in row
