@@ -40,8 +40,8 @@ def test_the_push_t_default_experiment_is_the_package_default_with_the_bench_key
 
 
 @pytest.mark.parametrize("name,record,label", [
-    ("pusht_keypoints_drift", "pusht_keypoints/superseded/exact_placement/obs_origin/pusht_keypoints.json", "drift_unet[policy.obs_origin=[18,19]]"),
-    ("pusht_keypoints_diffusion", "pusht_keypoints/superseded/exact_placement/three_seeds/pusht_keypoints.json", "diffusion_unet"),
+    ("pusht_keypoints_drift", "pusht_keypoints/default/official/pusht_keypoints.json", "drift_unet"),
+    ("pusht_keypoints_diffusion", "pusht_keypoints/default/official/pusht_keypoints.json", "diffusion_unet"),
     ("can_lowdim_drift", "can_lowdim/default/can_neighbours/can_lowdim.json", "drift_unet[policy.neighbor_positives=0]"),
     ("can_lowdim_diffusion", "can_lowdim/default/can1200k/can_lowdim.json", "diffusion_unet"),
 ])
