@@ -282,6 +282,49 @@ def test_neighbours_from_other_episodes_skip_the_own_demonstration():
         NeighborPositives(train, lambda o: norm.normalize("obs", o), k=len(train) - 10, bandwidth=0.3, same_episode=False)
 
 
+def test_neighbours_by_a_side_array_that_the_policy_never_sees():
+    """``key="state"``: the distance is measured on the side array (the state behind a camera frame), which never
+    reaches a batch; the observation plays no part."""
+    data = _toy_data(n_eps=6, length=20)
+    data["state"] = (np.tile(np.arange(20), 6) * 1.0 + 0.01 * np.repeat(np.arange(6), 20)).astype(np.float32)[:, None]
+    train, _ = make_windows(data, horizon=4, n_obs_steps=2, n_action_steps=2, val_ratio=0.0)
+    assert "state" not in train.keys and "state" not in train.sample(3, torch.Generator().manual_seed(0))
+    norm = Normalizer().fit("state", train.steps("state"))
+    nb_state = NeighborPositives(train, lambda o: norm.normalize("state", o), k=5, bandwidth=0.3, same_episode=False,
+                                 key="state")
+    ids = torch.arange(len(train))
+    nb, _ = nb_state.lookup(ids)
+    # state = the step within the episode: every neighbour is the same step of another demonstration
+    step = data["state"][train.index[:, 1].numpy(), 0].round()
+    assert np.array_equal(step[nb.numpy()], np.repeat(step[:, None], 6, axis=1))
+    obs_norm = Normalizer().fit("obs", train.steps("obs"))
+    by_obs, _ = NeighborPositives(train, lambda o: obs_norm.normalize("obs", o), k=5, bandwidth=0.3,
+                                  same_episode=False).lookup(ids)
+    assert not torch.equal(by_obs, nb)
+
+
+def test_pixels_find_the_neighbours_the_keypoints_policy_finds(pusht_zarr):
+    """policy.neighbor_key=state on Push-T from pixels: the windows' neighbours are those the keypoints policy
+    finds from its observation (the same steps, normalised alike); a task without the array is a one-line error."""
+    root = f"task.data_root={pusht_zarr.parents[1]}"
+    pix = compose(["task=pusht_image", "policy.neighbor_positives=4", "policy.neighbor_key=state",
+                   "policy.neighbor_same_episode=false", root])
+    kp = compose(["policy.neighbor_positives=4", "policy.neighbor_same_episode=false", root])
+    sets = {}
+    for name, cfg in (("pix", pix), ("kp", kp)):
+        train, _ = train_mod.make_datasets(cfg)
+        norm = Normalizer().fit("obs", train.steps("obs")).fit("action", train.steps("action"))
+        policy_class(cfg.policy).prepare_data(cfg.policy, train, norm)
+        sets[name] = train.neighbors.lookup(torch.arange(0, len(train), 97))
+    assert torch.equal(sets["pix"][0], sets["kp"][0]) and torch.allclose(sets["pix"][1], sets["kp"][1])
+    cfg = compose(["policy.neighbor_positives=4", "policy.neighbor_key=state", root])
+    train, _ = train_mod.make_datasets(cfg)
+    with pytest.raises(ConfigError, match="no 'state' array"):
+        policy_class(cfg.policy).prepare_data(cfg.policy, train, norm)
+    with pytest.raises(ConfigError, match="policy.neighbor_key must be one of"):
+        compose(["policy.neighbor_key=keypoints"])
+
+
 def test_validation_episodes_never_become_positives():
     data = _toy_data(n_eps=10)
     train, val = make_windows(data, horizon=4, n_obs_steps=2, n_action_steps=2, val_ratio=0.3, seed=1)

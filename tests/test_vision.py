@@ -193,6 +193,12 @@ def test_load_pusht_image_real_store(pusht_zarr):
     assert d["episode_ends"].dtype == np.int64 and d["episode_ends"][-1] == n
     root = zarr.open(str(pusht_zarr), "r")
     np.testing.assert_array_equal(d["obs"], np.asarray(root["data/state"][:, :2]))
+    # the side array: the keypoints task's observation of each step, which the image policy never sees
+    from drift_policy.data.pusht import load_pusht_lowdim
+    from drift_policy.data.windows import SIDE_KEYS
+
+    assert "state" in SIDE_KEYS
+    np.testing.assert_array_equal(d["state"], load_pusht_lowdim(pusht_zarr)["obs"])
     for i in (0, 160, 161, 12345, n - 1):  # includes a store chunk boundary (161 frames per chunk)
         np.testing.assert_array_equal(d["image"][i].transpose(1, 2, 0).astype(np.float32), root["data/img"][i])
 
@@ -201,6 +207,7 @@ def _write_image_store(path, n=23, img=None):
     root = zarr.open(str(path), mode="w")
     rng = np.random.default_rng(0)
     root["data/state"] = rng.random((n, 5)).astype(np.float32)
+    root["data/keypoint"] = rng.random((n, 9, 2)).astype(np.float32)
     root["data/action"] = rng.random((n, 2)).astype(np.float32)
     root["data/img"] = (rng.integers(0, 256, (n, 8, 10, 3)).astype(np.float32) if img is None else img)
     root["meta/episode_ends"] = np.array([9, n], dtype=np.int64)

@@ -147,7 +147,8 @@ def load_pusht_image(path: str | os.PathLike, *, progress: bool = True,
     """Read and validate the store for the image task.
 
     Returns ``obs`` float32 [N, 2] (agent position, ``state[:, :2]``), ``image`` uint8 [N, 3, H, W] (CHW; 96x96
-    for Push-T), ``action`` float32 [N, 2] and ``episode_ends`` int64 [E]. ``data/img`` is stored as float32
+    for Push-T), ``action`` float32 [N, 2], ``episode_ends`` int64 [E] and the side array ``state`` float32
+    [N, 20] (the keypoints task's observation: not observed by the policy; ``data/windows.py`` SIDE_KEYS). ``data/img`` is stored as float32
     0..255 (2.8 GB decoded); it is read ``chunk_frames`` frames at a time (default: a whole number of the
     store's chunks, about 70 MB of float32) and converted to uint8 as it goes, so peak memory stays near the
     uint8 result (0.7 GB). Each chunk is checked to be finite and within 0..255. ``progress`` shows a tqdm bar.
@@ -157,10 +158,12 @@ def load_pusht_image(path: str | os.PathLike, *, progress: bool = True,
     path = Path(path)
     root = _open_store(path)
     state = _read(root["data"], "state", path).astype(np.float32)
+    keypoint = _read(root["data"], "keypoint", path).astype(np.float32)
     action = _read(root["data"], "action", path).astype(np.float32)
     ends = _read(root["meta"], "episode_ends", path).astype(np.int64)
     n = len(state)
-    check_arrays(path, n, (("data/state", state, (n, 5)), ("data/action", action, (n, 2))))
+    check_arrays(path, n, (("data/state", state, (n, 5)), ("data/keypoint", keypoint, (n, 9, 2)),
+                            ("data/action", action, (n, 2))))
     _check_episode_ends(path, ends, n)
     if "img" not in root["data"]:
         raise DatasetError(f"{path}: missing array 'img'")
@@ -190,7 +193,11 @@ def load_pusht_image(path: str | os.PathLike, *, progress: bool = True,
                 block = np.rint(block, out=block) if block.dtype.kind == "f" else block
             out[a:b] = block.transpose(0, 3, 1, 2)                        # HWC -> CHW, cast to uint8
             bar.update(b - a)
-    return {"obs": np.ascontiguousarray(state[:, :2]), "image": out, "action": action, "episode_ends": ends}
+    # "state": the keypoints task's observation of the same step (block keypoints, agent), which the image policy
+    # never sees; neighbour positives may be found by it (policy.neighbor_key=state). Keypoints, not the stored
+    # block angle, so that a turn through 0 / 2 pi is not a jump.
+    return {"obs": np.ascontiguousarray(state[:, :2]), "image": out, "action": action, "episode_ends": ends,
+            "state": np.concatenate([keypoint.reshape(n, 18), state[:, :2]], axis=1)}
 
 
 def make_pusht_windows(path: str | os.PathLike, horizon: int, n_obs_steps: int, n_action_steps: int,

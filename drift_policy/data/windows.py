@@ -1,7 +1,8 @@
 """Training windows over flat per-step arrays, for every task (Push-T, robomimic; low-dim and images).
 
 A loader returns flat arrays ``{"obs": [N, D] float32, "action": [N, Da] float32, <image key>: [N, 3, H, W]
-uint8, "episode_ends": [E] int64}``. A window is a row of indices into them (Diffusion Policy's padded
+uint8, "episode_ends": [E] int64}``, and may add side arrays no policy observes (``SIDE_KEYS``: the simulator
+state behind a camera frame, which neighbour positives may be found by). A window is a row of indices into them (Diffusion Policy's padded
 sequence sampler), so images are stored once, as uint8, and a batch is one gather per key: no DataLoader
 workers competing with the trainer for the 2 cores.
 """
@@ -13,7 +14,9 @@ import torch
 from ..errors import DatasetError
 
 __all__ = ["WindowDataset", "NeighborPositives", "make_windows", "sequence_indices", "split_episodes",
-           "check_ranges"]
+           "check_ranges", "SIDE_KEYS"]
+
+SIDE_KEYS = ("state",)     # per-step arrays a loader may keep that are not the policy's observation
 
 
 def sequence_indices(episode_ends: np.ndarray, episodes: np.ndarray, horizon: int, pad_before: int,
@@ -61,7 +64,7 @@ class WindowDataset:
         self.episode = None if episode is None else torch.as_tensor(np.asarray(episode, dtype=np.int64))
         if self.episode is not None and self.episode.shape != (self.index.shape[0],):
             raise ValueError(f"episode must hold one id per window ({self.index.shape[0]}), got {tuple(self.episode.shape)}")
-        self.keys = [k for k in data if k != "action"]          # "obs" and image keys
+        self.keys = [k for k in data if k != "action" and k not in SIDE_KEYS]     # "obs" and image keys
         self.neighbors: NeighborPositives | None = None
 
     def __len__(self) -> int:
@@ -103,13 +106,16 @@ class NeighborPositives:
     index holds the windows of ONE split (the training split), so validation episodes never become positives.
     A window's own chunk is always its first positive, with weight 1.
 
-    ``same_episode=False`` takes the neighbours from the OTHER demonstrations only. On Push-T three quarters of a
-    window's 8 nearest observations are its own episode's windows 1-4 steps away, whose chunks are the same
-    demonstration shifted in time: a temporal blur of the one positive, not the other demonstrations' actions
-    in that state, which are what tells the field the local action distribution.
+    ``key`` names the per-step array the distance is measured on: the observation, or a side array (``SIDE_KEYS``)
+    such as the state behind a camera frame. ``same_episode=False`` takes the neighbours from the OTHER
+    demonstrations only. On Push-T three quarters of a window's 8 nearest observations are its own episode's windows
+    1-4 steps away, whose chunks are the same demonstration shifted in time: a temporal blur of the one positive,
+    not the other demonstrations' actions in that state, which are what tells the field the local action
+    distribution.
     """
 
-    def __init__(self, windows: WindowDataset, normalize, k: int, bandwidth: float, same_episode: bool = True):
+    def __init__(self, windows: WindowDataset, normalize, k: int, bandwidth: float, same_episode: bool = True,
+                 key: str = "obs"):
         if k < 1 or not bandwidth > 0:
             raise ValueError(f"neighbour positives need k >= 1 and bandwidth > 0, got k={k}, bandwidth={bandwidth}")
         if k >= len(windows):
@@ -123,7 +129,7 @@ class NeighborPositives:
                 raise ValueError(f"k={k} neighbour positives from other episodes need more than "
                                  f"{len(windows) - int(counts.max())} windows outside the largest episode")
             self.episode = windows.episode
-        obs = windows.data["obs"][windows.index[:, : windows.n_obs_steps]]                    # [W, To, D]
+        obs = windows.data[key][windows.index[:, : windows.n_obs_steps]]                      # [W, To, D]
         with torch.no_grad():
             self.keys = normalize(obs.float()).flatten(1).contiguous()                         # [W, To*D]
         self.k, self.bandwidth = k, bandwidth

@@ -11,11 +11,13 @@ from ..drift import cfg_neg_weight, drift_loss
 from ..errors import ConfigError
 from .base import Policy, PolicyConfig, register_policy
 
+NEIGHBOR_KEYS = ("obs", "state")   # what neighbour positives may be found by (DriftConfig.neighbor_key)
+
 
 @dataclass
 class DriftConfig(PolicyConfig):
     LEGACY: ClassVar[dict] = {**PolicyConfig.LEGACY, "neighbor_positives": 0, "per_dim_scale": False,
-                              "neighbor_same_episode": True, "noise_scale": 1.0}
+                              "neighbor_same_episode": True, "noise_scale": 1.0, "neighbor_key": "obs"}
     # Removed after runs were saved with them, each lost when measured (the records stay in eval/results): what
     # the code now always does. Each changed only training, so a saved policy loads and acts the same.
     REMOVED: ClassVar[dict] = {
@@ -47,6 +49,12 @@ class DriftConfig(PolicyConfig):
                                                        # neighbour_bandwidth)
     neighbor_same_episode: bool = True                 # False: neighbours from the other demonstrations only (not the
                                                        # own episode's windows a few steps away: a time-shifted copy)
+    neighbor_key: str = "obs"                          # what "nearest" is measured on: "obs", the policy's low-dim
+                                                       # observation; "state", the simulator state the data store
+                                                       # keeps beside a camera frame (Push-T from pixels: agent and
+                                                       # block pose), for a policy whose own low-dim observation
+                                                       # (the agent alone) cannot tell two scenes apart. Training
+                                                       # only: the policy never sees the state
     per_dim_scale: bool = False                        # the kernel's distances in units of each action dim's spread
                                                        # in the batch (std of the expert chunks), not in the
                                                        # normaliser's [-1, 1]
@@ -86,6 +94,8 @@ class DriftConfig(PolicyConfig):
         if self.neighbor_positives < 0 or not self.neighbor_bandwidth > 0:
             raise ConfigError(f"policy.neighbor_positives must be >= 0 (or -1: auto) and policy.neighbor_bandwidth > 0, got "
                               f"{self.neighbor_positives} and {self.neighbor_bandwidth}")
+        if self.neighbor_key not in NEIGHBOR_KEYS:
+            raise ConfigError(f"policy.neighbor_key must be one of {list(NEIGHBOR_KEYS)}, got {self.neighbor_key!r}")
         if not self.noise_scale >= 0:
             raise ConfigError(f"policy.noise_scale must be >= 0 (1: the training noise), got {self.noise_scale}")
         if not self.guidance >= 1:
@@ -162,14 +172,21 @@ class DriftPolicy(Policy):
 
     @classmethod
     def prepare_data(cls, config: DriftConfig, train_set, normalizer) -> None:
-        """The neighbour positives (``neighbor_positives`` > 0): an index of the training split's observations in
-        normalised units, so that validation episodes never become positives."""
+        """The neighbour positives (``neighbor_positives`` > 0): an index of the training split's observations (or
+        stored states, ``neighbor_key``) in normalised units, so that validation episodes never become positives."""
         if config.neighbor_positives:
             from ..data.windows import NeighborPositives
+            from ..normalizer import Normalizer
 
-            train_set.neighbors = NeighborPositives(train_set, lambda o: normalizer.normalize("obs", o),
+            key = config.neighbor_key
+            if key not in train_set.data:
+                raise ConfigError(f"policy.neighbor_key={key}: the task's data has no {key!r} array (it has "
+                                  f"{', '.join(sorted(k for k in train_set.data if k != 'action'))})")
+            # The state has its own min-max statistics: the policy's normaliser covers only what it observes.
+            norm = normalizer if key == "obs" else Normalizer().fit(key, train_set.steps(key))
+            train_set.neighbors = NeighborPositives(train_set, lambda o: norm.normalize(key, o),
                                                     config.neighbor_positives, config.neighbor_bandwidth,
-                                                    config.neighbor_same_episode)
+                                                    config.neighbor_same_episode, key=key)
 
     def sample(self, cond: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
         """As ``Policy.sample``; ``noise``, drawn or passed (the exported module's input), is unit Gaussian and is
