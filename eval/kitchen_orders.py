@@ -1,9 +1,9 @@
 """Kitchen (issue 41): in which orders the policies' rollouts do their subtasks, beside the demonstrator's.
 
-    python eval/kitchen_orders.py --runs RUNS_DIR [--last 5] [--store kitchen/demos_1000.zarr] \
+    python eval/kitchen_orders.py --runs RUNS_DIR [RUNS_DIR ...] [--last 5] [--store kitchen/demos_1000.zarr] \
         [--demonstrator eval/results/kitchen_lowdim/default/kitchen_demonstrator.json] --out RECORD.json
 
-RUNS_DIR is a ``bench train`` folder (one run folder per variant and seed, ``<label>-s<seed>``). For each variant
+Each RUNS_DIR is a ``bench train`` folder (one run folder per variant and seed, ``<label>-s<seed>``). For each variant
 the episodes of each run's last ``--last`` evaluations are pooled (each evaluation file lists, per episode, the
 subtasks completed in the order the env saw them) and summarised as the demonstrator's evaluation on the same
 test seeds is: p1..p4, which subtask came first, how often each subtask was done, how many distinct orders the
@@ -69,7 +69,7 @@ def run_episodes(run_dir: Path, last: int) -> tuple[list[list[str]], list[int]]:
 
 def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", required=True, help="a bench train folder")
+    ap.add_argument("--runs", required=True, nargs="+", help="bench train folders")
     ap.add_argument("--last", type=int, default=5)
     ap.add_argument("--store", default=None, help="the training store, for the share of orders it shows")
     ap.add_argument("--demonstrator", default="eval/results/kitchen_lowdim/default/kitchen_demonstrator.json")
@@ -81,10 +81,11 @@ def main(argv: list[str] | None = None) -> Path:
 
         path = Path(a.store)
         store = _store_orders(path if path.is_absolute() or path.exists() else data_root() / path)
-    if not Path(a.runs).is_dir():
-        sys.exit(f"error: no kitchen run folders with evaluations in {a.runs}: not a folder")
+    missing = [r for r in a.runs if not Path(r).is_dir()]
+    if missing:
+        sys.exit(f"error: no kitchen run folders with evaluations in {missing[0]}: not a folder")
     variants: dict[str, dict] = {}
-    for d in sorted(Path(a.runs).iterdir()):
+    for d in sorted(p for r in a.runs for p in Path(r).iterdir()):
         m = re.fullmatch(r"(.+)-s(\d+)", d.name)
         if not (m and d.is_dir() and runs.config_path(d).exists() and runs.eval_files(d)):
             continue
@@ -94,14 +95,14 @@ def main(argv: list[str] | None = None) -> Path:
         v["steps"][m.group(2)] = steps
         v["episodes"] += eps
     if not variants:
-        sys.exit(f"error: no kitchen run folders with evaluations in {a.runs}")
+        sys.exit(f"error: no kitchen run folders with evaluations in {' '.join(a.runs)}")
     demo = json.loads(Path(a.demonstrator).read_text())
     rec = {"task": "kitchen_lowdim", "last": a.last,
            "demonstrator": {"source": machine_free(a.demonstrator),
                             **order_stats([e["completed"] for e in demo["per_episode"]], store)},
            "variants": {k: {"seeds": v["seeds"], "eval_steps": v["steps"], **order_stats(v["episodes"], store)}
                         for k, v in variants.items()},
-           "runs_dir": machine_free(a.runs),
+           "runs_dirs": [machine_free(r) for r in a.runs],
            "command": "python eval/kitchen_orders.py " + machine_free_text(" ".join(sys.argv[1:] if argv is None else argv)),
            "code_commit": git_commit(), "machine": machine_info(1)}
     out = Path(a.out)
