@@ -44,6 +44,8 @@ def test_the_push_t_default_experiment_is_the_package_default_with_the_bench_key
     ("pusht_keypoints_diffusion", "pusht_keypoints/default/official/pusht_keypoints.json", "diffusion_unet"),
     ("can_lowdim_drift", "can_lowdim/default/can_neighbours/can_lowdim.json", "drift_unet[policy.neighbor_positives=0]"),
     ("can_lowdim_diffusion", "can_lowdim/default/can1200k/can_lowdim.json", "diffusion_unet"),
+    ("kitchen_lowdim_drift", "kitchen_lowdim/default/kitchen600k/kitchen_lowdim.json", "drift_unet"),
+    ("kitchen_lowdim_diffusion", "kitchen_lowdim/default/kitchen600k/kitchen_lowdim.json", "diffusion_unet"),
 ])
 def test_an_experiment_trains_the_recipe_of_its_record(name, record, label):
     """The same resolved policy and training config as the record's runs, but for how they ran (threads,
