@@ -4,7 +4,7 @@
         [--demonstrator eval/results/kitchen_lowdim/default/kitchen_demonstrator.json] --out RECORD.json
 
 Each RUNS_DIR is a ``bench train`` folder (one run folder per variant and seed, ``<label>-s<seed>``). For each variant
-the episodes of each run's last ``--last`` evaluations are pooled (each evaluation file lists, per episode, the
+the episodes of each finished run's last ``--last`` evaluations are pooled (each evaluation file lists, per episode, the
 subtasks completed in the order the env saw them) and summarised as the demonstrator's evaluation on the same
 test seeds is: p1..p4, which subtask came first, how often each subtask was done, how many distinct orders the
 episodes with 4 or more subtasks followed, and how many of those orders occur in the training store (an order no
@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> Path:
     for d in sorted(p for r in a.runs for p in Path(r).iterdir()):
         m = re.fullmatch(r"(.+)-s(\d+)", d.name)
         if not (m and d.is_dir() and runs.config_path(d).exists() and runs.eval_files(d)):
+            continue
+        if not (runs.pretrained_dir(d) / "model.safetensors").exists():
+            print(f"skipped, still training or stopped early: {d.name}", file=sys.stderr)
             continue
         eps, steps = run_episodes(d, a.last)
         v = variants.setdefault(m.group(1), {"seeds": [], "steps": {}, "episodes": []})
