@@ -98,7 +98,8 @@ def test_training_on_pusht_fits_the_normaliser_on_relative_chunks(tmp_path, push
 @pytest.mark.parametrize("overrides,expect", [
     (["policy=drift_unet"], (18, 19)),                           # Push-T keypoints' drift recipe: the agent
     (["policy=drift_unet", "recipe=null"], ()),                  # the policy's default: absolute
-    (["policy=drift_unet", "task=pusht_image"], ()),             # not measured from pixels: absolute
+    (["policy=drift_unet", "task=pusht_image"], (0, 1)),         # the pixels recipe: the agent (its whole obs)
+    (["policy=drift_unet", "task=blockpush_lowdim"], (8, 9)),    # BlockPush's recipe: the effector target
     (["policy=drift_unet", "task=can_lowdim"], ()),              # robomimic actions are not observed positions
     (["policy=diffusion_unet"], ()),                             # the baseline's default: Diffusion Policy's
     (["policy=diffusion_unet", "policy.action_anchor=[18,19]"], (18, 19)),
