@@ -96,7 +96,23 @@ class BasicBlock(nn.Module):
         return F.relu(h + self.skip(x))
 
 
-class ResNet18GN(nn.Module):
+class _Trunk(nn.Module):
+    """What the encoder reads of a trunk: its channel widths (the last is ``out_channels``), and the init both
+    trunks share (Kaiming for every convolution, as torchvision's ResNet)."""
+
+    widths: tuple[int, ...]
+
+    @property
+    def out_channels(self) -> int:
+        return self.widths[-1]
+
+    def _init_convs(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+class ResNet18GN(_Trunk):
     """ResNet trunk without pooling head: [B, in_channels, H, W] -> [B, widths[-1], ~H/32, ~W/32].
 
     Stem: 7x7 convolution stride 2, GroupNorm, ReLU, 3x3 max-pool stride 2; then one stage per width of
@@ -119,13 +135,7 @@ class ResNet18GN(nn.Module):
                                           for j in range(n)]))
             c_in = c
         self.stages = nn.Sequential(*stages)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    @property
-    def out_channels(self) -> int:
-        return self.widths[-1]
+        self._init_convs()
 
     def output_hw(self, height: int, width: int) -> tuple[int, int]:
         """Spatial size of the output map for an input of ``height`` x ``width``."""
@@ -141,7 +151,7 @@ class ResNet18GN(nn.Module):
         return self.stages(self.stem(x))  # [B, widths[-1], h, w]
 
 
-class ShallowConvGN(nn.Module):
+class ShallowConvGN(_Trunk):
     """robomimic's ShallowConv trunk with GroupNorm: [B, C, H, W] -> [B, 32, ~H/8, ~W/8].
 
     7x7 convolution stride 2 to 64 channels, 1x1 to 32, then two 3x3 convolutions stride 2, each followed by
@@ -160,13 +170,7 @@ class ShallowConvGN(nn.Module):
             layers += [nn.Conv2d(c_in, c, k, stride, k // 2, bias=False), _gn(c), nn.ReLU(inplace=True)]
             c_in = c
         self.net = nn.Sequential(*layers)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    @property
-    def out_channels(self) -> int:
-        return self.widths[-1]
+        self._init_convs()
 
     def output_hw(self, height: int, width: int) -> tuple[int, int]:
         def down(n: int) -> int:                  # 7x7/s2/p3 and 3x3/s2/p1 both map n to ceil(n / 2)
