@@ -195,6 +195,35 @@ def evaluated_to(rs: list[dict]) -> int:
     return min((r["evals"][-1]["sample_passes"] if r["evals"] else 0) for r in rs)
 
 
+def equal_minutes(records: list[dict]) -> dict | None:
+    """The same runs compared at equal training time: ``{"minutes": T, "variants": {label: {...}}}`` where T is the
+    training minutes (evaluations excluded) that the quickest variant took for its whole budget, averaged over its
+    seeds, and each variant's statistics are over its evaluations made by T: the mean over its seeds of the last such
+    evaluation's score and success, of the mean of up to 5 such evaluations' scores, and of the sample-passes reached.
+    ``None`` unless two or more variants are complete and every evaluation has its training minutes. It means what
+    it says only for runs that trained one per core at the same time (the record's machine line says how they ran);
+    a variant evaluated at no point by T has ``None`` statistics."""
+    variants = by_label(records)
+    if len(variants) < 2 or not all(r["complete"] and r["evals"] for r in records) or \
+            any(e.get("train_minutes") is None for r in records for e in r["evals"]):
+        return None
+    totals = {label: mean([r["evals"][-1]["train_minutes"] for r in rs]) for label, rs in variants.items()}
+    t = min(totals.values())
+    out = {}
+    for label, rs in variants.items():
+        upto = [[e for e in r["evals"] if e["train_minutes"] <= t * (1 + 1e-9)] for r in rs]
+        if not all(upto):
+            out[label] = {"minutes": totals[label], "score": None, "success": None, "last5_score": None,
+                          "sample_passes": None}
+            continue
+        out[label] = {"minutes": totals[label],
+                      "score": mean([es[-1]["mean_score"] for es in upto]),
+                      "success": mean([es[-1]["success_rate"] for es in upto]),
+                      "last5_score": mean([mean([e["mean_score"] for e in es[-5:]]) for es in upto]),
+                      "sample_passes": mean([es[-1]["sample_passes"] for es in upto])}
+    return {"minutes": t, "variants": out}
+
+
 def evaluated_alike(records: list[dict], command: str) -> dict:
     """{"eval_episodes": n, "eval_fraction": f} shared by every run record (empty without runs); SystemExit naming
     the key when they differ, since one record compares runs evaluated alike."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .records import LOW_SCORE, by_label, evaluated_to, recipe_text
+from .records import LOW_SCORE, by_label, equal_minutes, evaluated_to, recipe_text
 
 _SIGNALS = ("mse_to_expert", "sample_std", "eps_mse")   # the .md's training-signal lines
 
@@ -109,6 +109,20 @@ def bench_markdown(record: dict) -> str:
         lines += ["", "The task's episode flags (shares of the test episodes), last-5 means over the seeds.", "",
                   "| variant | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         lines += [f"| {label} | " + " | ".join(f(fl.get(k), 2) for k in names) + " |" for label, fl in flagged]
+    # With cameras drift's step is the cheaper one (it encodes 1/G of the images), so the same runs are also shown at
+    # equal training time: what each variant had scored when the quickest finished its budget.
+    same_time = equal_minutes(records) if images else None
+    if same_time:
+        lines += ["", f"The same runs at equal training time: each variant's evaluations made within "
+                  f"{same_time['minutes']:.1f} training minutes (evaluations excluded), the time the quickest variant "
+                  f"took for its whole budget, means over the seeds; {at_once or 'see how the runs were trained above'}. "
+                  "A variant stopped there had its learning-rate schedule set for the whole budget.", "",
+                  "| variant | minutes for the budget | sample-passes by then | score then | success then | "
+                  "score, mean of up to 5 evaluations by then |", "|---|---|---|---|---|---|"]
+        for label, v in same_time["variants"].items():
+            reached = "-" if v["sample_passes"] is None else f"{v['sample_passes']:,.0f}"
+            lines.append(f"| {label} | {v['minutes']:.1f} | {reached} | {f(v['score'])} | {f(v['success'], 2)} | "
+                         f"{f(v['last5_score'])} |")
     lines += ["", "Per run (seed): score at each evaluation, by sample-passes.", ""]
     for r in records:
         pts = ", ".join(f"{e['sample_passes'] / 1e6:.2f}M: {e['mean_score']:.3f}/{e['success_rate']:.2f}" for e in r["evals"])

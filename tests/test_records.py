@@ -24,8 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 ABSOLUTE = re.compile(r"(?:^|[\s='\"(\[,`])(/(?:work|home|tmp|root|Users|mnt|private|var)/[^\s'\"`]*)")
 
 
-def _run(d: Path, seed: int = 0, scores=(0.5, 0.75), provenance: bool = True, overrides=()) -> Path:
-    """A finished-looking run folder: its config, one eval file per score, a metrics log and its provenance."""
+def _run(d: Path, seed: int = 0, scores=(0.5, 0.75), provenance: bool = True, overrides=(), minutes=None) -> Path:
+    """A finished-looking run folder: its config, one eval file per score (at ``minutes``, default 1, 2, ..), a
+    metrics log and its provenance."""
     from drift_policy.provenance import write_provenance
 
     cfg = compose(["train.sample_passes=640", f"train.seed={seed}", "train.eval_episodes=3", "train.eval_fraction=0.5",
@@ -35,10 +36,11 @@ def _run(d: Path, seed: int = 0, scores=(0.5, 0.75), provenance: bool = True, ov
     lines = []
     for i, s in enumerate(scores, 1):
         step = i * steps // len(scores)
+        m = float(minutes[i - 1] if minutes else i)
         p = runs.eval_path(d, step)
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps({"step": step, "train_minutes": float(i), "mean_score": s, "success_rate": s / 2}))
-        lines.append(json.dumps({"step": step, "train_minutes": float(i), "loss": 1.0 / i}))
+        p.write_text(json.dumps({"step": step, "train_minutes": m, "mean_score": s, "success_rate": s / 2}))
+        lines.append(json.dumps({"step": step, "train_minutes": m, "loss": 1.0 / i}))
     runs.metrics_path(d).write_text("\n".join(lines) + "\n")
     if provenance:
         write_provenance(d, ["train", f"train.run_dir={d}", f"train.seed={seed}"])
@@ -334,6 +336,39 @@ def test_a_bench_record_of_an_image_task_counts_encoder_passes_beside_sample_pas
     from drift_policy.records import run_record
 
     assert run_record(low)["encoder_passes"] == 0
+
+
+def test_an_image_bench_record_shows_the_same_runs_at_equal_training_time(tmp_path):
+    """Issue 39: drift's cheaper visual step counts at equal wall-clock. The quickest variant's minutes for its whole
+    budget (mean over seeds) is the cut; the other variant is scored by its evaluations made within it."""
+    from drift_policy.bench import bench_train
+    from drift_policy.records import equal_minutes
+
+    img = ["task=pusht_image"]
+    scores = (0.2, 0.4, 0.6, 0.8)
+    _run(tmp_path / "runs" / "drift_unet-s0", 0, scores, overrides=[*img, "policy=drift_unet"], minutes=(1, 2, 3, 4))
+    _run(tmp_path / "runs" / "drift_unet-s1", 1, scores, overrides=[*img, "policy=drift_unet"], minutes=(1, 2, 3, 6))
+    _run(tmp_path / "runs" / "diffusion_unet-s0", 0, (0.3, 0.5, 0.7, 0.9), overrides=[*img, "policy=diffusion_unet"],
+         minutes=(2, 4, 6, 8))
+    for d in (tmp_path / "runs").iterdir():                        # finished: the policy is saved
+        runs.pretrained_dir(d).mkdir(parents=True)
+        (runs.pretrained_dir(d) / "model.safetensors").write_bytes(b"")
+    path = bench_train(["report_only=1", "budget=640", "seeds=0,1", "policies=drift_unet,diffusion_unet",
+                        "task=pusht_image", f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"])
+    rec = json.loads(path.read_text())
+    same = equal_minutes(rec["runs"])
+    assert same["minutes"] == 5.0                                   # drift: (4 + 6) / 2, diffusion 8
+    dr, df = same["variants"]["drift_unet"], same["variants"]["diffusion_unet"]
+    assert dr["score"] == pytest.approx(0.7) and dr["minutes"] == 5.0   # seed 0 at its end (0.8), seed 1 at 3 min (0.6)
+    assert df["score"] == pytest.approx(0.5) and df["success"] == pytest.approx(0.25) and df["minutes"] == 8.0
+    assert df["last5_score"] == pytest.approx(0.4) and df["sample_passes"] == 320       # evaluations at 2 and 4 min
+    md = path.with_suffix(".md").read_text()
+    assert "within 5.0 training minutes" in md and "| diffusion_unet | 8.0 | 320 | 0.500 | 0.25 | 0.400 |" in md
+    # an unfinished variant, or runs without cameras, get no such table
+    assert equal_minutes([{**r, "complete": False} if r["seed"] == 1 else r for r in rec["runs"]]) is None
+    from drift_policy.rendering import bench_markdown
+
+    assert "equal training time" not in bench_markdown({**rec, "runs": [{**r, "encoder_passes": 0} for r in rec["runs"]]})
 
 
 def test_episode_flags_reach_the_bench_record_and_the_results_cells_that_name_them(tmp_path):
