@@ -253,6 +253,28 @@ def test_neighbour_positives_shapes_weights_and_own_chunk_first():
     assert torch.allclose(d.sort().values, all_d.sort().values[:6], atol=1e-6)
 
 
+def test_neighbour_search_by_one_matrix_product_finds_the_exact_nearest_with_exact_weights():
+    """The search ranks by |k|^2 - 2 q.k (one matrix product) and then measures the chosen ones exactly: on many
+    windows of a wide observation, every query gets the brute-force k nearest (ascending, itself first) and the
+    kernel weights of their exact distances."""
+    train, _ = make_windows(_toy_data(n_eps=40, length=60, dim=30), horizon=4, n_obs_steps=2, n_action_steps=2,
+                            val_ratio=0.0)
+    norm = Normalizer().fit("obs", train.steps("obs"))
+    for same in (True, False):
+        nbp = NeighborPositives(train, lambda o: norm.normalize("obs", o), k=8, bandwidth=0.5, same_episode=same)
+        ids = torch.arange(0, len(train), 7)
+        nb, w = nbp.lookup(ids)
+        d = torch.cdist(nbp.keys[ids].double(), nbp.keys.double()) / nbp.keys.shape[1] ** 0.5        # [B, W]
+        if not same:
+            d[train.episode[ids].unsqueeze(1) == train.episode.unsqueeze(0)] = float("inf")
+        d[torch.arange(len(ids)), ids] = 0.0
+        want = d.sort(dim=1).values[:, :9]
+        got = d.gather(1, nb)
+        assert torch.equal(nb[:, 0], ids) and torch.all(w[:, 0] == 1)
+        assert torch.allclose(got, want, atol=1e-6) and torch.all(got[:, :-1] <= got[:, 1:] + 1e-12)
+        assert torch.allclose(w.double(), torch.exp(-0.5 * (got / 0.5) ** 2), atol=1e-5)
+
+
 def test_neighbours_from_other_episodes_skip_the_own_demonstration():
     data = _toy_data(n_eps=6, length=20)
     # obs = time + 100 * episode: a window's nearest observations are its own episode's, a few steps away.
