@@ -66,7 +66,7 @@ def main() -> None:
     rec = {"task": a.task, "windows": len(train_set), "key_dims": nbp.keys.shape[1], "k": nbp.k,
            "same_episode": nbp.episode is None, "batch": a.batch, "repeats": a.repeats,
            "lookup_cpu_ms": new, "cdist_cpu_ms": old, "speedup": old / new, "same_neighbours": same,
-           "commit": git_commit(), "machine": machine_info(), "overrides": a.overrides,
+           "code_commit": git_commit(), "machine": machine_info(), "overrides": a.overrides,
            "command": "python eval/profile_neighbours.py " + " ".join(f"--{k} {v}" for k, v in
                                                                      (("task", a.task), ("batch", a.batch), ("repeats", a.repeats)))}
     line = (f"{a.task}: {rec['windows']:,} windows x {rec['key_dims']} dims, k {nbp.k}, batch {a.batch}: lookup "
@@ -78,7 +78,7 @@ def main() -> None:
         m = rec["machine"]
         (a.out / f"neighbours_{a.task}.md").write_text(
             f"# Neighbour search per drift training step: {a.task}\n\nWritten by `{rec['command']}` at commit "
-            f"{rec['commit']} on {m['cpu']} ({m['cores']} cores, torch {m['torch']}, 1 thread; CPU time of the "
+            f"{rec['code_commit']} on {m['cpu']} ({m['cores']} cores, torch {m['torch']}, 1 thread; CPU time of the "
             f"thread, mean over {a.repeats} batches).\n\n{line}.\n")
 
 

@@ -193,14 +193,17 @@ def test_aoti_package_runs_from_cpp(aoti_package, tmp_path):
 
 
 # ---- image policies (issue 39): the encoder inside the export, frames as uint8 inputs ---------------------------
-@pytest.fixture(scope="module", params=["shallow", "tiny"])
+@pytest.fixture(scope="module", params=["shallow", "tiny", "tiny_kp_origin"])
 def image_policy(request):
-    """A drift policy from pixels (one 96x96 camera + the agent position), with the cheaper shallow trunk and the
-    tiny ResNet; eval mode: the centre crop, as in evaluation."""
+    """A drift policy from pixels (one 96x96 camera + the agent position), with the cheaper shallow trunk, the
+    tiny ResNet, and the tiny ResNet with its keypoints measured from the agent (``image_kp_origin``); eval mode:
+    the centre crop, as in evaluation."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     norm = Normalizer().fit("obs", torch.rand(100, 2, generator=g) * 512).fit("action", torch.rand(100, 2, generator=g) * 512)
-    cfg = DriftConfig(backbone="tiny", obs_dim=2, image_keys=("image",), vision_backbone=request.param)
+    origin = {"image_kp_origin": (0, 1), "image_kp_scale": 96 / 512} if request.param.endswith("kp_origin") else {}
+    cfg = DriftConfig(backbone="tiny", obs_dim=2, image_keys=("image",),
+                      vision_backbone=request.param.removesuffix("_kp_origin"), **origin)
     return make_policy(cfg, norm).eval()
 
 

@@ -17,6 +17,7 @@ REMOVED = {"neighbor_own_anchor", "kernel_scale", "neighbor_negatives", "cond_ml
 # Keys added since, each with the default that leaves every task training as before.
 ADDED_TRAIN = {"encoder_bf16": False}          # issue 39: the image encoder's trunk in bfloat16 (off)
 ADDED_DRIFT = {"neighbor_key": "obs"}           # issue 39: neighbours by the observation, as before
+ADDED_POLICY = {"image_kp_origin": [], "image_kp_scale": 0.0}   # issue 39: keypoints in the crop's frame, as before
 # Recipes added since, each a deliberate change of what its task trains, named here key by key so that nothing
 # else may change with it (recipe/pusht_image_drift.yaml and blockpush_lowdim_drift.yaml, both drift policy types).
 PIXELS = {"policy": {"action_anchor": [0, 1], "per_dim_scale": True, "noise_scale": 0.5},
@@ -50,6 +51,7 @@ def test_every_task_and_policy_resolves_as_before(resolved):
     assert sorted(resolved) == sorted(expected)          # no task or policy YAML appeared or vanished unnoticed
     for name in expected:
         want = {**expected[name], "train": {**ADDED_TRAIN, **expected[name]["train"]}}
+        want["policy"] = {**ADDED_POLICY, **want["policy"]}
         if want["policy"]["type"] == "drift":
             want["policy"] = {**ADDED_DRIFT, **want["policy"]}
         for section, keys in RECIPES_ADDED.get(name, {}).items():

@@ -94,6 +94,62 @@ def test_random_crop_per_sample_and_centre_crop_in_eval():
         torch.testing.assert_close(enc(imgs), enc(imgs), rtol=0, atol=0)
 
 
+def test_keypoints_from_an_origin_do_not_move_with_the_crop():
+    """``image_kp_origin``: a point of the stored frame reads the same from the origin whatever the crop's offset,
+    in the frame's pixels over half its size; the point at the origin reads 0."""
+    enc = ImageEncoder(preset="tiny")                        # 96x96 frames, 84x84 crops
+    point, origin = torch.tensor([40.0, 55.0]), torch.tensor([[30.0, 60.0]])
+    for top, left in ((0, 0), (12, 5), (6, 6), (3, 11)):
+        kp = (point - torch.tensor([left, top])) / 83 * 2 - 1   # where the crop's spatial softmax puts the point
+        got = enc.from_origin(torch.cat([kp, kp * 0 - 1]).view(1, 4), torch.tensor([top]), torch.tensor([left]), origin)
+        torch.testing.assert_close(got[0, :2], torch.tensor([10 / 48, -5 / 48]))
+        torch.testing.assert_close(got[0, 2:], (torch.tensor([left, top]) - origin[0]) / 48)   # the crop's corner
+    enc.eval()                                               # the centre crop's offset, (6, 6)
+    imgs, origin = _images(3), torch.tensor([[10.0, 20.0], [50.0, 50.0], [90.0, 3.0]])
+    with torch.no_grad():
+        want = enc.head(enc.from_origin(enc.keypoints(enc.scale(imgs[:, :, 6:90, 6:90])), torch.full((3,), 6),
+                                        torch.full((3,), 6), origin))
+        torch.testing.assert_close(enc(imgs, origin=origin), want, rtol=0, atol=0)
+        assert not torch.allclose(enc(imgs, origin=origin), enc(imgs, origin=origin + 5))
+
+
+def test_a_policy_with_keypoints_from_the_agent_reads_the_agent_into_its_image_features():
+    from drift_policy.errors import ConfigError
+    from drift_policy.normalizer import Normalizer
+    from drift_policy.policies import DriftConfig, make_policy
+
+    norm = Normalizer().fit("obs", torch.rand(50, 2) * 512).fit("action", torch.rand(50, 2) * 512)
+    obs = {"obs": torch.rand(2, 2, 2) * 512, "image": _images(4).view(2, 2, 3, 96, 96)}
+    moved = {**obs, "obs": obs["obs"] + 20}
+    for origin, reads_agent in (({}, False), ({"image_kp_origin": (0, 1), "image_kp_scale": 96 / 512}, True)):
+        torch.manual_seed(0)
+        policy = make_policy(DriftConfig(backbone="tiny", obs_dim=2, image_keys=("image",), vision_backbone="tiny",
+                                         **origin), norm).eval()
+        with torch.no_grad():
+            assert torch.equal(policy.encode_images(obs), policy.encode_images(moved)) != reads_agent
+    for bad in ({"image_kp_origin": (0, 1)}, {"image_kp_origin": (0,), "image_kp_scale": 1.0},
+                {"image_kp_origin": (0, 2), "image_kp_scale": 1.0}):
+        with pytest.raises(ConfigError, match="image_kp_origin"):
+            DriftConfig(obs_dim=2, image_keys=("image",), **bad)
+    with pytest.raises(ConfigError, match="needs a camera"):
+        DriftConfig(obs_dim=2, image_kp_origin=(0, 1), image_kp_scale=1.0)
+
+
+def test_push_t_frames_show_the_agent_where_image_kp_scale_puts_it(pusht_zarr):
+    """The Push-T image recipe's camera (policy.image_kp_scale = 96 / 512): the agent's disc is drawn centred on
+    pixel index obs * 96 / 512 - 0.5, the mapping the keypoints-from-the-agent lever relies on."""
+    root = zarr.open(str(pusht_zarr), "r")
+    seen = 0
+    for i in range(0, 25650, 1003):
+        frame, agent = np.asarray(root["data/img"][i]), np.asarray(root["data/state"][i, :2])
+        ys, xs = np.nonzero((frame[..., 2] > 200) & (frame[..., 0] < 120))          # the agent's blue disc
+        if len(xs) < 20:                      # partly hidden (at the frame's edge, or drawn under the block)
+            continue
+        seen += 1
+        np.testing.assert_allclose([xs.mean(), ys.mean()], agent * 96 / 512 - 0.5, atol=0.5)
+    assert seen >= 15
+
+
 def test_bad_input_raises():
     enc = ImageEncoder(preset="tiny")
     for bad in (torch.zeros(2, 3, 84, 84, dtype=torch.uint8), torch.zeros(3, 96, 96, dtype=torch.uint8),

@@ -245,13 +245,19 @@ class ImageEncoder(nn.Module):
 
     def crop(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """[B, C, H, W] -> [B, C, h, w], same dtype: random offsets per sample in train mode, centred in eval."""
-        if self.crop_shape is None:
-            return images
+        return self._crop(images, generator)[0]
+
+    def _crop(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``crop``, and each crop's offset in the stored frame: (images [B, C, h, w], top [B], left [B])."""
         b, _, h, w = images.shape
+        if self.crop_shape is None:
+            zero = torch.zeros(b, dtype=torch.long, device=images.device)
+            return images, zero, zero
         ch, cw = self.crop_shape
         if not self.training:
             top, left = (h - ch) // 2, (w - cw) // 2
-            return images[:, :, top:top + ch, left:left + cw]
+            full = torch.full((b,), 1, dtype=torch.long, device=images.device)
+            return images[:, :, top:top + ch, left:left + cw], full * top, full * left
         top = torch.randint(0, h - ch + 1, (b,), generator=generator).to(images.device)   # [B]
         left = torch.randint(0, w - cw + 1, (b,), generator=generator).to(images.device)  # [B]
         rows = top[:, None] + torch.arange(ch, device=images.device)                       # [B, h]
@@ -260,15 +266,31 @@ class ImageEncoder(nn.Module):
         # thread; advanced indexing with four broadcast index tensors is ~7x slower).
         flat = (rows[:, :, None] * w + cols[:, None, :]).reshape(b, 1, ch * cw)            # [B, 1, h*w]
         out = images.reshape(b, images.shape[1], h * w).gather(2, flat.expand(-1, images.shape[1], -1))
-        return out.reshape(b, images.shape[1], ch, cw)                                     # [B, C, h, w]
+        return out.reshape(b, images.shape[1], ch, cw), top, left                          # [B, C, h, w]
 
-    def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def forward(self, images: Tensor, generator: torch.Generator | None = None, origin: Tensor | None = None) -> Tensor:
+        """Images [B, C, H, W] -> features [B, feature_dim]. ``origin`` [B, 2] (x, y in the stored frame's pixel
+        indices, pixel i's centre at i; None: none): the keypoints are measured from it (``from_origin``)."""
         if images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
             raise ValueError(f"ImageEncoder expects images [B, {', '.join(map(str, self.image_shape))}], "
                              f"got {list(images.shape)}")
         if images.dtype != torch.uint8 and not images.is_floating_point():
             raise ValueError(f"images must be uint8 or float in 0..255, got dtype {images.dtype}")
-        return self.features(self.scale(self.crop(images, generator)))   # [B, feature_dim]
+        x, top, left = self._crop(images, generator)
+        if origin is None:
+            return self.features(self.scale(x))                          # [B, feature_dim]
+        return self.head(self.from_origin(self.keypoints(self.scale(x)), top, left, origin))
+
+    def from_origin(self, kp: Tensor, top: Tensor, left: Tensor, origin: Tensor) -> Tensor:
+        """Keypoints [B, 2K] in the crop's [-1, 1] -> the same points minus ``origin`` [B, 2], in the stored frame's
+        pixels over half its size (about [-2, 2]): where each is from the origin, whatever the crop's offset."""
+        _, h, w = self.image_shape
+        ch, cw = self.crop_shape if self.crop_shape is not None else (h, w)
+        xy = kp.view(kp.shape[0], -1, 2)                                               # [B, K, 2] (x, y)
+        size = xy.new_tensor([cw - 1, ch - 1])
+        offset = torch.stack([left, top], dim=1).to(xy.dtype)                          # [B, 2] (x, y)
+        pixels = (xy + 1) / 2 * size + offset.unsqueeze(1)                             # stored-frame pixel indices
+        return ((pixels - origin.to(xy.dtype).unsqueeze(1)) / xy.new_tensor([w / 2, h / 2])).flatten(1)
 
     @staticmethod
     def scale(images: Tensor) -> Tensor:
@@ -278,13 +300,17 @@ class ImageEncoder(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """Cropped, scaled images [B, C, h, w] -> features [B, feature_dim] float32: trunk, keypoints, head."""
+        return self.head(self.keypoints(x))                              # [B, feature_dim]
+
+    def keypoints(self, x: Tensor) -> Tensor:
+        """Cropped, scaled images [B, C, h, w] -> spatial-softmax keypoints [B, 2 * num_kp] in the crop's [-1, 1]."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         # Only the trunk (nearly all the FLOPs) under autocast: keypoints and head stay float32, so the
         # coordinates keep their precision.
         with torch.autocast(x.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
             fmap = self.trunk(x)                                         # [B, C', h', w']
-        return self.head(self.pool(fmap.float()))                        # [B, feature_dim]
+        return self.pool(fmap.float())
 
 
 class MultiImageEncoder(nn.Module):
@@ -327,9 +353,11 @@ class MultiImageEncoder(nn.Module):
             enc.set_channels_last(on)
         return self
 
-    def forward(self, images: Mapping[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
+    def forward(self, images: Mapping[str, Tensor], generator: torch.Generator | None = None,
+                origin: Tensor | None = None) -> Tensor:
+        """``origin`` [B, 2]: a point every camera sees at those pixel indices (``ImageEncoder.forward``)."""
         missing = [k for k in self.image_keys if k not in images]
         if missing:
             raise ValueError(f"missing image keys {missing}; expected {self.image_keys}")
-        feats = [self.encoders[k](images[k], generator) for k in self.image_keys]  # each [B, feature_dim]
+        feats = [self.encoders[k](images[k], generator, origin) for k in self.image_keys]  # each [B, feature_dim]
         return torch.cat(feats, dim=-1)                                            # [B, n_keys * feature_dim]

@@ -26,7 +26,7 @@ from .persistence import Pretrained, load_state, plain  # noqa: F401  (load_stat
 class PolicyConfig:
     # Keys added after policies were first saved, each with the value that a config.json written before the key
     # existed was trained with (``with_legacy_keys``): older run and pretrained folders still load, as what they are.
-    LEGACY: ClassVar[dict] = {"action_anchor": (), "obs_origin": ()}
+    LEGACY: ClassVar[dict] = {"action_anchor": (), "obs_origin": (), "image_kp_origin": (), "image_kp_scale": 0.0}
     # Keys removed after policies were saved with them, each lost when measured (its record stays in eval/results):
     # key -> (the value the code now always uses, what another value changed: "training" or "architecture").
     # ``with_legacy_keys`` drops them: silently at that value, with a warning after another training-only value
@@ -70,6 +70,13 @@ class PolicyConfig:
                                       # Policy's), resnet18_half (half width), shallow (robomimic's ShallowConv,
                                       # GroupNorm), tiny (tests). The same for both policies in a comparison
     image_feature_dim: int = 64       # features per camera and step after spatial softmax + linear
+    image_kp_origin: tuple[int, ...] = ()   # obs dims (x, y) of a point the camera sees (Push-T image: the agent,
+                                      # (0, 1)): the spatial-softmax keypoints are then measured from it in the
+                                      # stored frame (the crop's offset added back), so a random crop no longer
+                                      # moves them against it; the pixel analogue of obs_origin. (): keypoints in
+                                      # the crop's own frame, Diffusion Policy's encoder
+    image_kp_scale: float = 0.0       # with image_kp_origin: stored-frame pixels per obs unit, the camera looking
+                                      # straight down the obs axes with the frame's corner at 0 (Push-T: 96 / 512)
 
     def __post_init__(self):
         check_types(self, "policy.")
@@ -114,6 +121,13 @@ class PolicyConfig:
                 raise ConfigError(f"policy.crop_shape {self.crop_shape} must fit in image_shape {self.image_shape}")
             if self.image_feature_dim < 1:
                 raise ConfigError(f"policy.image_feature_dim must be >= 1, got {self.image_feature_dim}")
+        self.image_kp_origin = tuple(int(i) for i in self.image_kp_origin)
+        if self.image_kp_origin and (not self.image_keys or len(self.image_kp_origin) != 2
+                                     or not all(0 <= i < self.obs_dim for i in self.image_kp_origin)
+                                     or not self.image_kp_scale > 0):
+            raise ConfigError(f"policy.image_kp_origin needs a camera, two observation dims (x, y in 0..{self.obs_dim - 1})"
+                              f" and policy.image_kp_scale > 0 (pixels per obs unit); got "
+                              f"{list(self.image_kp_origin)} and {self.image_kp_scale} on cameras {list(self.image_keys)}")
         if self.architecture == "unet" and any(d % self.n_groups for d in UNET_PRESETS[self.backbone]["down_dims"]):
             raise ConfigError(f"policy.n_groups={self.n_groups} must divide every channel width of {self.backbone}")
 
@@ -219,10 +233,14 @@ class Policy(ControlAPI, Pretrained, nn.Module):
     def encode_images(self, obs: dict[str, Tensor]) -> Tensor:
         """The cameras' frames of the last To steps ({<camera>: [B, >=To, 3, H, W]}) -> features [B, To, cameras
         * F]: each image through its camera's encoder once (``encoder_passes_per_obs`` per observation)."""
-        To = self.config.n_obs_steps
-        B = obs[self.config.image_keys[0]].shape[0]
-        images = {k: obs[k][:, -To:].flatten(0, 1) for k in self.config.image_keys}     # [B*To, 3, H, W]
-        return self.obs_encoder(images).view(B, To, -1)
+        c = self.config
+        To = c.n_obs_steps
+        B = obs[c.image_keys[0]].shape[0]
+        images = {k: obs[k][:, -To:].flatten(0, 1) for k in c.image_keys}                # [B*To, 3, H, W]
+        origin = None
+        if c.image_kp_origin:          # the point in the stored frame's pixel indices (pixel i's centre at i)
+            origin = obs["obs"][:, -To:, list(c.image_kp_origin)].flatten(0, 1).float() * c.image_kp_scale - 0.5
+        return self.obs_encoder(images, origin=origin).view(B, To, -1)                  # origin [B*To, 2]
 
     def relative_obs(self, obs: Tensor) -> Tensor:
         """``obs_origin``: obs [..., D] in data units -> [..., D - O], every other dim minus the origin dim of its
