@@ -259,6 +259,10 @@ def test_store_modes_give_known_fractions(tmp_path):
     assert m["a_first"] == 0.75 and m["b_first"] == 0.25 and m["switched"] == 0.25
     assert m["a_first_to_t1"] == 0.5 and m["a_first_to_t2"] == 0.25 and m["b_first_to_t1"] == 0.25
     assert m["b_first_to_t2"] == 0.0
+    # the command's record: the same fractions, the code's commit, and no folder of this machine
+    bp.main(["modes", "--store", str(path), "--out", str(tmp_path / "modes.json")])
+    rec = json.loads((tmp_path / "modes.json").read_text())
+    assert rec["a_first_to_t1"] == 0.5 and rec["code_commit"] and str(tmp_path) not in json.dumps(rec)
 
 
 def test_env_mode_flags_agree_with_the_oracles_plan(env):

@@ -35,7 +35,7 @@ import numpy as np
 
 from ..envs.blockpush import ACTION_DIM, BLOCKS, OBS_DIM, OBS_SLICES, TARGETS, WORKSPACE_BOUNDS
 from ..errors import DatasetError
-from ..provenance import machine_free
+from ..provenance import git_commit, machine_free, machine_free_text
 from .lowdim_store import load_obs_action_store
 
 __all__ = ["EVAL_START_SEED", "SCHEMA", "MultimodalPushOracle", "run_oracle_episode", "generate", "load_blockpush",
@@ -360,7 +360,8 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(stats, indent=2))
         elif args.cmd == "modes":
             res = store_modes(args.store)
-            res["command"] = "python -m drift_policy.data.blockpush " + " ".join(argv if argv is not None else sys.argv[1:])
+            res.update(machine=_machine(), code_commit=git_commit(), command=machine_free_text(
+                "python -m drift_policy.data.blockpush " + " ".join(argv if argv is not None else sys.argv[1:])))
             if args.out:
                 from ..evaluation import save_eval_json
 
