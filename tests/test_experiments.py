@@ -46,6 +46,7 @@ def test_the_push_t_default_experiment_is_the_package_default_with_the_bench_key
     ("can_lowdim_diffusion", "can_lowdim/default/can1200k/can_lowdim.json", "diffusion_unet"),
     ("kitchen_lowdim_drift", "kitchen_lowdim/default/kitchen600k/kitchen_lowdim.json", "drift_unet"),
     ("kitchen_lowdim_diffusion", "kitchen_lowdim/default/kitchen600k/kitchen_lowdim.json", "diffusion_unet"),
+    ("pusht_image_drift", "pusht_image/default/bench600k/pusht_image.json", "drift_unet"),
 ])
 def test_an_experiment_trains_the_recipe_of_its_record(name, record, label):
     """The same resolved policy and training config as the record's runs, but for how they ran (threads,
@@ -61,7 +62,6 @@ def test_an_experiment_trains_the_recipe_of_its_record(name, record, label):
 @pytest.mark.parametrize("name,record", [
     ("blockpush_lowdim_drift", "blockpush_lowdim/default/blockpush_drift_g8.json"),
     ("blockpush_lowdim_diffusion", "blockpush_lowdim/default/blockpush_diffusion.json"),
-    ("pusht_image_drift", "pusht_image/default/pusht_image_drift_cpu.json"),
 ])
 def test_an_experiment_of_an_older_record_keeps_its_policy_and_batch(name, record):
     """Records written before the sample-pass budget (``bench summary``): the same policy config (the keys added
