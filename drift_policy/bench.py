@@ -132,7 +132,7 @@ def bench_train(args: list[str]) -> Path:
             while pending and len(active) < jobs:
                 label, pol, ov, seed = pending.pop(0)
                 d = run_root / _folder(label, seed)
-                if (runs.pretrained_dir(d) / "model.safetensors").exists():
+                if runs.finished(d):
                     continue                                      # finished earlier: the bench can be rerun
                 if runs.list_checkpoints(d):
                     cmd = [sys.executable, "-m", "drift_policy", "resume", str(d)]   # interrupted earlier
@@ -265,7 +265,7 @@ def _rescore_run(src: Path, dst: Path, changes: dict, episodes: int = 0, last: i
             save_eval_json(res, out)
             print(f"{dst.name} step {ev['step']}: score {res['mean_score']:.3f}, success {res['success_rate']:.2f} "
                   f"(source {ev['mean_score']:.3f}, {ev['success_rate']:.2f})", flush=True)
-        if (runs.pretrained_dir(src) / "model.safetensors").exists() and not runs.pretrained_dir(dst).exists():
+        if runs.finished(src) and not runs.pretrained_dir(dst).exists():
             runs.load_policy_for_eval(runs.pretrained_dir(src), inference=changes)[0].save_pretrained(
                 runs.pretrained_dir(dst))
     return dst

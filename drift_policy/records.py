@@ -116,7 +116,7 @@ def run_record(run_dir: Path) -> dict:
            "budget_sample_passes": t["sample_passes"], "sample_passes": step * per_step, "steps": step,
            "max_steps": t["max_steps"], "sample_passes_per_step": per_step,
            "encoder_passes": step * enc_per_step, "encoder_passes_per_step": enc_per_step,
-           "complete": (runs.pretrained_dir(run_dir) / "model.safetensors").exists(),
+           "complete": runs.finished(run_dir),
            "seconds_per_step": 60 * minutes / step if step and minutes else None,
            "nfe": pcfg.nfe, "score_label": family(cfg["task"]["env"]).score_label,
            "policy_config": p, "train_config": {**t, "run_dir": machine_free(t.get("run_dir", ""))},

@@ -82,6 +82,11 @@ def pretrained_dir(run_dir: PathLike) -> Path:
     return Path(run_dir) / PRETRAINED_DIR
 
 
+def finished(run_dir: PathLike) -> bool:
+    """Whether the run trained to its end: training saves the EMA policy into ``pretrained/`` last."""
+    return (pretrained_dir(run_dir) / "model.safetensors").exists()
+
+
 def ddp_path(run_dir: PathLike) -> Path:
     return Path(run_dir) / DDP_FILE
 

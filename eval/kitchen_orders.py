@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> Path:
         m = re.fullmatch(r"(.+)-s(\d+)", d.name)
         if not (m and d.is_dir() and runs.config_path(d).exists() and runs.eval_files(d)):
             continue
-        if not (runs.pretrained_dir(d) / "model.safetensors").exists():
+        if not runs.finished(d):
             print(f"skipped, still training or stopped early: {d.name}", file=sys.stderr)
             continue
         eps, steps = run_episodes(d, a.last)

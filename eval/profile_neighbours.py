@@ -67,8 +67,8 @@ def main() -> None:
            "same_episode": nbp.episode is None, "batch": a.batch, "repeats": a.repeats,
            "lookup_cpu_ms": new, "cdist_cpu_ms": old, "speedup": old / new, "same_neighbours": same,
            "code_commit": git_commit(), "machine": machine_info(), "overrides": a.overrides,
-           "command": "python eval/profile_neighbours.py " + " ".join(f"--{k} {v}" for k, v in
-                                                                     (("task", a.task), ("batch", a.batch), ("repeats", a.repeats)))}
+           "command": f"python eval/profile_neighbours.py --task {a.task} --batch {a.batch} --repeats {a.repeats}"
+                      + (" --overrides " + " ".join(a.overrides) if a.overrides else "")}
     line = (f"{a.task}: {rec['windows']:,} windows x {rec['key_dims']} dims, k {nbp.k}, batch {a.batch}: lookup "
             f"{new:.1f} ms, cdist {old:.1f} ms of CPU per step ({rec['speedup']:.1f}x), same neighbours: {same}")
     print(line)

@@ -247,17 +247,16 @@ class ImageEncoder(nn.Module):
         """[B, C, H, W] -> [B, C, h, w], same dtype: random offsets per sample in train mode, centred in eval."""
         return self._crop(images, generator)[0]
 
-    def _crop(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """``crop``, and each crop's offset in the stored frame: (images [B, C, h, w], top [B], left [B])."""
+    def _crop(self, images: Tensor, generator: torch.Generator | None = None):
+        """``crop``, and the crops' offsets in the stored frame: (images [B, C, h, w], top, left), the offsets [B]
+        tensors for random crops and ints where every sample has the same."""
         b, _, h, w = images.shape
         if self.crop_shape is None:
-            zero = torch.zeros(b, dtype=torch.long, device=images.device)
-            return images, zero, zero
+            return images, 0, 0
         ch, cw = self.crop_shape
         if not self.training:
             top, left = (h - ch) // 2, (w - cw) // 2
-            full = torch.full((b,), 1, dtype=torch.long, device=images.device)
-            return images[:, :, top:top + ch, left:left + cw], full * top, full * left
+            return images[:, :, top:top + ch, left:left + cw], top, left
         top = torch.randint(0, h - ch + 1, (b,), generator=generator).to(images.device)   # [B]
         left = torch.randint(0, w - cw + 1, (b,), generator=generator).to(images.device)  # [B]
         rows = top[:, None] + torch.arange(ch, device=images.device)                       # [B, h]
@@ -277,19 +276,23 @@ class ImageEncoder(nn.Module):
         if images.dtype != torch.uint8 and not images.is_floating_point():
             raise ValueError(f"images must be uint8 or float in 0..255, got dtype {images.dtype}")
         x, top, left = self._crop(images, generator)
-        if origin is None:
-            return self.features(self.scale(x))                          # [B, feature_dim]
-        return self.head(self.from_origin(self.keypoints(self.scale(x)), top, left, origin))
+        kp = self.keypoints(self.scale(x))                               # [B, 2 * num_kp]
+        if origin is not None:
+            kp = self.from_origin(kp, top, left, origin)
+        return self.head(kp)                                             # [B, feature_dim]
 
-    def from_origin(self, kp: Tensor, top: Tensor, left: Tensor, origin: Tensor) -> Tensor:
+    def from_origin(self, kp: Tensor, top: Tensor | int, left: Tensor | int, origin: Tensor) -> Tensor:
         """Keypoints [B, 2K] in the crop's [-1, 1] -> the same points minus ``origin`` [B, 2], in the stored frame's
-        pixels over half its size (about [-2, 2]): where each is from the origin, whatever the crop's offset."""
+        pixels over half its size (about [-2, 2]): where each is from the origin, whatever the crop's offset
+        (``top``, ``left``: [B] or one int for all)."""
         _, h, w = self.image_shape
         ch, cw = self.crop_shape if self.crop_shape is not None else (h, w)
         xy = kp.view(kp.shape[0], -1, 2)                                               # [B, K, 2] (x, y)
         size = xy.new_tensor([cw - 1, ch - 1])
-        offset = torch.stack([left, top], dim=1).to(xy.dtype)                          # [B, 2] (x, y)
-        pixels = (xy + 1) / 2 * size + offset.unsqueeze(1)                             # stored-frame pixel indices
+        offset = torch.stack([torch.as_tensor(left), torch.as_tensor(top)], dim=-1).to(xy)   # [2] or [B, 2] (x, y)
+        if offset.dim() == 2:
+            offset = offset.unsqueeze(1)                                               # [B, 1, 2]
+        pixels = (xy + 1) / 2 * size + offset                                          # stored-frame pixel indices
         return ((pixels - origin.to(xy.dtype).unsqueeze(1)) / xy.new_tensor([w / 2, h / 2])).flatten(1)
 
     @staticmethod
