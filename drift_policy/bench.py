@@ -6,7 +6,7 @@ backward of one action chunk through the backbone): the drift policy pays batch_
 diffusion baseline batch_size. Each variant and seed gets ``budget`` sample-passes, i.e. its own max_steps, with
 its cosine schedule over those steps (never over wall-clock), and is evaluated at the same fractions of the
 budget. Runs go ``jobs`` at a time with one thread each; the record is rewritten after every poll, and a rerun
-skips finished runs and resumes interrupted ones.
+skips finished runs and resumes interrupted ones. Stopping the bench (Ctrl-C, kill, even kill -9) stops its runs.
 
     drift-policy bench train budget=1200000 seeds=0,1 policies=drift_unet,diffusion_unet
     drift-policy bench train budget=300000 policies=drift_unet,drift_unet:policy.n_noise=8+policy.neighbor_positives=0
@@ -144,8 +144,7 @@ def bench_train(args: list[str]) -> Path:
                            "train.threads=1", "train.eval_workers=0", f"train.run_dir={d}"]
                 print("launch:", " ".join(cmd), flush=True)
                 log = open(run_root / f"{_folder(label, seed)}.log", "a")
-                active[(label, seed)] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+                active[(label, seed)] = launch_child(cmd, log)
             time.sleep(30)
             for key, proc in list(active.items()):
                 if proc.poll() is not None:
@@ -156,6 +155,25 @@ def bench_train(args: list[str]) -> Path:
     path = record()
     print(path.with_suffix(".md").read_text())
     return path
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec (Linux): ask the kernel to send SIGTERM when the bench process dies, however it
+    dies. Without it, a bench stopped by ``kill`` or ``kill -9`` leaves its runs training unseen, holding the cores;
+    a run stopped so resumes from its last checkpoint (checkpoints are written atomically)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))    # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass                                                  # not Linux: Ctrl-C still stops the process group
+
+
+def launch_child(cmd: list[str], log) -> subprocess.Popen:
+    """One run of a bench, one thread, its output appended to ``log``; it stops when the bench process dies."""
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
 
 
 def bench_rescore(args: list[str]) -> list[Path]:

@@ -613,3 +613,31 @@ def test_image_track_config_errors_name_the_key_and_type(override, match):
 
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
+
+
+@pytest.mark.skipif(not os.uname().sysname == "Linux", reason="the parent-death signal is Linux's")
+def test_a_bench_killed_with_sigkill_takes_its_runs_with_it(tmp_path):
+    """A bench stopped with ``kill -9`` must not leave its runs training unseen (they held the cores for hours)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from drift_policy.bench import launch_child\n"
+        f"c = launch_child([sys.executable, '-c', 'import time; time.sleep(120)'], open({str(tmp_path / 'log')!r}, 'a'))\n"
+        "print(c.pid, flush=True); c.wait()")], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    for _ in range(100):                                  # the kernel signals the child as the parent dies
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        with open(f"/proc/{child}/stat") as f:            # reaped by init only later: a zombie counts as stopped
+            if f.read().split(")")[-1].split()[0] == "Z":
+                return
+        time.sleep(0.1)
+    os.kill(child, signal.SIGKILL)
+    pytest.fail("the bench's run outlived the bench")
