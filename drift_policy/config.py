@@ -73,8 +73,8 @@ class TrainConfig:
     max_minutes: float = 0.0            # a stopping guard only (0: none); the LR schedule never depends on time
     grad_clip: float = 1.0              # max gradient norm (0: none). Drift's loss is a sum of unit-RMS fields whose
                                         # gradient norm is 13-26 on Push-T, so this clips every drift step (AdamW on
-                                        # normalised gradients) and almost no diffusion step; without it drift scored
-                                        # 0.933 against 0.962 last-5 (compute_matched/neighbour_negatives)
+                                        # normalised gradients) and almost no diffusion step; drift without it: lower
+                                        # (pusht_keypoints/levers/neighbour_negatives)
     ema_decay: float = 0.999
     ema_warmup: int = 10                # w in the EMA decay min(ema_decay, (1 + step) / (w + step)) (ema.py): 10 reaches
                                         # 0.999 at ~9k steps, 2 at ~1k, 1 at once

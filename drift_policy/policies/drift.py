@@ -33,20 +33,19 @@ class DriftConfig(PolicyConfig):
     n_noise: int = 2                                   # generated chunks per observation (N in the paper)
     drift_groups: str = "per_step"                     # "per_step": one group per (obs, step), D = action_dim;
                                                        # "chunk": one group per obs over the flat chunk
-    temperatures: tuple[float, ...] = (0.02, 0.05, 0.2)  # the paper's kernel temperatures. Push-T keypoints at
-                                                       # 1.2M, last-5 coverage (seeds 0, 1): these 0.962, without
-                                                       # 0.2 0.946 (compute_matched/temperatures); a fourth, 0.01,
-                                                       # and 0.2 alone lower too (seed 0; compute_matched/lr_6e-4,
-                                                       # more_levers)
+    temperatures: tuple[float, ...] = (0.02, 0.05, 0.2)  # the paper's kernel temperatures, one field each: fine
+                                                       # ones place a chunk among near positives, the coarse one
+                                                       # pulls far samples back; dropping 0.2, adding 0.01 or 0.2
+                                                       # alone measured lower (pusht_keypoints/levers/temperatures,
+                                                       # lr_6e-4, more_levers)
     neighbor_positives: int = -1                       # k extra positives per observation: the expert chunks of
                                                        # its k nearest training observations (0: its own only;
                                                        # -1: 8 on low-dim tasks, 0 with cameras, whose index would
                                                        # see only the proprioception; robomimic's recipes: 0)
     neighbor_bandwidth: float = 0.05                   # Gaussian kernel width on the RMS normalised-obs distance;
-                                                       # the field's target is the neighbours' chunks blurred by it.
-                                                       # Push-T keypoints at 1.2M, last-5 coverage (seeds 0, 1):
-                                                       # 0.03 0.947, 0.05 0.962, 0.1 0.823 (compute_matched/
-                                                       # neighbour_bandwidth)
+                                                       # the field's target is the neighbours' chunks blurred by it,
+                                                       # so a wide one blends the chunks of different scenes
+                                                       # (pusht_keypoints/levers/neighbour_bandwidth)
     neighbor_same_episode: bool = True                 # False: neighbours from the other demonstrations only (not the
                                                        # own episode's windows a few steps away: a time-shifted copy)
     neighbor_key: str = "obs"                          # what "nearest" is measured on: "obs", the policy's low-dim
