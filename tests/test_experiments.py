@@ -47,6 +47,7 @@ def test_the_push_t_default_experiment_is_the_package_default_with_the_bench_key
     ("kitchen_lowdim_drift", "kitchen_lowdim/default/kitchen600k/kitchen_lowdim.json", "drift_unet"),
     ("kitchen_lowdim_diffusion", "kitchen_lowdim/default/kitchen600k/kitchen_lowdim.json", "diffusion_unet"),
     ("pusht_image_drift", "pusht_image/default/bench600k/pusht_image.json", "drift_unet"),
+    ("pusht_image_diffusion", "pusht_image/default/bench600k/pusht_image.json", "diffusion_unet"),
 ])
 def test_an_experiment_trains_the_recipe_of_its_record(name, record, label):
     """The same resolved policy and training config as the record's runs, but for how they ran (threads,
