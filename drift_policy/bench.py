@@ -158,16 +158,14 @@ def bench_train(args: list[str]) -> Path:
 
 
 def _die_with_parent() -> None:
-    """In the child, before exec (Linux): ask the kernel to send SIGTERM when the bench process dies, however it
-    dies. Without it, a bench stopped by ``kill`` or ``kill -9`` leaves its runs training unseen, holding the cores;
-    a run stopped so resumes from its last checkpoint (checkpoints are written atomically)."""
+    """In the child, before exec (Linux only): ask the kernel to send SIGTERM when the bench process dies, however
+    it dies. Without it, a bench stopped by ``kill`` or ``kill -9`` leaves its runs training unseen, holding the
+    cores; a run stopped so resumes from its last checkpoint (checkpoints are written atomically). Elsewhere Ctrl-C
+    still stops the whole process group."""
     import ctypes
     import signal
 
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))    # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass                                                  # not Linux: Ctrl-C still stops the process group
+    ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))           # 1 = PR_SET_PDEATHSIG
 
 
 def launch_child(cmd: list[str], log) -> subprocess.Popen:
